@@ -1,0 +1,173 @@
+"""Feature matrices for forecast origins: one row per (origin shift, study-area cell).
+
+Leakage rule: the row for origin t sees only counts of shifts < t, i.e. incidents that occurred before t's
+start. The dense history loaded here stops at the last origin (exclusive), and every window is a difference of
+cumulative sums indexed at the origin, so later shifts cannot reach a row. A row's values do not depend on
+which other origins are built with it (train/serve consistency).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from features.panel import CountPanel
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    window_days: tuple[int, ...] = (1, 7, 28, 365)
+    same_shift_days: int = 28  # same shift of day over the last N days
+    same_weekday_weeks: int = 8  # same shift of the week over the last N weeks
+    spatial_window_days: tuple[int, ...] = (7, 28)
+    decay_days: tuple[float, ...] = (1.0, 7.0)  # e-folding times of the near-repeat intensity
+    category_window_days: int = 28
+    include_location: bool = True
+
+    def lookback(self, per_day: int) -> int:
+        """Shifts of history any feature can reach (beyond it, history counts only in the long-run rate)."""
+        days = max(max(self.window_days), self.same_shift_days, 7 * self.same_weekday_weeks,
+                   max(self.spatial_window_days), self.category_window_days)
+        return days * per_day
+
+
+@dataclass
+class FeatureMatrix:
+    X: np.ndarray  # (n_origins * n_cells, n_features) float32, origin-major
+    columns: list[str]
+    origins: np.ndarray  # shift ids, sorted
+    n_cells: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def origin(self) -> np.ndarray:
+        return np.repeat(self.origins, self.n_cells)
+
+    @property
+    def cell(self) -> np.ndarray:
+        return np.tile(np.arange(self.n_cells, dtype=np.int32), self.origins.size)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.X[:, self.columns.index(name)]
+
+    def frame(self) -> pl.DataFrame:
+        data = {"origin": self.origin, "cell": self.cell}
+        data.update({name: self.X[:, j] for j, name in enumerate(self.columns)})
+        return pl.DataFrame(data)
+
+
+class _History:
+    """Dense counts for shifts [h0, last origin) and their cumulative sums, in origin-relative indexing."""
+
+    def __init__(self, counts: np.ndarray, h0: int):
+        self.h0 = h0
+        self.counts = counts
+        self.cum = np.zeros((counts.shape[0] + 1, counts.shape[1]), dtype=np.float64)
+        np.cumsum(counts, axis=0, out=self.cum[1:])
+
+    def window(self, origins: np.ndarray, shifts: int) -> np.ndarray:
+        """Sum of counts over [o - shifts, o) for each origin (history before h0 is empty by construction)."""
+        hi = origins - self.h0
+        lo = np.maximum(hi - shifts, 0)
+        return (self.cum[hi] - self.cum[lo]).astype(np.float32)
+
+    def lagged(self, origins: np.ndarray, stride: int, n: int) -> np.ndarray:
+        """sum_{k=1..n} counts[o - k*stride]: the same shift of day (stride = shifts/day) or week."""
+        pad = self.h0 % stride
+        padded = np.concatenate([np.zeros((pad, self.counts.shape[1]), self.counts.dtype), self.counts])
+        extra = (-padded.shape[0]) % stride
+        if extra:
+            padded = np.concatenate([padded, np.zeros((extra, padded.shape[1]), padded.dtype)])
+        cube = padded.reshape(-1, stride, padded.shape[1])
+        cum = np.zeros((cube.shape[0] + 1, stride, cube.shape[2]), dtype=np.float64)
+        np.cumsum(cube, axis=0, out=cum[1:])
+        r = origins - (self.h0 - pad)
+        d, q = np.divmod(r, stride)
+        return (cum[d, q] - cum[np.maximum(d - n, 0), q]).astype(np.float32)
+
+    def decayed(self, origins: np.ndarray, tau_shifts: float, horizon: int) -> np.ndarray:
+        """sum over the last ``horizon`` shifts of counts[o-k] * exp(-(k-1)/tau): the near-repeat intensity.
+
+        Computed by one recursive filter, then truncated exactly at the horizon so the value does not depend
+        on where the loaded history starts."""
+        from scipy.signal import lfilter
+
+        g = np.exp(-1.0 / tau_shifts)
+        # e[i] = sum_{s < i} counts[s] g^(i-1-s)  for i = 0..T  (e[0] = 0)
+        e = np.zeros((self.counts.shape[0] + 1, self.counts.shape[1]), dtype=np.float64)
+        e[1:] = lfilter([1.0], [1.0, -g], self.counts.astype(np.float64), axis=0)
+        hi = origins - self.h0
+        lo = hi - horizon
+        tail = np.where(lo[:, None] >= 0, e[np.maximum(lo, 0)] * g**horizon, 0.0)
+        return (e[hi] - tail).astype(np.float32)
+
+
+def _neighbour_mean(values: np.ndarray, adjacency) -> np.ndarray:
+    degree = np.asarray(adjacency.sum(axis=1)).ravel()
+    summed = (adjacency @ values.T).T
+    return (summed / np.maximum(degree, 1)).astype(np.float32)
+
+
+def build_features(panel: CountPanel, origins: int | np.ndarray, config: FeatureConfig = FeatureConfig()) -> FeatureMatrix:
+    """Feature matrix for one origin or many (vectorised over cells and origins, no per-origin loop)."""
+    origins = np.unique(np.atleast_1d(np.asarray(origins, dtype=np.int64)))
+    if origins[0] < panel.first_shift:
+        raise ValueError(f"origin {int(origins[0])} precedes the panel's first shift {panel.first_shift}")
+    per_day = panel.calendar.per_day
+    horizon = config.lookback(per_day)
+    h0 = max(panel.first_shift, int(origins[0]) - horizon)
+    h1 = int(origins[-1])
+    history = _History(panel.dense(h0, h1, dtype=np.float32), h0)
+    n_cells = panel.n_cells
+    blocks: dict[str, np.ndarray] = {}
+
+    blocks["count_prev_shift"] = history.window(origins, 1)
+    for days in config.window_days:
+        blocks[f"count_{days}d"] = history.window(origins, days * per_day)
+    blocks[f"same_shift_{config.same_shift_days}d"] = history.lagged(origins, per_day, config.same_shift_days)
+    blocks[f"same_weekday_shift_{config.same_weekday_weeks}w"] = history.lagged(origins, 7 * per_day, config.same_weekday_weeks)
+    for days in config.spatial_window_days:
+        own = blocks.get(f"count_{days}d")
+        own = history.window(origins, days * per_day) if own is None else own
+        blocks[f"ring1_mean_{days}d"] = _neighbour_mean(own, panel.study_area.ring1)
+        blocks[f"ring2_mean_{days}d"] = _neighbour_mean(own, panel.study_area.ring2)
+    for days in config.decay_days:
+        decayed = history.decayed(origins, days * per_day, horizon)
+        label = f"{days:g}d"
+        blocks[f"near_repeat_{label}"] = decayed
+        blocks[f"near_repeat_ring1_{label}"] = _neighbour_mean(decayed, panel.study_area.ring1)
+
+    # long-run rate per shift since the panel starts: older history enters as one per-cell total
+    before = panel.cell_totals(panel.first_shift, h0) if h0 > panel.first_shift else np.zeros(n_cells)
+    elapsed = np.maximum(origins - panel.first_shift, 1).astype(np.float64)
+    since_h0 = history.cum[origins - h0]
+    blocks["long_run_rate"] = ((before[None, :] + since_h0) / elapsed[:, None]).astype(np.float32)
+
+    for name in panel.categories:
+        cat_history = _History(panel.dense(h0, h1, category=name), h0)
+        blocks[f"cat_{name}_{config.category_window_days}d"] = cat_history.window(origins, config.category_window_days * per_day)
+
+    for name, values in panel.calendar.features(origins).items():
+        blocks[name] = np.repeat(values[:, None], n_cells, axis=1)
+    if config.include_location:
+        lat, lon = panel.study_area.centroids
+        blocks["cell_lat"] = np.broadcast_to(lat.astype(np.float32), (origins.size, n_cells))
+        blocks["cell_lon"] = np.broadcast_to(lon.astype(np.float32), (origins.size, n_cells))
+
+    columns = list(blocks)
+    X = np.empty((origins.size * n_cells, len(columns)), dtype=np.float32)
+    for j, name in enumerate(columns):
+        X[:, j] = blocks.pop(name).reshape(-1)
+    return FeatureMatrix(X=X, columns=columns, origins=origins, n_cells=n_cells, meta={"config": config.__dict__})
+
+
+def build_targets(panel: CountPanel, origins: int | np.ndarray, category: str | list[str] | None = None) -> np.ndarray:
+    """Observed counts at each origin shift, aligned with :func:`build_features` rows (origin-major)."""
+    origins = np.unique(np.atleast_1d(np.asarray(origins, dtype=np.int64)))
+    rows = panel.slice(int(origins[0]), int(origins[-1]) + 1, category)
+    rows = rows.filter(pl.col("shift").is_in(origins))
+    pos = np.searchsorted(origins, rows["shift"].to_numpy())
+    flat = pos * panel.n_cells + rows["cell"].to_numpy()
+    return np.bincount(flat, weights=rows["count"].to_numpy(), minlength=origins.size * panel.n_cells).astype(np.float32)

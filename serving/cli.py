@@ -1,0 +1,266 @@
+"""The ``hotspots`` command line."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from features.calendar import ShiftCalendar
+from features.grid import StudyArea
+from features.ingest import IngestError
+from features.profile import ProfileError, SourceProfile, builtin_profiles, load_profile
+from features.settings import Settings
+
+app = typer.Typer(help="Place-based crime hotspot forecasting on H3 cells and patrol shifts.", no_args_is_help=True)
+console = Console()
+
+
+def _settings(data_dir: Optional[Path], resolution: Optional[int] = None) -> Settings:
+    overrides = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if resolution is not None:
+        overrides["h3_resolution"] = resolution
+    return Settings(**overrides)
+
+
+@contextmanager
+def _stage(label: str) -> Iterator[None]:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(label, total=1)
+        yield
+        bar.update(task, completed=1)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+DataDir = typer.Option(None, "--data-dir", help="Data folder (default: settings data_dir, env HOTSPOTS_DATA_DIR).")
+
+
+def _profile(source: str, profile: Optional[str]) -> SourceProfile:
+    try:
+        return load_profile(profile or source)
+    except ProfileError as exc:
+        _fail(str(exc))
+        raise
+
+
+def _input_path(source: str, path: Optional[Path], settings: Settings) -> Path:
+    if path is not None:
+        return path
+    if source == "toronto-mci":
+        from features.sources.toronto import materialise
+
+        return materialise(settings.data_dir / "raw" / "toronto-mci.csv")
+    _fail(f"give the input file for source {source!r} (CSV, CSV.gz or Parquet)")
+    raise AssertionError
+
+
+@app.command()
+def profiles() -> None:
+    """List the built-in source profiles."""
+    table = Table("name", "description", "time zone", "licence")
+    for name in builtin_profiles():
+        p = load_profile(name)
+        table.add_row(name, p.description, p.timezone, p.licence)
+    console.print(table)
+
+
+@app.command()
+def ingest(
+    source: str = typer.Argument(..., help="Profile name (chicago, toronto-mci) or a profile file for any city."),
+    path: Optional[Path] = typer.Argument(None, help="Input CSV/CSV.gz/Parquet (toronto-mci: read from its wheel)."),
+    profile: Optional[str] = typer.Option(None, help="Profile name or file, if not the source name."),
+    encoding: Optional[str] = typer.Option(None, help="Input text encoding (default: the profile's, utf-8)."),
+    boundary: Optional[Path] = typer.Option(None, help="GeoJSON/GeoPackage polygon: points outside are out_of_area."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Validate a city export into the incident store; rejected rows go to quarantine with a reason."""
+    from features.pipeline import ingest_file
+    from features.store import IncidentStore
+
+    settings = _settings(data_dir)
+    prof = _profile(source, profile)
+    file = _input_path(source, path, settings)
+    shape = _read_boundary(boundary) if boundary else None
+    try:
+        with _stage(f"ingest {file.name}"):
+            summary = ingest_file(
+                file, prof, IncidentStore(settings.data_dir), encoding=encoding, boundary=shape,
+                future_tolerance=timedelta(minutes=settings.future_tolerance_minutes),
+            )
+    except IngestError as exc:
+        _fail(str(exc))
+    for line in summary.lines():
+        console.print(line)
+    console.print(f"summary written to {summary.report_path}")
+
+
+def _read_boundary(path: Path, layer: Optional[str] = None):
+    import geopandas as gpd
+
+    frame = gpd.read_file(path, layer=layer)
+    if frame.crs is not None and frame.crs.to_epsg() != 4326:
+        frame = frame.to_crs(4326)
+    return frame.union_all()
+
+
+@app.command()
+def fetch(
+    out: Path = typer.Option(..., help="CSV file to write (portal export columns)."),
+    since: Optional[datetime] = typer.Option(None, help="Local time, inclusive."),
+    until: Optional[datetime] = typer.Option(None, help="Local time, exclusive."),
+    page_size: int = typer.Option(50_000),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Download Chicago incidents from the city's Socrata API into a CSV ready for `hotspots ingest chicago`."""
+    from features.sources.socrata import SocrataError, fetch_to_csv
+
+    settings = _settings(data_dir)
+    try:
+        with _stage("fetch from the Chicago data portal"):
+            n = fetch_to_csv(out, since=since, until=until, app_token=settings.socrata_app_token, page_size=page_size)
+    except SocrataError as exc:
+        _fail(str(exc))
+    console.print(f"wrote {n:,} rows to {out}")
+
+
+def panel_dir(settings: Settings, source: str) -> Path:
+    return settings.data_dir / "panels" / f"{source}-r{settings.h3_resolution}"
+
+
+@app.command()
+def panel(
+    source: str = typer.Argument(..., help="Source name in the store."),
+    resolution: Optional[int] = typer.Option(None, help="H3 resolution (default: settings, 9)."),
+    boundary: Optional[Path] = typer.Option(None, help="Study-area polygon file (default: derived from the data)."),
+    layer: Optional[str] = typer.Option(None, help="Layer of the boundary GeoPackage."),
+    profile: Optional[str] = typer.Option(None, help="Profile name or file, if not the source name."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Bin stored incidents into the H3 x shift count panel."""
+    from features.panel import build_panel
+    from features.store import IncidentStore
+
+    settings = _settings(data_dir, resolution)
+    prof = _profile(source, profile)
+    try:
+        incidents = IncidentStore(settings.data_dir).read(source)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    res = settings.h3_resolution
+    with _stage(f"study area at H3 resolution {res}"):
+        if boundary:
+            area = StudyArea.from_boundary(_read_boundary(boundary, layer), res, source)
+        else:
+            area = StudyArea.from_points(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy(), res, name=source)
+    calendar = ShiftCalendar.from_strings(prof.timezone, settings.shift_starts)
+    with _stage(f"bin {incidents.height:,} incidents into cells x shifts"):
+        built, report = build_panel(incidents, area, calendar, prof.categories.canonical)
+    folder = panel_dir(settings, source)
+    built.save(folder)
+    console.print(
+        f"{len(area):,} cells, {built.n_shifts:,} shifts ({', '.join(calendar.labels)} {prof.timezone}), "
+        f"{built.counts.height:,} non-zero (cell, shift, category) counts"
+    )
+    console.print(
+        f"binned {report.binned:,}; outside study area {report.outside_study_area:,}; "
+        f"outside period {report.outside_period:,} (of {report.incidents:,})"
+    )
+    console.print(f"panel saved to {folder}")
+
+
+@app.command()
+def features(
+    source: str = typer.Argument(...),
+    start: datetime = typer.Option(..., help="First forecast origin (local date or time)."),
+    end: datetime = typer.Option(..., help="End of the origin range (exclusive)."),
+    resolution: Optional[int] = typer.Option(None),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Build the feature matrix for every shift starting in [start, end) and save it as Parquet."""
+    from zoneinfo import ZoneInfo
+
+    from features.matrix import build_features, build_targets
+    from features.panel import CountPanel
+
+    settings = _settings(data_dir, resolution)
+    folder = panel_dir(settings, source)
+    if not (folder / "panel.json").is_file():
+        _fail(f"no panel for {source!r} at resolution {settings.h3_resolution}: run `hotspots panel {source}` first")
+    built = CountPanel.load(folder)
+    zone = ZoneInfo(built.calendar.timezone)
+    origins = built.calendar.shift_range(start.replace(tzinfo=start.tzinfo or zone), end.replace(tzinfo=end.tzinfo or zone))
+    if origins.size == 0:
+        _fail("no shift starts in that range")
+    with _stage(f"features for {origins.size:,} shifts x {built.n_cells:,} cells"):
+        matrix = build_features(built, origins)
+        frame = matrix.frame()
+        if origins[-1] < built.end_shift:
+            frame = frame.with_columns(target=build_targets(built, origins))
+    out = settings.data_dir / "features" / f"{source}-r{settings.h3_resolution}-{start:%Y%m%d}-{end:%Y%m%d}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out)
+    console.print(f"{frame.height:,} rows x {len(matrix.columns)} features written to {out}")
+
+
+@app.command()
+def prepare(
+    source: str = typer.Argument("toronto-mci", help="Source to prepare end to end."),
+    path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
+    feature_year: Optional[int] = typer.Option(None, help="Year of origins to build features for (default: last full year)."),
+    resolution: Optional[int] = typer.Option(None),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Ingest, validate, bin and build features in one go: the analyst's first run."""
+    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir)
+    panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
+    settings = _settings(data_dir, resolution)
+    from features.panel import CountPanel
+
+    built = CountPanel.load(panel_dir(settings, source))
+    last_day = date(1970, 1, 1) + timedelta(days=(built.end_shift - 1) // built.calendar.per_day)
+    year = feature_year or (last_day.year - 1 if last_day < date(last_day.year, 12, 31) else last_day.year)
+    features(source=source, start=datetime(year, 1, 1), end=datetime(year + 1, 1, 1), resolution=resolution, data_dir=data_dir)
+
+
+@app.command()
+def quarantine(source: str, data_dir: Optional[Path] = DataDir) -> None:
+    """Show quarantined rows by reason."""
+    from features.store import IncidentStore
+
+    rows = IncidentStore(_settings(data_dir).data_dir).read_quarantine(source)
+    if rows.height == 0:
+        console.print(f"nothing quarantined for {source!r}")
+        return
+    table = Table("file", "reason", "rows")
+    for file, reason, n in rows.group_by("file", "reason").len().sort("file", "len", descending=[False, True]).iter_rows():
+        table.add_row(file, reason, f"{n:,}")
+    console.print(table)
+
+
+@app.command()
+def retention(
+    max_age_days: int = typer.Option(..., min=1, help="Delete incidents that occurred more than this many days ago."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Data-protection retention: delete old incidents (and quarantine files) from the store."""
+    from features.store import IncidentStore
+
+    deleted = IncidentStore(_settings(data_dir).data_dir).delete_older_than(timedelta(days=max_age_days))
+    console.print(json.dumps(deleted))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
