@@ -68,7 +68,8 @@ class ShiftCalendar:
         idx = np.where(before_first, self.per_day - 1, idx)
         guess = day.astype(np.int64) * self.per_day + idx
         # correct the wall-clock guess by comparing instants with the true boundaries (DST edge cases)
-        uniq, inverse = np.unique(guess, return_inverse=True)
+        uniq = pl.Series(guess).unique().sort().to_numpy()
+        inverse = np.searchsorted(uniq, guess)
         starts = self.starts_utc(np.concatenate([uniq, uniq + 1]))
         lo, hi = starts[: uniq.size][inverse], starts[uniq.size :][inverse]
         t = frame["t"].to_numpy()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h3
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import scipy.sparse as sp
 import shapely
@@ -71,9 +72,18 @@ class StudyArea:
     ) -> "StudyArea":
         """Derived from the data: a concave hull of the occupied cells, buffered by one cell edge and filled,
         so cells with no recorded crime inside the city are part of the area."""
+        return cls.from_cells(points_to_cells(lat, lon, resolution), resolution, buffer_m=buffer_m,
+                              concave_ratio=concave_ratio, name=name)
+
+    @classmethod
+    def from_cells(
+        cls, cells: np.ndarray, resolution: int, *, buffer_m: float | None = None, concave_ratio: float = 0.2,
+        name: str = "",
+    ) -> "StudyArea":
+        """As :meth:`from_points`, from the incidents' cells (when they are already binned)."""
         import geopandas as gpd
 
-        occupied = np.unique(points_to_cells(lat, lon, resolution))
+        occupied = pl.Series(np.asarray(cells, dtype=np.uint64)).unique().to_numpy()
         coords = cells_to_coordinates(pa.array(occupied))
         pts = gpd.GeoSeries(gpd.points_from_xy(np.asarray(coords["lng"]), np.asarray(coords["lat"])), crs=4326)
         local = pts.to_crs(pts.estimate_utm_crs())

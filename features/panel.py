@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h3
 import numpy as np
 import polars as pl
 
@@ -116,11 +117,25 @@ class CountPanel:
         )
 
 
+def with_cells(incidents: pl.DataFrame, resolution: int) -> pl.DataFrame:
+    """Add each incident's H3 cell (uint64) as ``h3_cell``: bin once, reuse for the study area and the panel."""
+    cells = points_to_cells(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy(), resolution)
+    return incidents.with_columns(pl.Series("h3_cell", cells, dtype=pl.UInt64))
+
+
 def bin_incidents(
     incidents: pl.DataFrame, study_area: StudyArea, calendar: ShiftCalendar
 ) -> pl.DataFrame:
-    """(cell index, shift, category) of every incident; cell -1 where outside the study area."""
-    cells = points_to_cells(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy(), study_area.resolution)
+    """(cell index, shift, category) of every incident; cell -1 where outside the study area.
+
+    Uses the incidents' ``h3_cell`` column when present (from :func:`with_cells` at the same resolution),
+    so a caller that already binned them for the study area does not bin twice."""
+    if "h3_cell" in incidents.columns:
+        cells = incidents["h3_cell"].to_numpy()
+        if cells.size and h3.get_resolution(h3.int_to_str(int(cells[0]))) != study_area.resolution:
+            raise ValueError("the incidents' h3_cell column is at another resolution than the study area")
+    else:
+        cells = points_to_cells(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy(), study_area.resolution)
     return pl.DataFrame(
         {
             "shift": calendar.shift_ids(incidents["occurred_at"]),

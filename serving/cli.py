@@ -150,7 +150,7 @@ def panel(
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Bin stored incidents into the H3 x shift count panel."""
-    from features.panel import build_panel
+    from features.panel import build_panel, with_cells
     from features.store import IncidentStore
 
     settings = _settings(data_dir, resolution)
@@ -161,10 +161,11 @@ def panel(
         _fail(str(exc))
     res = settings.h3_resolution
     with _stage(f"study area at H3 resolution {res}"):
+        incidents = with_cells(incidents, res)
         if boundary:
             area = StudyArea.from_boundary(_read_boundary(boundary, layer), res, source)
         else:
-            area = StudyArea.from_points(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy(), res, name=source)
+            area = StudyArea.from_cells(incidents["h3_cell"].to_numpy(), res, name=source)
     calendar = ShiftCalendar.from_strings(prof.timezone, settings.shift_starts)
     with _stage(f"bin {incidents.height:,} incidents into cells x shifts"):
         built, report = build_panel(incidents, area, calendar, prof.categories.canonical)
