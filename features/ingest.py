@@ -10,6 +10,7 @@ import csv
 import gzip
 import hashlib
 import io
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,10 @@ def _decode(data: bytes, encoding: str, path: Path) -> bytes:
 
 def _read_csv(path: Path, profile: SourceProfile, encoding: str) -> pl.DataFrame:
     data = path.read_bytes()
-    if path.suffix == ".gz":
+    if path.suffix.lower() == ".gz":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise IngestError(f"{path.name} is not a readable gzip file: {exc}") from None
     if not data.strip():
         raise IngestError(f"{path.name} is empty: expected a header row naming the columns, then incident rows.")

@@ -82,6 +82,25 @@ class CountPanel:
         rows = self.slice(start, stop, category)
         return np.bincount(rows["cell"].to_numpy(), weights=rows["count"].to_numpy(), minlength=self.n_cells)
 
+    def until(self, cutoff: int) -> "CountPanel":
+        """The panel as it was known at ``cutoff``: only shifts before it. Fitting on this view cannot see
+        the future, whatever the forecaster does."""
+        end = min(self.end_shift, cutoff)
+        rows = self.slice(self.first_shift, end)
+        return CountPanel(self.study_area, self.calendar, self.categories, self.first_shift, end, rows, dict(self.meta))
+
+    def fingerprint(self) -> str:
+        """Digest of the panel's contents (for experiment tracking)."""
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=12)
+        digest.update(self.study_area.cells.tobytes())
+        digest.update(json.dumps([self.calendar.timezone, list(self.calendar.starts), list(self.categories),
+                                  self.first_shift, self.end_shift]).encode())
+        for name in ("shift", "cell", "category", "count"):
+            digest.update(self.counts[name].to_numpy().tobytes())
+        return digest.hexdigest()
+
     # --- persistence -----------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -99,7 +99,10 @@ class IncidentStore:
             if path.exists():
                 path.unlink()
             return path
-        _atomic_write(rows.with_columns(pl.lit(file_name).alias("file")), path)
+        rows = rows.with_columns(pl.lit(file_name).alias("file"))
+        if path.is_file() and pl.read_parquet(path).equals(rows):
+            return path  # same file, same verdicts: leave it (and its retention clock) alone
+        _atomic_write(rows, path)
         return path
 
     def read_quarantine(self, source: str) -> pl.DataFrame:

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea, points_to_cells
+from features.panel import CountPanel, build_panel
 from features.validation import CANONICAL_SCHEMA
 
 US_PER_HOUR = 3_600_000_000
@@ -147,10 +148,8 @@ class SyntheticResult:
     def n_shifts(self) -> int:
         return self.end_shift - self.first_shift
 
-    def panel(self):
+    def panel(self) -> CountPanel:
         """The incidents as a CountPanel over exactly [first_shift, end_shift)."""
-        from features.panel import build_panel
-
         panel, _ = build_panel(
             self.incidents, self.city.study_area, self.city.calendar, self.city.categories,
             first_shift=self.first_shift, end_shift=self.end_shift,
@@ -217,7 +216,7 @@ def _offspring(
     child_cell = cell[parent]
     d = deg[child_cell]
     moves = (rng.random(parent.size) < city.spread) & (d > 0)
-    pick = np.floor(rng.random(parent.size) * d).astype(np.int64)  # uniform neighbour slot in [0, deg)
+    pick = rng.integers(0, np.maximum(d, 1))  # uniform neighbour slot in [0, deg)
     if adj.indices.size:
         neighbour = adj.indices[np.minimum(adj.indptr[child_cell] + pick, adj.indices.size - 1)]
         child_cell = np.where(moves, neighbour, child_cell)
@@ -227,9 +226,10 @@ def _offspring(
 
 def _jittered_points(
     rng: np.random.Generator, study_area: StudyArea, cell: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Centroid plus a uniform offset in a disc of radius edge/3 (inside the hexagon's inscribed circle,
-    radius ~0.87 edge), then checked with H3 so every point bins back into its own cell."""
+    radius ~0.87 edge), then checked with H3 so every point bins back into its own cell (any that would not
+    fall back to the centroid; their number is returned)."""
     lat0, lon0 = study_area.centroids
     area_m2 = study_area.areas_km2 * 1e6
     edge_m = np.sqrt(2 * area_m2 / (3 * np.sqrt(3)))  # regular hexagon: area = 3 sqrt(3) / 2 * edge^2
@@ -238,10 +238,11 @@ def _jittered_points(
     lat_c, lon_c = lat0[cell], lon0[cell]
     lat = lat_c + np.degrees(r * np.cos(angle) / EARTH_RADIUS_M)
     lon = lon_c + np.degrees(r * np.sin(angle) / (EARTH_RADIUS_M * np.cos(np.radians(lat_c))))
+    wrong = np.zeros(cell.size, dtype=bool)
     if cell.size:
         wrong = points_to_cells(lat, lon, study_area.resolution) != study_area.cells[cell]
         lat, lon = np.where(wrong, lat_c, lat), np.where(wrong, lon_c, lon)
-    return lat, lon
+    return lat, lon, int(wrong.sum())
 
 
 def _start_excitation(
@@ -283,24 +284,30 @@ def _integrate_shifts(
     kernel_t = city.spatial_kernel().T.tocsr()
     n_steps = max(1, int(np.ceil(float(hours.max(initial=0.0)) / max_step_hours)))
     out = np.empty_like(mu)
-    rows = max(1, chunk_elements // max(city.n_cells, 1))
-    for lo in range(0, mu.shape[0], rows):  # chunks of shifts bound memory; cells stay vectorised
-        m, x = mu[lo : lo + rows], x0[lo : lo + rows].copy()
-        h = (hours[lo : lo + rows] / n_steps)[:, None]
+    cols = max(1, chunk_elements // max(city.n_cells, 1))
+    for lo in range(0, mu.shape[0], cols):  # chunks of shifts bound memory; cells stay vectorised
+        # cells x shifts layout, so the sparse kernel multiplies contiguous columns without transposes
+        m = np.ascontiguousarray(mu[lo : lo + cols].T)
+        x = np.ascontiguousarray(x0[lo : lo + cols].T)
+        h = hours[lo : lo + cols] / n_steps
+        drive = theta * omega * (kernel_t @ m)  # constant inside the shift
         integral = np.zeros_like(x)
 
         def f(xx: np.ndarray) -> np.ndarray:
-            return -omega * xx + theta * omega * (kernel_t @ (m + xx).T).T
+            return drive + theta * omega * (kernel_t @ xx) - omega * xx
 
         for _ in range(n_steps):
             k1 = f(x)
-            k2 = f(x + h / 2 * k1)
-            k3 = f(x + h / 2 * k2)
-            k4 = f(x + h * k3)
-            # dI/dt = mu + x; RK4 stages of I are the x-stage arguments
-            integral += h / 6 * (6 * m + x + 2 * (x + h / 2 * k1) + 2 * (x + h / 2 * k2) + (x + h * k3))
+            y2 = x + h / 2 * k1
+            k2 = f(y2)
+            y3 = x + h / 2 * k2
+            k3 = f(y3)
+            y4 = x + h * k3
+            k4 = f(y4)
+            # dI/dt = mu + x, so I's RK4 stages are mu plus the x-stage arguments
+            integral += h / 6 * (6 * m + x + 2 * y2 + 2 * y3 + y4)
             x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        out[lo : lo + rows] = integral
+        out[lo : lo + cols] = integral.T
     return out
 
 
@@ -359,8 +366,8 @@ def simulate(
     t_all, c_all, g_all = t_all[order], c_all[order], g_all[order]
 
     # the best possible forecast: start excitation from actual history + expected in-shift cascade
-    x0 = _start_excitation(city, t_all, c_all, starts_us)
     if city.branching_ratio > 0:
+        x0 = _start_excitation(city, t_all, c_all, starts_us)
         true_expected = _integrate_shifts(city, x0, mu, hours, max_step_hours)
     else:
         true_expected = background_expected.copy()
@@ -368,7 +375,7 @@ def simulate(
     # canonical incidents for the requested window only
     in_window = t_all >= starts_us[burn_in_shifts]
     t_out, c_out, g_out = t_all[in_window], c_all[in_window], g_all[in_window]
-    lat, lon = _jittered_points(mark_rng, area, c_out)
+    lat, lon, centroid_fallbacks = _jittered_points(mark_rng, area, c_out)
     category = np.asarray(city.categories, dtype=object)[
         mark_rng.choice(len(city.categories), size=t_out.size, p=city.category_probabilities)
     ]
@@ -406,5 +413,6 @@ def simulate(
             "generations": generation,
             "events_simulated": int(t_all.size),
             "max_step_hours": max_step_hours,
+            "centroid_fallbacks": centroid_fallbacks,
         },
     )

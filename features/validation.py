@@ -197,10 +197,10 @@ def validate(
         ("unparseable_time", pl.col("occurred_at").is_null()),
         ("future_time", pl.col("occurred_at") > pl.lit(now + future_tolerance).dt.convert_time_zone("UTC")),
         ("before_coverage", local_date < earliest if earliest else pl.lit(False)),
-        ("missing_coordinates", lat_c.is_null() | lon_c.is_null() | lat_c.is_nan() | lon_c.is_nan()),
+        ("missing_coordinates", pl.col("raw_x").is_null() | pl.col("raw_y").is_null()),
         (
             "invalid_coordinates",
-            ~coords_finite | ~lat_c.is_between(-90, 90) | ~lon_c.is_between(-180, 180) | ((lat_c == 0) & (lon_c == 0)),
+            lat_c.is_null() | lon_c.is_null() | ~coords_finite | ~lat_c.is_between(-90, 90) | ~lon_c.is_between(-180, 180) | ((lat_c == 0) & (lon_c == 0)),
         ),
     ]
     tol = profile.area.sentinel_tolerance_deg

@@ -85,6 +85,7 @@ def test_incidents_are_canonical_and_bin_back_into_their_cells(area, hawkes):
     dist_m = np.array([h3.great_circle_distance((lat[i], lon[i]), (clat[i], clon[i]), "m") for i in sample])
     edge_m = h3.average_hexagon_edge_length(8, "m")
     assert np.all(dist_m < 0.4 * edge_m) and np.median(dist_m) > 0.1 * edge_m
+    assert hawkes.meta["centroid_fallbacks"] == 0
 
     panel, report = build_panel(inc, area, CAL, ("synthetic",), first_shift=hawkes.first_shift, end_shift=hawkes.end_shift)
     assert report.binned == inc.height and report.balanced

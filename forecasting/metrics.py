@@ -1,0 +1,174 @@
+"""Hotspot metrics shared by the backtest, the claim test and the API.
+
+Coverage is a share of the study area's *area*: at coverage a, the flagged cells are the top-ranked cells
+whose cumulative area first reaches a x total area. Metrics are pooled over the test period (total hits over
+total crimes), with confidence intervals from a day-block bootstrap (whole local days resampled, keeping the
+shifts of a day together).
+
+Tie rule, used everywhere (ranking for the API included): cells with equal forecasts are ordered by a seeded
+random permutation drawn per shift (``seed`` + shift id), so ties neither favour nor penalise any model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_COVERAGES = (0.005, 0.01, 0.02, 0.05, 0.10, 0.20)
+TIE_SEED = 20240101
+
+
+def rank_cells(expected: np.ndarray, shift_ids: np.ndarray | int, seed: int = TIE_SEED) -> np.ndarray:
+    """Cell order (best first) for each shift: by expected count, ties by a seeded random permutation.
+
+    ``expected`` is (n_shifts, n_cells) or (n_cells,); returns indices of the same shape."""
+    expected = np.atleast_2d(expected)
+    shift_ids = np.atleast_1d(np.asarray(shift_ids, dtype=np.int64))
+    order = np.empty(expected.shape, dtype=np.int64)
+    for i, (row, sid) in enumerate(zip(expected, shift_ids)):
+        tiebreak = np.random.default_rng([seed, int(sid)]).permutation(row.size)
+        order[i] = np.lexsort((tiebreak, -row))
+    return order
+
+
+def cells_for_coverage(areas: np.ndarray, order: np.ndarray, coverage: float) -> int:
+    """Number of top cells needed for their area to reach ``coverage`` of the total (at least one)."""
+    cum = np.cumsum(areas[order[0] if order.ndim > 1 else order])
+    return int(min(np.searchsorted(cum, coverage * areas.sum() - 1e-12) + 1, areas.size))
+
+
+@dataclass
+class ShiftHits:
+    """Per-shift ingredients of the pooled metrics, at each coverage level."""
+
+    coverages: np.ndarray  # (n_cov,)
+    hits: np.ndarray  # (n_shifts, n_cov) observed crimes in flagged cells
+    best: np.ndarray  # (n_shifts, n_cov) crimes in the best possible cells of the same number
+    predicted_in: np.ndarray  # (n_shifts, n_cov) forecast total in flagged cells
+    area_share: np.ndarray  # (n_shifts, n_cov) flagged area / total area
+    crimes: np.ndarray  # (n_shifts,)
+    predicted: np.ndarray  # (n_shifts,) forecast total over the area
+    n_flagged: np.ndarray  # (n_shifts, n_cov)
+
+
+def shift_hits(
+    expected: np.ndarray, observed: np.ndarray, areas: np.ndarray, shift_ids: np.ndarray,
+    coverages=DEFAULT_COVERAGES, seed: int = TIE_SEED,
+) -> ShiftHits:
+    expected = np.atleast_2d(np.asarray(expected, dtype=np.float64))
+    observed = np.atleast_2d(np.asarray(observed, dtype=np.float64))
+    order = rank_cells(expected, shift_ids, seed)
+    coverages = np.asarray(coverages, dtype=np.float64)
+    rows = np.arange(expected.shape[0])[:, None]
+    obs_ranked = observed[rows, order]
+    exp_ranked = expected[rows, order]
+    area_ranked = areas[order]
+    cum_obs = np.cumsum(obs_ranked, axis=1)
+    cum_exp = np.cumsum(exp_ranked, axis=1)
+    cum_area = np.cumsum(area_ranked, axis=1)
+    total_area = areas.sum()
+    # k per shift and coverage: first rank whose cumulative area reaches the target
+    k = np.stack([np.minimum((cum_area < c * total_area - 1e-12).sum(axis=1) + 1, areas.size) for c in coverages], axis=1)
+    idx = k - 1
+    best_sorted = np.cumsum(-np.sort(-observed, axis=1), axis=1)
+    return ShiftHits(
+        coverages=coverages,
+        hits=np.take_along_axis(cum_obs, idx, axis=1),
+        best=np.take_along_axis(best_sorted, idx, axis=1),
+        predicted_in=np.take_along_axis(cum_exp, idx, axis=1),
+        area_share=np.take_along_axis(cum_area, idx, axis=1) / total_area,
+        crimes=observed.sum(axis=1),
+        predicted=expected.sum(axis=1),
+        n_flagged=k,
+    )
+
+
+def pooled(h: ShiftHits, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Pooled hit rate, PAI, PEI*, RRI per coverage; ``weights`` (n_shifts,) for bootstrap replicates."""
+    w = np.ones(h.crimes.size) if weights is None else weights
+    crimes = w @ h.crimes
+    hits = w @ h.hits
+    hit_rate = hits / crimes if crimes > 0 else np.full(h.coverages.size, np.nan)
+    area = (w @ h.area_share) / w.sum()
+    best = w @ h.best
+    predicted_share = (w @ h.predicted_in) / max(w @ h.predicted, 1e-12)
+    return {
+        "hit_rate": hit_rate,
+        "pai": hit_rate / area,
+        "pei": np.divide(hits, best, out=np.full(hits.shape, np.nan), where=best > 0),
+        # Levine's recapture rate index: forecast share in the flagged area over the observed share there
+        "rri": np.divide(predicted_share, hit_rate, out=np.full(hits.shape, np.nan), where=hit_rate > 0),
+        "area_share": area,
+    }
+
+
+def day_blocks(shift_ids: np.ndarray, per_day: int) -> np.ndarray:
+    """Block label (local day) of each shift."""
+    return np.asarray(shift_ids, dtype=np.int64) // per_day
+
+
+def bootstrap_weights(blocks: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_shifts) weights: each replicate resamples whole blocks with replacement."""
+    labels, inverse = np.unique(blocks, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(labels.size, np.full(labels.size, 1.0 / labels.size), size=n_boot)
+    return draws[:, inverse].astype(np.float64)
+
+
+def poisson_deviance(expected: np.ndarray, observed: np.ndarray) -> float:
+    """Mean Poisson deviance per cell-shift (lower is better)."""
+    mu = np.maximum(np.asarray(expected, dtype=np.float64), 1e-12)
+    y = np.asarray(observed, dtype=np.float64)
+    term = np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0) / mu), 0.0)
+    return float(np.mean(2 * (term - (y - mu))))
+
+
+def calibration(expected: np.ndarray, observed: np.ndarray, bins: int = 10) -> dict[str, np.ndarray]:
+    """Mean predicted vs mean observed count by decile of the forecast (ties kept in one bin)."""
+    mu = np.asarray(expected, dtype=np.float64).ravel()
+    y = np.asarray(observed, dtype=np.float64).ravel()
+    edges = np.unique(np.quantile(mu, np.linspace(0, 1, bins + 1)))
+    which = np.clip(np.searchsorted(edges, mu, side="right") - 1, 0, max(edges.size - 2, 0))
+    count = np.bincount(which, minlength=edges.size - 1)
+    keep = count > 0
+    return {
+        "predicted": (np.bincount(which, weights=mu, minlength=edges.size - 1)[keep] / count[keep]),
+        "observed": (np.bincount(which, weights=y, minlength=edges.size - 1)[keep] / count[keep]),
+        "n": count[keep],
+    }
+
+
+def hit_rate_curve(expected: np.ndarray, observed: np.ndarray, areas: np.ndarray, shift_ids: np.ndarray,
+                   seed: int = TIE_SEED, points: int = 201) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled hit rate against area coverage from 0 to 100% (the full curve)."""
+    grid = np.linspace(0, 1, points)
+    h = shift_hits(expected, observed, areas, shift_ids, coverages=np.clip(grid, 1e-9, 1), seed=seed)
+    rates = pooled(h)["hit_rate"]
+    rates[0] = 0.0
+    return grid, rates
+
+
+@dataclass
+class MetricSummary:
+    coverages: np.ndarray
+    point: dict[str, np.ndarray]
+    low: dict[str, np.ndarray]
+    high: dict[str, np.ndarray]
+    deviance: float
+    n_shifts: int
+    crimes: float
+
+
+def summarise(expected: np.ndarray, observed: np.ndarray, areas: np.ndarray, shift_ids: np.ndarray, per_day: int,
+              coverages=DEFAULT_COVERAGES, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> MetricSummary:
+    """Pooled metrics with day-block bootstrap percentile intervals."""
+    h = shift_hits(expected, observed, areas, shift_ids, coverages)
+    point = pooled(h)
+    weights = bootstrap_weights(day_blocks(shift_ids, per_day), n_boot, seed)
+    reps = [pooled(h, w) for w in weights]
+    alpha = (1 - level) / 2
+    low = {k: np.nanquantile(np.stack([r[k] for r in reps]), alpha, axis=0) for k in point}
+    high = {k: np.nanquantile(np.stack([r[k] for r in reps]), 1 - alpha, axis=0) for k in point}
+    return MetricSummary(np.asarray(coverages), point, low, high, poisson_deviance(expected, observed),
+                         int(np.atleast_2d(expected).shape[0]), float(np.sum(observed)))
