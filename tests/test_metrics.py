@@ -1,0 +1,83 @@
+"""Metrics against hand-computed values, ties included."""
+
+import numpy as np
+import pytest
+
+from forecasting.metrics import (
+    bootstrap_weights, calibration, cells_for_coverage, hit_rate_curve, poisson_deviance, pooled, rank_cells,
+    shift_hits, summarise,
+)
+
+EXPECTED = np.array([[3.0, 2.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
+OBSERVED = np.array([[1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+EQUAL = np.ones(4)
+
+
+def test_top_cell_hit_rate_pai_pei_rri():
+    h = shift_hits(EXPECTED, OBSERVED, EQUAL, np.array([10, 11]), coverages=[0.25])
+    m = pooled(h)
+    assert h.hits[:, 0].tolist() == [1, 1] and h.best[:, 0].tolist() == [2, 1]
+    assert m["hit_rate"][0] == pytest.approx(2 / 6)
+    assert m["pai"][0] == pytest.approx((2 / 6) / 0.25)
+    assert m["pei"][0] == pytest.approx(2 / 3)
+    # forecast share in flagged cells: (3 + 5) / (7 + 6); observed share 2/6
+    assert m["rri"][0] == pytest.approx((8 / 13) / (2 / 6))
+
+
+def test_full_coverage_catches_everything():
+    m = pooled(shift_hits(EXPECTED, OBSERVED, EQUAL, np.array([1, 2]), coverages=[1.0]))
+    assert m["hit_rate"][0] == 1 and m["pai"][0] == 1 and m["pei"][0] == 1
+
+
+def test_ties_broken_by_seeded_permutation_deterministic_and_fair():
+    tied = np.array([[5.0, 1.0, 1.0, 0.0]])
+    firsts = []
+    for sid in range(400):
+        order = rank_cells(tied, sid)[0]
+        assert order[0] == 0 and order[-1] == 3
+        firsts.append(order[1])
+        assert np.array_equal(order, rank_cells(tied, sid)[0])  # same shift, same order
+    share = np.mean(np.array(firsts) == 1)
+    assert 0.4 < share < 0.6  # neither tied cell is favoured
+    # the tie decides the hits at 50% coverage: either 1 + 0 or 1 + 2
+    hits = {shift_hits(EXPECTED[:1], OBSERVED[:1], EQUAL, np.array([s]), coverages=[0.5]).hits[0, 0] for s in range(50)}
+    assert hits == {1.0, 3.0}
+
+
+def test_coverage_is_by_area_not_cell_count():
+    areas = np.array([1.0, 3.0, 1.0, 1.0])  # total 6
+    order = np.array([1, 0, 2, 3])
+    assert cells_for_coverage(areas, order, 0.5) == 1  # the big cell alone is half the area
+    assert cells_for_coverage(areas, order, 0.51) == 2
+    h = shift_hits(np.array([[0.0, 9.0, 1.0, 0.5]]), np.array([[0.0, 1.0, 1.0, 0.0]]), areas, np.array([0]), coverages=[0.5])
+    assert h.n_flagged[0, 0] == 1 and h.area_share[0, 0] == pytest.approx(0.5) and pooled(h)["pai"][0] == pytest.approx(1.0)
+
+
+def test_poisson_deviance_hand_value():
+    assert poisson_deviance(np.array([1.0, 1.0]), np.array([0.0, 2.0])) == pytest.approx(2 * np.log(2))
+    assert poisson_deviance(np.array([2.0, 3.0]), np.array([2.0, 3.0])) == pytest.approx(0.0)
+
+
+def test_calibration_by_decile():
+    mu = np.repeat(np.arange(1.0, 11.0), 10)
+    y = mu * 2
+    cal = calibration(mu, y, bins=10)
+    assert np.allclose(cal["observed"], 2 * cal["predicted"]) and cal["n"].sum() == 100
+
+
+def test_block_bootstrap_resamples_whole_days():
+    blocks = np.repeat(np.arange(5), 3)
+    w = bootstrap_weights(blocks, 200, seed=1)
+    assert w.shape == (200, 15) and np.all(w.sum(axis=1) == 15)
+    assert np.all(w.reshape(200, 5, 3).std(axis=2) == 0)  # the three shifts of a day move together
+
+
+def test_summary_interval_contains_point_and_curve_is_monotone():
+    rng = np.random.default_rng(0)
+    truth = rng.gamma(0.5, 1.0, size=(90, 200))
+    observed = rng.poisson(truth)
+    s = summarise(truth, observed, np.ones(200), np.arange(90), per_day=3, coverages=[0.05, 0.2], n_boot=200)
+    assert np.all(s.low["hit_rate"] <= s.point["hit_rate"]) and np.all(s.point["hit_rate"] <= s.high["hit_rate"])
+    assert s.point["hit_rate"][1] > s.point["hit_rate"][0]
+    grid, curve = hit_rate_curve(truth, observed, np.ones(200), np.arange(90))
+    assert curve[0] == 0 and curve[-1] == pytest.approx(1.0) and np.all(np.diff(curve) >= -1e-12)
