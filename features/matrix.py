@@ -19,7 +19,7 @@ from features.panel import CountPanel
 @dataclass(frozen=True)
 class FeatureConfig:
     window_days: tuple[int, ...] = (1, 7, 28, 365)
-    same_shift_days: int = 28  # same shift of day over the last N days
+    same_shift_days: tuple[int, ...] = (28, 365)  # same shift of day over the last N days
     same_weekday_weeks: int = 8  # same shift of the week over the last N weeks
     spatial_window_days: tuple[int, ...] = (7, 28)
     decay_days: tuple[float, ...] = (1.0, 7.0)  # e-folding times of the near-repeat intensity
@@ -28,7 +28,7 @@ class FeatureConfig:
 
     def lookback(self, per_day: int) -> int:
         """Shifts of history any feature can reach (beyond it, history counts only in the long-run rate)."""
-        days = max(max(self.window_days), self.same_shift_days, 7 * self.same_weekday_weeks,
+        days = max(max(self.window_days), max(self.same_shift_days), 7 * self.same_weekday_weeks,
                    max(self.spatial_window_days), self.category_window_days)
         return days * per_day
 
@@ -126,7 +126,8 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     blocks["count_prev_shift"] = history.window(origins, 1)
     for days in config.window_days:
         blocks[f"count_{days}d"] = history.window(origins, days * per_day)
-    blocks[f"same_shift_{config.same_shift_days}d"] = history.lagged(origins, per_day, config.same_shift_days)
+    for days in config.same_shift_days:
+        blocks[f"same_shift_{days}d"] = history.lagged(origins, per_day, days)
     blocks[f"same_weekday_shift_{config.same_weekday_weeks}w"] = history.lagged(origins, 7 * per_day, config.same_weekday_weeks)
     for days in config.spatial_window_days:
         own = blocks.get(f"count_{days}d")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class CountPanel:
     end_shift: int
     counts: pl.DataFrame
     meta: dict = field(default_factory=dict)
+    # shared by a panel and its until() views (prefixes of the same data), so derived results can be reused
+    lineage: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     @property
     def n_cells(self) -> int:
@@ -87,7 +90,8 @@ class CountPanel:
         the future, whatever the forecaster does."""
         end = min(self.end_shift, cutoff)
         rows = self.slice(self.first_shift, end)
-        return CountPanel(self.study_area, self.calendar, self.categories, self.first_shift, end, rows, dict(self.meta))
+        return CountPanel(self.study_area, self.calendar, self.categories, self.first_shift, end, rows, dict(self.meta),
+                          lineage=self.lineage)
 
     def fingerprint(self) -> str:
         """Digest of the panel's contents (for experiment tracking)."""

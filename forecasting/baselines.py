@@ -106,6 +106,7 @@ class SEPP(Forecaster):
     fit_days: int = 365
     max_iter: int = 200
     tol: float = 1e-6
+    warm_start: bool = False  # refit from the previous fit's parameters (as in scikit-learn)
     name: str = field(default="sepp", init=False, repr=False)
     mu_: np.ndarray | None = field(default=None, init=False, repr=False)
     theta_: float = field(default=0.0, init=False, repr=False)
@@ -135,8 +136,11 @@ class SEPP(Forecaster):
         if n_events == 0:
             self.mu_, self.theta_, self.g_ = np.zeros(n.shape[1]), 0.0, 0.5
             return
-        mu = np.maximum(n.sum(axis=0) / T, 1e-12) * 0.5
-        theta, g = 0.5, 1.0 - 1.0 / 6.0
+        if self.warm_start and self.mu_ is not None and self.mu_.size == n.shape[1]:
+            mu, theta, g = np.maximum(self.mu_, 1e-12), max(self.theta_, 0.05), self.g_
+        else:
+            mu = np.maximum(n.sum(axis=0) / T, 1e-12) * 0.5
+            theta, g = 0.5, 1.0 - 1.0 / 6.0
         remaining = (T - 1 - np.arange(T))[:, None]  # shifts left in the window after each event's shift
         has = n > 0
         previous = -np.inf

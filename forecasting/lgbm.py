@@ -41,23 +41,33 @@ class LightGBMForecaster(Forecaster):
     columns_: list[str] = field(default_factory=list, init=False, repr=False)
     best_iteration_: int = field(default=0, init=False, repr=False)
     train_rows_: int = field(default=0, init=False, repr=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _chunk(self, panel: CountPanel, lo: int, hi: int, sample: bool):
+        """Rows for origins [lo, hi). Chunks only depend on data before ``hi``, so they are cached per panel
+        lineage (a panel and its ``until`` views) and reused by the next monthly refit."""
+        key = (panel.lineage, lo, hi, sample)
+        if key in self._cache:
+            return self._cache[key]
+        origins = np.arange(lo, hi)
+        matrix = build_features(panel, origins, self.features)
+        y = build_targets(panel, origins, self.category)
+        if sample:
+            rng = np.random.default_rng([self.seed, lo, hi])
+            keep = (y > 0) | (rng.random(y.size) < self.zero_rate)
+            rows = (matrix.X[keep], y[keep], np.where(y > 0, 1.0, 1.0 / self.zero_rate)[keep])
+        else:
+            rows = (matrix.X, y, np.ones(y.size))
+        self.columns_ = matrix.columns
+        self._cache[key] = rows
+        return rows
 
     def _rows(self, panel: CountPanel, start: int, stop: int, sample: bool):
-        """Features and targets for origins [start, stop), built in chunks; zeros sampled when asked."""
-        xs, ys, ws = [], [], []
-        rng = np.random.default_rng([self.seed, start, stop])
-        for lo in range(start, stop, self.chunk_shifts):
-            origins = np.arange(lo, min(lo + self.chunk_shifts, stop))
-            matrix = build_features(panel, origins, self.features)
-            y = build_targets(panel, origins, self.category)
-            if sample:
-                keep = (y > 0) | (rng.random(y.size) < self.zero_rate)
-                w = np.where(y > 0, 1.0, 1.0 / self.zero_rate)[keep]
-                xs.append(matrix.X[keep]), ys.append(y[keep]), ws.append(w)
-            else:
-                xs.append(matrix.X), ys.append(y), ws.append(np.ones(y.size))
-            self.columns_ = matrix.columns
-        return np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
+        """Features and targets for origins [start, stop), from chunks on a fixed grid of ``chunk_shifts``."""
+        self._cache = {k: v for k, v in self._cache.items() if k[0] == panel.lineage and k[2] > start - self.chunk_shifts}
+        edges = sorted({start, stop, *range((start // self.chunk_shifts + 1) * self.chunk_shifts, stop, self.chunk_shifts)})
+        parts = [self._chunk(panel, lo, hi, sample) for lo, hi in zip(edges[:-1], edges[1:])]
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
     def lgb_params(self) -> dict:
         return {

@@ -183,5 +183,5 @@ def test_a_leak_would_be_caught(toronto_panel):
 
 
 def test_config_changes_columns():
-    cfg = FeatureConfig(window_days=(1, 7), include_location=False)
+    cfg = FeatureConfig(window_days=(1, 7), same_shift_days=(28,), include_location=False)
     assert cfg.lookback(3) == 56 * 3
