@@ -143,3 +143,112 @@ def per_category_hit_rates(result: BacktestResult, panel: CountPanel, coverages=
                 for c, r in zip(h.coverages, rates)
             ]
     return pl.DataFrame(rows)
+
+
+@dataclass
+class TrackedBacktest:
+    result: BacktestResult
+    summaries: dict[str, MetricSummary]
+    claims: list
+    decision: object | None
+    model_version: str | None
+    run_id: str
+    out_dir: "Path"
+
+
+def run_tracked_backtest(
+    panel: CountPanel,
+    source: str,
+    settings,
+    test_start: date,
+    test_end: date,
+    *,
+    forecasters: dict[str, Callable[[], Forecaster]] | None = None,
+    out_dir=None,
+    claimed_ratio: float = 1.5,
+    claim_coverages=(0.01, 0.05),
+    n_boot: int = 1000,
+    register: bool = True,
+    final_model: Callable[[], Forecaster] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrackedBacktest:
+    """The whole researcher's run, tracked in MLflow: backtest every forecaster, claim test, report, then fit
+    the candidate on all data, register it, and move ``champion`` only if the backtest passes the gate."""
+    import json
+    from pathlib import Path
+
+    import mlflow
+    import pandas as pd
+
+    from experiments.report import write_report
+    from features.matrix import build_features
+    from forecasting.claim import claim_test
+    from forecasting.tracking import apply_promotion, code_version, configure, log_model, promotion_decision
+
+    forecasters = forecasters or default_forecasters()
+    out_dir = Path(out_dir or settings.data_dir / "backtests" / f"{source}-r{panel.study_area.resolution}-{test_start:%Y%m%d}-{test_end:%Y%m%d}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configure(settings)
+    say = progress or (lambda message: None)
+    with mlflow.start_run(run_name=f"backtest-{source}-{test_start:%Y%m%d}-{test_end:%Y%m%d}") as run:
+        mlflow.set_tags({"kind": "backtest", "city": source})
+        params = {
+            "city": source, "resolution": panel.study_area.resolution, "shift_starts": ",".join(panel.calendar.labels),
+            "timezone": panel.calendar.timezone, "test_start": str(test_start), "test_end": str(test_end),
+            "refit": "monthly", "n_cells": panel.n_cells, "data_fingerprint": panel.fingerprint(),
+            "code_version": code_version(), "claimed_ratio": claimed_ratio, "n_boot": n_boot,
+        }
+        for name, make in forecasters.items():
+            for key, value in make().params().items():
+                if key not in ("category",) and not hasattr(value, "__dict__"):
+                    params[f"{name}.{key}"] = value
+        mlflow.log_params(params)
+        result = run_backtest(panel, test_start, test_end, forecasters, progress=say)
+        say("metrics and intervals")
+        summaries = result.summaries(n_boot=n_boot)
+        claims = []
+        if "lightgbm" in result.predictions and "naive" in result.predictions:
+            claims = claim_test(
+                result.predictions["lightgbm"], result.predictions["naive"], result.observed, result.areas,
+                result.origins, result.per_day, coverages=claim_coverages, claimed_ratio=claimed_ratio,
+                n_boot=max(n_boot, 2000), names=("lightgbm", "naive"),
+            )
+        for name, summary in summaries.items():
+            for j, cov in enumerate(summary.coverages):
+                tag = f"{cov * 100:g}pct"
+                for metric in ("hit_rate", "pai", "pei"):
+                    mlflow.log_metric(f"{name}.{metric}.{tag}", float(summary.point[metric][j]))
+                mlflow.log_metric(f"{name}.hit_rate_low.{tag}", float(summary.low["hit_rate"][j]))
+                mlflow.log_metric(f"{name}.hit_rate_high.{tag}", float(summary.high["hit_rate"][j]))
+            mlflow.log_metric(f"{name}.poisson_deviance", summary.deviance)
+            mlflow.log_metric(f"{name}.fit_seconds", result.fit_seconds[name])
+        for claim in claims:
+            mlflow.log_metric(f"claim.ratio.{claim.coverage * 100:g}pct", claim.ratio)
+            mlflow.set_tag(f"claim.verdict.{claim.coverage * 100:g}pct", claim.verdict)
+        result.tidy().write_parquet(out_dir / "results.parquet")
+        np.savez_compressed(out_dir / "predictions.npz", origins=result.origins, observed=result.observed,
+                            areas=result.areas, **{f"pred_{k}": v for k, v in result.predictions.items()})
+        per_category = per_category_hit_rates(result, panel)
+        meta = {k: params[k] for k in ("city", "resolution", "shift_starts", "timezone", "test_start", "test_end",
+                                        "refit", "n_cells", "data_fingerprint", "code_version")}
+        paths = write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
+                             summaries=summaries, claims=claims, per_category=per_category, meta=meta)
+        if "lightgbm" in result.last_models:
+            importance = result.last_models["lightgbm"].feature_importance()
+            (out_dir / "feature_importance.json").write_text(json.dumps(importance, indent=2))
+        mlflow.log_artifacts(str(out_dir), artifact_path="backtest")
+
+        decision, version = None, None
+        if register and "lightgbm" in forecasters:
+            say("fit the candidate on all data and register it")
+            make = final_model or forecasters["lightgbm"]
+            model = make().fit(panel, panel.end_shift)
+            sample = build_features(panel, panel.end_shift - 1, model.features).frame().drop("origin", "cell").head(200)
+            info = log_model(model, sample.to_pandas(), source)
+            version = str(info.registered_model_version)
+            decision = promotion_decision(summaries)
+            apply_promotion(source, version, decision, run.info.run_id)
+            mlflow.log_dict(decision.as_dict(), "promotion.json")
+            mlflow.set_tags({"promotion": "promoted" if decision.promote else "rejected", "model_version": version})
+            (out_dir / "promotion.json").write_text(json.dumps({**decision.as_dict(), "version": version}, indent=2))
+    return TrackedBacktest(result, summaries, claims, decision, version, run.info.run_id, out_dir)

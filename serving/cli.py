@@ -194,13 +194,9 @@ def features(
     from zoneinfo import ZoneInfo
 
     from features.matrix import build_features, build_targets
-    from features.panel import CountPanel
 
     settings = _settings(data_dir, resolution)
-    folder = panel_dir(settings, source)
-    if not (folder / "panel.json").is_file():
-        _fail(f"no panel for {source!r} at resolution {settings.h3_resolution}: run `hotspots panel {source}` first")
-    built = CountPanel.load(folder)
+    built = _load_panel(settings, source)
     zone = ZoneInfo(built.calendar.timezone)
     origins = built.calendar.shift_range(start.replace(tzinfo=start.tzinfo or zone), end.replace(tzinfo=end.tzinfo or zone))
     if origins.size == 0:
@@ -228,12 +224,169 @@ def prepare(
     ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir)
     panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
     settings = _settings(data_dir, resolution)
+    year = feature_year or _last_full_year(_load_panel(settings, source))
+    features(source=source, start=datetime(year, 1, 1), end=datetime(year + 1, 1, 1), resolution=resolution, data_dir=data_dir)
+
+
+def _load_panel(settings: Settings, source: str):
     from features.panel import CountPanel
 
-    built = CountPanel.load(panel_dir(settings, source))
+    folder = panel_dir(settings, source)
+    if not (folder / "panel.json").is_file():
+        _fail(f"no panel for {source!r} at resolution {settings.h3_resolution}: run `hotspots panel {source}` first")
+    return CountPanel.load(folder)
+
+
+def _last_full_year(built) -> int:
     last_day = date(1970, 1, 1) + timedelta(days=(built.end_shift - 1) // built.calendar.per_day)
-    year = feature_year or (last_day.year - 1 if last_day < date(last_day.year, 12, 31) else last_day.year)
-    features(source=source, start=datetime(year, 1, 1), end=datetime(year + 1, 1, 1), resolution=resolution, data_dir=data_dir)
+    return last_day.year if last_day >= date(last_day.year, 12, 31) else last_day.year - 1
+
+
+@app.command()
+def train(
+    source: str = typer.Argument(...),
+    until: Optional[datetime] = typer.Option(None, help="Train on incidents before this local time (default: all)."),
+    category: Optional[str] = typer.Option(None, help="Target one category (default: all)."),
+    resolution: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Train the LightGBM forecaster and log it to MLflow as a registered model version (not promoted: only
+    a backtest that beats the naive baseline moves the champion alias)."""
+    from zoneinfo import ZoneInfo
+
+    import mlflow
+
+    from features.matrix import build_features
+    from forecasting.lgbm import LightGBMForecaster
+    from forecasting.tracking import code_version, configure, log_model
+
+    settings = _settings(data_dir, resolution)
+    built = _load_panel(settings, source)
+    cutoff = built.end_shift if until is None else built.calendar.shift_of(until.replace(tzinfo=until.tzinfo or ZoneInfo(built.calendar.timezone)))
+    configure(settings)
+    model = LightGBMForecaster(seed=seed, category=category)
+    with mlflow.start_run(run_name=f"train-{source}") as run:
+        mlflow.set_tags({"kind": "train", "city": source})
+        mlflow.log_params({"city": source, "resolution": settings.h3_resolution, "shift_starts": ",".join(built.calendar.labels),
+                           "cutoff_shift": cutoff, "category": category or "all", "data_fingerprint": built.fingerprint(),
+                           "code_version": code_version(),
+                           **{k: v for k, v in model.params().items() if not hasattr(v, "__dict__") and k != "category"}})
+        with _stage("train LightGBM"):
+            model.fit(built, cutoff)
+        mlflow.log_metrics({"best_iteration": model.best_iteration_, "train_rows": model.train_rows_,
+                            "valid_poisson": float(model.booster_.best_score["valid_0"]["poisson"]) if model.objective == "poisson" else 0.0})
+        mlflow.log_dict(model.feature_importance(), "feature_importance.json")
+        sample = build_features(built, cutoff - 1, model.features).frame().drop("origin", "cell").head(200)
+        info = log_model(model, sample.to_pandas(), source)
+    console.print(f"run {run.info.run_id}: registered {info.registered_model_version and f'version {info.registered_model_version}'} "
+                  f"of hotspots-{source} ({model.best_iteration_} trees, {model.train_rows_:,} training rows)")
+
+
+def _print_backtest(tracked) -> None:
+    table = Table("forecaster", "coverage", "hit rate [95% CI]", "PAI [95% CI]", "PEI*", "fit s")
+    for name, summary in tracked.summaries.items():
+        for j, cov in enumerate(summary.coverages):
+            if cov not in (0.01, 0.05):
+                continue
+            p, lo, hi = summary.point, summary.low, summary.high
+            table.add_row(name, f"{cov:.0%}", f"{p['hit_rate'][j]:.3f} [{lo['hit_rate'][j]:.3f}, {hi['hit_rate'][j]:.3f}]",
+                          f"{p['pai'][j]:.1f} [{lo['pai'][j]:.1f}, {hi['pai'][j]:.1f}]", f"{p['pei'][j]:.2f}",
+                          f"{tracked.result.fit_seconds[name]:.0f}")
+    console.print(table)
+    for claim in tracked.claims:
+        console.print(claim.sentence())
+    if tracked.decision is not None:
+        state = "PROMOTED to champion" if tracked.decision.promote else "not promoted"
+        console.print(f"model version {tracked.model_version}: {state} ({tracked.decision.reason})")
+    console.print(f"report: {tracked.out_dir / 'report.html'}  (MLflow run {tracked.run_id})")
+
+
+@app.command()
+def backtest(
+    source: str = typer.Argument(...),
+    test_start: Optional[datetime] = typer.Option(None, help="First local day of the test period (default: last full year)."),
+    test_end: Optional[datetime] = typer.Option(None, help="End of the test period, exclusive."),
+    forecaster: Optional[list[str]] = typer.Option(None, help="Forecasters to compare (default: all)."),
+    ratio: float = typer.Option(1.5, help="The claim to test: candidate hit rate >= ratio x naive."),
+    n_boot: int = typer.Option(1000),
+    register: bool = typer.Option(True, help="Fit on all data, register, and apply the promotion gate."),
+    resolution: Optional[int] = typer.Option(None),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Rolling-origin backtest (monthly refits) of LightGBM against every baseline, with the claim test."""
+    from experiments.backtest import default_forecasters, run_tracked_backtest
+
+    settings = _settings(data_dir, resolution)
+    built = _load_panel(settings, source)
+    year = _last_full_year(built)
+    start = test_start.date() if test_start else date(year, 1, 1)
+    end = test_end.date() if test_end else date(start.year + 1, start.month, start.day)
+    available = default_forecasters()
+    chosen = forecaster or list(available)
+    unknown = [f for f in chosen if f not in available]
+    if unknown:
+        _fail(f"unknown forecaster(s) {unknown}; choose from {list(available)}")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"backtest {source} {start} to {end}", total=None)
+        tracked = run_tracked_backtest(
+            built, source, settings, start, end, forecasters={k: available[k] for k in chosen}, claimed_ratio=ratio,
+            n_boot=n_boot, register=register and "lightgbm" in chosen,
+            progress=lambda message: bar.update(task, description=f"backtest {source}: {message}"),
+        )
+    _print_backtest(tracked)
+
+
+@app.command()
+def claim(
+    source: str = typer.Argument(...),
+    backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the source)."),
+    candidate: str = typer.Option("lightgbm"),
+    baseline: str = typer.Option("naive"),
+    ratio: float = typer.Option(1.5, help="Claimed ratio of hit rates (1.5 = '50% more effective')."),
+    coverage: list[float] = typer.Option([0.01, 0.05], help="Area coverages to test."),
+    n_boot: int = typer.Option(2000),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Test 'candidate is at least RATIO times as effective as baseline' on a saved backtest."""
+    import numpy as np
+
+    from forecasting.claim import claim_test
+
+    settings = _settings(data_dir)
+    if backtest_dir is None:
+        found = sorted((settings.data_dir / "backtests").glob(f"{source}-*/predictions.npz"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            _fail(f"no backtest for {source!r}: run `hotspots backtest {source}` first")
+        backtest_dir = found[-1].parent
+    data = np.load(backtest_dir / "predictions.npz")
+    names = [k[5:] for k in data.files if k.startswith("pred_")]
+    for name in (candidate, baseline):
+        if name not in names:
+            _fail(f"forecaster {name!r} is not in {backtest_dir}; it has {names}")
+    meta = json.loads((backtest_dir / "summary.json").read_text()).get("meta", {}) if (backtest_dir / "summary.json").is_file() else {}
+    per_day = len(str(meta.get("shift_starts", "06:00,14:00,22:00")).split(","))
+    results = claim_test(data[f"pred_{candidate}"], data[f"pred_{baseline}"], data["observed"], data["areas"], data["origins"],
+                         per_day, coverages=tuple(coverage), claimed_ratio=ratio, n_boot=n_boot, names=(candidate, baseline))
+    for r in results:
+        console.print(r.sentence())
+        console.print(f"  difference {r.difference:+.3f} ({r.level:.0%} CI {r.difference_low:+.3f} to {r.difference_high:+.3f})")
+
+
+@app.command()
+def run(
+    source: str = typer.Argument("toronto-mci", help="Source to run end to end."),
+    path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
+    resolution: Optional[int] = typer.Option(None),
+    ratio: float = typer.Option(1.5),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """The whole journey: ingest, panel, backtest of the last full year against every baseline, claim verdict,
+    registration and the promotion gate."""
+    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir)
+    panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
+    backtest(source=source, test_start=None, test_end=None, forecaster=None, ratio=ratio, n_boot=1000, register=True,
+             resolution=resolution, data_dir=data_dir)
 
 
 @app.command()

@@ -1,0 +1,136 @@
+"""MLflow tracking and registry: runs, the model flavour, and the champion promotion gate.
+
+Embedded by default (SQLite store and a local artifact folder under the data folder); set
+``HOTSPOTS_MLFLOW_TRACKING_URI`` to use a tracking server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from features.settings import Settings
+
+EXPERIMENT = "hotspots"
+CHAMPION = "champion"
+GATE_COVERAGES = (0.01, 0.05)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def configure(settings: Settings, experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists; returns its id."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        location = None if settings.mlflow_tracking_uri else settings.artifact_dir.as_uri()
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        if sha.returncode == 0:
+            return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import version
+
+    return f"hotspots-{version('hotspots')}"
+
+
+def registered_name(city: str) -> str:
+    return f"hotspots-{city}"
+
+
+class HotspotModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: feature rows in (the columns of features.matrix.build_features), expected counts out.
+    The wrapped forecaster (``.forecaster``) also builds the features itself from a panel for the API."""
+
+    def __init__(self, forecaster):
+        self.forecaster = forecaster
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+        f = self.forecaster
+        missing = [c for c in f.columns_ if c not in model_input.columns]
+        if missing:
+            raise ValueError(f"model input lacks feature columns {missing}")
+        X = model_input[f.columns_].to_numpy(dtype=np.float32)
+        return f.booster_.predict(X, num_iteration=f.best_iteration_)
+
+
+def log_model(forecaster, sample: pd.DataFrame, city: str):
+    """Log the fitted LightGBM forecaster as a pyfunc with a signature and register it for the city."""
+    model = HotspotModel(forecaster)
+    signature = infer_signature(sample, model.predict(None, sample))
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=model,
+        signature=signature,
+        input_example=sample.head(5),
+        code_paths=[str(PROJECT_ROOT / "features"), str(PROJECT_ROOT / "forecasting")],
+        registered_model_name=registered_name(city),
+        pip_requirements=["lightgbm", "numpy", "pandas", "polars", "h3", "h3ronpy", "scipy", "pyarrow"],
+    )
+
+
+@dataclass
+class PromotionDecision:
+    promote: bool
+    reason: str
+    candidate_hit_rates: dict[str, float]
+    naive_hit_rates: dict[str, float]
+    coverages: tuple[float, ...] = GATE_COVERAGES
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def promotion_decision(summaries: dict, candidate: str = "lightgbm", baseline: str = "naive",
+                       coverages=GATE_COVERAGES) -> PromotionDecision:
+    """The gate: the candidate's backtest hit rate must beat the naive baseline's at every gate coverage."""
+    cand, base = summaries[candidate], summaries[baseline]
+    c_rates, b_rates, failures = {}, {}, []
+    for cov in coverages:
+        j = int(np.argmin(np.abs(cand.coverages - cov)))
+        if abs(cand.coverages[j] - cov) > 1e-9:
+            raise ValueError(f"the backtest has no coverage {cov}")
+        c, b = float(cand.point["hit_rate"][j]), float(base.point["hit_rate"][j])
+        c_rates[f"{cov:g}"], b_rates[f"{cov:g}"] = c, b
+        if not c > b:
+            failures.append(f"{cov:.0%}: {c:.3f} <= {b:.3f}")
+    reason = "beats naive at " + " and ".join(f"{c:.0%}" for c in coverages) if not failures else "does not beat naive at " + "; ".join(failures)
+    return PromotionDecision(not failures, reason, c_rates, b_rates, tuple(coverages))
+
+
+def apply_promotion(city: str, version: str, decision: PromotionDecision, run_id: str | None = None) -> None:
+    """Record the decision on the model version; move the champion alias only when the gate passes."""
+    client = MlflowClient()
+    name = registered_name(city)
+    client.set_model_version_tag(name, version, "promotion_decision", "promoted" if decision.promote else "rejected")
+    client.set_model_version_tag(name, version, "promotion_reason", decision.reason)
+    client.set_model_version_tag(name, version, "promotion_detail", json.dumps(decision.as_dict()))
+    if run_id:
+        client.set_model_version_tag(name, version, "backtest_run_id", run_id)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+
+
+def champion_version(city: str) -> str | None:
+    try:
+        return str(MlflowClient().get_model_version_by_alias(registered_name(city), CHAMPION).version)
+    except mlflow.exceptions.MlflowException:
+        return None
