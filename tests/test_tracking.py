@@ -95,11 +95,11 @@ def test_alias_moves_only_when_gate_passes(small_panel, tmp_path, monkeypatch):
     client = MlflowClient()
     name = registered_name("gate-city")
     client.create_registered_model(name)
-    v1 = client.create_model_version(name, source=str(tmp_path), run_id=None).version
-    v2 = client.create_model_version(name, source=str(tmp_path), run_id=None).version
+    v1 = str(client.create_model_version(name, source=str(tmp_path), run_id=None).version)
+    v2 = str(client.create_model_version(name, source=str(tmp_path), run_id=None).version)
     apply_promotion("gate-city", v1, promotion_decision({"lightgbm": summary([0.2, 0.4]), "naive": summary([0.1, 0.3])}))
     assert champion_version("gate-city") == v1
     apply_promotion("gate-city", v2, promotion_decision({"lightgbm": summary([0.05, 0.4]), "naive": summary([0.1, 0.3])}))
     assert champion_version("gate-city") == v1  # the losing version does not take the alias
     assert client.get_model_version(name, v2).tags["promotion_decision"] == "rejected"
-    assert client.get_registered_model(name).aliases[CHAMPION] == v1
+    assert str(client.get_registered_model(name).aliases[CHAMPION]) == v1
