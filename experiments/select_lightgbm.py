@@ -22,7 +22,6 @@ CANDIDATES = {
     "lgbm_default": lambda: LightGBMForecaster(),
     "lgbm_regularised": lambda: LightGBMForecaster(num_leaves=15, min_child_samples=300, learning_rate=0.03),
     "lgbm_one_year": lambda: LightGBMForecaster(train_days=365),
-    "lgbm_tweedie": lambda: LightGBMForecaster(objective="tweedie"),
 }
 
 

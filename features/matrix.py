@@ -21,7 +21,7 @@ class FeatureConfig:
     window_days: tuple[int, ...] = (1, 7, 28, 365)
     same_shift_days: tuple[int, ...] = (28, 365)  # same shift of day over the last N days
     same_weekday_weeks: int = 8  # same shift of the week over the last N weeks
-    spatial_window_days: tuple[int, ...] = (7, 28)
+    spatial_window_days: tuple[int, ...] = (7, 28, 365)
     decay_days: tuple[float, ...] = (1.0, 7.0)  # e-folding times of the near-repeat intensity
     category_window_days: int = 28
     include_location: bool = True
