@@ -53,7 +53,7 @@ def small_panel(toronto_incidents):
 
 
 def quick_lgbm():
-    return LightGBMForecaster(train_days=240, valid_days=28, n_estimators=40, zero_rate=0.2)
+    return LightGBMForecaster(train_days=240, valid_days=28, n_estimators=40, zero_rate=0.2, num_threads=1)
 
 
 def test_tracked_backtest_logs_run_registers_and_gates(small_panel, tmp_path, monkeypatch):
