@@ -64,3 +64,29 @@ def toronto_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toronto_incidents(toronto_store):
     return toronto_store.read("toronto-mci")
+
+
+TORONTO_CATEGORIES = ["assault", "auto_theft", "break_and_enter", "robbery", "theft_over"]
+
+
+def toronto_box_panel(incidents, lat: tuple[float, float], lon: tuple[float, float], start, end=None, resolution: int = 9):
+    """A real slice: Toronto incidents in a lat/lon box from ``start`` (UTC datetime) to ``end``, binned into a
+    panel whose study area comes from the slice and whose span starts at the night shift covering ``start``."""
+    from datetime import timedelta
+
+    import polars as pl
+
+    from features.calendar import ShiftCalendar
+    from features.grid import StudyArea
+    from features.panel import build_panel
+
+    keep = pl.col("latitude").is_between(*lat) & pl.col("longitude").is_between(*lon) & (pl.col("occurred_at") >= start)
+    if end is not None:
+        keep = keep & (pl.col("occurred_at") < end)
+    box = incidents.filter(keep)
+    area = StudyArea.from_points(box["latitude"].to_numpy(), box["longitude"].to_numpy(), resolution)
+    cal = ShiftCalendar("America/Toronto")
+    first = cal.shift_of(start + timedelta(hours=12))
+    last = cal.shift_of(end + timedelta(hours=12)) if end is not None else None
+    panel, _ = build_panel(box, area, cal, TORONTO_CATEGORIES, first_shift=first, end_shift=last)
+    return box, panel

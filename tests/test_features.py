@@ -6,6 +6,7 @@ import h3
 import numpy as np
 import polars as pl
 import pytest
+from conftest import toronto_box_panel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,18 +99,9 @@ def test_origin_before_panel_is_rejected(toy):
 @pytest.fixture(scope="module")
 def toronto_panel(toronto_incidents):
     """Downtown Toronto 2018-2020 at resolution 9, with a fixed study area and span."""
-    box = toronto_incidents.filter(
-        pl.col("latitude").is_between(43.63, 43.68) & pl.col("longitude").is_between(-79.42, -79.36)
-        & (pl.col("occurred_at") >= datetime(2018, 1, 1, tzinfo=timezone.utc))
-        & (pl.col("occurred_at") < datetime(2021, 1, 1, tzinfo=timezone.utc))
-    )
-    area = StudyArea.from_points(box["latitude"].to_numpy(), box["longitude"].to_numpy(), 9)
-    cal = ShiftCalendar("America/Toronto")
-    first = cal.shift_of(datetime(2018, 1, 1, 12, tzinfo=timezone.utc))
-    end = cal.shift_of(datetime(2021, 1, 1, tzinfo=timezone.utc))
-    cats = ["assault", "auto_theft", "break_and_enter", "robbery", "theft_over"]
-    panel, _ = build_panel(box, area, cal, cats, first_shift=first, end_shift=end)
-    return box, area, cal, cats, panel
+    box, panel = toronto_box_panel(toronto_incidents, (43.63, 43.68), (-79.42, -79.36),
+                                   datetime(2018, 1, 1, tzinfo=timezone.utc), datetime(2021, 1, 1, tzinfo=timezone.utc))
+    return box, panel.study_area, panel.calendar, list(panel.categories), panel
 
 
 def test_range_build_equals_single_origin_builds(toronto_panel):
@@ -183,5 +175,5 @@ def test_a_leak_would_be_caught(toronto_panel):
 
 
 def test_config_changes_columns():
-    cfg = FeatureConfig(window_days=(1, 7), same_shift_days=(28,), include_location=False)
+    cfg = FeatureConfig(window_days=(1, 7), same_shift_days=(28,), spatial_window_days=(7, 28), include_location=False)
     assert cfg.lookback(3) == 56 * 3

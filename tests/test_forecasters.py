@@ -6,6 +6,7 @@ import h3
 import numpy as np
 import polars as pl
 import pytest
+from conftest import toronto_box_panel
 
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
@@ -114,15 +115,7 @@ def test_sepp_recovers_known_parameters_on_the_synthetic_city():
 
 @pytest.fixture(scope="module")
 def toronto_panel(toronto_incidents):
-    box = toronto_incidents.filter(
-        pl.col("latitude").is_between(43.63, 43.69) & pl.col("longitude").is_between(-79.43, -79.35)
-        & (pl.col("occurred_at") >= datetime(2018, 1, 1, tzinfo=timezone.utc))
-    )
-    area = StudyArea.from_points(box["latitude"].to_numpy(), box["longitude"].to_numpy(), 9)
-    cal = ShiftCalendar("America/Toronto")
-    cats = ["assault", "auto_theft", "break_and_enter", "robbery", "theft_over"]
-    panel, _ = build_panel(box, area, cal, cats, first_shift=cal.shift_of(datetime(2018, 1, 1, 12, tzinfo=timezone.utc)))
-    return panel
+    return toronto_box_panel(toronto_incidents, (43.63, 43.69), (-79.43, -79.35), datetime(2018, 1, 1, tzinfo=timezone.utc))[1]
 
 
 def small_lgbm(**kw):

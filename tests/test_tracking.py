@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
+from conftest import toronto_box_panel
 from mlflow.tracking import MlflowClient
 
 from experiments.backtest import run_tracked_backtest
@@ -39,17 +40,8 @@ def test_gate_needs_both_coverages():
 
 @pytest.fixture(scope="module")
 def small_panel(toronto_incidents):
-    box = toronto_incidents.filter(
-        pl.col("latitude").is_between(43.64, 43.67) & pl.col("longitude").is_between(-79.41, -79.37)
-        & (pl.col("occurred_at") >= datetime(2019, 1, 1, tzinfo=timezone.utc))
-        & (pl.col("occurred_at") < datetime(2020, 3, 1, tzinfo=timezone.utc))
-    )
-    area = StudyArea.from_points(box["latitude"].to_numpy(), box["longitude"].to_numpy(), 9)
-    cal = ShiftCalendar("America/Toronto")
-    cats = ["assault", "auto_theft", "break_and_enter", "robbery", "theft_over"]
-    panel, _ = build_panel(box, area, cal, cats, first_shift=cal.shift_of(datetime(2019, 1, 1, 12, tzinfo=timezone.utc)),
-                           end_shift=cal.shift_of(datetime(2020, 3, 1, 12, tzinfo=timezone.utc)))
-    return panel
+    return toronto_box_panel(toronto_incidents, (43.64, 43.67), (-79.41, -79.37), datetime(2019, 1, 1, tzinfo=timezone.utc),
+                             datetime(2020, 3, 1, tzinfo=timezone.utc))[1]
 
 
 def quick_lgbm():
