@@ -10,10 +10,10 @@ import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_FILE = "hotspots.toml"
 
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
         None, description="MLflow tracking URI; default is an embedded SQLite store in data_dir."
     )
     h3_resolution: int = Field(9, ge=0, le=15, description="H3 resolution of the forecasting grid.")
-    shift_starts: list[str] = Field(
+    shift_starts: Annotated[list[str], NoDecode] = Field(
         ["06:00", "14:00", "22:00"], description="Local start times of the patrol shifts (HH:MM)."
     )
     future_tolerance_minutes: int = Field(

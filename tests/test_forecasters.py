@@ -188,3 +188,14 @@ def test_single_category_target(toronto_panel):
     all_cats = Naive().fit(panel, cutoff).predict(panel, cutoff)
     assault = Naive(category="assault").fit(panel, cutoff).predict(panel, cutoff)
     assert np.all(assault <= all_cats) and assault.sum() < all_cats.sum()
+
+
+def test_lightgbm_hand_case_learns_a_constant_hotspot():
+    """One cell has exactly one incident every shift, every other cell none: the expected count is 1 there
+    and 0 elsewhere, and the Poisson model must say so."""
+    panel, area = toy_panel({(CENTER, s): 1 for s in range(400)}, span=420)
+    f = LightGBMForecaster(train_days=100, valid_days=14, n_estimators=300, zero_rate=0.5, min_child_samples=5, num_threads=1)
+    pred = f.fit(panel, FIRST + 400).predict(panel, FIRST + 400)[0]
+    c = idx(area, CENTER)
+    assert pred[c] == pytest.approx(1.0, rel=0.05)
+    assert np.delete(pred, c).max() < 0.02

@@ -1,0 +1,28 @@
+"""Settings: defaults, config file, environment (highest), explicit arguments."""
+
+from features.settings import Settings
+
+
+def test_defaults(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for var in ("HOTSPOTS_CONFIG", "HOTSPOTS_DATA_DIR", "HOTSPOTS_H3_RESOLUTION", "HOTSPOTS_SHIFT_STARTS", "HOTSPOTS_MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    s = Settings()
+    assert s.h3_resolution == 9 and s.shift_starts == ["06:00", "14:00", "22:00"]
+    assert s.tracking_uri.startswith("sqlite:///") and s.tracking_uri.endswith("data/mlflow.db")
+
+
+def test_config_file_then_environment(monkeypatch, tmp_path):
+    config = tmp_path / "hotspots.toml"
+    config.write_text('[hotspots]\nh3_resolution = 8\nshift_starts = ["07:00", "19:00"]\ndata_dir = "/srv/hotspots"\n')
+    monkeypatch.setenv("HOTSPOTS_CONFIG", str(config))
+    monkeypatch.delenv("HOTSPOTS_H3_RESOLUTION", raising=False)
+    monkeypatch.delenv("HOTSPOTS_DATA_DIR", raising=False)
+    s = Settings()
+    assert s.h3_resolution == 8 and s.shift_starts == ["07:00", "19:00"] and str(s.data_dir) == "/srv/hotspots"
+    monkeypatch.setenv("HOTSPOTS_H3_RESOLUTION", "9")
+    monkeypatch.setenv("HOTSPOTS_SHIFT_STARTS", "06:00,18:00")
+    monkeypatch.setenv("HOTSPOTS_MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    s = Settings()
+    assert s.h3_resolution == 9 and s.shift_starts == ["06:00", "18:00"] and s.tracking_uri == "http://127.0.0.1:5000"
+    assert Settings(h3_resolution=7).h3_resolution == 7
