@@ -182,7 +182,7 @@ def run_tracked_backtest(
 
     from experiments.report import write_report
     from features.matrix import build_features
-    from forecasting.claim import claim_test
+    from forecasting.claim import against_every_baseline, claim_test
     from forecasting.tracking import apply_promotion, code_version, configure, log_model, promotion_decision
 
     forecasters = forecasters or default_forecasters()
@@ -225,6 +225,13 @@ def run_tracked_backtest(
         for claim in claims:
             mlflow.log_metric(f"claim.ratio.{claim.coverage * 100:g}pct", claim.ratio)
             mlflow.set_tag(f"claim.verdict.{claim.coverage * 100:g}pct", claim.verdict)
+        pairwise = []
+        if "lightgbm" in result.predictions:
+            pairwise = against_every_baseline(result.predictions, result.observed, result.areas, result.origins,
+                                              result.per_day, coverages=claim_coverages, n_boot=max(n_boot, 2000))
+            for p in pairwise:
+                mlflow.log_metric(f"lightgbm_minus_{p.baseline}.hit_rate_low.{p.coverage * 100:g}pct", p.difference_low)
+            (out_dir / "pairwise.json").write_text(json.dumps([p.as_dict() for p in pairwise], indent=2))
         result.tidy().write_parquet(out_dir / "results.parquet")
         np.savez_compressed(out_dir / "predictions.npz", origins=result.origins, observed=result.observed,
                             areas=result.areas, **{f"pred_{k}": v for k, v in result.predictions.items()})
@@ -232,7 +239,7 @@ def run_tracked_backtest(
         meta = {k: params[k] for k in ("city", "resolution", "shift_starts", "timezone", "test_start", "test_end",
                                         "refit", "n_cells", "data_fingerprint", "code_version")}
         paths = write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
-                             summaries=summaries, claims=claims, per_category=per_category, meta=meta)
+                             summaries=summaries, claims=claims + pairwise, per_category=per_category, meta=meta)
         if "lightgbm" in result.last_models:
             importance = result.last_models["lightgbm"].feature_importance()
             (out_dir / "feature_importance.json").write_text(json.dumps(importance, indent=2))

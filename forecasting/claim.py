@@ -90,3 +90,17 @@ def claim_test(
             )
         )
     return out
+
+
+def against_every_baseline(
+    predictions: dict[str, np.ndarray], observed: np.ndarray, areas: np.ndarray, shift_ids: np.ndarray, per_day: int,
+    *, candidate: str = "lightgbm", coverages=(0.01, 0.05), n_boot: int = 2000, seed: int = 0,
+) -> list[ClaimResult]:
+    """'Is the candidate better at all?' (claimed ratio 1) against every other forecaster, with the paired
+    interval of the difference in hit rate: the evidence that it is ahead of each baseline, or not."""
+    return [
+        result
+        for name, pred in predictions.items() if name != candidate
+        for result in claim_test(predictions[candidate], pred, observed, areas, shift_ids, per_day, coverages=coverages,
+                                 claimed_ratio=1.0, n_boot=n_boot, seed=seed, names=(candidate, name))
+    ]

@@ -1,5 +1,6 @@
 """MLflow tracking (embedded SQLite), the model flavour, the promotion gate, and the tracked backtest."""
 
+import json
 from datetime import date, datetime, timezone
 
 import mlflow
@@ -64,6 +65,9 @@ def test_tracked_backtest_logs_run_registers_and_gates(small_panel, tmp_path, mo
     assert run.data.tags["claim.verdict.1pct"] in {"supported", "refuted", "undetermined"}
     artifacts = {a.path for a in MlflowClient().list_artifacts(tracked.run_id, "backtest")}
     assert {"backtest/report.html", "backtest/report.md", "backtest/results.parquet"} <= artifacts
+    pairwise = json.loads((tracked.out_dir / "pairwise.json").read_text())
+    assert {(p["baseline"], p["coverage"]) for p in pairwise} == {(b, c) for b in ("naive", "sepp") for c in (0.01, 0.05)}
+    assert all(p["difference_low"] <= p["difference"] <= p["difference_high"] for p in pairwise)
     results = pl.read_parquet(tracked.out_dir / "results.parquet")
     assert set(results["forecaster"].unique()) == {"lightgbm", "naive", "sepp"}
     assert results.filter(pl.col("forecaster") == "naive")["shift_id"].n_unique() == tracked.result.origins.size

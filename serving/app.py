@@ -1,0 +1,90 @@
+"""The hotspot service (FastAPI).
+
+Run it with ``uvicorn serving.app:create_app --factory`` (settings from ``HOTSPOTS_*`` variables and
+``hotspots.toml``). Probes: ``/healthz`` (the process answers) and ``/readyz`` (which cities have a champion
+loaded, which version, and whether it came from the local fallback copy). The API lives under ``/v1`` and
+needs an ``X-API-Key``.
+
+Place-based only: responses hold cells, expected counts, ranks and model metadata, never incident records.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+
+from features.settings import Settings, get_settings
+from serving.audit import AuditLog
+from serving.config import ServiceSettings
+from serving.db import Database
+from serving.dependencies import Models
+from serving.errors import install_handlers
+from serving.forecasts import ForecastService
+from serving.keys import KeyStore
+from serving.models_store import ModelStore
+from serving.routers import audit, cities, forecast, hotspots, models
+from serving.schemas import CityReadiness, Health, Readiness
+
+log = logging.getLogger("hotspots.serving")
+API_VERSION = "v1"
+
+probes = APIRouter(tags=["probes"])
+
+
+@probes.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+def healthz() -> Health:
+    return Health()
+
+
+@probes.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "No city can be served."}},
+            summary="Readiness: cities with a loaded champion, their versions, fallback use")
+def readyz(store: Models) -> JSONResponse:
+    cities = [
+        CityReadiness(city=city, ready=state.ready, status=state.status, model_name=state.registered_name,
+                      model_version=state.model and state.model.version, model_source=state.model and state.model.source,
+                      message=state.message)
+        for city, state in sorted(store.snapshot().items())
+    ]
+    body = Readiness(ready=any(c.ready for c in cities), registry_reachable=store.registry_reachable,
+                     registry_error=store.registry_error, cities=cities)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
+
+
+def create_app(settings: Settings | None = None, service_settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    service_settings = service_settings or ServiceSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            app.state.models.refresh()
+        except Exception:  # noqa: BLE001 - start anyway; /readyz tells what is missing
+            log.exception("initial model refresh failed")
+        yield
+        app.state.db.dispose()
+
+    app = FastAPI(
+        title="hotspots",
+        version="0.1.0",
+        summary="Place-based crime hotspot forecasts per H3 cell and patrol shift (never people, never incidents).",
+        lifespan=lifespan,
+    )
+    db = Database.for_settings(settings)
+    app.state.settings = settings
+    app.state.service_settings = service_settings
+    app.state.db = db
+    app.state.keys = KeyStore(db)
+    app.state.audit = AuditLog(db)
+    app.state.models = ModelStore(settings, refresh_seconds=service_settings.model_refresh_seconds)
+    app.state.forecasts = ForecastService(service_settings.forecast_cache_size)
+    install_handlers(app)
+
+    app.include_router(probes)
+    v1 = APIRouter(prefix=f"/{API_VERSION}")
+    for module in (cities, hotspots, forecast, models, audit):
+        v1.include_router(module.router)
+    app.include_router(v1)
+    return app

@@ -1,0 +1,98 @@
+"""FastAPI dependencies: settings, the shared stores, the clock, and API-key authentication by role."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Callable
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from features.settings import Settings
+from serving.audit import AuditLog
+from serving.config import ServiceSettings
+from serving.errors import ApiError
+from serving.forecasts import ForecastService
+from serving.keys import KeyStore, Permission, Principal, roles_with
+from serving.models_store import CityState, ModelStore
+
+API_KEY_HEADER = "X-API-Key"
+api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="API key (hsk_...) of a planner, "
+                              "analyst, auditor or admin.")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_service_settings(request: Request) -> ServiceSettings:
+    return request.app.state.service_settings
+
+
+def get_models(request: Request) -> ModelStore:
+    store: ModelStore = request.app.state.models
+    store.maybe_refresh()
+    return store
+
+
+def get_keys(request: Request) -> KeyStore:
+    return request.app.state.keys
+
+
+def get_audit(request: Request) -> AuditLog:
+    return request.app.state.audit
+
+
+def get_forecasts(request: Request) -> ForecastService:
+    return request.app.state.forecasts
+
+
+def get_now() -> datetime:
+    """The clock ('next' shift); tests override it with app.dependency_overrides."""
+    return datetime.now(timezone.utc)
+
+
+def require(permission: Permission) -> Callable[..., Principal]:
+    """Dependency: the caller's key must be valid (else 401) and its role must allow ``permission`` (else 403)."""
+
+    def _check(key: Annotated[str | None, Security(api_key_header)],
+               keys: Annotated[KeyStore, Depends(get_keys)]) -> Principal:
+        if not key:
+            raise ApiError(401, f"missing API key: send it in the {API_KEY_HEADER} header")
+        found = keys.verify(key)
+        if found is None:
+            raise ApiError(401, "invalid or revoked API key")
+        principal = Principal(*found)
+        if not principal.can(permission):
+            allowed = ", ".join(role.value for role in roles_with(permission))
+            raise ApiError(403, f"role {principal.role.value!r} may not access {permission.value}; this needs one of: {allowed}")
+        return principal
+
+    return _check
+
+
+def city_state(models: ModelStore, city: str) -> CityState:
+    """The city's state, 404 when there is no panel for it."""
+    state = models.get(city)
+    if state is None:
+        known = ", ".join(models.cities()) or "none: run `hotspots panel <source>` first"
+        raise ApiError(404, f"unknown city {city!r}; cities with a panel: {known}")
+    return state
+
+
+def ready_state(state: CityState) -> CityState:
+    """503 with what to run when the city has no usable model or panel."""
+    if not state.ready:
+        raise ApiError(503, state.message or f"{state.city} cannot be served ({state.status})", headers={"Retry-After": "60"})
+    return state
+
+
+Settings_ = Annotated[Settings, Depends(get_settings)]
+ServiceSettings_ = Annotated[ServiceSettings, Depends(get_service_settings)]
+Models = Annotated[ModelStore, Depends(get_models)]
+Audit = Annotated[AuditLog, Depends(get_audit)]
+Forecasts = Annotated[ForecastService, Depends(get_forecasts)]
+Now = Annotated[datetime, Depends(get_now)]
+Planner = Annotated[Principal, Depends(require(Permission.forecasts))]
+Analyst = Annotated[Principal, Depends(require(Permission.models))]
+Auditor = Annotated[Principal, Depends(require(Permission.audit))]

@@ -1,0 +1,321 @@
+"""Each city's panel and champion model, kept loaded for the API.
+
+Cities are the panels saved by ``hotspots panel`` under ``data_dir/panels/<city>-r<resolution>`` (at the
+configured resolution); a city's model is the version its registered model ``hotspots-<city>`` carries under
+the ``champion`` alias. Every champion that loads is also kept on disk, ``data_dir/serving/<city>/v<version>``
+(the MLflow model folder, downloaded from the registry) with ``champion.json`` naming it: the last-good copy.
+When the registry cannot be reached the store keeps serving what it has in memory, or at start-up loads that
+local copy and says so (``source == "local_fallback"``).
+
+:meth:`ModelStore.refresh` re-reads the panels folder (new, changed or removed panels) and the registry
+(champion moved, removed or new) and swaps in a new snapshot under a lock; requests call
+:meth:`ModelStore.maybe_refresh`, which does so at most every ``refresh_seconds`` and never makes a request wait
+for a refresh another thread is already doing. Readers only ever see whole snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import forecasting.lgbm  # noqa: F401  (imported before any model is unpickled: never the model's code copy)
+from features.panel import CountPanel
+from features.settings import Settings
+from forecasting.tracking import CHAMPION, registered_name
+
+log = logging.getLogger("hotspots.serving")
+
+ModelSource = Literal["registry", "local_fallback"]
+NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+class RegistryUnreachable(RuntimeError):
+    """The MLflow registry did not answer (server down, database unreadable, ...)."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: str
+    forecaster: Any  # a fitted LightGBMForecaster
+    source: ModelSource
+    run_id: str | None
+    loaded_at: datetime
+    path: Path
+
+    @property
+    def target(self) -> str:
+        """The category the model forecasts: 'all', one category, or several joined by '+'."""
+        category = getattr(self.forecaster, "category", None)
+        if category is None:
+            return "all"
+        return category if isinstance(category, str) else "+".join(category)
+
+
+@dataclass(frozen=True)
+class CityState:
+    city: str
+    registered_name: str
+    panel_dir: Path
+    panel: CountPanel | None
+    panel_token: str
+    model: LoadedModel | None
+    status: Literal["ready", "no_champion", "registry_unreachable", "load_failed", "panel_error"]
+    message: str | None
+    registry_reachable: bool
+    checked_at: datetime
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.panel is not None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ModelStore:
+    def __init__(self, settings: Settings, refresh_seconds: float = 60.0):
+        self.settings = settings
+        self.refresh_seconds = refresh_seconds
+        self.panels_root = Path(settings.data_dir) / "panels"
+        self.local_root = Path(settings.data_dir) / "serving"
+        self.registry_reachable: bool | None = None
+        self.registry_error: str | None = None
+        self._states: dict[str, CityState] = {}
+        self._lock = threading.Lock()
+        self._last_refresh: float | None = None
+
+    # --- reading -----------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, CityState]:
+        return self._states
+
+    def cities(self) -> list[str]:
+        return sorted(self._states)
+
+    def get(self, city: str) -> CityState | None:
+        return self._states.get(city)
+
+    # --- refreshing --------------------------------------------------------------------------------
+    def maybe_refresh(self) -> None:
+        if self._last_refresh is None:
+            self.refresh()
+            return
+        if time.monotonic() - self._last_refresh < self.refresh_seconds:
+            return
+        if self._lock.acquire(blocking=False):  # someone else refreshing: serve the current snapshot
+            try:
+                self._refresh_locked()
+            finally:
+                self._lock.release()
+
+    def refresh(self) -> dict[str, CityState]:
+        with self._lock:
+            return self._refresh_locked()
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        uri = self.settings.tracking_uri
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def _refresh_locked(self) -> dict[str, CityState]:
+        panels = self._discover()
+        try:
+            client = self.client()
+            reachable, error = True, None
+        except Exception as exc:  # noqa: BLE001 - any failure to open the registry is "unreachable"
+            client, reachable, error = None, False, f"{type(exc).__name__}: {exc}"
+        states: dict[str, CityState] = {}
+        for city, folder in panels.items():
+            old = self._states.get(city)
+            panel, token, panel_error = self._panel(folder, old)
+            champion = None
+            if reachable:
+                try:
+                    champion = self._champion(client, city)
+                except RegistryUnreachable as exc:
+                    reachable, error = False, str(exc)  # do not wait on the registry again for the other cities
+            model, status, message = self._model(client, city, old, champion, reachable, error)
+            if panel is None:
+                status, message = "panel_error", f"panel at {folder} could not be read ({panel_error}): run `hotspots panel {city}`"
+            states[city] = CityState(city, registered_name(city), folder, panel, token, model, status, message,
+                                     reachable, _now())
+        self._states = states
+        self.registry_reachable, self.registry_error = reachable, error
+        self._last_refresh = time.monotonic()
+        return states
+
+    def _discover(self) -> dict[str, Path]:
+        suffix = f"-r{self.settings.h3_resolution}"
+        if not self.panels_root.is_dir():
+            return {}
+        return {d.name[: -len(suffix)]: d for d in sorted(self.panels_root.iterdir())
+                if d.is_dir() and d.name.endswith(suffix) and len(d.name) > len(suffix) and (d / "panel.json").is_file()}
+
+    @staticmethod
+    def _panel_token(folder: Path) -> str:
+        parts = []
+        for name in ("panel.json", "counts.parquet"):
+            try:
+                stat = (folder / name).stat()
+                parts.append(f"{stat.st_mtime_ns}:{stat.st_size}")
+            except OSError:
+                parts.append("missing")
+        return "/".join(parts)
+
+    def _panel(self, folder: Path, old: CityState | None) -> tuple[CountPanel | None, str, str | None]:
+        token = self._panel_token(folder)
+        if old is not None and old.panel is not None and old.panel_token == token:
+            return old.panel, token, None
+        try:
+            return CountPanel.load(folder), token, None
+        except Exception as exc:  # noqa: BLE001 - a broken panel must not take the other cities down
+            log.exception("cannot read the panel at %s", folder)
+            return (old.panel if old is not None else None), token, f"{type(exc).__name__}: {exc}"
+
+    def _champion(self, client, city: str) -> tuple[str, str | None] | None:
+        """(version, run id) of the city's champion, None when there is none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = client.get_model_version_by_alias(registered_name(city), CHAMPION)
+        except MlflowException as exc:
+            if exc.error_code in NOT_FOUND_CODES:
+                return None
+            raise RegistryUnreachable(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise RegistryUnreachable(f"{type(exc).__name__}: {exc}") from exc
+        return str(found.version), found.run_id
+
+    def _model(self, client, city: str, old: CityState | None, champion, reachable: bool, error: str | None):
+        current = old.model if old is not None else None
+        if not reachable:
+            if current is not None:
+                return current, "ready", f"model registry unreachable ({error}); serving the model loaded before"
+            fallback = self._load_local(city)
+            if fallback is not None:
+                return fallback, "ready", f"model registry unreachable ({error}); serving the last-good local copy"
+            return None, "registry_unreachable", (
+                f"model registry unreachable ({error}) and no local copy of a champion for {city!r} in "
+                f"{self.local_root / city}: check HOTSPOTS_MLFLOW_TRACKING_URI / the registry server")
+        if champion is None:
+            return None, "no_champion", (
+                f"no champion model for {city!r}: run `hotspots backtest {city}`, which registers a model and "
+                f"promotes it to champion when it beats the naive baseline")
+        version, run_id = champion
+        if current is not None and current.version == version:
+            return (current if current.source == "registry" else replace(current, source="registry")), "ready", None
+        try:
+            return self._load_version(client, city, version, run_id), "ready", None
+        except Exception as exc:  # noqa: BLE001 - keep serving the previous model
+            log.exception("cannot load %s version %s", registered_name(city), version)
+            message = f"champion version {version} of {registered_name(city)} failed to load ({type(exc).__name__}: {exc})"
+            if current is not None:
+                return current, "load_failed", message + f"; still serving version {current.version}"
+            return None, "load_failed", message
+
+    # --- loading and the local copy ----------------------------------------------------------------
+    def _load_version(self, client, city: str, version: str, run_id: str | None) -> LoadedModel:
+        import mlflow
+
+        name = registered_name(city)
+        folder = self.local_root / city
+        target = folder / f"v{version}"
+        if not (target / "MLmodel").is_file():  # registry versions are immutable: a complete copy is reusable
+            partial = folder / f".v{version}-{uuid.uuid4().hex[:8]}.partial"
+            uri = self.settings.tracking_uri
+            try:
+                got = mlflow.artifacts.download_artifacts(artifact_uri=_storage_uri(client, name, version),
+                                                          dst_path=str(partial), tracking_uri=uri, registry_uri=uri)
+                if target.exists():  # an incomplete copy
+                    shutil.rmtree(target, ignore_errors=True)
+                try:
+                    os.replace(got, target)
+                except OSError:
+                    if not (target / "MLmodel").is_file():  # not another process finishing the same copy first
+                        raise
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+        model = LoadedModel(name, version, _load_forecaster(target), "registry", run_id, _now(), target)
+        self._write_pointer(folder, model)
+        return model
+
+    def _write_pointer(self, folder: Path, model: LoadedModel) -> None:
+        tmp = folder / f".champion-{uuid.uuid4().hex[:8]}.json"
+        tmp.write_text(json.dumps({"name": model.name, "version": model.version, "run_id": model.run_id,
+                                   "path": model.path.name, "saved_at": model.loaded_at.isoformat()}, indent=2))
+        os.replace(tmp, folder / "champion.json")
+        for other in folder.iterdir():  # keep only the last-good copy
+            if other.is_dir() and other != model.path and not other.name.startswith("."):
+                shutil.rmtree(other, ignore_errors=True)
+
+    def _load_local(self, city: str) -> LoadedModel | None:
+        pointer = self.local_root / city / "champion.json"
+        if not pointer.is_file():
+            return None
+        try:
+            meta = json.loads(pointer.read_text())
+            path = pointer.parent / meta["path"]
+            return LoadedModel(meta["name"], str(meta["version"]), _load_forecaster(path), "local_fallback",
+                               meta.get("run_id"), _now(), path)
+        except Exception:  # noqa: BLE001
+            log.exception("cannot load the local copy for %s", city)
+            return None
+
+    # --- registry listing (for /v1/models) ---------------------------------------------------------
+    def versions(self, city: str) -> tuple[bool, dict[str, str], list]:
+        """(registered?, aliases -> version, model versions) of the city's registered model."""
+        from mlflow.exceptions import MlflowException
+
+        name = registered_name(city)
+        try:
+            client = self.client()
+            try:
+                registered = client.get_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code in NOT_FOUND_CODES:
+                    return False, {}, []
+                raise
+            escaped = name.replace("'", "\\'")
+            versions = client.search_model_versions(f"name = '{escaped}'")
+        except Exception as exc:  # noqa: BLE001
+            raise RegistryUnreachable(f"{type(exc).__name__}: {exc}") from exc
+        aliases = {alias: str(version) for alias, version in (registered.aliases or {}).items()}
+        return True, aliases, sorted(versions, key=lambda v: -int(v.version))
+
+
+def _storage_uri(client, name: str, version: str) -> str:
+    """Where the version's files are, asked of *our* client: ``models:/name/version`` URIs are resolved by
+    MLflow against the process-wide registry URI, whatever registry_uri is passed to download_artifacts."""
+    uri = client.get_model_version_download_uri(name, version)
+    if uri.startswith("models:/"):  # a logged-model reference (MLflow 3): resolve it to its artifact location
+        uri = client.get_logged_model(uri.removeprefix("models:/").split("/")[0]).artifact_location
+    return uri
+
+
+def _load_forecaster(path: Path):
+    import mlflow
+
+    saved = list(sys.path)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(str(path))
+    finally:
+        sys.path[:] = saved  # the model's code copy must not shadow the installed project afterwards
+    forecaster = pyfunc.unwrap_python_model().forecaster
+    if hasattr(forecaster, "_cache"):
+        forecaster._cache = {}  # training rows pickled with the model: not needed to predict
+    for needed in ("predict", "contributions"):
+        if not callable(getattr(forecaster, needed, None)):
+            raise TypeError(f"the model's forecaster ({type(forecaster).__name__}) has no {needed}()")
+    return forecaster

@@ -1,0 +1,87 @@
+"""What the forecast routes share: checking a request against the city's panel and model, the context block
+of a response, and the audited JSON response."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fastapi import Request, Response
+from pydantic import BaseModel
+
+from serving.audit import AuditLog
+from serving.dependencies import city_state, ready_state
+from serving.errors import ApiError
+from serving.forecasts import (
+    Forecast, ForecastService, ResolvedShift, check_category, check_k, resolve_category, resolve_shift,
+    shift_start_local,
+)
+from serving.keys import Principal
+from serving.models_store import CityState, ModelStore
+from serving.schemas import ForecastContext, ModelRef, ShiftWindow, _Query
+
+FORECAST_HEADERS = {"Cache-Control": "private, no-store"}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    state: CityState
+    shift: ResolvedShift
+    category: str
+    forecast: Forecast
+    cache_hit: bool
+
+
+def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
+            k: int | None = None, coverage: float | None = None) -> Prepared:
+    """Checks in the order a caller can act on: city (404), parameters against the panel (422), a champion
+    (503), the category against the model (422). Then the (cached) forecast."""
+    state = city_state(models, query.city)
+    if state.panel is None:
+        ready_state(state)
+    shift = resolve_shift(state.panel, query.shift, now)
+    check_k(state.panel, k, coverage)
+    check_category(state.panel, query.category, state.city)
+    ready_state(state)
+    category = resolve_category(state.model, query.category, state.city)
+    try:
+        forecast, hit = forecasts.forecast(state, shift.shift_id, category)
+    except (ValueError, KeyError) as exc:  # e.g. history the model cannot use: never a bare 500
+        raise ApiError(503, f"forecast for {state.city} at shift {shift.shift_id} failed: {exc}") from exc
+    return Prepared(state, shift, category, forecast, hit)
+
+
+def context(p: Prepared) -> dict[str, Any]:
+    panel, model = p.state.panel, p.forecast.model
+    bounds = panel.calendar.bounds([p.shift.shift_id]).row(0, named=True)
+    return ForecastContext(
+        city=p.state.city,
+        category=p.category,
+        shift=ShiftWindow(shift_id=p.shift.shift_id, requested=p.shift.requested, start=bounds["start_local"],
+                          end=bounds["end_local"], hours=bounds["hours"], timezone=panel.calendar.timezone,
+                          after_data=p.shift.after_data),
+        model=ModelRef(name=model.name, version=model.version, source=model.source, target=model.target),
+        data_end=shift_start_local(panel, panel.end_shift),
+    ).model_dump()
+
+
+def audit_params(p: Prepared, query: _Query, **extra: Any) -> dict[str, Any]:
+    params = {"city": query.city, "shift": query.shift, "shift_id": p.shift.shift_id,
+              "shift_start": shift_start_local(p.state.panel, p.shift.shift_id).isoformat(), "category": p.category,
+              "model_source": p.forecast.model.source}
+    params.update({k: v for k, v in extra.items() if v is not None})
+    return params
+
+
+def audited(request: Request, audit: AuditLog, principal: Principal, body: BaseModel, p: Prepared,
+            params: dict[str, Any], media_type: str = "application/json") -> Response:
+    """Serialise, write the audit entry (no entry, no forecast), then send."""
+    content = body.model_dump_json().encode("utf-8")
+    try:
+        audit.record(principal, request.url.path, params, len(content), city=p.state.city,
+                     model_version=p.forecast.model.version)
+    except Exception as exc:  # noqa: BLE001
+        raise ApiError(503, "the audit log cannot be written; forecasts are not served without an audit entry") from exc
+    headers = {**FORECAST_HEADERS, "X-Cache": "hit" if p.cache_hit else "miss", "X-Model-Version": p.forecast.model.version}
+    return Response(content=content, media_type=media_type, headers=headers)

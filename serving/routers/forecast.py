@@ -1,0 +1,27 @@
+"""The full forecast of a shift: every study-area cell with its expected count."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from serving.dependencies import Audit, Forecasts, Models, Now, Planner
+from serving.routers.common import audit_params, audited, context, prepare
+from serving.routers.hotspots import ERRORS
+from serving.schemas import CellForecast, ForecastQuery, ForecastResponse
+
+router = APIRouter(tags=["forecast"])
+
+
+@router.get("/forecast", response_model=ForecastResponse, responses=ERRORS,
+            summary="Expected count of every study-area cell for a shift")
+def forecast(request: Request, principal: Planner, query: Annotated[ForecastQuery, Query()], models: Models,
+             forecasts: Forecasts, audit: Audit, now: Now) -> Response:
+    p = prepare(models, forecasts, query, now)
+    h3_ids = p.state.panel.study_area.h3_ids
+    expected = p.forecast.expected
+    body = ForecastResponse(**context(p), n_cells=len(h3_ids), expected_total=float(expected.sum()),
+                            cells=[CellForecast(h3=h, expected_count=float(e)) for h, e in zip(h3_ids, expected.tolist())])
+    return audited(request, audit, principal, body, p, audit_params(p, query))

@@ -1,0 +1,289 @@
+"""Pydantic models of every request (query parameters) and response of the API.
+
+Responses carry places and numbers only: cells, expected counts, percentiles, feature contributions, model
+versions. No model here has room for an incident, a person, an address or a time of an event.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+class ErrorMessage(BaseModel):
+    detail: str = Field(..., description="What went wrong and, where there is one, what to do about it.")
+
+
+class FieldProblem(BaseModel):
+    loc: list[str | int] = Field(..., description="Where the bad value is, e.g. ['query', 'k'].")
+    field: str = Field(..., description="The parameter at fault.")
+    msg: str = Field(..., description="Message, starting with the parameter's name.")
+    type: str
+
+
+class ValidationErrorMessage(BaseModel):
+    detail: list[FieldProblem]
+
+
+# --- query parameters ---------------------------------------------------------------------------------
+
+ShiftParam = Field(
+    "next",
+    description="'next' (the next shift after now; the first shift after the data when the panel ends before "
+                "that) or the ISO 8601 start of a shift, e.g. 2020-02-10T14:00:00-05:00 (without an offset: city "
+                "local time).",
+    max_length=64,
+)
+
+
+class _Query(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    city: str = Field(..., min_length=1, max_length=100, description="City (source) name, see /v1/cities.")
+    shift: str = ShiftParam
+    category: str | None = Field(
+        None, max_length=100,
+        description="What is forecast: the champion model's target ('all' categories unless it was trained on one).",
+    )
+
+
+class ForecastQuery(_Query):
+    pass
+
+
+class HotspotsQuery(_Query):
+    k: int | None = Field(None, ge=1, description="Number of top cells (1..number of study-area cells); default 20.")
+    coverage: float | None = Field(
+        None, gt=0, le=1,
+        description="Share of the study area's area to flag (0 < coverage <= 1): the top cells whose cumulative "
+                    "area first reaches it. Exclusive with k.",
+    )
+
+
+class AuditQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(100, ge=1, le=1000, description="Entries to return, newest first.")
+    before_id: int | None = Field(None, ge=1, description="Only entries older than this id (paging).")
+
+
+# --- probes -------------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class CityReadiness(BaseModel):
+    city: str
+    ready: bool
+    status: str = Field(..., description="ready, no_champion, registry_unreachable, load_failed or panel_error.")
+    model_name: str
+    model_version: str | None
+    model_source: Literal["registry", "local_fallback"] | None = Field(
+        None, description="local_fallback: loaded from the last-good copy on disk because the registry was unreachable."
+    )
+    message: str | None = None
+
+
+class Readiness(BaseModel):
+    ready: bool = Field(..., description="At least one city can be served.")
+    registry_reachable: bool | None
+    registry_error: str | None = None
+    cities: list[CityReadiness]
+
+
+# --- cities -------------------------------------------------------------------------------------------
+
+
+class City(BaseModel):
+    city: str
+    ready: bool
+    model_version: str | None
+    model_target: str | None = Field(None, description="The category the champion forecasts ('all' for every one).")
+    timezone: str
+    shift_starts: list[str] = Field(..., description="Local start times of the shifts (HH:MM).")
+    categories: list[str]
+    h3_resolution: int
+    n_cells: int
+    area_km2: float
+    data_start: datetime | None = Field(None, description="Start of the first shift of the panel (local time).")
+    data_end: datetime | None = Field(None, description="End of the panel's data = start of the first shift after it.")
+
+
+class CityList(BaseModel):
+    cities: list[City]
+
+
+# --- forecasts ----------------------------------------------------------------------------------------
+
+
+class ShiftWindow(BaseModel):
+    shift_id: int
+    requested: str = Field(..., description="The shift parameter as given.")
+    start: datetime = Field(..., description="Shift start, local time with its UTC offset.")
+    end: datetime = Field(..., description="Shift end, local time with its UTC offset.")
+    hours: float
+    timezone: str
+    after_data: bool = Field(
+        False,
+        description="True when 'next' was asked but the panel ends before now: the forecast is for the first "
+                    "shift after the data (update the panel to forecast the real next shift).",
+    )
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    source: Literal["registry", "local_fallback"]
+    target: str = Field(..., description="The category the model forecasts ('all' for every one).")
+
+
+class LatLon(BaseModel):
+    lat: float
+    lon: float
+
+
+class Contribution(BaseModel):
+    feature: str
+    contribution: float = Field(..., description="LightGBM pred_contrib on the log scale of the expected count.")
+
+
+class Hotspot(BaseModel):
+    rank: int = Field(..., ge=1)
+    h3: str
+    expected_count: float
+    risk_percentile: float = Field(
+        ..., description="Share (%) of study-area cells whose expected count is at most this cell's.")
+    centroid: LatLon
+    area_km2: float
+    cumulative_area_share: float = Field(..., description="Area of the cells ranked 1..rank over the study area.")
+    top_features: list[Contribution] = Field(..., description="The 3 largest feature contributions (by size).")
+
+
+class Selection(BaseModel):
+    k: int | None = Field(None, description="k as asked (or the default).")
+    coverage: float | None = Field(None, description="coverage as asked.")
+    n_cells: int = Field(..., description="Cells returned.")
+    area_km2: float
+    area_share: float = Field(..., description="Their area over the study area's (>= coverage when coverage is asked).")
+    expected_share: float = Field(..., description="Their expected count over the study area's.")
+    study_area_cells: int
+    study_area_km2: float
+
+
+class ForecastContext(BaseModel):
+    city: str
+    category: str
+    shift: ShiftWindow
+    model: ModelRef
+    data_end: datetime = Field(..., description="The forecast uses data up to here (local time).")
+
+
+class HotspotsResponse(ForecastContext):
+    selection: Selection
+    explanation_scale: str = "log expected count (LightGBM pred_contrib; plus a bias term, omitted)"
+    hotspots: list[Hotspot]
+
+
+class CellForecast(BaseModel):
+    h3: str
+    expected_count: float
+
+
+class ForecastResponse(ForecastContext):
+    n_cells: int
+    expected_total: float
+    cells: list[CellForecast]
+
+
+# --- GeoJSON (RFC 7946) -------------------------------------------------------------------------------
+
+
+class Polygon(BaseModel):
+    type: Literal["Polygon"] = "Polygon"
+    coordinates: list[list[tuple[float, float]]] = Field(
+        ..., description="One closed, counter-clockwise exterior ring of [longitude, latitude] positions.")
+
+
+class HotspotProperties(Hotspot):
+    model_version: str
+    shift_start: datetime
+    shift_end: datetime
+
+
+class HotspotFeature(BaseModel):
+    type: Literal["Feature"] = "Feature"
+    id: str
+    geometry: Polygon
+    properties: HotspotProperties
+
+
+class HotspotCollection(BaseModel):
+    type: Literal["FeatureCollection"] = "FeatureCollection"
+    features: list[HotspotFeature]
+    # a foreign member (RFC 7946 section 6.1): the context of the whole collection
+    hotspots: HotspotsMeta
+
+
+class HotspotsMeta(ForecastContext):
+    selection: Selection
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+
+class Promotion(BaseModel):
+    decision: str | None = Field(None, description="promoted or rejected (tag promotion_decision).")
+    reason: str | None = Field(None, description="Tag promotion_reason.")
+    detail: Any | None = Field(None, description="Tag promotion_detail, parsed from JSON.")
+
+
+class ModelVersionInfo(BaseModel):
+    version: str
+    status: str | None
+    created_at: datetime | None
+    run_id: str | None
+    aliases: list[str]
+    is_champion: bool
+    promotion: Promotion
+    tags: dict[str, str]
+
+
+class ModelsResponse(BaseModel):
+    city: str
+    registered_name: str
+    registered: bool
+    champion_version: str | None
+    loaded_version: str | None = Field(None, description="The version the service is serving now.")
+    loaded_source: Literal["registry", "local_fallback"] | None = None
+    versions: list[ModelVersionInfo]
+    hint: str | None = None
+
+
+# --- audit --------------------------------------------------------------------------------------------
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: datetime
+    key_id: str
+    role: str
+    endpoint: str
+    params: dict[str, Any]
+    city: str | None
+    model_version: str | None
+    response_bytes: int
+
+
+class AuditList(BaseModel):
+    entries: list[AuditEntry]
+    limit: int
+    next_before_id: int | None = Field(None, description="Pass as before_id for the next (older) page.")
+
+
+HotspotCollection.model_rebuild()
