@@ -74,6 +74,7 @@ class HotspotModel(mlflow.pyfunc.PythonModel):
 
 def log_model(forecaster, sample: pd.DataFrame, city: str):
     """Log the fitted LightGBM forecaster as a pyfunc with a signature and register it for the city."""
+    forecaster._cache = {}  # cached training rows are for refits, not for the registry
     model = HotspotModel(forecaster)
     signature = infer_signature(sample, model.predict(None, sample))
     return mlflow.pyfunc.log_model(

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,7 @@ class LoadedModel:
     run_id: str | None
     loaded_at: datetime
     path: Path
+    trained: dict[str, str] = field(default_factory=dict)  # resolution, shift_starts of the training run
 
     @property
     def target(self) -> str:
@@ -70,14 +72,14 @@ class CityState:
     panel: CountPanel | None
     panel_token: str
     model: LoadedModel | None
-    status: Literal["ready", "no_champion", "registry_unreachable", "load_failed", "panel_error"]
+    status: Literal["ready", "no_champion", "registry_unreachable", "load_failed", "panel_error", "model_mismatch"]
     message: str | None
     registry_reachable: bool
     checked_at: datetime
 
     @property
     def ready(self) -> bool:
-        return self.model is not None and self.panel is not None
+        return self.model is not None and self.panel is not None and self.status != "model_mismatch"
 
 
 def _now() -> datetime:
@@ -135,7 +137,7 @@ class ModelStore:
             client = self.client()
             reachable, error = True, None
         except Exception as exc:  # noqa: BLE001 - any failure to open the registry is "unreachable"
-            client, reachable, error = None, False, f"{type(exc).__name__}: {exc}"
+            client, reachable, error = None, False, _redact(f"{type(exc).__name__}: {exc}")
         states: dict[str, CityState] = {}
         for city, folder in panels.items():
             old = self._states.get(city)
@@ -147,6 +149,9 @@ class ModelStore:
                 except RegistryUnreachable as exc:
                     reachable, error = False, str(exc)  # do not wait on the registry again for the other cities
             model, status, message = self._model(client, city, old, champion, reachable, error)
+            mismatch = _mismatch(model, panel) if panel is not None and model is not None else None
+            if mismatch:
+                status, message = "model_mismatch", mismatch
             if panel is None:
                 status, message = "panel_error", f"panel at {folder} could not be read ({panel_error}): run `hotspots panel {city}`"
             states[city] = CityState(city, registered_name(city), folder, panel, token, model, status, message,
@@ -193,9 +198,9 @@ class ModelStore:
         except MlflowException as exc:
             if exc.error_code in NOT_FOUND_CODES:
                 return None
-            raise RegistryUnreachable(f"{type(exc).__name__}: {exc}") from exc
+            raise RegistryUnreachable(_redact(f"{type(exc).__name__}: {exc}")) from exc
         except Exception as exc:  # noqa: BLE001
-            raise RegistryUnreachable(f"{type(exc).__name__}: {exc}") from exc
+            raise RegistryUnreachable(_redact(f"{type(exc).__name__}: {exc}")) from exc
         return str(found.version), found.run_id
 
     def _model(self, client, city: str, old: CityState | None, champion, reachable: bool, error: str | None):
@@ -247,14 +252,16 @@ class ModelStore:
                         raise
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
-        model = LoadedModel(name, version, _load_forecaster(target), "registry", run_id, _now(), target)
+        model = LoadedModel(name, version, _load_forecaster(target), "registry", run_id, _now(), target,
+                            _trained(client, run_id))
         self._write_pointer(folder, model)
         return model
 
     def _write_pointer(self, folder: Path, model: LoadedModel) -> None:
         tmp = folder / f".champion-{uuid.uuid4().hex[:8]}.json"
         tmp.write_text(json.dumps({"name": model.name, "version": model.version, "run_id": model.run_id,
-                                   "path": model.path.name, "saved_at": model.loaded_at.isoformat()}, indent=2))
+                                   "path": model.path.name, "saved_at": model.loaded_at.isoformat(),
+                                   "trained": model.trained}, indent=2))
         os.replace(tmp, folder / "champion.json")
         for other in folder.iterdir():  # keep only the last-good copy
             if other.is_dir() and other != model.path and not other.name.startswith("."):
@@ -268,7 +275,7 @@ class ModelStore:
             meta = json.loads(pointer.read_text())
             path = pointer.parent / meta["path"]
             return LoadedModel(meta["name"], str(meta["version"]), _load_forecaster(path), "local_fallback",
-                               meta.get("run_id"), _now(), path)
+                               meta.get("run_id"), _now(), path, dict(meta.get("trained") or {}))
         except Exception:  # noqa: BLE001
             log.exception("cannot load the local copy for %s", city)
             return None
@@ -290,9 +297,38 @@ class ModelStore:
             escaped = name.replace("'", "\\'")
             versions = client.search_model_versions(f"name = '{escaped}'")
         except Exception as exc:  # noqa: BLE001
-            raise RegistryUnreachable(f"{type(exc).__name__}: {exc}") from exc
+            raise RegistryUnreachable(_redact(f"{type(exc).__name__}: {exc}")) from exc
         aliases = {alias: str(version) for alias, version in (registered.aliases or {}).items()}
         return True, aliases, sorted(versions, key=lambda v: -int(v.version))
+
+
+def _redact(text: str) -> str:
+    """Drop credentials from URLs in messages (/readyz is unauthenticated)."""
+    return re.sub(r"://[^/@\s]+@", "://***@", text)
+
+
+def _trained(client, run_id: str | None) -> dict[str, str]:
+    """The training run's resolution and shift starts (best effort: older runs may lack them)."""
+    if not run_id:
+        return {}
+    try:
+        params = client.get_run(run_id).data.params
+    except Exception:  # noqa: BLE001
+        return {}
+    return {k: params[k] for k in ("resolution", "shift_starts") if k in params}
+
+
+def _mismatch(model: LoadedModel, panel: CountPanel) -> str | None:
+    """A model trained on another grid or shift calendar would silently mis-forecast this panel."""
+    resolution, starts = model.trained.get("resolution"), model.trained.get("shift_starts")
+    if resolution is not None and str(resolution) != str(panel.study_area.resolution):
+        return (f"champion version {model.version} of {model.name} was trained at H3 resolution {resolution}, the panel "
+                f"is at {panel.study_area.resolution}: serve with HOTSPOTS_H3_RESOLUTION={resolution} or promote a "
+                f"model trained at {panel.study_area.resolution}")
+    if starts is not None and starts != ",".join(panel.calendar.labels):
+        return (f"champion version {model.version} of {model.name} was trained on shifts starting {starts}, the panel "
+                f"has {','.join(panel.calendar.labels)}: rebuild the panel or promote a model trained on these shifts")
+    return None
 
 
 def _storage_uri(client, name: str, version: str) -> str:

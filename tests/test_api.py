@@ -3,6 +3,7 @@ LightGBM registered in an embedded MLflow registry and promoted to champion."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 from datetime import datetime, timezone
@@ -45,13 +46,14 @@ def closed_port() -> int:
 DECOY = f"http://127.0.0.1:{closed_port()}"
 
 
-def register(settings, model, panel, promote: bool) -> str:
+def register(settings, model, panel, promote: bool, params: dict | None = None) -> str:
     """Log and register with MLflow's process-wide URIs pointing at the test registry, then point them at a
     dead server: the service must use its own settings, never MLflow's globals."""
     configure(settings)
     mlflow.set_registry_uri(settings.tracking_uri)
     try:
         with mlflow.start_run(run_name="api-test"):
+            mlflow.log_params(params or {})
             sample = build_features(panel, panel.end_shift - 1, model.features).frame().drop("origin", "cell").head(20)
             version = str(log_model(model, sample.to_pandas(), CITY).registered_model_version)
         if promote:
@@ -73,6 +75,8 @@ def svc(toronto_incidents, tmp_path_factory):
     env = pytest.MonkeyPatch()
     for name in ("HOTSPOTS_MLFLOW_TRACKING_URI", "HOTSPOTS_H3_RESOLUTION", "HOTSPOTS_SHIFT_STARTS"):
         env.delenv(name, raising=False)
+    # mlflow.set_*_uri also export these; monkeypatch does not record absent variables, so restore by hand
+    exported = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead registry fails at once
     env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     settings = Settings(data_dir=root / "data")
@@ -89,9 +93,11 @@ def svc(toronto_incidents, tmp_path_factory):
             yield SimpleNamespace(client=client, app=app, settings=settings, panel=panel, model=model, version=version,
                                   keys=keys)
     finally:
-        env.undo()
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        for name, value in exported.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        env.undo()
 
 
 def get(svc, path, role: Role | None = Role.planner, **params):
@@ -386,7 +392,8 @@ def test_local_fallback_when_the_registry_is_unreachable(svc):
 def test_new_champion_is_picked_up_after_refresh(svc):
     """Last: it moves the alias (and moves it back)."""
     store = svc.app.state.models
-    v2 = register(svc.settings, quick_lgbm(seed=1).fit(svc.panel), svc.panel, promote=False)
+    trained = {"resolution": 9, "shift_starts": "06:00,14:00,22:00"}  # as `hotspots backtest` logs them
+    v2 = register(svc.settings, quick_lgbm(seed=1).fit(svc.panel), svc.panel, promote=False, params=trained)
     set_champion(svc.settings, v2)
     try:
         assert get(svc, "/v1/hotspots", city=CITY, k=3).json()["model"]["version"] == svc.version  # within the TTL
@@ -398,6 +405,14 @@ def test_new_champion_is_picked_up_after_refresh(svc):
         local = svc.settings.data_dir / "serving" / CITY
         assert (local / f"v{v2}" / "MLmodel").is_file() and not (local / f"v{svc.version}").exists()
         assert get(svc, "/v1/audit", Role.auditor, limit=1).json()["entries"][0]["model_version"] == v2
+        # a champion trained on another grid is refused, with what to do
+        v3 = register(svc.settings, svc.model, svc.panel, promote=False, params={**trained, "resolution": 8})
+        set_champion(svc.settings, v3)
+        store.refresh()
+        ready = {c["city"]: c for c in svc.client.get("/readyz").json()["cities"]}[CITY]
+        assert ready["status"] == "model_mismatch" and not ready["ready"] and ready["model_version"] == v3
+        refused = get(svc, "/v1/hotspots", city=CITY)
+        assert refused.status_code == 503 and "HOTSPOTS_H3_RESOLUTION=8" in refused.json()["detail"]
     finally:
         set_champion(svc.settings, svc.version)
         store.refresh()

@@ -3,6 +3,7 @@ of a response, and the audited JSON response."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,7 @@ from serving.keys import Principal
 from serving.models_store import CityState, ModelStore
 from serving.schemas import ForecastContext, ModelRef, ShiftWindow, _Query
 
+log = logging.getLogger("hotspots.serving")
 FORECAST_HEADERS = {"Cache-Control": "private, no-store"}
 
 
@@ -47,8 +49,10 @@ def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: 
     category = resolve_category(state.model, query.category, state.city)
     try:
         forecast, hit = forecasts.forecast(state, shift.shift_id, category)
-    except (ValueError, KeyError) as exc:  # e.g. history the model cannot use: never a bare 500
-        raise ApiError(503, f"forecast for {state.city} at shift {shift.shift_id} failed: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run on this panel: say so, never a bare 500
+        log.exception("forecast failed for %s at shift %s", state.city, shift.shift_id)
+        raise ApiError(503, f"the champion model of {state.city} (version {state.model.version}) failed on shift "
+                            f"{shift.shift_id}: {type(exc).__name__}: {exc}") from exc
     return Prepared(state, shift, category, forecast, hit)
 
 
