@@ -8,6 +8,7 @@ is touched once, here, after the forecasters' settings are fixed.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Callable
@@ -153,7 +154,7 @@ class TrackedBacktest:
     decision: object | None
     model_version: str | None
     run_id: str
-    out_dir: "Path"
+    out_dir: Path
 
 
 def run_tracked_backtest(
@@ -175,10 +176,8 @@ def run_tracked_backtest(
     """The whole researcher's run, tracked in MLflow: backtest every forecaster, claim test, report, then fit
     the candidate on all data, register it, and move ``champion`` only if the backtest passes the gate."""
     import json
-    from pathlib import Path
 
     import mlflow
-    import pandas as pd
 
     from experiments.report import write_report
     from features.matrix import build_features
@@ -238,7 +237,7 @@ def run_tracked_backtest(
         per_category = per_category_hit_rates(result, panel)
         meta = {k: params[k] for k in ("city", "resolution", "shift_starts", "timezone", "test_start", "test_end",
                                         "refit", "n_cells", "data_fingerprint", "code_version")}
-        paths = write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
+        write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
                              summaries=summaries, claims=claims + pairwise, per_category=per_category, meta=meta)
         if "lightgbm" in result.last_models:
             importance = result.last_models["lightgbm"].feature_importance()

@@ -21,7 +21,7 @@ import numpy as np
 from experiments.backtest import default_forecasters, run_backtest
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
-from features.panel import CountPanel, build_panel, with_cells
+from features.panel import CountPanel, with_cells
 from features.profile import load_profile
 from features.synthetic import SyntheticCity, SyntheticResult, background_from_rates, simulate
 from forecasting.base import Forecaster

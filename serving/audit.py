@@ -4,27 +4,13 @@ parameters, the shift resolved), which model version, when, and how many bytes w
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 
 from serving.db import AuditRow, Database, as_utc, utcnow
 from serving.keys import Principal
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    id: int
-    at: datetime
-    key_id: str
-    role: str
-    endpoint: str
-    params: dict[str, Any]
-    city: str | None
-    model_version: str | None
-    response_bytes: int
+from serving.schemas import AuditEntry
 
 
 class AuditLog:
@@ -41,12 +27,16 @@ class AuditLog:
             session.flush()
             return int(row.id)
 
-    def entries(self, limit: int = 100, before_id: int | None = None) -> list[AuditRecord]:
+    def entries(self, limit: int = 100, before_id: int | None = None) -> list[AuditEntry]:
         """Newest first."""
         query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
         if before_id is not None:
             query = query.where(AuditRow.id < before_id)
         with self.db.session() as session:
             rows = session.scalars(query).all()
-        return [AuditRecord(r.id, as_utc(r.at), r.key_id, r.role, r.endpoint, json.loads(r.params), r.city,
-                            r.model_version, r.response_bytes) for r in rows]
+        return [
+            AuditEntry(id=r.id, at=as_utc(r.at), key_id=r.key_id, role=r.role, endpoint=r.endpoint,
+                       params=json.loads(r.params), city=r.city, model_version=r.model_version,
+                       response_bytes=r.response_bytes)
+            for r in rows
+        ]

@@ -1,6 +1,6 @@
 """Shift calendar: numbering, boundaries and daylight-saving transitions."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import numpy as np

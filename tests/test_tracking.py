@@ -12,9 +12,6 @@ from conftest import toronto_box_panel
 from mlflow.tracking import MlflowClient
 
 from experiments.backtest import run_tracked_backtest
-from features.calendar import ShiftCalendar
-from features.grid import StudyArea
-from features.panel import build_panel
 from features.settings import Settings
 from forecasting.baselines import Naive, SEPP
 from forecasting.lgbm import LightGBMForecaster

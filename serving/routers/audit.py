@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from serving.dependencies import Audit, Auditor
 from serving.routers.hotspots import ERRORS
-from serving.schemas import AuditEntry, AuditList, AuditQuery
+from serving.schemas import AuditList, AuditQuery
 
 router = APIRouter(tags=["audit"])
 
@@ -17,5 +17,5 @@ router = APIRouter(tags=["audit"])
             summary="Forecast requests, newest first")
 def audit_log(principal: Auditor, query: Annotated[AuditQuery, Query()], audit: Audit) -> AuditList:
     entries = audit.entries(query.limit, query.before_id)
-    return AuditList(entries=[AuditEntry(**vars(e)) for e in entries], limit=query.limit,
+    return AuditList(entries=entries, limit=query.limit,
                      next_before_id=entries[-1].id if len(entries) == query.limit else None)
