@@ -26,6 +26,16 @@ def points_to_cells(lat: np.ndarray, lon: np.ndarray, resolution: int) -> np.nda
     return np.asarray(pa.array(cells).to_numpy(zero_copy_only=False), dtype=np.uint64)
 
 
+def read_boundary(path: str | Path, layer: str | None = None):
+    """The union of a GeoJSON/GeoPackage layer's polygons, in WGS84."""
+    import geopandas as gpd
+
+    frame = gpd.read_file(path, layer=layer)
+    if frame.crs is not None and frame.crs.to_epsg() != 4326:
+        frame = frame.to_crs(4326)
+    return frame.union_all()
+
+
 def _polyfill(geometry, resolution: int) -> np.ndarray:
     """Every cell that overlaps the (multi)polygon, so no edge incident falls outside the grid."""
     shape = h3.geo_to_h3shape(shapely.geometry.mapping(geometry))
@@ -58,12 +68,7 @@ class StudyArea:
 
     @classmethod
     def from_file(cls, path: str | Path, resolution: int, layer: str | None = None, name: str = "") -> "StudyArea":
-        import geopandas as gpd
-
-        frame = gpd.read_file(path, layer=layer)
-        if frame.crs is not None and frame.crs.to_epsg() != 4326:
-            frame = frame.to_crs(4326)
-        return cls.from_boundary(frame.union_all(), resolution, name or Path(path).stem)
+        return cls.from_boundary(read_boundary(path, layer), resolution, name or Path(path).stem)
 
     @classmethod
     def from_points(

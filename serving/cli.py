@@ -14,7 +14,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from features.calendar import ShiftCalendar
-from features.grid import StudyArea
+from features.grid import StudyArea, read_boundary
 from features.ingest import IngestError
 from features.profile import ProfileError, SourceProfile, builtin_profiles, load_profile
 from features.settings import Settings
@@ -93,7 +93,7 @@ def ingest(
     settings = _settings(data_dir)
     prof = _profile(source, profile)
     file = _input_path(source, path, settings)
-    shape = _read_boundary(boundary) if boundary else None
+    shape = read_boundary(boundary) if boundary else None
     try:
         with _stage(f"ingest {file.name}"):
             summary = ingest_file(
@@ -105,15 +105,6 @@ def ingest(
     for line in summary.lines():
         console.print(line)
     console.print(f"summary written to {summary.report_path}")
-
-
-def _read_boundary(path: Path, layer: Optional[str] = None):
-    import geopandas as gpd
-
-    frame = gpd.read_file(path, layer=layer)
-    if frame.crs is not None and frame.crs.to_epsg() != 4326:
-        frame = frame.to_crs(4326)
-    return frame.union_all()
 
 
 @app.command()
@@ -163,7 +154,7 @@ def panel(
     with _stage(f"study area at H3 resolution {res}"):
         incidents = with_cells(incidents, res)
         if boundary:
-            area = StudyArea.from_boundary(_read_boundary(boundary, layer), res, source)
+            area = StudyArea.from_boundary(read_boundary(boundary, layer), res, source)
         else:
             area = StudyArea.from_cells(incidents["h3_cell"].to_numpy(), res, name=source)
     calendar = ShiftCalendar.from_strings(prof.timezone, settings.shift_starts)
