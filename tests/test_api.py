@@ -3,101 +3,34 @@ LightGBM registered in an embedded MLflow registry and promoted to champion."""
 
 from __future__ import annotations
 
-import os
-import socket
 import sqlite3
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
-import mlflow
 import numpy as np
 import pytest
 import shapely
-from conftest import toronto_box_panel
+from service_support import (
+    BARE, CITY, closed_port, isolated_mlflow_env, quick_lgbm, register, served_city, set_champion,
+)
 from fastapi.testclient import TestClient
-from mlflow.tracking import MlflowClient
 
-from features.matrix import build_features
 from features.settings import Settings
-from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import rank_cells
-from forecasting.tracking import PromotionDecision, apply_promotion, configure, log_model, registered_name
+from forecasting.tracking import registered_name
 from serving.app import create_app
-from serving.cli import panel_dir
 from serving.config import ServiceSettings
 from serving.dependencies import get_now
 from serving.keys import KeyStore, Role
 
-CITY = "toronto-mci"
-BARE = "bare-city"  # a panel with no registered model
-PASS = PromotionDecision(True, "beats naive at 1% and 5%", {"0.01": 0.2, "0.05": 0.4}, {"0.01": 0.1, "0.05": 0.3})
-
-
-def quick_lgbm(seed: int = 0) -> LightGBMForecaster:
-    return LightGBMForecaster(train_days=240, valid_days=28, n_estimators=40, zero_rate=0.2, num_threads=1, seed=seed)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-DECOY = f"http://127.0.0.1:{closed_port()}"
-
-
-def register(settings, model, panel, promote: bool, params: dict | None = None) -> str:
-    """Log and register with MLflow's process-wide URIs pointing at the test registry, then point them at a
-    dead server: the service must use its own settings, never MLflow's globals."""
-    configure(settings)
-    mlflow.set_registry_uri(settings.tracking_uri)
-    try:
-        with mlflow.start_run(run_name="api-test"):
-            mlflow.log_params(params or {})
-            sample = build_features(panel, panel.end_shift - 1, model.features).frame().drop("origin", "cell").head(20)
-            version = str(log_model(model, sample.to_pandas(), CITY).registered_model_version)
-        if promote:
-            apply_promotion(CITY, version, PASS)
-    finally:
-        mlflow.set_tracking_uri(DECOY)
-        mlflow.set_registry_uri(DECOY)
-    return version
-
-
-def set_champion(settings, version: str) -> None:
-    MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri).set_registered_model_alias(
-        registered_name(CITY), "champion", version)
-
-
 @pytest.fixture(scope="module")
 def svc(toronto_incidents, tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    env = pytest.MonkeyPatch()
-    for name in ("HOTSPOTS_MLFLOW_TRACKING_URI", "HOTSPOTS_H3_RESOLUTION", "HOTSPOTS_SHIFT_STARTS"):
-        env.delenv(name, raising=False)
-    # mlflow.set_*_uri also export these; monkeypatch does not record absent variables, so restore by hand
-    exported = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead registry fails at once
-    env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    settings = Settings(data_dir=root / "data")
-    _, panel = toronto_box_panel(toronto_incidents, (43.64, 43.67), (-79.41, -79.37),
-                                 datetime(2019, 1, 1, tzinfo=timezone.utc), datetime(2020, 3, 1, tzinfo=timezone.utc))
-    panel.save(panel_dir(settings, CITY))
-    panel.save(panel_dir(settings, BARE))
-    model = quick_lgbm().fit(panel)
-    version = register(settings, model, panel, promote=True)
-    app = create_app(settings, ServiceSettings(model_refresh_seconds=3600))
-    keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
-    try:
+    with isolated_mlflow_env():
+        city = served_city(toronto_incidents, tmp_path_factory.mktemp("api"))
+        app = create_app(city.settings, ServiceSettings(model_refresh_seconds=3600))
+        keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
         with TestClient(app) as client:
-            yield SimpleNamespace(client=client, app=app, settings=settings, panel=panel, model=model, version=version,
-                                  keys=keys)
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        for name, value in exported.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-        env.undo()
+            yield SimpleNamespace(client=client, app=app, keys=keys, **vars(city))
 
 
 def get(svc, path, role: Role | None = Role.planner, **params):

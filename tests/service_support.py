@@ -1,0 +1,100 @@
+"""Building blocks for service tests: a small real Toronto panel, a quickly trained LightGBM registered in an
+embedded MLflow registry and promoted to champion, and MLflow's process-wide URIs kept out of the way."""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Iterator
+
+import mlflow
+import pytest
+from conftest import toronto_box_panel
+from mlflow.tracking import MlflowClient
+
+from features.matrix import build_features
+from features.settings import Settings
+from forecasting.lgbm import LightGBMForecaster
+from forecasting.tracking import PromotionDecision, apply_promotion, configure, log_model, registered_name
+from serving.cli import panel_dir
+
+CITY = "toronto-mci"
+BARE = "bare-city"  # a panel with no registered model
+PASS = PromotionDecision(True, "beats naive at 1% and 5%", {"0.01": 0.2, "0.05": 0.4}, {"0.01": 0.1, "0.05": 0.3})
+# the test panel: central Toronto, 2019-01-01 .. 2020-03-01 (UTC)
+BOX = ((43.64, 43.67), (-79.41, -79.37))
+PANEL_START = datetime(2019, 1, 1, tzinfo=timezone.utc)
+PANEL_END = datetime(2020, 3, 1, tzinfo=timezone.utc)
+
+
+def quick_lgbm(seed: int = 0) -> LightGBMForecaster:
+    return LightGBMForecaster(train_days=240, valid_days=28, n_estimators=40, zero_rate=0.2, num_threads=1, seed=seed)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+free_port = closed_port  # bound then released: free for a server to take
+
+DECOY = f"http://127.0.0.1:{closed_port()}"
+
+
+def register(settings, model, panel, promote: bool, params: dict | None = None) -> str:
+    """Log and register with MLflow's process-wide URIs pointing at the test registry, then point them at a
+    dead server: the service must use its own settings, never MLflow's globals."""
+    configure(settings)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    try:
+        with mlflow.start_run(run_name="api-test"):
+            mlflow.log_params(params or {})
+            sample = build_features(panel, panel.end_shift - 1, model.features).frame().drop("origin", "cell").head(20)
+            version = str(log_model(model, sample.to_pandas(), CITY).registered_model_version)
+        if promote:
+            apply_promotion(CITY, version, PASS)
+    finally:
+        mlflow.set_tracking_uri(DECOY)
+        mlflow.set_registry_uri(DECOY)
+    return version
+
+
+def set_champion(settings, version: str) -> None:
+    MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri).set_registered_model_alias(
+        registered_name(CITY), "champion", version)
+
+
+@contextmanager
+def isolated_mlflow_env() -> Iterator[pytest.MonkeyPatch]:
+    """Clear HOTSPOTS_* overrides and restore MLflow's exported URIs afterwards (monkeypatch does not record
+    variables that were absent, and mlflow.set_*_uri exports them)."""
+    env = pytest.MonkeyPatch()
+    for name in ("HOTSPOTS_MLFLOW_TRACKING_URI", "HOTSPOTS_H3_RESOLUTION", "HOTSPOTS_SHIFT_STARTS",
+                 "HOTSPOTS_DATABASE_URL"):
+        env.delenv(name, raising=False)
+    exported = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead registry fails at once
+    env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    try:
+        yield env
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for name, value in exported.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        env.undo()
+
+
+def served_city(incidents, root) -> SimpleNamespace:
+    """Data folder with the Toronto test panel (and a bare city) and a registered, promoted champion."""
+    settings = Settings(data_dir=root / "data")
+    _, panel = toronto_box_panel(incidents, *BOX, PANEL_START, PANEL_END)
+    panel.save(panel_dir(settings, CITY))
+    panel.save(panel_dir(settings, BARE))
+    model = quick_lgbm().fit(panel)
+    version = register(settings, model, panel, promote=True)
+    return SimpleNamespace(settings=settings, panel=panel, model=model, version=version)
