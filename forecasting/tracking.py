@@ -130,6 +130,34 @@ def apply_promotion(city: str, version: str, decision: PromotionDecision, run_id
         client.set_registered_model_alias(name, CHAMPION, version)
 
 
+# Assessments of a model logged into its backtest run (or training run): the feedback-loop diagnostics, the
+# bias audit and the patrol-log analysis. Each is a JSON payload at <name>/<name>.json plus an HTML section and
+# a figure beside it, and flat metrics prefixed '<name>.'; the API's model card and /v1/diagnostics read them.
+ASSESSMENTS = ("diagnostics", "bias_audit", "patrol_diagnostics")
+
+
+def log_assessment(name: str, payload: dict, metrics: dict[str, float], html: str | None = None, figure=None) -> None:
+    """Log one assessment into the active run (re-running replaces the files; metrics keep their history)."""
+    if name not in ASSESSMENTS:
+        raise ValueError(f"unknown assessment {name!r}; expected one of {', '.join(ASSESSMENTS)}")
+    finite = {f"{name}.{key}"[:250]: float(value) for key, value in metrics.items()
+              if value is not None and np.isfinite(float(value))}
+    if finite:
+        mlflow.log_metrics(finite)
+    mlflow.log_dict(payload, f"{name}/{name}.json")
+    if html is not None:
+        mlflow.log_text(html, f"{name}/{name}.html")
+    if figure is not None:
+        mlflow.log_figure(figure, f"{name}/{name}.png")
+    mlflow.set_tag(f"assessment.{name}", pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"))
+
+
+def assessment_run_id(client: MlflowClient, city: str, version: str) -> str | None:
+    """The run that holds a version's record: its backtest run when it was promoted by one, else its own run."""
+    mv = client.get_model_version(registered_name(city), version)
+    return (mv.tags or {}).get("backtest_run_id") or mv.run_id
+
+
 def champion_version(city: str) -> str | None:
     try:
         return str(MlflowClient().get_model_version_by_alias(registered_name(city), CHAMPION).version)

@@ -24,8 +24,9 @@ from serving.dependencies import Models
 from serving.errors import install_handlers
 from serving.forecasts import ForecastService
 from serving.keys import KeyStore
+from serving.model_cards import ModelCards
 from serving.models_store import ModelStore
-from serving.routers import audit, cities, forecast, hotspots, models
+from serving.routers import audit, cities, diagnostics, forecast, hotspots, models
 from serving.schemas import CityReadiness, Health, Readiness
 
 log = logging.getLogger("hotspots.serving")
@@ -80,11 +81,12 @@ def create_app(settings: Settings | None = None, service_settings: ServiceSettin
     app.state.audit = AuditLog(db)
     app.state.models = ModelStore(settings, refresh_seconds=service_settings.model_refresh_seconds)
     app.state.forecasts = ForecastService(service_settings.forecast_cache_size)
+    app.state.model_cards = ModelCards(app.state.models, ttl_seconds=service_settings.model_refresh_seconds)
     install_handlers(app)
 
     app.include_router(probes)
     v1 = APIRouter(prefix=f"/{API_VERSION}")
-    for module in (cities, hotspots, forecast, models, audit):
+    for module in (cities, hotspots, forecast, models, diagnostics, audit):
         v1.include_router(module.router)
     app.include_router(v1)
     return app

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.card_schemas import ModelCard
+
 # --- errors -------------------------------------------------------------------------------------------
 
 
@@ -263,6 +265,8 @@ class ModelsResponse(BaseModel):
     loaded_source: Literal["registry", "local_fallback"] | None = None
     versions: list[ModelVersionInfo]
     hint: str | None = None
+    card: ModelCard | None = Field(None, description="The champion's record: backtest against every baseline, "
+                                                     "claim verdicts, diagnostics and bias audit.")
 
 
 # --- audit --------------------------------------------------------------------------------------------

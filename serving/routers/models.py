@@ -5,15 +5,38 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from fastapi import APIRouter, Path
+from typing import Annotated
 
+from fastapi import APIRouter, Depends, Path, Request
+
+from serving.card_schemas import CityModelSummary, ModelCard, ModelsOverview
 from serving.dependencies import Analyst, Models, city_state
 from serving.errors import ApiError
-from serving.models_store import RegistryUnreachable
+from serving.model_cards import ModelCards
+from serving.models_store import ModelStore, RegistryUnreachable
 from serving.routers.hotspots import ERRORS
 from serving.schemas import ModelsResponse, ModelVersionInfo, Promotion
 
 router = APIRouter(tags=["models"])
+HEADLINE = ("lightgbm", "naive")
+
+
+def get_cards(request: Request) -> ModelCards:
+    return request.app.state.model_cards
+
+
+Cards = Annotated[ModelCards, Depends(get_cards)]
+
+
+def champion_card(models: ModelStore, cards: ModelCards, city: str, version: str | None) -> ModelCard | None:
+    """The card of ``version`` (None when there is none); 503 when the registry cannot be read."""
+    if version is None:
+        return None
+    try:
+        return cards.card(city, version)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for an unreachable or broken store
+        raise ApiError(503, f"model registry unreachable ({RegistryUnreachable(str(exc))}); "
+                            "check HOTSPOTS_MLFLOW_TRACKING_URI") from exc
 
 
 def _parse(value: str | None):
@@ -25,10 +48,28 @@ def _parse(value: str | None):
         return value
 
 
+@router.get("/models", response_model=ModelsOverview, responses={k: ERRORS[k] for k in (401, 403)},
+            summary="Every city's champion with its backtest hit rates against the naive baseline")
+def models_overview(principal: Analyst, models: Models, cards: Cards) -> ModelsOverview:
+    cities = []
+    for city, state in sorted(models.snapshot().items()):
+        try:
+            _, aliases, _ = models.versions(city)
+        except RegistryUnreachable:
+            aliases = {}
+        champion = aliases.get("champion")
+        card = champion_card(models, cards, city, champion)
+        headline = [s for s in (card.backtest.scores if card and card.backtest else [])
+                    if s.forecaster in HEADLINE and s.coverage in (0.01, 0.05)]
+        cities.append(CityModelSummary(city=city, registered_name=state.registered_name, champion_version=champion,
+                                       loaded_version=state.model and state.model.version, headline=headline))
+    return ModelsOverview(cities=cities, generated_at=datetime.now(timezone.utc))
+
+
 @router.get("/models/{city}", response_model=ModelsResponse,
             responses={k: ERRORS[k] for k in (401, 403, 404)} | {503: {"description": "Registry unreachable."}},
             summary="Registered model versions of a city with their promotion decisions, and the champion")
-def models(principal: Analyst, models: Models,
+def models(principal: Analyst, models: Models, cards: Cards,
            city: str = Path(..., min_length=1, max_length=100, description="City (source) name.")) -> ModelsResponse:
     state = city_state(models, city)
     try:
@@ -53,4 +94,5 @@ def models(principal: Analyst, models: Models,
         hint = f"no champion: run `hotspots backtest {city}`, which promotes a model that beats the naive baseline"
     return ModelsResponse(city=city, registered_name=state.registered_name, registered=registered,
                           champion_version=champion, loaded_version=state.model and state.model.version,
-                          loaded_source=state.model and state.model.source, versions=infos, hint=hint)
+                          loaded_source=state.model and state.model.source, versions=infos, hint=hint,
+                          card=champion_card(models, cards, city, champion))
