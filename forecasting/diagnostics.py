@@ -1,0 +1,901 @@
+"""Production diagnostics of a hotspot model: does its map narrow onto the same cells?
+
+Issue 5, item 2. For any model's forecasts over a test period, flagged with the backtest's own rule (top
+cells by area coverage or a fixed top-k, ties by the seeded permutation of :mod:`forecasting.metrics`):
+
+- **concentration** of the flags: Gini of how often each cell is flagged, the share of all flags held by the
+  most-flagged 1% / 5% of cells, how many cells are ever flagged;
+- **churn**: Jaccard similarity of the flagged sets between consecutive shifts and between the same shift of
+  consecutive days (mean and series), and 1 - Jaccard;
+- **persistence**: lengths of runs of consecutive flagged shifts (and days, same shift of day);
+- **gain from lagged counts**: LightGBM's gain importance grouped into the cell's own past counts, its
+  neighbours' past counts, calendar and static features. The grouping is read off ``features.matrix`` by
+  probing :func:`~features.matrix.build_features` (which columns move when counts move, in which cell), so a
+  new feature is classified without editing a list here;
+- with a **patrol log**: recorded crime per cell-shift by patrol dose, the discovered/reported split where the
+  data defines it, and a Poisson GLM of recorded counts on the previous shift's and previous day's dose with
+  the model's expected count as offset and cell-clustered standard errors.
+
+The same flag measures for the naive baseline sit beside the model's, so a reader can tell what the model
+adds to the concentration that any "where crime was recorded" map already has.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from datetime import date
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+import h3
+import numpy as np
+import polars as pl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from features.calendar import ShiftCalendar
+from features.grid import StudyArea
+from features.matrix import FeatureConfig, build_features
+from features.panel import COUNTS_SCHEMA, CountPanel
+from forecasting.metrics import TIE_SEED, rank_cells
+
+DOSE_EDGES = (0.0, 15.0, 30.0, 60.0)  # minutes: bins 0, (0,15], (15,30], (30,60], >60
+DOSE_LAGS = (1, "day")  # previous shift, same shift of the previous day
+GROUPS = ("own_lagged", "neighbour_lagged", "calendar", "static")
+
+
+# --- flag rule ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlagRule:
+    """Which cells a shift's map flags: the top cells reaching ``coverage`` of the area (the backtest's rule)
+    or the ``top_k`` cells. Exactly one is set."""
+
+    coverage: float | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.coverage is None) == (self.top_k is None):
+            raise ValueError("a flag rule needs exactly one of coverage (share of area) or top_k (cells)")
+        if self.coverage is not None and not 0 < self.coverage <= 1:
+            raise ValueError(f"coverage must be in (0, 1], got {self.coverage}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+
+    @property
+    def tag(self) -> str:
+        """Metric-name suffix, as the backtest writes coverages: ``1pct``, ``5pct``, ``top50``."""
+        return f"{self.coverage * 100:g}pct" if self.coverage is not None else f"top{self.top_k}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.coverage * 100:g}% of area" if self.coverage is not None else f"top {self.top_k} cells"
+
+
+def flag_matrix(expected: np.ndarray, areas: np.ndarray, origins: np.ndarray, rule: FlagRule,
+                seed: int = TIE_SEED, order: np.ndarray | None = None) -> np.ndarray:
+    """Boolean (n_shifts, n_cells): the cells each shift's map flags, exactly as ``shift_hits`` counts them."""
+    expected = np.atleast_2d(np.asarray(expected, dtype=np.float64))
+    order = rank_cells(expected, origins, seed) if order is None else order
+    n = expected.shape[1]
+    if rule.coverage is not None:
+        cum_area = np.cumsum(np.asarray(areas, dtype=np.float64)[order], axis=1)
+        k = np.minimum((cum_area < rule.coverage * areas.sum() - 1e-12).sum(axis=1) + 1, n)
+    else:
+        k = np.full(expected.shape[0], min(rule.top_k, n))
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(n), order.shape), axis=1)
+    return rank < k[:, None]
+
+
+# --- elementary measures -----------------------------------------------------------------------------
+def gini(values: np.ndarray) -> float:
+    """Gini coefficient of non-negative values (0 = all equal, (n-1)/n = everything in one of n)."""
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if x.size == 0 or x.sum() <= 0:
+        return 0.0
+    n = x.size
+    return float(2 * np.dot(np.arange(1, n + 1), x) / (n * x.sum()) - (n + 1) / n)
+
+
+def top_share(values: np.ndarray, share: float) -> float:
+    """Share of the total held by the largest ``ceil(share * n)`` values (at least one)."""
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())[::-1]
+    m = max(1, math.ceil(share * x.size))
+    return float(x[:m].sum() / x.sum()) if x.sum() > 0 else float("nan")
+
+
+def lorenz(values: np.ndarray, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
+    """Lorenz curve (share of cells, share of flags) at ``points`` evenly spaced cell shares."""
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    cum = np.concatenate([[0.0], np.cumsum(x)]) / max(x.sum(), 1e-12)
+    grid = np.linspace(0, 1, points)
+    return grid, np.interp(grid * x.size, np.arange(x.size + 1), cum)
+
+
+def jaccard_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise Jaccard similarity of boolean matrices (1 where both sets are empty)."""
+    inter = (a & b).sum(axis=1)
+    union = (a | b).sum(axis=1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def run_lengths(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths of the runs of True down each column, and whether each run is censored (touches the first or
+    last row, so its true length is unknown)."""
+    f = np.asarray(flags, dtype=bool)
+    t, m = f.shape
+    padded = np.zeros((m, t + 2), dtype=np.int8)
+    padded[:, 1:-1] = f.T
+    step = np.diff(padded, axis=1)
+    _, starts = np.nonzero(step == 1)  # row-major: by column, then time, so starts and ends pair up
+    _, ends = np.nonzero(step == -1)
+    return ends - starts, (starts == 0) | (ends == t)
+
+
+def _timeline(flags: np.ndarray, origins: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Flags placed on the full shift range [start, stop); shifts missing from ``origins`` are unflagged."""
+    full = np.zeros((stop - start, flags.shape[1]), dtype=bool)
+    full[origins - start] = flags
+    return full
+
+
+def _pairs(origins: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs (i, j) with origins[j] == origins[i] + lag."""
+    pos = np.searchsorted(origins, origins + lag)
+    ok = pos < origins.size
+    ok[ok] = origins[pos[ok]] == origins[ok] + lag
+    return np.flatnonzero(ok), pos[ok]
+
+
+@dataclass
+class RunStats:
+    mean: float
+    median: float
+    p90: float
+    max: int
+    n_runs: int
+    censored_share: float
+    lengths: np.ndarray  # distinct lengths
+    counts: np.ndarray  # runs of each length
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, censored: np.ndarray) -> "RunStats":
+        if lengths.size == 0:
+            return cls(float("nan"), float("nan"), float("nan"), 0, 0, float("nan"), np.array([], int), np.array([], int))
+        values, counts = np.unique(lengths, return_counts=True)
+        return cls(float(lengths.mean()), float(np.median(lengths)), float(np.quantile(lengths, 0.9)),
+                   int(lengths.max()), int(lengths.size), float(censored.mean()), values, counts)
+
+
+# --- one model, one rule -----------------------------------------------------------------------------
+@dataclass
+class FlagDiagnostics:
+    """Concentration, churn and persistence of one model's flags under one rule over the test period."""
+
+    model: str
+    rule: FlagRule
+    n_shifts: int
+    n_cells: int
+    mean_flagged: float  # cells flagged per shift
+    gini: float  # of the number of times each study-area cell is flagged
+    gini_static: float  # the Gini if the same cells were flagged every shift: 1 - mean_flagged / n_cells
+    top1_share: float  # share of all flags held by the most-flagged 1% of cells
+    top5_share: float
+    cells_ever_flagged: int
+    share_ever_flagged: float
+    tie_share: float  # share of flags decided by the tie rule (equal forecast at the flag boundary)
+    jaccard_shift: float  # mean Jaccard of consecutive shifts' flagged sets
+    jaccard_day: float  # mean Jaccard of the same shift of consecutive days
+    runs_shift: RunStats  # consecutive flagged shifts
+    runs_day: RunStats  # consecutive days flagged for the same shift of day
+    flag_counts: np.ndarray = field(repr=False)  # (n_cells,)
+    series_shift: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (later shift id, Jaccard)
+    series_day: tuple[np.ndarray, np.ndarray] = field(repr=False)
+
+    @property
+    def rotation(self) -> float:
+        """Cells ever flagged per cell flagged in a shift: 1 for a map that never changes."""
+        return self.cells_ever_flagged / self.mean_flagged if self.mean_flagged else float("nan")
+
+    @property
+    def churn_shift(self) -> float:
+        return 1.0 - self.jaccard_shift
+
+    @property
+    def churn_day(self) -> float:
+        return 1.0 - self.jaccard_day
+
+    def metrics(self) -> dict[str, float]:
+        """Flat figures without prefix or rule tag."""
+        return {
+            "gini": self.gini, "gini_static": self.gini_static, "top1pct_share": self.top1_share,
+            "top5pct_share": self.top5_share, "cells_ever_flagged": float(self.cells_ever_flagged),
+            "share_ever_flagged": self.share_ever_flagged, "mean_flagged": self.mean_flagged,
+            "rotation": self.rotation,
+            "tie_share": self.tie_share,
+            "jaccard_mean": self.jaccard_shift, "churn_mean": self.churn_shift,
+            "jaccard_day_mean": self.jaccard_day, "churn_day_mean": self.churn_day,
+            "run_mean": self.runs_shift.mean, "run_median": self.runs_shift.median, "run_p90": self.runs_shift.p90,
+            "run_max": float(self.runs_shift.max),
+            "run_days_mean": self.runs_day.mean, "run_days_median": self.runs_day.median,
+            "run_days_p90": self.runs_day.p90, "run_days_max": float(self.runs_day.max),
+        }
+
+    def payload(self, per_day: int) -> dict[str, Any]:
+        def daily(series: tuple[np.ndarray, np.ndarray]) -> dict[str, list]:
+            days, values = series[0] // per_day, series[1]
+            uniq, inv = np.unique(days, return_inverse=True)
+            means = np.bincount(inv, weights=values) / np.bincount(inv)
+            return {"date": [str(np.datetime64(int(d), "D")) for d in uniq], "jaccard": means.tolist()}
+
+        x, y = lorenz(self.flag_counts)
+        runs = {name: {"lengths": r.lengths.tolist(), "counts": r.counts.tolist(), "censored_share": r.censored_share}
+                for name, r in (("shifts", self.runs_shift), ("days", self.runs_day))}
+        return {"model": self.model, "rule": self.rule.label, "tag": self.rule.tag, "coverage": self.rule.coverage,
+                "top_k": self.rule.top_k, "n_shifts": self.n_shifts, "n_cells": self.n_cells,
+                "metrics": self.metrics(), "lorenz": {"cell_share": x.tolist(), "flag_share": y.tolist()},
+                "jaccard_consecutive_shifts_daily": daily(self.series_shift),
+                "jaccard_same_shift_next_day_daily": daily(self.series_day), "run_lengths": runs}
+
+
+def flag_diagnostics(expected: np.ndarray, areas: np.ndarray, origins: np.ndarray, per_day: int, rule: FlagRule,
+                     *, model: str = "model", seed: int = TIE_SEED, order: np.ndarray | None = None) -> FlagDiagnostics:
+    """Concentration, churn and run lengths of one model's flags (vectorised over cells and shifts)."""
+    expected = np.atleast_2d(np.asarray(expected, dtype=np.float64))
+    origins = np.asarray(origins, dtype=np.int64)
+    order = rank_cells(expected, origins, seed) if order is None else order
+    flags = flag_matrix(expected, areas, origins, rule, seed, order)
+    n_shifts, n_cells = flags.shape
+    counts = flags.sum(axis=0)
+    k = flags.sum(axis=1)
+
+    # ties at the boundary: flagged cells whose forecast equals that of the best unflagged cell
+    rows = np.arange(n_shifts)
+    boundary = expected[rows, order[rows, np.minimum(k, n_cells - 1)]]
+    tied = flags & (expected == boundary[:, None]) & (k < n_cells)[:, None]
+
+    i, j = _pairs(origins, 1)
+    series_shift = (origins[j], jaccard_rows(flags[i], flags[j]))
+    i, j = _pairs(origins, per_day)
+    series_day = (origins[j], jaccard_rows(flags[i], flags[j]))
+
+    runs_shift = run_lengths(_timeline(flags, origins, int(origins[0]), int(origins[-1]) + 1))
+    d0, d1 = int(origins[0]) // per_day, int(origins[-1]) // per_day + 1
+    by_day = _timeline(flags, origins, d0 * per_day, d1 * per_day).reshape(d1 - d0, per_day * n_cells)
+    runs_day = run_lengths(by_day)
+
+    mean_k = float(k.mean())
+    return FlagDiagnostics(
+        model=model, rule=rule, n_shifts=n_shifts, n_cells=n_cells, mean_flagged=mean_k,
+        gini=gini(counts), gini_static=1.0 - mean_k / n_cells,
+        top1_share=top_share(counts, 0.01), top5_share=top_share(counts, 0.05),
+        cells_ever_flagged=int((counts > 0).sum()), share_ever_flagged=float((counts > 0).mean()),
+        tie_share=float(tied.sum() / max(flags.sum(), 1)),
+        jaccard_shift=float(series_shift[1].mean()) if series_shift[1].size else float("nan"),
+        jaccard_day=float(series_day[1].mean()) if series_day[1].size else float("nan"),
+        runs_shift=RunStats.of(*runs_shift), runs_day=RunStats.of(*runs_day),
+        flag_counts=counts, series_shift=series_shift, series_day=series_day,
+    )
+
+
+# --- gain share from lagged counts -------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _probe_groups(calendar: ShiftCalendar, categories: tuple[str, ...], config: FeatureConfig) -> tuple[tuple[str, str], ...]:
+    per_day = calendar.per_day
+    centre = h3.latlng_to_cell(0.0, 0.0, 9)
+    area = StudyArea([h3.str_to_int(c) for c in h3.grid_disk(centre, 2)], 9)
+    c = int(area.index_of(np.array([h3.str_to_int(centre)], dtype=np.uint64))[0])
+    first = calendar.local_day(date(2020, 1, 1)) * per_day
+    lookback = config.lookback(per_day)
+    # a year of origins stepping through every shift of day and weekday (and a DST change where there is one)
+    origins = first + lookback + np.arange(0, 366 * per_day, 7)
+    end = int(origins[-1]) + 1
+    shifts = np.arange(first, end - 1)
+    cats = np.arange(len(categories))
+    filled = pl.DataFrame({"shift": np.repeat(shifts, cats.size), "cell": c, "category": np.tile(cats, shifts.size),
+                           "count": 1}).cast(COUNTS_SCHEMA)
+    empty = filled.clear()
+    shape = (origins.size, len(area), -1)
+    base = build_features(CountPanel(area, calendar, categories, first, end, empty), origins, config)
+    busy = build_features(CountPanel(area, calendar, categories, first, end, filled), origins, config)
+    X0, X1 = base.X.reshape(shape), busy.X.reshape(shape)
+    moved = X1 != X0
+    own = moved[:, c, :].any(axis=0)
+    others = np.delete(moved, c, axis=1).any(axis=(0, 1))
+    varies_by_cell = (X0 != X0[:, :1, :]).any(axis=(0, 1))
+    group = np.where(own, "own_lagged", np.where(others, "neighbour_lagged",
+                                                 np.where(varies_by_cell, "static", "calendar")))
+    return tuple(zip(base.columns, group.tolist()))
+
+
+def feature_groups(calendar: ShiftCalendar, categories: Sequence[str], config: FeatureConfig = FeatureConfig()) -> dict[str, str]:
+    """Group of every feature column ``build_features`` makes for this calendar, categories and config.
+
+    Read off the builder itself, not a list of names: on a tiny probe area, one incident per shift and
+    category in the centre cell; a column that moves in the centre cell's row is ``own_lagged`` (the cell's
+    past counts, long-run rate and category counts included), one that moves only in the neighbours' rows is
+    ``neighbour_lagged``; of the rest, ``static`` varies between cells (location) and ``calendar`` does not."""
+    return dict(_probe_groups(calendar, tuple(categories), config))
+
+
+@dataclass
+class GainShare:
+    """LightGBM gain importance by feature group."""
+
+    groups: dict[str, str]
+    gain: dict[str, float]  # feature -> gain
+    by_group: dict[str, float]  # group -> share of total gain
+    unknown: list[str]  # features in the importance that the probe did not produce (another config?)
+
+    @property
+    def lagged_share(self) -> float:
+        return self.by_group.get("own_lagged", 0.0) + self.by_group.get("neighbour_lagged", 0.0)
+
+    def metrics(self) -> dict[str, float]:
+        return {"gain_lagged_share": self.lagged_share, **{f"gain_share.{g}": self.by_group.get(g, 0.0) for g in GROUPS}}
+
+    def payload(self) -> dict[str, Any]:
+        total = sum(self.gain.values()) or 1.0
+        return {"lagged_share": self.lagged_share, "by_group": self.by_group, "unknown_features": self.unknown,
+                "features": [{"feature": f, "group": self.groups.get(f, "unknown"), "gain_share": g / total}
+                             for f, g in sorted(self.gain.items(), key=lambda kv: -kv[1])]}
+
+
+def gain_share(importance: Mapping[str, float], groups: Mapping[str, str]) -> GainShare:
+    """Share of total gain per group; features the grouping does not know are kept under ``unknown``."""
+    if not importance:
+        raise ValueError("the feature importance is empty: fit the LightGBM model first")
+    gain = {k: float(v) for k, v in importance.items()}
+    total = sum(gain.values())
+    if total <= 0:
+        raise ValueError("the feature importance sums to zero gain (a model without splits?)")
+    by_group: dict[str, float] = {g: 0.0 for g in GROUPS}
+    for name, value in gain.items():  # a few dozen features, not cells
+        g = groups.get(name, "unknown")
+        by_group[g] = by_group.get(g, 0.0) + value / total
+    return GainShare(dict(groups), gain, by_group, sorted(set(gain) - set(groups)))
+
+
+# --- patrol dose -------------------------------------------------------------------------------------
+PATROL_COLUMNS = {"shift_id": pl.Int64, "h3": pl.String, "dose_minutes": pl.Float64}
+
+
+def _dose_matrix(patrols: pl.DataFrame, area: StudyArea, start: int, stop: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Minutes of patrol per (shift in [start, stop), cell), and counts of log rows that could not be placed."""
+    missing = [c for c in PATROL_COLUMNS if c not in patrols.columns]
+    if missing:
+        raise ValueError(f"the patrol log lacks column(s) {missing}; expected {list(PATROL_COLUMNS)}")
+    log = patrols.select(pl.col("shift_id").cast(pl.Int64), pl.col("h3").cast(pl.String),
+                         pl.col("dose_minutes").cast(pl.Float64))
+    bad = log.filter(pl.col("dose_minutes").is_null() | pl.col("dose_minutes").is_nan() | (pl.col("dose_minutes") < 0))
+    if bad.height:
+        raise ValueError(f"the patrol log has {bad.height} row(s) with a missing, NaN or negative dose_minutes")
+    if log["shift_id"].null_count():
+        raise ValueError("the patrol log has rows without shift_id")
+    cell_int = log["h3"].str.to_integer(base=16, strict=False).cast(pl.UInt64, strict=False)
+    idx = np.full(log.height, -1, dtype=np.int64)
+    ok = cell_int.is_not_null().to_numpy()
+    idx[ok] = area.index_of(cell_int.filter(cell_int.is_not_null()).to_numpy())
+    shifts = log["shift_id"].to_numpy()
+    inside = (idx >= 0) & (shifts >= start) & (shifts < stop)
+    dose = np.bincount((shifts[inside] - start) * len(area) + idx[inside], weights=log["dose_minutes"].to_numpy()[inside],
+                       minlength=(stop - start) * len(area)).reshape(stop - start, len(area))
+    dropped = {"unparseable_h3": int((~ok).sum()), "outside_study_area": int((ok & (idx < 0)).sum()),
+               "outside_period": int(((idx >= 0) & ~inside).sum())}
+    return dose, dropped
+
+
+def dose_bin_edges(doses: np.ndarray, bins: Sequence[float] | str = DOSE_EDGES, quantiles: int = 4) -> np.ndarray:
+    """Bin edges (first is 0): bins are 0, (e0, e1], ..., > e_last. ``"quantile"`` splits positive doses."""
+    if isinstance(bins, str):
+        if bins != "quantile":
+            raise ValueError(f"dose bins must be edges in minutes or 'quantile', got {bins!r}")
+        positive = doses[doses > 0]
+        inner = np.quantile(positive, np.linspace(0, 1, quantiles + 1)[1:-1]) if positive.size else np.array([])
+        return np.unique(np.concatenate([[0.0], inner]))
+    edges = np.asarray(bins, dtype=np.float64)
+    if edges.size == 0 or edges[0] != 0 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"dose bin edges must start at 0 and increase, got {list(edges)}")
+    return edges
+
+
+def _bin_labels(edges: np.ndarray) -> tuple[list[str], list[str]]:
+    e = [f"{x:g}" for x in edges]
+    labels = ["0"] + [f"({a}, {b}]" for a, b in zip(e[:-1], e[1:])] + [f">{e[-1]}"]
+    keys = ["0"] + [f"{a}-{b}" for a, b in zip(e[:-1], e[1:])] + [f"{e[-1]}plus"]
+    return labels, keys
+
+
+def _lag_name(lag: int, per_day: int) -> str:
+    return {0: "same_shift", 1: "prev_shift", per_day: "prev_day"}.get(lag, f"lag{lag}")
+
+
+@dataclass
+class PatrolDiagnostics:
+    """Recorded crime by patrol dose and the dose regression."""
+
+    bins: pl.DataFrame  # outcome, bin, key, lo, hi, cell_shifts, recorded, rate (+CI), expected, obs_exp (+CI)
+    regression: pl.DataFrame  # outcome, term, coef, se, rate_ratio_per_60min, low, high, p_value
+    method: str
+    split_available: bool
+    split_note: str
+    n_cell_shifts: int
+    n_patrolled: int
+    total_dose_hours: float
+    dropped: dict[str, int]
+    notes: list[str]
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {"patrolled_cell_shifts": float(self.n_patrolled), "dose_hours": self.total_dose_hours}
+        for r in self.bins.filter(pl.col("outcome") == "all").iter_rows(named=True):
+            out[f"rate.{r['key']}"] = r["rate"]
+            out[f"obs_exp.{r['key']}"] = r["obs_exp"]
+        for r in self.regression.filter(pl.col("term") != "intercept").iter_rows(named=True):
+            head = "" if r["outcome"] == "all" else f"{r['outcome']}."
+            out[f"{head}rate_ratio.{r['term']}"] = r["rate_ratio_per_60min"]
+            out[f"{head}rate_ratio_low.{r['term']}"] = r["low"]
+            out[f"{head}rate_ratio_high.{r['term']}"] = r["high"]
+        return out
+
+    def payload(self) -> dict[str, Any]:
+        return {"bins": self.bins.to_dicts(), "regression": self.regression.to_dicts(), "method": self.method,
+                "split_available": self.split_available, "split_note": self.split_note,
+                "n_cell_shifts": self.n_cell_shifts, "n_patrolled": self.n_patrolled,
+                "total_dose_hours": self.total_dose_hours, "dropped_log_rows": self.dropped, "notes": self.notes}
+
+
+def _outcomes(panel: CountPanel, origins: np.ndarray, observed: np.ndarray,
+              discovered: Sequence[str] | None) -> tuple[dict[str, np.ndarray], bool, str]:
+    """Recorded counts to analyse: all, plus discovered/reported when the data says which is which."""
+    names = list(discovered) if discovered is not None else panel.meta.get("discovered_categories")
+    out = {"all": observed}
+    if not names:
+        return out, False, ("not available: the panel has no discovered/reported flag and its profile defines no "
+                            "discovered categories (panel.meta['discovered_categories']), so only all recorded crime "
+                            "is analysed; the split is not inferred from category names")
+    known = panel.category_index(names)  # raises naming any unknown category
+    rest = [c for i, c in enumerate(panel.categories) if i not in known]
+    lo, hi = int(origins[0]), int(origins[-1]) + 1
+    rows = origins - lo
+    out["discovered"] = panel.dense(lo, hi, category=names, dtype=np.float64)[rows]
+    out["reported"] = panel.dense(lo, hi, category=rest, dtype=np.float64)[rows] if rest else np.zeros_like(observed)
+    return out, True, f"discovered = categories {names}; reported = the other {len(rest)} categories"
+
+
+def _bootstrap_rates(y: np.ndarray, mu: np.ndarray, which: np.ndarray, n_bins: int, n_boot: int, seed: int,
+                     level: float) -> dict[str, np.ndarray]:
+    """Per-bin rate and observed/expected with cell-block bootstrap intervals (cells resampled whole)."""
+    n_cells = y.shape[1]
+    cell = np.broadcast_to(np.arange(n_cells), y.shape).ravel()
+    flat = cell * n_bins + which.ravel()
+    size = n_cells * n_bins
+    Y = np.bincount(flat, weights=y.ravel(), minlength=size).reshape(n_cells, n_bins)
+    M = np.bincount(flat, weights=mu.ravel(), minlength=size).reshape(n_cells, n_bins)
+    N = np.bincount(flat, minlength=size).reshape(n_cells, n_bins).astype(np.float64)
+    W = np.random.default_rng(seed).multinomial(n_cells, np.full(n_cells, 1 / n_cells), size=n_boot).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate_b, oe_b = (W @ Y) / (W @ N), (W @ Y) / (W @ M)
+        rate, oe = Y.sum(0) / N.sum(0), Y.sum(0) / M.sum(0)
+    a = (1 - level) / 2
+
+    def q(v: np.ndarray, p: float) -> np.ndarray:
+        v = np.where(np.isfinite(v), v, np.nan)
+        out = np.full(n_bins, np.nan)
+        seen = np.isfinite(v).any(axis=0)
+        out[seen] = np.nanquantile(v[:, seen], p, axis=0)
+        return out
+
+    return {"cell_shifts": N.sum(0), "recorded": Y.sum(0), "expected": M.sum(0) / np.maximum(N.sum(0), 1),
+            "rate": rate, "rate_low": q(rate_b, a), "rate_high": q(rate_b, 1 - a),
+            "obs_exp": oe, "obs_exp_low": q(oe_b, a), "obs_exp_high": q(oe_b, 1 - a)}
+
+
+def _poisson_glm(y: np.ndarray, mu: np.ndarray, doses: np.ndarray, names: list[str], level: float,
+                 control: str) -> tuple[list[dict], str]:
+    """Poisson GLM of counts on dose (hours), cell-clustered sandwich errors.
+
+    ``control="offset"``: log(expected) is an offset; cell-shifts with no dose in any term share covariates,
+    so they are collapsed to one row per cell (sum of counts, log of summed expected): the likelihood, the
+    cluster scores and the Hessian are unchanged, and the fit runs on patrolled rows plus one row per cell.
+    ``control="covariate"``: log(expected) enters with its own slope, on every row."""
+    try:
+        import statsmodels
+        import statsmodels.api as sm
+    except ImportError as exc:  # pragma: no cover - statsmodels ships with tobler, a declared dependency
+        raise ImportError("the dose regression needs statsmodels (pip install statsmodels)") from exc
+    n_c = y.shape[1]
+    mu = np.maximum(mu, 1e-9)  # a zero forecast would make the offset -inf
+    log_mu = np.log(mu)
+    cell = np.broadcast_to(np.arange(n_c), y.shape).ravel()
+    D = doses.reshape(len(names), -1).T / 60.0  # hours, so exp(coef) is the rate ratio per 60 minutes
+    if control == "offset":
+        dosed = D.any(axis=1)
+        zero_y = np.bincount(cell[~dosed], weights=y.ravel()[~dosed], minlength=n_c)
+        zero_m = np.bincount(cell[~dosed], weights=mu.ravel()[~dosed], minlength=n_c)
+        keep = np.bincount(cell[~dosed], minlength=n_c) > 0
+        yy = np.concatenate([y.ravel()[dosed], zero_y[keep]])
+        off = np.concatenate([log_mu.ravel()[dosed], np.log(zero_m[keep])])
+        XX = np.vstack([D[dosed], np.zeros((int(keep.sum()), len(names)))])
+        groups = np.concatenate([cell[dosed], np.flatnonzero(keep)])
+        X = sm.add_constant(XX, has_constant="add")
+        model = sm.GLM(yy, X, family=sm.families.Poisson(), offset=off)
+        terms = ["intercept", *names]
+    elif control == "covariate":
+        X = sm.add_constant(np.column_stack([D, log_mu.ravel()]), has_constant="add")
+        model = sm.GLM(y.ravel(), X, family=sm.families.Poisson())
+        groups = cell
+        terms = ["intercept", *names, "log_expected"]
+    else:
+        raise ValueError(f"control must be 'offset' or 'covariate', got {control!r}")
+    fit = model.fit(cov_type="cluster", cov_kwds={"groups": groups})
+    ci = fit.conf_int(alpha=1 - level)
+    rows = [{"term": t, "coef": float(fit.params[i]), "se": float(fit.bse[i]),
+             "rate_ratio_per_60min": float(np.exp(fit.params[i])), "low": float(np.exp(ci[i, 0])),
+             "high": float(np.exp(ci[i, 1])), "p_value": float(fit.pvalues[i])} for i, t in enumerate(terms)]
+    control_text = ("log(model expected count) as offset; unpatrolled cell-shifts collapsed per cell (exact)"
+                    if control == "offset" else "log(model expected count) as a covariate")
+    method = (f"Poisson GLM (statsmodels {statsmodels.__version__}), log link, {control_text}; cluster-robust "
+              f"sandwich standard errors by cell ({len(np.unique(groups))} clusters); Wald {level:.0%} intervals; "
+              f"rate ratios per 60 minutes of dose")
+    return rows, method
+
+
+def patrol_diagnostics(
+    patrols: pl.DataFrame, panel: CountPanel, origins: np.ndarray, expected: np.ndarray, observed: np.ndarray,
+    *, start_shift: int | None = None, end_shift: int | None = None, bins: Sequence[float] | str = DOSE_EDGES,
+    lags: Sequence[int | str] = DOSE_LAGS, discovered_categories: Sequence[str] | None = None,
+    control: str = "offset", n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+) -> PatrolDiagnostics:
+    """Recorded crime by patrol dose and the regression of recorded counts on earlier dose.
+
+    ``patrols`` is the patrol log (``shift_id``, ``h3``, ``dose_minutes``); shifts in [start_shift, end_shift)
+    (default: the log's span) count as logged, and a cell absent from a logged shift had zero dose. Only
+    origins whose needed shifts are all logged are analysed. Bins compare the dose *in* the shift with what
+    was recorded in it (where patrols look, they find); the regression uses the dose *before* the shift
+    (``lags`` in shifts, ``"day"`` = one day), with the model's expected count as control, because patrols
+    are sent where the model expects crime."""
+    origins = np.asarray(origins, dtype=np.int64)
+    expected = np.atleast_2d(np.asarray(expected, dtype=np.float64))
+    observed = np.atleast_2d(np.asarray(observed, dtype=np.float64))
+    if expected.shape != (origins.size, panel.n_cells) or observed.shape != expected.shape:
+        raise ValueError(f"expected and observed must be (n_origins, n_cells) = {(origins.size, panel.n_cells)}, "
+                         f"got {expected.shape} and {observed.shape}")
+    per_day = panel.calendar.per_day
+    lag_shifts = sorted({per_day if lag == "day" else int(lag) for lag in lags})
+    if any(lag < 0 for lag in lag_shifts):
+        raise ValueError(f"dose lags must be >= 0 shifts, got {list(lags)}")
+    if patrols.height == 0 and (start_shift is None or end_shift is None):
+        raise ValueError("the patrol log is empty: give start_shift and end_shift to analyse a period with no patrols")
+    log_start = int(patrols["shift_id"].min()) if start_shift is None else int(start_shift)
+    log_end = int(patrols["shift_id"].max()) + 1 if end_shift is None else int(end_shift)
+    max_lag = max(lag_shifts + [0])
+    t0 = int(origins[0]) - max_lag
+    dose, dropped = _dose_matrix(patrols, panel.study_area, t0, int(origins[-1]) + 1)
+    logged = lambda shifts: (shifts >= log_start) & (shifts < log_end)  # noqa: E731
+    notes = []
+    outcomes, split, split_note = _outcomes(panel, origins, observed, discovered_categories)
+
+    # bins: contemporaneous dose
+    now = logged(origins)
+    if not now.any():
+        raise ValueError(f"no test origin falls in the patrol log's span [{log_start}, {log_end})")
+    d_now = dose[origins[now] - t0]
+    edges = dose_bin_edges(d_now, bins)
+    labels, keys = _bin_labels(edges)
+    which = np.searchsorted(edges, d_now, side="left")
+    frames = []
+    for name, y in outcomes.items():
+        stats = _bootstrap_rates(y[now], expected[now], which, len(labels), n_boot, seed, level)
+        if name != "all":  # the model forecasts all recorded crime, so O/E of a part is not meaningful
+            for k in ("obs_exp", "obs_exp_low", "obs_exp_high"):
+                stats[k] = np.full(len(labels), np.nan)
+        frames.append(pl.DataFrame({"outcome": name, "bin": labels, "key": keys,
+                                    "lo": [0.0, *edges], "hi": [0.0, *edges[1:], float("inf")], **stats}))
+    bins_frame = pl.concat(frames)
+
+    # regression: lagged dose
+    usable = np.all([logged(origins - lag) for lag in lag_shifts], axis=0)
+    names = [_lag_name(lag, per_day) for lag in lag_shifts]
+    reg_rows, method = [], "not fitted"
+    if not usable.any():
+        notes.append("regression not fitted: no origin has all its lagged shifts inside the patrol log")
+    else:
+        lagged = np.stack([dose[origins[usable] - lag - t0] for lag in lag_shifts])
+        if not (lagged > 0).any():
+            notes.append("regression not fitted: no patrol dose in the lagged shifts")
+        else:
+            for name, y in outcomes.items():
+                rows, method = _poisson_glm(y[usable], expected[usable], lagged, names, level, control)
+                reg_rows += [{"outcome": name, **r} for r in rows]
+        if usable.sum() < origins.size:
+            notes.append(f"{int(origins.size - usable.sum())} of {origins.size} origins left out of the regression: "
+                         "their lagged shifts fall outside the patrol log")
+    if any(dropped.values()):
+        notes.append(f"patrol log rows not placed: {dropped}")
+    regression = pl.DataFrame(reg_rows, schema={"outcome": pl.String, "term": pl.String, "coef": pl.Float64,
+                                                "se": pl.Float64, "rate_ratio_per_60min": pl.Float64,
+                                                "low": pl.Float64, "high": pl.Float64, "p_value": pl.Float64})
+    return PatrolDiagnostics(bins=bins_frame, regression=regression, method=method, split_available=split,
+                             split_note=split_note, n_cell_shifts=int(d_now.size), n_patrolled=int((d_now > 0).sum()),
+                             total_dose_hours=float(d_now.sum() / 60), dropped=dropped, notes=notes)
+
+
+# --- the whole set -----------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become null."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+@dataclass
+class Diagnostics:
+    """Diagnostics of one model (and its baseline) over a test period; see the module docstring."""
+
+    model: str
+    baseline: str | None
+    per_day: int
+    flags: dict[tuple[str, str], FlagDiagnostics]  # (model name, rule tag) -> measures
+    gain: GainShare | None = None
+    patrol: PatrolDiagnostics | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rules(self) -> list[str]:
+        return list(dict.fromkeys(tag for _, tag in self.flags))
+
+    def to_dict(self, prefix: str = "diag.") -> dict[str, float]:
+        """Flat metrics for MLflow: ``diag.gini.1pct`` (the model), ``diag.baseline.gini.1pct`` (the baseline),
+        ``diag.gain_lagged_share``, ``diag.dose.rate_ratio.prev_shift``; non-finite values are left out."""
+        out: dict[str, float] = {}
+        for (name, tag), f in self.flags.items():
+            head = prefix if name == self.model else f"{prefix}baseline."
+            out.update({f"{head}{k}.{tag}": v for k, v in f.metrics().items()})
+        if self.gain is not None:
+            out.update({f"{prefix}{k}": v for k, v in self.gain.metrics().items()})
+        if self.patrol is not None:
+            out.update({f"{prefix}dose.{k}": v for k, v in self.patrol.metrics().items()})
+        return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+    def payload(self) -> dict[str, Any]:
+        """Everything, JSON-ready (strict: no NaN)."""
+        return _jsonable({
+            "model": self.model, "baseline": self.baseline, "rules": self.rules,
+            "flags": [f.payload(self.per_day) for f in self.flags.values()],
+            "gain": self.gain.payload() if self.gain else None,
+            "patrol": self.patrol.payload() if self.patrol else None,
+            "patrol_note": None if self.patrol else "no patrol log given: dose analysis not run",
+            "notes": self.notes, "metrics": self.to_dict(),
+        })
+
+    # --- figure --------------------------------------------------------------------------------------
+    def figure(self) -> Figure:
+        """Lorenz curves of flag counts, churn over time, run-length histogram, dose-response."""
+        fig = Figure(figsize=(13, 9.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        (lz, ch), (rl, dr) = fig.subplots(2, 2)
+        styles = ["-", "--", ":", "-."]
+        colour = {self.model: "#c0392b", self.baseline: "#2c7fb8"}
+        tags = self.rules
+        never = min(1 - f.share_ever_flagged for f in self.flags.values())
+        x_from = max(0.0, math.floor(never * 10 - 0.5) * 10)  # Lorenz x axis starts below the first flagged cell
+        edges = np.unique(np.round(np.logspace(0, np.log10(max(f.n_shifts for f in self.flags.values()) + 1), 16)))
+        for (name, tag), f in self.flags.items():
+            kw = {"color": colour.get(name, "#555"), "ls": styles[tags.index(tag) % 4], "lw": 1.6,
+                  "label": f"{name}, {f.rule.label}"}
+            x, y = lorenz(f.flag_counts, 2001)
+            lz.plot(x * 100, y * 100, **kw)
+            days, values = f.series_day[0] // self.per_day, f.series_day[1]
+            uniq, inv = np.unique(days, return_inverse=True)
+            daily = np.bincount(inv, weights=values) / np.bincount(inv)
+            smooth = np.convolve(daily, np.ones(7) / 7, mode="valid") if daily.size >= 7 else daily
+            ch.plot(np.arange(smooth.size) + (daily.size - smooth.size) // 2, smooth, **kw)
+            if f.runs_shift.n_runs:  # log-spaced bins: runs of 1, 2, 3, 4-5, ... shifts
+                hist, _ = np.histogram(f.runs_shift.lengths, bins=np.append(edges, np.inf), weights=f.runs_shift.counts)
+                rl.plot(edges, hist / f.runs_shift.n_runs, marker="o", ms=3, **kw)
+        lz.plot([0, 100], [0, 100], color="grey", lw=1, ls="--", label="equal flags")
+        lz.set(xlabel="study-area cells, least to most often flagged (%)", ylabel="share of all flags (%)",
+               title=f"Concentration of flags (Lorenz curve; the first {x_from:g}% of cells are never flagged)"
+               if x_from else "Concentration of flags (Lorenz curve)", xlim=(x_from, 100), ylim=(0, 100))
+        ch.set(xlabel="day of the test period", ylabel="Jaccard, same shift on consecutive days",
+               title="Stability of the flagged set (7-day mean; churn = 1 - Jaccard)", ylim=(0, 1))
+        rl.set(xscale="log", yscale="log", xlabel="consecutive shifts flagged (log bins, point at bin start)",
+               ylabel="share of runs", title="How long cells stay flagged (runs at the period's ends censored)")
+        for ax in (lz, ch, rl):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        self._plot_dose(dr)
+        return fig
+
+    def _plot_dose(self, ax) -> None:
+        p = self.patrol
+        if p is None:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, "no patrol log given:\ndose-response not analysed", ha="center", va="center",
+                    fontsize=12, color="#555", transform=ax.transAxes)
+            return
+        outcomes = p.bins["outcome"].unique(maintain_order=True).to_list()
+        width = 0.8 / len(outcomes)
+        for i, name in enumerate(outcomes):
+            b = p.bins.filter(pl.col("outcome") == name)
+            x = np.arange(b.height) + (i - (len(outcomes) - 1) / 2) * width
+            rate = b["rate"].to_numpy()
+            err = np.nan_to_num(np.clip(np.stack([rate - b["rate_low"].to_numpy(), b["rate_high"].to_numpy() - rate]), 0, None))
+            ax.bar(x, np.nan_to_num(rate), width, yerr=err, capsize=3, label=f"recorded: {name}")
+            if name == "all":
+                ax.plot(x, b["expected"].to_numpy(), "kD", ms=5, label="model expected")
+            labels = b["bin"].to_list()
+        ax.set_xticks(np.arange(len(labels)), labels)
+        ax.set(xlabel="patrol dose in the cell-shift (minutes)", ylabel="crimes per cell-shift",
+               title="Recorded crime by patrol dose (95% cell-bootstrap intervals)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+
+    # --- HTML ----------------------------------------------------------------------------------------
+    def html_section(self, title: str = "Feedback-loop diagnostics", figure: bool = True) -> str:
+        """A self-contained ``<section>`` (tables, sentences, the figure as a data URI) for reports and MLflow."""
+        e = html.escape
+        parts = [f'<section class="diagnostics"><h2>{e(title)}</h2>',
+                 f"<p>Model <strong>{e(self.model)}</strong>"
+                 + (f" against the baseline <strong>{e(self.baseline)}</strong>" if self.baseline else "")
+                 + ". Flags follow the backtest rule (top cells by area share, ties by the seeded permutation). "
+                 "Gini is over all study-area cells of how often each is flagged; the static Gini is what a map "
+                 "flagging the same cells every shift would score; rotation is cells ever flagged per cell "
+                 "flagged in a shift (1 = the same map every shift); tie share is the share of flags decided by "
+                 "the tie rule. Jaccard compares flagged sets; churn = 1 - "
+                 "Jaccard. Runs touching the start or end of the period are censored (counted as seen).</p>"]
+        header = ["model", "rule", "cells/shift", "Gini", "static Gini", "top 1% share", "top 5% share",
+                  "cells ever flagged", "rotation", "tie share", "Jaccard shift→shift", "Jaccard day→day (same shift)",
+                  "run mean / median / p90 / max (shifts)", "run mean / max (days)"]
+        rows = [[name, f.rule.label, f"{f.mean_flagged:.1f}", f"{f.gini:.3f}", f"{f.gini_static:.3f}",
+                 f"{f.top1_share:.1%}", f"{f.top5_share:.1%}",
+                 f"{f.cells_ever_flagged} ({f.share_ever_flagged:.1%})", f"{f.rotation:.1f}", f"{f.tie_share:.1%}",
+                 f"{f.jaccard_shift:.3f}", f"{f.jaccard_day:.3f}",
+                 f"{f.runs_shift.mean:.1f} / {f.runs_shift.median:g} / {f.runs_shift.p90:g} / {f.runs_shift.max}",
+                 f"{f.runs_day.mean:.1f} / {f.runs_day.max}"]
+                for (name, _), f in sorted(self.flags.items(), key=lambda kv: (kv[0][1], kv[0][0] != self.model))]
+        parts.append(_html_table(header, rows))
+        if self.gain is not None:
+            g = self.gain
+            parts.append(f"<h3>Where the model's gain comes from</h3><p>{g.lagged_share:.1%} of LightGBM's total "
+                         "gain comes from lagged counts (the cell's own past counts and its neighbours'); groups "
+                         "are read off the feature builder, not a list of names.</p>")
+            parts.append(_html_table(["group", "share of gain"], [[k, f"{v:.1%}"] for k, v in g.by_group.items()]))
+            top = g.payload()["features"][:8]
+            parts.append(_html_table(["top feature", "group", "share of gain"],
+                                     [[t["feature"], t["group"], f"{t['gain_share']:.1%}"] for t in top]))
+        parts.append("<h3>Patrol dose</h3>")
+        if self.patrol is None:
+            parts.append("<p>No patrol log was given, so recorded crime by patrol dose and the dose regression "
+                         "were not analysed.</p>")
+        else:
+            p = self.patrol
+            parts.append(f"<p>{p.n_patrolled} of {p.n_cell_shifts} cell-shifts patrolled, "
+                         f"{p.total_dose_hours:.0f} patrol hours. Discovered/reported split: {e(p.split_note)}.</p>")
+            parts.append(_html_table(
+                ["outcome", "dose (min)", "cell-shifts", "recorded", "rate [95% CI]", "model expected",
+                 "observed / expected [95% CI]"],
+                [[r["outcome"], r["bin"], f"{r['cell_shifts']:.0f}", f"{r['recorded']:.0f}",
+                  _interval(r["rate"], r["rate_low"], r["rate_high"], 4), _num(r["expected"], 4),
+                  _interval(r["obs_exp"], r["obs_exp_low"], r["obs_exp_high"], 2)] for r in p.bins.iter_rows(named=True)]))
+            if p.regression.height:
+                parts.append(f"<p>{e(p.method)}.</p>")
+                parts.append(_html_table(
+                    ["outcome", "term", "rate ratio per 60 min [95% CI]", "p"],
+                    [[r["outcome"], r["term"], _interval(r["rate_ratio_per_60min"], r["low"], r["high"], 3),
+                      f"{r['p_value']:.3g}"] for r in p.regression.iter_rows(named=True) if r["term"] != "intercept"]))
+            for note in p.notes:
+                parts.append(f"<p><em>{e(note)}</em></p>")
+        for note in self.notes:
+            parts.append(f"<p><em>{e(note)}</em></p>")
+        if figure:
+            buf = io.BytesIO()
+            self.figure().savefig(buf, format="png", dpi=90, facecolor="white")
+            data = base64.b64encode(buf.getvalue()).decode("ascii")
+            parts.append(f'<figure><img alt="diagnostics figure" style="max-width:100%" '
+                         f'src="data:image/png;base64,{data}"></figure>')
+        parts.append("</section>")
+        return "\n".join(parts)
+
+    def log_to_mlflow(self) -> None:
+        """Log into the active MLflow run as the ``diagnostics`` assessment (and ``patrol_diagnostics`` when a
+        patrol log was analysed), where the model card and /v1/diagnostics read them."""
+        from forecasting.tracking import log_assessment
+
+        fig = self.figure()
+        log_assessment("diagnostics", self.payload(), self.to_dict(prefix=""), html=self.html_section(), figure=fig)
+        if self.patrol is not None:
+            log_assessment("patrol_diagnostics", _jsonable(self.patrol.payload()), self.patrol.metrics())
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _interval(point, low, high, digits: int) -> str:
+    return "n/a" if point is None or not math.isfinite(point) else \
+        f"{_num(point, digits)} [{_num(low, digits)}, {_num(high, digits)}]"
+
+
+def _html_table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table border="1" cellpadding="4" style="border-collapse:collapse"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def diagnose(
+    predictions: Mapping[str, np.ndarray], observed: np.ndarray, areas: np.ndarray, origins: np.ndarray, per_day: int,
+    *, model: str = "lightgbm", baseline: str | None = "naive", coverages: Sequence[float] = (0.01, 0.05),
+    top_k: Sequence[int] = (), seed: int = TIE_SEED, importance: Mapping[str, float] | None = None,
+    panel: CountPanel | None = None, feature_config: FeatureConfig = FeatureConfig(),
+    groups: Mapping[str, str] | None = None, patrols: pl.DataFrame | None = None, **patrol_options,
+) -> Diagnostics:
+    """All diagnostics of ``predictions[model]`` (and ``predictions[baseline]``) over a test period.
+
+    ``importance`` (LightGBM gain by feature) is grouped with ``groups`` or, given ``panel``, with
+    :func:`feature_groups` for the panel's calendar and categories. ``patrols`` (the patrol log) needs
+    ``panel``; ``patrol_options`` go to :func:`patrol_diagnostics`."""
+    origins = np.asarray(origins, dtype=np.int64)
+    observed = np.atleast_2d(np.asarray(observed, dtype=np.float64))
+    areas = np.asarray(areas, dtype=np.float64)
+    names = [model] + ([baseline] if baseline and baseline != model else [])
+    missing = [n for n in names if n not in predictions]
+    if missing:
+        raise KeyError(f"no predictions for {missing}; have {sorted(predictions)}")
+    if origins.ndim != 1 or np.any(np.diff(origins) <= 0):
+        raise ValueError("origins must be a strictly increasing 1-d array of shift ids")
+    shape = (origins.size, areas.size)
+    for name in names:
+        if np.shape(predictions[name]) != shape:
+            raise ValueError(f"predictions[{name!r}] has shape {np.shape(predictions[name])}, expected {shape} "
+                             "(origins x cells)")
+    if observed.shape != shape:
+        raise ValueError(f"observed has shape {observed.shape}, expected {shape}")
+    rules = [FlagRule(coverage=float(c)) for c in coverages] + [FlagRule(top_k=int(k)) for k in top_k]
+    if not rules:
+        raise ValueError("give at least one coverage or top_k")
+    flags: dict[tuple[str, str], FlagDiagnostics] = {}
+    for name in names:
+        pred = np.asarray(predictions[name], dtype=np.float64)
+        order = rank_cells(pred, origins, seed)  # one ranking per model, shared by every rule
+        for rule in rules:
+            flags[(name, rule.tag)] = flag_diagnostics(pred, areas, origins, per_day, rule, model=name, seed=seed, order=order)
+    gain = None
+    if importance is not None:
+        if groups is None:
+            if panel is None:
+                raise ValueError("grouping the feature importance needs the panel (calendar, categories) or groups")
+            groups = feature_groups(panel.calendar, panel.categories, feature_config)
+        gain = gain_share(importance, groups)
+    patrol = None
+    if patrols is not None:
+        if panel is None:
+            raise ValueError("the patrol analysis needs the panel (study area, calendar, categories)")
+        patrol = patrol_diagnostics(patrols, panel, origins, predictions[model], observed, **patrol_options)
+    notes = []
+    if gain is not None and gain.unknown:
+        notes.append(f"features not produced by the feature builder with this config: {gain.unknown}")
+    return Diagnostics(model=model, baseline=baseline if len(names) > 1 else None, per_day=per_day, flags=flags,
+                       gain=gain, patrol=patrol, notes=notes)
+
+
+def diagnose_backtest(result, panel: CountPanel, **kwargs) -> Diagnostics:
+    """:func:`diagnose` on an ``experiments.backtest.BacktestResult``; the LightGBM model's importance and
+    feature config are taken from ``result.last_models`` when present."""
+    lgbm = result.last_models.get(kwargs.get("model", "lightgbm"))
+    if lgbm is not None and hasattr(lgbm, "feature_importance") and "importance" not in kwargs:
+        kwargs["importance"] = lgbm.feature_importance()
+        kwargs.setdefault("feature_config", lgbm.features)
+    return diagnose(result.predictions, result.observed, result.areas, result.origins, result.per_day, panel=panel, **kwargs)
