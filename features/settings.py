@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_FILE = "hotspots.toml"
@@ -42,7 +42,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("data"), description="Incident store, quarantine, panels and reports live here.")
     shared_data_dir: Path | None = Field(
-        None, description="Folder of real open data used by tests and benchmarks (e.g. ../shared/data)."
+        None, validation_alias=AliasChoices("HOTSPOTS_SHARED_DATA", "shared_data_dir"),
+        description="Folder of real open data and area layers (env HOTSPOTS_SHARED_DATA, e.g. ../shared/data): "
+                    "tests, benchmarks and the shipped bias-audit presets read it.",
     )
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default is an embedded SQLite store in data_dir."
@@ -55,6 +57,10 @@ class Settings(BaseSettings):
         60, description="Incidents later than now + this are quarantined as future_time."
     )
     socrata_app_token: str | None = Field(None, description="App token for the Socrata API (optional).")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the service's database (API keys, audit log, patrol log), e.g. "
+                          "postgresql+psycopg://user:password@host:5432/db; default: SQLite at data_dir/serving.db.",
+    )
 
     @field_validator("shift_starts", mode="before")
     @classmethod
