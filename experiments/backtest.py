@@ -172,13 +172,16 @@ def run_tracked_backtest(
     register: bool = True,
     final_model: Callable[[], Forecaster] | None = None,
     progress: Callable[[str], None] | None = None,
+    audit_layer=None,
 ) -> TrackedBacktest:
     """The whole researcher's run, tracked in MLflow: backtest every forecaster, claim test, report, then fit
-    the candidate on all data, register it, and move ``champion`` only if the backtest passes the gate."""
+    the candidate on all data, register it, and move ``champion`` only if the backtest passes the gate.
+    The feedback-loop diagnostics (and, given ``audit_layer``, the bias audit) are logged into the same run."""
     import json
 
     import mlflow
 
+    from experiments.assess import assess
     from experiments.report import write_report
     from features.matrix import build_features
     from forecasting.claim import against_every_baseline, claim_test
@@ -242,7 +245,11 @@ def run_tracked_backtest(
         if "lightgbm" in result.last_models:
             importance = result.last_models["lightgbm"].feature_importance()
             (out_dir / "feature_importance.json").write_text(json.dumps(importance, indent=2))
+        (out_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "city": source}, indent=2))
         mlflow.log_artifacts(str(out_dir), artifact_path="backtest")
+        if "lightgbm" in result.predictions:
+            say("feedback-loop diagnostics" + (" and bias audit" if audit_layer is not None else ""))
+            assess(result, panel, out_dir, audit_layer=audit_layer, n_boot=n_boot)
 
         decision, version = None, None
         if register and "lightgbm" in forecasters:

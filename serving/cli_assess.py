@@ -1,0 +1,192 @@
+"""``hotspots diagnose`` and ``hotspots audit``: assess a backtested model on demand and log the figures into
+its MLflow run, where the model card and ``/v1/diagnostics`` read them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from serving.cli import DataDir, _fail, _load_panel, _settings, _stage, app, console
+
+
+def _backtest(settings, city: str, backtest_dir: Optional[Path]):
+    from experiments.assess import SavedBacktest, latest_backtest
+
+    try:
+        saved = SavedBacktest.load(backtest_dir or latest_backtest(settings.data_dir, city, settings.h3_resolution))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+        raise
+    panel = _load_panel(settings, city)
+    try:
+        saved.check(panel)
+    except ValueError as exc:
+        _fail(str(exc))
+    return saved, panel
+
+
+def _run_id(settings, city: str, saved) -> str:
+    """The backtest's own run; folders from before run.json existed fall back to the champion's record."""
+    from mlflow.tracking import MlflowClient
+
+    from forecasting.tracking import CHAMPION, assessment_run_id, registered_name
+
+    if saved.run_id:
+        return saved.run_id
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(registered_name(city), CHAMPION).version
+    except Exception:  # noqa: BLE001
+        _fail(f"{saved.out_dir} names no MLflow run and {city} has no champion: run `hotspots backtest {city}`")
+        raise
+    console.print(f"[yellow]{saved.out_dir} names no run: logging into champion version {version}'s record[/]")
+    return assessment_run_id(client, city, str(version))
+
+
+def _patrol_forecasts(settings, city: str, panel, patrols):
+    """The champion's forecasts for the patrolled shifts that the panel has recorded counts for."""
+    import mlflow
+    import numpy as np
+
+    from forecasting.tracking import CHAMPION, registered_name
+
+    logged = np.unique(patrols["shift_id"].to_numpy())
+    origins = logged[(logged > panel.first_shift) & (logged < panel.end_shift)]
+    if origins.size == 0:
+        return None
+    mlflow.set_registry_uri(settings.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{registered_name(city)}@{CHAMPION}").unwrap_python_model().forecaster
+    expected = np.asarray(model.predict(panel, origins), dtype=np.float64).reshape(origins.size, -1)
+    observed = panel.dense(origins[0], origins[-1] + 1)[origins - origins[0]]
+    return origins, expected, observed
+
+
+HEADLINE = {"gini": "Gini of flag counts", "share_ever_flagged": "share of cells ever flagged",
+            "jaccard_mean": "Jaccard, consecutive shifts", "jaccard_day_mean": "Jaccard, same shift next day",
+            "run_days_mean": "mean days a cell stays flagged", "tie_share": "flags decided by ties"}
+
+
+def _print_diagnostics(diag, coverages) -> None:
+    from rich.table import Table
+
+    metrics = diag.to_dict()
+    table = Table("measure", *[f"{name} {c:.0%}" for c in coverages for name in (diag.model, diag.baseline) if name])
+    for key, label in HEADLINE.items():
+        cells = []
+        for c in coverages:
+            tag = f"{c * 100:g}pct"
+            cells.append(metrics.get(f"diag.{key}.{tag}"))
+            if diag.baseline:
+                cells.append(metrics.get(f"diag.baseline.{key}.{tag}"))
+        table.add_row(label, *["n/a" if v is None else f"{v:.3f}" for v in cells])
+    console.print(table)
+    if "diag.gain_lagged_share" in metrics:
+        console.print(f"share of {diag.model}'s gain from lagged counts: {metrics['diag.gain_lagged_share']:.1%}")
+
+
+@app.command()
+def diagnose(
+    city: str = typer.Argument(..., help="City (source) with a backtest."),
+    backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
+    coverage: list[float] = typer.Option([0.01, 0.05], help="Area coverages whose flags are diagnosed."),
+    model: str = typer.Option("lightgbm", help="The backtested forecaster to diagnose."),
+    baseline: str = typer.Option("naive", help="The forecaster it is compared with."),
+    resolution: Optional[int] = typer.Option(None),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Feedback-loop diagnostics of the backtested model (concentration, churn, how long cells stay flagged,
+    gain from lagged counts) and, when planners recorded patrols, recorded crime by patrol dose."""
+    import mlflow
+
+    from experiments.assess import log_diagnostics, run_diagnostics
+    from forecasting.diagnostics import patrol_diagnostics
+    from forecasting.tracking import configure, log_assessment
+    from serving.db import Database
+    from serving.patrols import patrol_log
+
+    settings = _settings(data_dir, resolution)
+    saved, panel = _backtest(settings, city, backtest_dir)
+    with _stage(f"diagnostics of {saved.out_dir.name}"):
+        try:
+            diag = run_diagnostics(saved.predictions, saved.observed, saved.areas, saved.origins, panel,
+                                   saved.importance, coverages=tuple(coverage), model=model, baseline=baseline)
+        except KeyError as exc:
+            _fail(str(exc.args[0]))
+    db = Database.for_settings(settings)
+    try:
+        patrols = patrol_log(db, city)
+    finally:
+        db.dispose()
+    patrol = None
+    if patrols.height:
+        forecasts = _patrol_forecasts(settings, city, panel, patrols)
+        if forecasts is None:
+            console.print(f"{patrols.height:,} patrol rows, none in a shift the panel has counts for: rebuild the "
+                          f"panel with newer incidents (`hotspots ingest` + `hotspots panel`) to analyse them")
+        else:
+            with _stage(f"patrol-dose analysis ({patrols.height:,} patrol rows)"):
+                patrol = patrol_diagnostics(patrols, panel, *forecasts)
+    configure(settings)
+    with mlflow.start_run(run_id=_run_id(settings, city, saved)) as run:
+        log_diagnostics(diag, saved.out_dir)
+        if patrol is not None:
+            log_assessment("patrol_diagnostics", patrol.payload(), patrol.metrics())
+    _print_diagnostics(diag, coverage)
+    if patrol is None:
+        console.print("no patrol-dose analysis: no patrols recorded for shifts the panel has counts for")
+    else:
+        for key, value in sorted(patrol.metrics().items()):
+            console.print(f"patrol {key}: {value:.3f}")
+    console.print(f"logged into MLflow run {run.info.run_id}; report: {saved.out_dir / 'diagnostics.html'}")
+
+
+@app.command()
+def audit(
+    city: str = typer.Argument(..., help="City (source) with a backtest."),
+    preset: Optional[str] = typer.Option(None, help="A shipped area layer: chicago-community-areas, toronto-neighbourhoods."),
+    layer_file: Optional[Path] = typer.Option(None, "--layer-config", help="TOML describing any city's area layer "
+                                              "(path, layer, groups, total, table, key, split)."),
+    backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
+    coverage: list[float] = typer.Option([0.01, 0.05], help="Area coverages whose flags are audited."),
+    model: str = typer.Option("lightgbm", help="The backtested forecaster to audit."),
+    baseline: str = typer.Option("naive", help="The forecaster it is compared with."),
+    n_boot: int = typer.Option(1000, min=100),
+    resolution: Optional[int] = typer.Option(None),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Bias audit of the backtested model against the naive baseline: exposure of each population group (and
+    hardship or low-income quintile) to flagging, against its population and its share of recorded crime,
+    with hit rate, PAI and calibration per group; day-block bootstrap intervals."""
+    import mlflow
+
+    from experiments.assess import log_audit, run_audit
+    from forecasting.area_join import AreaJoinError
+    from forecasting.area_presets import AreaLayerSpec, get_preset
+    from forecasting.tracking import configure
+
+    if (preset is None) == (layer_file is None):
+        _fail("give exactly one of --preset NAME or --layer-config FILE.toml")
+    settings = _settings(data_dir, resolution)
+    try:
+        layer = get_preset(preset) if preset else AreaLayerSpec.from_toml(layer_file)
+    except AreaJoinError as exc:
+        _fail(str(exc))
+    saved, panel = _backtest(settings, city, backtest_dir)
+    base = settings.shared_data_dir if layer_file is None else Path(layer_file).parent
+    with _stage(f"bias audit of {saved.out_dir.name} on {layer.name}"):
+        try:
+            result = run_audit(saved.predictions, saved.observed, saved.areas, saved.origins, panel, layer, base,
+                               coverages=tuple(coverage), n_boot=n_boot, title=f"Bias audit: {city}, {layer.name}",
+                               model=model, baseline=baseline)
+        except KeyError as exc:
+            _fail(str(exc.args[0]))
+        except (AreaJoinError, FileNotFoundError) as exc:
+            _fail(str(exc))
+    configure(settings)
+    with mlflow.start_run(run_id=_run_id(settings, city, saved)) as run:
+        log_audit(result, saved.out_dir)
+    for sentence in result.findings():
+        console.print(sentence)
+    console.print(f"logged into MLflow run {run.info.run_id}; report: {saved.out_dir / 'bias_audit.html'}")
