@@ -93,7 +93,7 @@ def run_audit(predictions, observed, areas, origins, panel: CountPanel, layer: A
         splits.append(quantile_split(join, layer.split, 5, label=layer.split_label or layer.split))
     return audit(_pair(predictions, model, baseline), observed, areas, origins, panel.calendar.per_day, splits,
                  coverages=coverages, baseline=baseline, n_boot=n_boot, meta={"title": title or f"Bias audit: {layer.name}",
-                                                        "layer": layer.name, "join": join.meta})
+                                                        "layer": layer.name, "join": join.summary()})
 
 
 def log_diagnostics(diag: Diagnostics, out_dir: Path | None = None) -> None:
@@ -126,4 +126,33 @@ def assess(result, panel: CountPanel, out_dir: Path, *, audit_layer: AreaLayerSp
         bias = run_audit(result.predictions, result.observed, result.areas, result.origins, panel, audit_layer,
                          shared_dir, n_boot=n_boot)
         log_audit(bias, out_dir)
+    return diag, bias
+
+
+def assess_training(model, panel: CountPanel, cutoff: int, *, audit_layer: AreaLayerSpec | None = None,
+                    shared_dir: Path | None = None, n_boot: int = 1000) -> tuple[Diagnostics, BiasAudit | None]:
+    """Diagnostics (and the audit) of a freshly trained LightGBM model, inside its training run.
+
+    A training run has no test period, so the figures describe the model's flags over its validation window
+    (the ``valid_days`` before the cutoff, which early stopping used) against the naive map of the same shifts.
+    They show how the map behaves; accuracy claims come from backtests."""
+    import mlflow
+
+    from forecasting.baselines import Naive
+
+    per_day = panel.calendar.per_day
+    origins = np.arange(max(panel.first_shift + 1, cutoff - model.valid_days * per_day), cutoff, dtype=np.int64)
+    naive = Naive().fit(panel, int(origins[0]))
+    predictions = {"lightgbm": model.predict(panel, origins), "naive": naive.predict(panel, origins)}
+    observed = panel.dense(int(origins[0]), int(origins[-1]) + 1).astype(np.float64)
+    areas = panel.study_area.areas_km2
+    diag = run_diagnostics(predictions, observed, areas, origins, panel, model.feature_importance())
+    log_diagnostics(diag)
+    mlflow.set_tag("assessment.window", f"validation window: shifts {origins[0]}..{origins[-1]} "
+                                        f"({model.valid_days} days before the cutoff, used for early stopping)")
+    bias = None
+    if audit_layer is not None:
+        bias = run_audit(predictions, observed, areas, origins, panel, audit_layer, shared_dir, n_boot=n_boot,
+                         title=f"Bias audit of the training run's validation window: {audit_layer.name}")
+        log_audit(bias)
     return diag, bias
