@@ -1,19 +1,29 @@
-"""The service's own database (API keys and the audit log): SQLite via SQLAlchemy at ``data_dir/serving.db``.
+"""The service's own database (API keys, the audit log, the patrol log) via SQLAlchemy: SQLite at
+``data_dir/serving.db`` by default, any SQLAlchemy URL with ``HOTSPOTS_DATABASE_URL`` (PostgreSQL through
+psycopg 3: ``postgresql+psycopg://user:password@host:5432/db``; ``?options=-csearch_path%3Dschema`` picks a schema).
 
-The audit table is append-only: the service only ever inserts, and on SQLite triggers make UPDATE and DELETE
-fail, so a bug or a stray query cannot rewrite history. (A retention job would drop the triggers explicitly.)
+The audit and patrol tables are append-only: the service only ever inserts, and triggers make UPDATE and DELETE
+(and TRUNCATE on PostgreSQL) fail, so a bug or a stray query cannot rewrite history. (A retention job would drop
+the triggers explicitly.) :class:`Database` is the one place that knows dialects.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import (
+    BigInteger, DateTime, Double, Index, Integer, LargeBinary, String, Text, create_engine, event, text,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from features.settings import Settings
+
+log = logging.getLogger("hotspots.serving")
 
 
 def utcnow() -> datetime:
@@ -55,36 +65,116 @@ class AuditRow(Base):
     response_bytes: Mapped[int] = mapped_column(Integer)
 
 
-_APPEND_ONLY = [
-    "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
-    "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
-]
+class PatrolRow(Base):
+    """One report of patrol time in a cell and shift. Reports are only added: readers sum the doses."""
+
+    __tablename__ = "patrol_log"
+    __table_args__ = (Index("ix_patrol_log_city_shift", "city", "shift_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    city: Mapped[str] = mapped_column(String(100))
+    shift_id: Mapped[int] = mapped_column(BigInteger)
+    shift_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # UTC
+    h3: Mapped[str] = mapped_column(String(16))
+    dose_minutes: Mapped[float] = mapped_column(Double)
+    key_id: Mapped[str] = mapped_column(String(32), index=True)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+APPEND_ONLY_TABLES = ("audit_log", "patrol_log")
+
+
+def _sqlite_append_only(table: str) -> list[str]:
+    return [f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+            f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END" for op in ("UPDATE", "DELETE")]
+
+
+# PostgreSQL: one trigger function, created if absent (so a schema prepared by a DBA is left alone), and per
+# table a row trigger on UPDATE/DELETE plus a statement trigger on TRUNCATE, created if absent.
+_PG_FUNCTION = """DO $do$ BEGIN
+  IF to_regprocedure('hotspots_append_only()') IS NULL THEN
+    CREATE FUNCTION hotspots_append_only() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    BEGIN RAISE EXCEPTION USING MESSAGE = TG_TABLE_NAME || ' is append-only', ERRCODE = 'P0001'; END $fn$;
+  END IF;
+END $do$"""
+
+
+def _pg_append_only(table: str) -> str:
+    return f"""DO $do$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = '{table}'::regclass AND tgname = '{table}_append_only') THEN
+    CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table}
+      FOR EACH ROW EXECUTE FUNCTION hotspots_append_only();
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = '{table}'::regclass AND tgname = '{table}_no_truncate') THEN
+    CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table}
+      FOR EACH STATEMENT EXECUTE FUNCTION hotspots_append_only();
+  END IF;
+END $do$"""
+
+
+_PG_SCHEMA_LOCK = 0x686F7473706F7473 >> 2  # any constant bigint: serialises schema set-up across workers
 
 
 def database_url(settings: Settings) -> str:
+    """``settings.database_url`` (HOTSPOTS_DATABASE_URL), else SQLite in the data folder."""
+    if settings.database_url:
+        return settings.database_url
     return f"sqlite:///{(Path(settings.data_dir) / 'serving.db').resolve()}"
 
 
 class Database:
-    """One engine and session factory; tables (and the audit triggers) are created on first use."""
+    """One engine and session factory; tables (and the append-only triggers) are created on first use."""
 
     def __init__(self, url: str):
-        self.url = url
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
-        )
-        if self.engine.dialect.name == "sqlite":
+        parsed = make_url(url)
+        if parsed.drivername in ("postgresql", "postgres"):  # the installed driver is psycopg 3, not psycopg2
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self.url = url = parsed.render_as_string(hide_password=False)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        if self.engine.dialect.name == "sqlite":
-            with self.engine.begin() as conn:
-                for statement in _APPEND_ONLY:
-                    conn.execute(text(statement))
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+        for attempt in range(5):
+            try:
+                with self.engine.begin() as conn:
+                    self._create_schema(conn)
+                break
+            except OperationalError as exc:  # SQLite: another worker created a table between our check and CREATE
+                if self.dialect != "sqlite":
+                    self.engine.dispose()
+                    raise RuntimeError(f"cannot use the service database at {self.display_url}: "
+                                       f"{str(exc.orig).strip()} (check HOTSPOTS_DATABASE_URL)") from exc
+                if "already exists" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _create_schema(self, conn: Connection) -> None:
+        if self.dialect == "postgresql":
+            # several workers may start at once: one creates, the others then find everything in place
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SCHEMA_LOCK})
+            Base.metadata.create_all(conn)
+            conn.exec_driver_sql(_PG_FUNCTION)
+            for table in APPEND_ONLY_TABLES:
+                conn.exec_driver_sql(_pg_append_only(table))
+        else:
+            Base.metadata.create_all(conn)
+            if self.dialect == "sqlite":
+                for table in APPEND_ONLY_TABLES:
+                    for statement in _sqlite_append_only(table):
+                        conn.execute(text(statement))
+            else:
+                log.warning("%s: the audit and patrol logs are append-only by the service's code only (triggers are "
+                            "installed on SQLite and PostgreSQL)", self.dialect)
+
+    @property
+    def display_url(self) -> str:
+        """The URL with its password hidden (for logs and messages)."""
+        return make_url(self.url).render_as_string(hide_password=True)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> "Database":

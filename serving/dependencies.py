@@ -14,7 +14,9 @@ from serving.config import ServiceSettings
 from serving.errors import ApiError
 from serving.forecasts import ForecastService
 from serving.keys import KeyStore, Permission, Principal, roles_with
+from serving.metrics import ServiceMetrics
 from serving.models_store import CityState, ModelStore
+from serving.patrols import PatrolLog
 
 API_KEY_HEADER = "X-API-Key"
 api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="API key (hsk_...) of a planner, "
@@ -45,6 +47,14 @@ def get_audit(request: Request) -> AuditLog:
 
 def get_forecasts(request: Request) -> ForecastService:
     return request.app.state.forecasts
+
+
+def get_patrols(request: Request) -> PatrolLog:
+    return request.app.state.patrols
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
 
 
 def get_now() -> datetime:
@@ -96,3 +106,7 @@ Now = Annotated[datetime, Depends(get_now)]
 Planner = Annotated[Principal, Depends(require(Permission.forecasts))]
 Analyst = Annotated[Principal, Depends(require(Permission.models))]
 Auditor = Annotated[Principal, Depends(require(Permission.audit))]
+Patrols = Annotated[PatrolLog, Depends(get_patrols)]
+Metrics = Annotated[ServiceMetrics, Depends(get_metrics)]
+PatrolRecorder = Annotated[Principal, Depends(require(Permission.patrols))]
+PatrolReader = Annotated[Principal, Depends(require(Permission.patrol_log))]

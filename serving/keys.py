@@ -5,8 +5,12 @@ stored; the plaintext is returned once by :func:`create_key` and cannot be recov
 of entropy, so a salted sha256 is enough (a slow hash protects low-entropy passwords, not random tokens);
 comparison is constant-time.
 
-Roles are cumulative: planner reads forecasts; analyst also reads the model registry; auditor also reads the
-audit log; admin may do everything (key management included).
+Verified keys are remembered for ``KeyStore.cache_seconds`` (2 s) so that a busy client does not cost a
+database read per request: a key revoked through the same store stops working at once, one revoked by another
+process (``hotspots keys revoke`` while the service runs) within those 2 s.
+
+Roles are cumulative: planner reads forecasts and records patrols; analyst also reads the model registry and
+the patrol log; auditor also reads the audit log; admin may do everything (key management included).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -38,12 +44,15 @@ class Permission(str, Enum):
     models = "models"
     audit = "audit"
     keys = "keys"
+    patrols = "patrols"  # record patrols (POST /v1/patrols)
+    patrol_log = "patrol_log"  # read the patrol log back (GET /v1/patrols)
 
 
 PERMISSIONS: dict[Role, frozenset[Permission]] = {
-    Role.planner: frozenset({Permission.forecasts}),
-    Role.analyst: frozenset({Permission.forecasts, Permission.models}),
-    Role.auditor: frozenset({Permission.forecasts, Permission.models, Permission.audit}),
+    Role.planner: frozenset({Permission.forecasts, Permission.patrols}),
+    Role.analyst: frozenset({Permission.forecasts, Permission.patrols, Permission.models, Permission.patrol_log}),
+    Role.auditor: frozenset({Permission.forecasts, Permission.patrols, Permission.models, Permission.patrol_log,
+                             Permission.audit}),
     Role.admin: frozenset(Permission),
 }
 
@@ -83,8 +92,13 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 class KeyStore:
+    cache_seconds = 2.0  # how long a verified key is trusted without reading the database again
+    cache_entries = 10_000
+
     def __init__(self, db: Database):
         self.db = db
+        self._verified: dict[bytes, tuple[float, str, Role]] = {}  # sha256(key) -> (expiry, key id, role)
+        self._verified_lock = threading.Lock()
 
     def create_key(self, role: Role | str, name: str) -> str:
         """Create a key and return its plaintext: show it once, it is not stored."""
@@ -102,6 +116,8 @@ class KeyStore:
             if row is None or row.revoked_at is not None:
                 return False
             row.revoked_at = utcnow()
+        with self._verified_lock:
+            self._verified = {token: hit for token, hit in self._verified.items() if hit[1] != key_id}
         return True
 
     def verify(self, key: str | None) -> tuple[str, Role] | None:
@@ -110,6 +126,10 @@ class KeyStore:
         if parsed is None:
             return None
         key_id, secret = parsed
+        token, now = hashlib.sha256(f"{key_id}_{secret}".encode("utf-8")).digest(), time.monotonic()
+        hit = self._verified.get(token)
+        if hit is not None and hit[0] > now:
+            return hit[1], hit[2]
         with self.db.session() as session:
             row = session.get(ApiKeyRow, key_id)
         if row is None:
@@ -117,6 +137,11 @@ class KeyStore:
             return None
         if not hmac.compare_digest(row.digest, _digest(row.salt, secret)) or row.revoked_at is not None:
             return None
+        with self._verified_lock:
+            if len(self._verified) >= self.cache_entries:
+                self._verified = {t: h for t, h in self._verified.items() if h[0] > now}
+            if len(self._verified) < self.cache_entries:
+                self._verified[token] = (now + self.cache_seconds, row.key_id, Role(row.role))
         return row.key_id, Role(row.role)
 
     def list_keys(self) -> list[KeyInfo]:
@@ -145,3 +170,7 @@ def revoke_key(key_id: str, settings: Settings | None = None) -> bool:
 
 def verify(key: str, settings: Settings | None = None) -> tuple[str, Role] | None:
     return _with_store(settings, lambda store: store.verify(key))
+
+
+def list_keys(settings: Settings | None = None) -> list[KeyInfo]:
+    return _with_store(settings, lambda store: store.list_keys())

@@ -1,0 +1,104 @@
+"""The patrol log: planners record which cells were patrolled in a shift and for how long; analysts read the
+totals back. Only cells, minutes and shifts: no free text, no people."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+from zoneinfo import ZoneInfo
+
+import polars as pl
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from serving.db import utcnow
+from serving.dependencies import Audit, Metrics, Models, Now, PatrolReader, PatrolRecorder, Patrols, city_state
+from serving.errors import ApiError, FieldError
+from serving.models_store import CityState, ModelStore
+from serving.patrols import check_patrols, utc_instant
+from serving.routers.hotspots import ERRORS
+from serving.schemas import PatrolQuery, PatrolReceipt, PatrolRequest, PatrolShift, PatrolTotal, PatrolTotals
+
+router = APIRouter(tags=["patrols"])
+
+POST_ERRORS = {
+    401: ERRORS[401],
+    403: {**ERRORS[403], "description": "The key's role may not record patrols."},
+    404: ERRORS[404],
+    422: {**ERRORS[422], "description": "Bad shift, h3 cell or dose_minutes (the message names the field and entry)."},
+    503: {**ERRORS[503], "description": "The city's panel cannot be read, or the log cannot be written."},
+}
+GET_ERRORS = {**POST_ERRORS, 403: {**ERRORS[403], "description": "The key's role may not read the patrol log."},
+              422: {**ERRORS[422], "description": "Bad city, start, end or limit (the message names it)."}}
+
+
+def _panel_state(models: ModelStore, city: str) -> CityState:
+    """The city (404 if unknown) with a readable panel (503 otherwise); no champion model is needed."""
+    state = city_state(models, city)
+    if state.panel is None:
+        raise ApiError(503, state.message or f"the panel of {city} cannot be read ({state.status})",
+                       headers={"Retry-After": "60"})
+    return state
+
+
+@router.post("/patrols", status_code=201, response_model=PatrolReceipt, responses=POST_ERRORS,
+             summary="Record the patrol minutes spent in cells during a shift (append-only)")
+def record_patrols(request: Request, body: PatrolRequest, principal: PatrolRecorder, models: Models,
+                   patrols: Patrols, metrics: Metrics, now: Now) -> Response:
+    state = _panel_state(models, body.city)
+    batch = check_patrols(state.panel, body, now)
+    recorded_at = utcnow()
+    receipt = PatrolReceipt(
+        city=batch.city, count=len(batch.h3_ids), total_minutes=batch.total_minutes, recorded_at=recorded_at,
+        shift=PatrolShift(shift_id=batch.shift_id, start=batch.start_local, end=batch.end_local, hours=batch.hours,
+                          timezone=batch.timezone),
+    )
+    content = receipt.model_dump_json().encode("utf-8")
+    params = {"city": batch.city, "shift": body.shift.isoformat(), "shift_id": batch.shift_id,
+              "shift_start": batch.start_local.isoformat(), "n_cells": len(batch.h3_ids),
+              "total_minutes": batch.total_minutes}  # no cell list: a count is enough for the audit trail
+    try:
+        rows = patrols.record(batch, principal, recorded_at,
+                              audit={"endpoint": request.url.path, "params": params, "response_bytes": len(content)})
+    except Exception as exc:  # noqa: BLE001 - a database problem is the operator's: say so, never a bare 500
+        raise ApiError(503, "the patrol log cannot be written; nothing was stored, try again") from exc
+    metrics.patrols_recorded(batch.city, rows)
+    return Response(content=content, status_code=201, media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
+
+
+def _bound(field: str, moment: datetime | None, tz: str) -> datetime | None:
+    """A query bound in the city's time zone when it has no offset, checked to have a UTC instant."""
+    if moment is None:
+        return None
+    utc_instant(field, moment, tz, location="query")
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=ZoneInfo(tz))
+
+
+@router.get("/patrols", response_model=PatrolTotals, responses=GET_ERRORS,
+            summary="Patrol minutes per shift and cell (every report summed), oldest shift first")
+def patrol_totals(request: Request, principal: PatrolReader, query: Annotated[PatrolQuery, Query()], models: Models,
+                  patrols: Patrols, audit: Audit) -> Response:
+    state = _panel_state(models, query.city)
+    tz = state.panel.calendar.timezone
+    start, end = _bound("start", query.start, tz), _bound("end", query.end, tz)
+    if start is not None and end is not None and end <= start:
+        raise FieldError("end", f"{end.isoformat()} is not after start ({start.isoformat()})")
+    try:
+        frame = patrols.totals(query.city, start=start, end=end, limit=query.limit + 1)
+    except Exception as exc:  # noqa: BLE001
+        raise ApiError(503, "the patrol log cannot be read; try again") from exc
+    truncated = frame.height > query.limit
+    frame = frame.head(query.limit).with_columns(pl.col("shift_start").dt.convert_time_zone(tz))
+    body = PatrolTotals(
+        city=query.city, start=start, end=end, count=frame.height, total_minutes=float(frame["dose_minutes"].sum()),
+        truncated=truncated, patrols=[PatrolTotal(**row) for row in frame.iter_rows(named=True)],
+    )
+    content = body.model_dump_json().encode("utf-8")
+    params = {"city": query.city, "start": start and start.isoformat(), "end": end and end.isoformat(),
+              "limit": query.limit, "rows": frame.height}
+    try:
+        audit.record(principal, request.url.path, params, len(content), city=query.city)
+    except Exception as exc:  # noqa: BLE001
+        raise ApiError(503, "the audit log cannot be written; the patrol log is not served without an audit entry") from exc
+    return Response(content=content, media_type="application/json", headers={"Cache-Control": "private, no-store"})
