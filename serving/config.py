@@ -16,3 +16,9 @@ class ServiceSettings(BaseSettings):
     )
     forecast_cache_size: int = Field(256, ge=1, description="Forecasts kept in memory (LRU).")
     default_k: int = Field(20, ge=1, description="Hotspots returned when neither k nor coverage is given.")
+    map_tile_url: str | None = Field(
+        None, pattern=r"^https?://[^\s]*\{z\}[^\s]*$",
+        description="Slippy-map tile template for the /map page's base map, e.g. "
+                    "https://tile.openstreetmap.org/{z}/{x}/{y}.png ({s} becomes 'a'). Unset: no base map and the "
+                    "page makes no request outside the service.",
+    )

@@ -1,0 +1,263 @@
+"""The planner's map page in a real browser against the real server process.
+
+uvicorn serves a data folder built by ``served_city`` (small real Toronto panel, registered champion);
+Debian's Chromium, driven by Playwright, loads /map, signs in with a planner key, sees the hexes and the
+ranked list agree with /v1/hotspots, switches shift, hovers a hex, prints to one page and saves a screenshot
+that must not be blank. Every request the page makes must go to the service (no CDN, no tiles unless set).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlencode
+
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
+from service_support import BARE, CITY, free_port, isolated_mlflow_env, served_city
+
+from serving.db import Database
+from serving.keys import KeyStore, Role
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("HOTSPOTS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1440, "height": 900}
+TIMEOUT_MS = 30_000
+
+
+def chromium_path() -> str:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it with `apt-get install chromium chromium-driver` "
+                    "(what .ci/run does), or point HOTSPOTS_CHROMIUM at a Chromium binary")
+    return CHROMIUM
+
+
+def wait_until_healthy(base: str, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.25)
+    pytest.fail(f"the server did not answer /healthz within {seconds} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(toronto_incidents, tmp_path_factory):
+    chromium_path()  # fail early, before training anything, when the browser is missing
+    root = tmp_path_factory.mktemp("browser")
+    with isolated_mlflow_env():
+        city = served_city(toronto_incidents, root)
+    db = Database.for_settings(city.settings)
+    try:
+        key = KeyStore(db).create_key(Role.planner, "browser test")
+    finally:
+        db.dispose()
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("HOTSPOTS_", "MLFLOW_"))}
+    env.update(HOTSPOTS_DATA_DIR=str(city.settings.data_dir.resolve()), HOTSPOTS_MODEL_REFRESH_SECONDS="3600",
+               HOTSPOTS_CONFIG=str(root / "no-config.toml"), PYTHONUNBUFFERED="1")
+    log_path = root / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "serving.app:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_until_healthy(base, proc, log_path)
+            yield SimpleNamespace(base=base, key=key, panel=city.panel, version=city.version, log=log_path)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh tab (own sessionStorage) that records every URL it requests."""
+    context = browser.new_context(viewport=VIEWPORT)
+    tab = context.new_page()
+    tab.set_default_timeout(TIMEOUT_MS)
+    tab.requested = []
+    tab.errors = []
+    tab.on("request", lambda request: tab.requested.append(request.url))
+    tab.on("pageerror", lambda error: tab.errors.append(str(error)))
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
+def api(server, path: str, **params) -> dict:
+    request = urllib.request.Request(f"{server.base}{path}?{urlencode(params)}", headers={"X-API-Key": server.key})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def sign_in(page, server, key: str | None = None) -> None:
+    page.goto(f"{server.base}/map")
+    page.locator("#key-overlay").wait_for(state="visible")
+    page.fill("#key-input", key or server.key)
+    page.click("#key-submit")
+
+
+def row_ids(page) -> list[str]:
+    return page.locator("#ranked tbody tr").evaluate_all("rows => rows.map(r => r.dataset.h3)")
+
+
+def only_own_requests(page, server) -> None:
+    foreign = [url for url in page.requested if not url.startswith(server.base) and not url.startswith(("data:", "blob:"))]
+    assert not foreign, foreign
+
+
+def test_planner_page_end_to_end(page, server, tmp_path):
+    hexes, rows = page.locator("#map polygon.hex"), page.locator("#ranked tbody tr")
+    # a wrong key: the server's 401 message is shown and the key is asked again
+    sign_in(page, server, key="hsk_000000000000_wrong")
+    expect(page.locator("#key-message")).to_contain_text("invalid or revoked API key")
+    expect(page.locator("#key-overlay")).to_be_visible()
+    page.fill("#key-input", server.key)
+    page.click("#key-submit")
+
+    # the next shift: as many hexes as rows as k, in /v1/hotspots's order
+    expect(hexes).to_have_count(20)
+    expect(rows).to_have_count(20)
+    expect(page.locator("#k")).to_have_value("20")
+    truth = api(server, "/v1/hotspots", city=CITY, k=20)
+    ids = row_ids(page)
+    assert ids[0] == truth["hotspots"][0]["h3"] and ids == [h["h3"] for h in truth["hotspots"]]
+    expect(rows.first.locator("td.num")).to_have_text(f"{truth['hotspots'][0]['expected_count']:.3f}")
+    assert hexes.evaluate_all("hs => hs.map(h => h.dataset.h3)") == ids
+    fills = hexes.evaluate_all("hs => hs.map(h => h.getAttribute('fill'))")
+    assert fills[0] == "rgb(128,0,38)" and len(set(fills)) > 5  # the top cell darkest, a graded scale
+    # the data stop in 2020, so 'next' is the first shift after the data, and the page says so
+    expect(page.locator("#after-data")).to_be_visible()
+    expect(page.locator("#after-data")).to_contain_text("Forecast for the first shift after the data ends")
+    expect(page.locator("#shift-label")).to_contain_text("Sun 1 Mar 2020 · 06:00–14:00 EST")
+    expect(page.locator("#model-label")).to_contain_text(f"v{server.version}")
+    assert truth["shift"]["after_data"] is True
+
+    # fewer cells
+    page.select_option("#k", "10")
+    expect(hexes).to_have_count(10)
+    expect(rows).to_have_count(10)
+    assert row_ids(page) == ids[:10]
+
+    # another shift: the label, the map and the list follow
+    before = api(server, f"/v1/cities/{CITY}/shifts", n=9)
+    previous = next(s for s in before["shifts"] if s["offset"] == -1)
+    page.select_option("#shift", previous["shift"])
+    expect(page.locator("#shift-label")).to_contain_text("Sat 29 Feb 2020 · 22:00–Sun 1 Mar 06:00 EST")
+    expect(page.locator("#after-data")).to_be_hidden()
+    expect(hexes).to_have_count(10)
+    night = api(server, "/v1/hotspots", city=CITY, k=10, shift=previous["shift"])
+    expect(rows.first).to_have_attribute("data-h3", night["hotspots"][0]["h3"])
+    assert row_ids(page) == [h["h3"] for h in night["hotspots"]]
+    counts = [float(t) for t in page.locator("#ranked tbody td.num").all_inner_texts()]
+    assert counts == pytest.approx([h["expected_count"] for h in night["hotspots"]], abs=5e-4)
+    assert counts != pytest.approx([h["expected_count"] for h in truth["hotspots"][:10]], abs=5e-4)
+    assert f"shift={previous['shift'].replace(':', '%3A').replace('+', '%2B')}" in page.url  # a shareable link
+
+    # hover a hex: details, and its row lights up; hover a row: its hex lights up
+    top = night["hotspots"][0]
+    page.hover("#map polygon.hex[data-rank='1']")
+    tooltip = page.locator("#tooltip")
+    expect(tooltip).to_be_visible()
+    expect(tooltip).to_contain_text(top["h3"])
+    expect(tooltip).to_contain_text(f"{top['expected_count']:.3f} incidents")
+    expect(tooltip).to_contain_text(f"{top['risk_percentile']:.1f}")
+    expect(page.locator(f"#ranked tr[data-h3='{top['h3']}']")).to_have_class(re.compile(r"\bactive\b"))
+    second = night["hotspots"][1]["h3"]
+    page.hover(f"#ranked tr[data-h3='{second}']")
+    expect(page.locator(f"#map polygon.hex[data-h3='{second}']")).to_have_class(re.compile(r"\bactive\b"))
+    expect(tooltip).to_contain_text(second)
+
+    # the screenshot is a real picture: many colours, mostly not background
+    shot = tmp_path / "map.png"
+    page.screenshot(path=str(shot))
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (VIEWPORT["height"], VIEWPORT["width"])
+    colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+    assert len(colours) > 200, len(colours)
+    assert 1 - counts.max() / counts.sum() > 0.3  # the most common colour (background) is not most of it
+    reds = np.all(np.abs(pixels.astype(int) - (128, 0, 38)) <= 8, axis=2) | (
+        (pixels[..., 0] > 200) & (pixels[..., 1] < 120) & (pixels[..., 2] < 80))
+    assert reds.sum() > 300  # the hot end of the colour scale is on screen
+
+    only_own_requests(page, server)
+    assert not page.errors, page.errors
+
+
+def test_print_view_puts_map_and_list_on_one_page(page, server):
+    sign_in(page, server)
+    expect(page.locator("#map polygon.hex")).to_have_count(20)
+    expect(page.locator("#after-data")).to_be_visible()
+    page.emulate_media(media="print")
+    for hidden in ("#controls", "#print", "#change-key"):
+        expect(page.locator(hidden)).to_be_hidden()
+    for shown in ("#map", "#ranked", "#shift-label", "#after-data"):
+        expect(page.locator(shown)).to_be_visible()
+    pdf = page.pdf(format="A4", landscape=True, print_background=True)
+    assert pdf.startswith(b"%PDF") and re.findall(rb"/Count (\d+)", pdf) == [b"1"]
+    page.emulate_media(media="screen")
+    expect(page.locator("#controls")).to_be_visible()
+    only_own_requests(page, server)
+
+
+def test_server_messages_are_shown_in_the_page(page, server):
+    sign_in(page, server)
+    expect(page.locator("#map polygon.hex")).to_have_count(20)
+    # a city without a champion: the 503 and what to run, and no stale hexes left on the map
+    page.select_option("#city", BARE)
+    message = page.locator("#message")
+    expect(message).to_be_visible()
+    expect(message).to_contain_text("503")
+    expect(message).to_contain_text(f"hotspots backtest {BARE}")
+    expect(page.locator("#map polygon.hex")).to_have_count(0)
+    expect(page.locator("#ranked tbody tr")).to_have_count(0)
+    # a category the champion has no model for: the 422 names the field
+    page.select_option("#city", CITY)
+    expect(page.locator("#map polygon.hex")).to_have_count(20)
+    expect(message).to_be_hidden()
+    page.select_option("#category", "robbery")
+    expect(message).to_contain_text("category: the champion model")
+    # the briefing PNG button downloads the same image the API serves
+    page.select_option("#category", "all")
+    expect(page.locator("#map polygon.hex")).to_have_count(20)
+    with page.expect_download() as download:
+        page.click("#download")
+    png = Path(download.value.path()).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size[0] > 1600
+    only_own_requests(page, server)
