@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from features.settings import Settings, get_settings
 from serving.audit import AuditLog
@@ -24,9 +25,13 @@ from serving.dependencies import Models
 from serving.errors import install_handlers
 from serving.forecasts import ForecastService
 from serving.keys import KeyStore
+from serving.metrics import MetricsMiddleware, ServiceMetrics
+from serving.metrics import router as metrics_router
 from serving.model_cards import ModelCards
 from serving.models_store import ModelStore
-from serving.routers import audit, cities, diagnostics, forecast, hotspots, models
+from serving.patrols import PatrolLog
+from serving.routers import audit, cities, diagnostics, forecast, hotspots, models, patrols
+from serving.routers import map as map_page
 from serving.schemas import CityReadiness, Health, Readiness
 
 log = logging.getLogger("hotspots.serving")
@@ -80,13 +85,19 @@ def create_app(settings: Settings | None = None, service_settings: ServiceSettin
     app.state.keys = KeyStore(db)
     app.state.audit = AuditLog(db)
     app.state.models = ModelStore(settings, refresh_seconds=service_settings.model_refresh_seconds)
-    app.state.forecasts = ForecastService(service_settings.forecast_cache_size)
+    app.state.metrics = ServiceMetrics(app.state.models.snapshot)
+    app.state.patrols = PatrolLog(db)
+    app.state.forecasts = ForecastService(service_settings.forecast_cache_size, metrics=app.state.metrics)
     app.state.model_cards = ModelCards(app.state.models, ttl_seconds=service_settings.model_refresh_seconds)
     install_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
     app.include_router(probes)
+    app.include_router(metrics_router)
     v1 = APIRouter(prefix=f"/{API_VERSION}")
-    for module in (cities, hotspots, forecast, models, diagnostics, audit):
+    for module in (cities, hotspots, forecast, models, diagnostics, audit, patrols):
         v1.include_router(module.router)
     app.include_router(v1)
+    app.include_router(map_page.router)
+    app.mount("/static", StaticFiles(directory=map_page.STATIC_DIR), name="static")
     return app

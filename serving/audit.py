@@ -1,12 +1,21 @@
 """Append-only audit log of the requests that return forecasts: who (key id, role), what (endpoint and
-parameters, the shift resolved), which model version, when, and how many bytes went out."""
+parameters, the shift resolved), which model version, when, and how many bytes went out.
+
+Entries are written by one writer thread per log with group commit: a request hands its entry over and waits
+until the transaction holding it has committed, so no forecast leaves without its entry and none is dropped,
+while concurrent requests share one commit (and one fsync) instead of queueing for the database lock one by
+one. A failed batch is retried row by row, so one bad entry cannot fail the others.
+"""
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
+from concurrent.futures import Future
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from serving.db import AuditRow, Database, as_utc, utcnow
 from serving.keys import Principal
@@ -14,18 +23,62 @@ from serving.schemas import AuditEntry
 
 
 class AuditLog:
+    BATCH = 256  # entries per transaction at most
+    IDLE_SECONDS = 10.0  # the writer thread ends after this long without entries (restarted on the next one)
+    WAIT_SECONDS = 60.0  # a request waits at most this long for its entry to commit, then fails (503)
+
     def __init__(self, db: Database):
         self.db = db
+        self._queue: queue.SimpleQueue[tuple[dict[str, Any], Future]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._writing = False
 
     def record(self, principal: Principal, endpoint: str, params: dict[str, Any], response_bytes: int,
                city: str | None = None, model_version: str | None = None) -> int:
-        row = AuditRow(at=utcnow(), key_id=principal.key_id, role=principal.role.value, endpoint=endpoint,
-                       params=json.dumps(params, sort_keys=True, default=str), city=city,
-                       model_version=model_version, response_bytes=int(response_bytes))
-        with self.db.session.begin() as session:
-            session.add(row)
-            session.flush()
-            return int(row.id)
+        """Write one entry and return its id once it is committed (raises if it cannot be written)."""
+        values = dict(at=utcnow(), key_id=principal.key_id, role=principal.role.value, endpoint=endpoint,
+                      params=json.dumps(params, sort_keys=True, default=str), city=city,
+                      model_version=model_version, response_bytes=int(response_bytes))
+        done: Future = Future()
+        with self._lock:
+            self._queue.put((values, done))
+            if not self._writing:
+                self._writing = True
+                threading.Thread(target=self._write_loop, name="audit-writer", daemon=True).start()
+        return done.result(timeout=self.WAIT_SECONDS)
+
+    def _write_loop(self) -> None:
+        while True:
+            try:
+                batch = [self._queue.get(timeout=self.IDLE_SECONDS)]
+            except queue.Empty:
+                with self._lock:  # record() puts under this lock: nothing can slip in unseen
+                    if self._queue.empty():
+                        self._writing = False
+                        return
+                continue
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[dict[str, Any], Future]]) -> None:
+        statement = insert(AuditRow).returning(AuditRow.id, sort_by_parameter_order=True)
+        try:
+            with self.db.engine.begin() as conn:
+                ids = conn.execute(statement, [values for values, _ in batch]).scalars().all()
+        except Exception:  # noqa: BLE001 - retry one by one: only the entries that cannot be written fail
+            for values, done in batch:
+                try:
+                    with self.db.engine.begin() as conn:
+                        done.set_result(int(conn.execute(statement, values).scalar_one()))
+                except Exception as exc:  # noqa: BLE001
+                    done.set_exception(exc)
+            return
+        for (_, done), new_id in zip(batch, ids):
+            done.set_result(int(new_id))
 
     def entries(self, limit: int = 100, before_id: int | None = None) -> list[AuditEntry]:
         """Newest first."""

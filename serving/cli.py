@@ -228,6 +228,19 @@ def _load_panel(settings: Settings, source: str):
     return CountPanel.load(folder)
 
 
+def _audit_layer(preset: Optional[str]):
+    """The shipped area layer named by --audit-preset (None without one)."""
+    if preset is None:
+        return None
+    from forecasting.area_join import AreaJoinError
+    from forecasting.area_presets import get_preset
+
+    try:
+        return get_preset(preset)
+    except AreaJoinError as exc:
+        _fail(str(exc))
+
+
 def _last_full_year(built) -> int:
     last_day = date(1970, 1, 1) + timedelta(days=(built.end_shift - 1) // built.calendar.per_day)
     return last_day.year if last_day >= date(last_day.year, 12, 31) else last_day.year - 1
@@ -240,18 +253,23 @@ def train(
     category: Optional[str] = typer.Option(None, help="Target one category (default: all)."),
     resolution: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
+    audit_preset: Optional[str] = typer.Option(None, help="Also audit the validation window's flags on this shipped "
+                                               "area layer (see `hotspots audit`)."),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Train the LightGBM forecaster and log it to MLflow as a registered model version (not promoted: only
-    a backtest that beats the naive baseline moves the champion alias)."""
+    a backtest that beats the naive baseline moves the champion alias). The run also logs the diagnostics of
+    the model's flags over its validation window (and, with --audit-preset, the bias audit)."""
     from zoneinfo import ZoneInfo
 
     import mlflow
 
     from features.matrix import build_features
     from forecasting.lgbm import LightGBMForecaster
+    from experiments.assess import assess_training
     from forecasting.tracking import code_version, configure, log_model
 
+    layer = _audit_layer(audit_preset)
     settings = _settings(data_dir, resolution)
     built = _load_panel(settings, source)
     cutoff = built.end_shift if until is None else built.calendar.shift_of(until.replace(tzinfo=until.tzinfo or ZoneInfo(built.calendar.timezone)))
@@ -270,6 +288,8 @@ def train(
         mlflow.log_dict(model.feature_importance(), "feature_importance.json")
         sample = build_features(built, cutoff - 1, model.features).frame().drop("origin", "cell").head(200)
         info = log_model(model, sample.to_pandas(), source)
+        with _stage("diagnostics" + (" and bias audit" if layer else "") + " on the validation window"):
+            assess_training(model, built, cutoff, audit_layer=layer)
     console.print(f"run {run.info.run_id}: registered {info.registered_model_version and f'version {info.registered_model_version}'} "
                   f"of hotspots-{source} ({model.best_iteration_} trees, {model.train_rows_:,} training rows)")
 
@@ -302,12 +322,16 @@ def backtest(
     ratio: float = typer.Option(1.5, help="The claim to test: candidate hit rate >= ratio x naive."),
     n_boot: int = typer.Option(1000),
     register: bool = typer.Option(True, help="Fit on all data, register, and apply the promotion gate."),
+    audit_preset: Optional[str] = typer.Option(None, help="Also run the bias audit on this shipped area layer "
+                                               "(chicago-community-areas, toronto-neighbourhoods); see `hotspots audit`."),
     resolution: Optional[int] = typer.Option(None),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
-    """Rolling-origin backtest (monthly refits) of LightGBM against every baseline, with the claim test."""
+    """Rolling-origin backtest (monthly refits) of LightGBM against every baseline, with the claim test, the
+    feedback-loop diagnostics and (with --audit-preset) the bias audit, all logged to MLflow."""
     from experiments.backtest import default_forecasters, run_tracked_backtest
 
+    layer = _audit_layer(audit_preset)
     settings = _settings(data_dir, resolution)
     built = _load_panel(settings, source)
     year = _last_full_year(built)
@@ -323,7 +347,7 @@ def backtest(
         tracked = run_tracked_backtest(
             built, source, settings, start, end, forecasters={k: available[k] for k in chosen}, claimed_ratio=ratio,
             n_boot=n_boot, register=register and "lightgbm" in chosen,
-            progress=lambda message: bar.update(task, description=f"backtest {source}: {message}"),
+            progress=lambda message: bar.update(task, description=f"backtest {source}: {message}"), audit_layer=layer,
         )
     _print_backtest(tracked)
 
@@ -370,14 +394,178 @@ def run(
     path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
     resolution: Optional[int] = typer.Option(None),
     ratio: float = typer.Option(1.5),
+    serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Start the service on the new champion afterwards."),
+    host: str = typer.Option("127.0.0.1", help="Address the service listens on (with --serve)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port of the service (with --serve)."),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """The whole journey: ingest, panel, backtest of the last full year against every baseline, claim verdict,
-    registration and the promotion gate."""
+    registration and the promotion gate; then (unless --no-serve) a planner key if there is none, and the
+    service with the map's URL."""
     ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir)
     panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
     backtest(source=source, test_start=None, test_end=None, forecaster=None, ratio=ratio, n_boot=1000, register=True,
-             resolution=resolution, data_dir=data_dir)
+             audit_preset=None, resolution=resolution, data_dir=data_dir)
+    if not serve_after:
+        return
+    from serving.keys import Role
+
+    settings = _settings(data_dir, resolution)
+    created = ensure_planner_key(settings)
+    if created is not None:
+        _show_new_key(created, Role.planner)
+    _serve(settings, host, port, workers=1, reload_seconds=None, access_log=True)
+
+
+def ensure_planner_key(settings: Settings) -> Optional[str]:
+    """A new planner key (plaintext, to show once) when the data folder has no active one, else None."""
+    from serving.keys import Role, create_key, list_keys
+
+    if any(k.role is Role.planner and k.revoked_at is None for k in list_keys(settings)):
+        return None
+    return create_key(Role.planner, "planner (created by hotspots run)", settings)
+
+
+# --- the service ---------------------------------------------------------------------------------------
+
+
+def _public_host(host: str) -> str:
+    """The address to print for a browser: a wildcard bind is reachable on loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
+
+
+def _serve(settings: Settings, host: str, port: int, workers: int, reload_seconds: Optional[float],
+           access_log: bool) -> None:
+    """Run uvicorn on the app factory. Settings travel as HOTSPOTS_* variables so that every worker process
+    (which imports the app afresh) builds the same service."""
+    import os
+    import signal
+
+    import uvicorn
+
+    from features.settings import get_settings
+
+    os.environ["HOTSPOTS_DATA_DIR"] = str(Path(settings.data_dir).resolve())
+    os.environ["HOTSPOTS_H3_RESOLUTION"] = str(settings.h3_resolution)
+    if reload_seconds is not None:
+        os.environ["HOTSPOTS_MODEL_REFRESH_SECONDS"] = repr(float(reload_seconds))
+    get_settings.cache_clear()  # this process may have read other settings before
+    base = f"http://{_public_host(host)}:{port}"
+    console.print(f"data folder {Path(settings.data_dir).resolve()}; {workers} worker(s)"
+                  + (" (each keeps its own forecast cache)" if workers > 1 else ""))
+    console.print(f"map:  {base}/map", soft_wrap=True)
+    console.print(f"docs: {base}/docs   (API under {base}/v1, key in the X-API-Key header)", soft_wrap=True)
+    # uvicorn drains requests and runs the shutdown on SIGTERM, then re-raises the signal to the handler in
+    # place before it started; a no-op one here makes a graceful stop exit 0, as service managers expect
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run("serving.cli:service_app", factory=True, host=host, port=port, workers=workers,
+                access_log=access_log, timeout_graceful_shutdown=10)
+
+
+def service_app():
+    """The app factory `hotspots serve` runs in each worker: :func:`serving.app.create_app` (settings from the
+    environment), and once its startup has loaded the models, a freeze of the garbage collector's generations.
+    The long-lived objects (models, panels, imported libraries: millions) are then skipped by full collections,
+    which otherwise stall every request for ~0.2 s every few thousand requests (the p99 latency)."""
+    import gc
+    from contextlib import asynccontextmanager
+
+    from serving.app import create_app
+
+    app = create_app()
+    startup = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_):
+        async with startup(app_) as state:
+            gc.collect()
+            gc.freeze()
+            yield state
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    workers: int = typer.Option(1, min=1, help="Worker processes; each keeps its own forecast cache."),
+    reload_seconds: Optional[float] = typer.Option(
+        None, min=0, help="How often at most the registry is re-read for a moved champion (default: setting "
+                          "model_refresh_seconds, 60; 0: on every request)."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="uvicorn's per-request log line "
+                                    "(the audit log is kept either way)."),
+    resolution: Optional[int] = typer.Option(None, help="H3 resolution of the panels to serve (default: settings, 9)."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Start the hotspot service (FastAPI on uvicorn): the API under /v1, the planner map at /map."""
+    _serve(_settings(data_dir, resolution), host, port, workers, reload_seconds, access_log)
+
+
+# --- API keys ------------------------------------------------------------------------------------------
+
+keys_app = typer.Typer(help="API keys of the service: create (shown once), revoke, list. Stored hashed.",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _show_new_key(plaintext: str, role) -> None:
+    console.print(f"new {role.value} key (send it in the X-API-Key header):")
+    typer.echo(plaintext)  # plain echo: never wrapped or re-styled, so it can be copied whole
+    console.print("[bold yellow]warning:[/] the key is shown only now; it is stored hashed and cannot be recovered. "
+                  "Lost keys are revoked and replaced.")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: str = typer.Option(..., help="planner (forecasts), analyst (+ models), auditor (+ audit log) or admin."),
+    name: str = typer.Option(..., help="A label for the key's use, e.g. 'night desk' or 'dispatch GIS': never a "
+                                       "person's name (the service keeps no personal data)."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Create an API key and print it once."""
+    from serving.keys import Role, create_key
+
+    try:
+        chosen = Role(role)
+    except ValueError:
+        _fail(f"unknown role {role!r}; choose from {', '.join(r.value for r in Role)}")
+    label = name.strip()
+    if not 1 <= len(label) <= 200:
+        _fail("--name must be 1 to 200 characters: a label such as 'night desk'")
+    if "@" in label:
+        _fail("--name looks like an e-mail address; use a label for the key's use such as 'night desk' (no personal data)")
+    _show_new_key(create_key(chosen, label, _settings(data_dir)), chosen)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (the part after hsk_, see `hotspots keys list`)."),
+                data_dir: Optional[Path] = DataDir) -> None:
+    """Revoke a key: requests with it get 401 from then on (the row stays for the audit trail)."""
+    from serving.keys import revoke_key
+
+    if not revoke_key(key_id, _settings(data_dir)):
+        _fail(f"no active key with id {key_id!r}: see `hotspots keys list`")
+    console.print(f"key {key_id} revoked")
+
+
+@keys_app.command("list")
+def keys_list(data_dir: Optional[Path] = DataDir) -> None:
+    """Keys with their ids, names, roles and dates (never the secrets)."""
+    from serving.keys import list_keys
+
+    found = list_keys(_settings(data_dir))
+    if not found:
+        console.print("no keys: create one with `hotspots keys create --role planner --name 'night desk'`")
+        return
+    table = Table()
+    for title, wrap in (("id", False), ("name", True), ("role", False), ("created (UTC)", False), ("revoked (UTC)", False)):
+        table.add_column(title, no_wrap=not wrap)
+    for k in found:
+        table.add_row(k.key_id, k.name, k.role.value, f"{k.created_at:%Y-%m-%d %H:%M:%S}",
+                      f"{k.revoked_at:%Y-%m-%d %H:%M:%S}" if k.revoked_at else "")
+    console.print(table)
 
 
 @app.command()
@@ -406,6 +594,8 @@ def retention(
     deleted = IncidentStore(_settings(data_dir).data_dir).delete_older_than(timedelta(days=max_age_days))
     console.print(json.dumps(deleted))
 
+
+import serving.cli_assess  # noqa: E402,F401  (registers `diagnose` and `audit`)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -45,22 +45,26 @@ def _run_id(settings, city: str, saved) -> str:
     return assessment_run_id(client, city, str(version))
 
 
-def _patrol_forecasts(settings, city: str, panel, patrols):
-    """The champion's forecasts for the patrolled shifts that the panel has recorded counts for."""
+def _patrol_forecasts(settings, city: str, panel, patrols, saved, model: str):
+    """(origins, expected, observed) for the patrol analysis: the backtest's own forecasts when patrols were
+    logged in its test period, else the champion's forecasts for the logged shifts the panel has counts for."""
     import mlflow
     import numpy as np
 
     from forecasting.tracking import CHAMPION, registered_name
 
     logged = np.unique(patrols["shift_id"].to_numpy())
+    inside = np.isin(saved.origins, logged)
+    if inside.any():
+        return saved.origins[inside], saved.predictions[model][inside], saved.observed[inside], f"backtest {model}"
     origins = logged[(logged > panel.first_shift) & (logged < panel.end_shift)]
     if origins.size == 0:
         return None
     mlflow.set_registry_uri(settings.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{registered_name(city)}@{CHAMPION}").unwrap_python_model().forecaster
-    expected = np.asarray(model.predict(panel, origins), dtype=np.float64).reshape(origins.size, -1)
-    observed = panel.dense(origins[0], origins[-1] + 1)[origins - origins[0]]
-    return origins, expected, observed
+    champion = mlflow.pyfunc.load_model(f"models:/{registered_name(city)}@{CHAMPION}").unwrap_python_model().forecaster
+    expected = np.asarray(champion.predict(panel, origins), dtype=np.float64).reshape(origins.size, -1)
+    observed = panel.dense(int(origins[0]), int(origins[-1]) + 1)[origins - origins[0]]
+    return origins, expected, observed, "champion"
 
 
 HEADLINE = {"gini": "Gini of flag counts", "share_ever_flagged": "share of cells ever flagged",
@@ -121,13 +125,14 @@ def diagnose(
         db.dispose()
     patrol = None
     if patrols.height:
-        forecasts = _patrol_forecasts(settings, city, panel, patrols)
+        forecasts = _patrol_forecasts(settings, city, panel, patrols, saved, model)
         if forecasts is None:
             console.print(f"{patrols.height:,} patrol rows, none in a shift the panel has counts for: rebuild the "
                           f"panel with newer incidents (`hotspots ingest` + `hotspots panel`) to analyse them")
         else:
-            with _stage(f"patrol-dose analysis ({patrols.height:,} patrol rows)"):
-                patrol = patrol_diagnostics(patrols, panel, *forecasts)
+            *arrays, source = forecasts
+            with _stage(f"patrol-dose analysis ({patrols.height:,} patrol rows, {source} forecasts as control)"):
+                patrol = patrol_diagnostics(patrols, panel, *arrays)
     configure(settings)
     with mlflow.start_run(run_id=_run_id(settings, city, saved)) as run:
         log_diagnostics(diag, saved.out_dir)

@@ -6,28 +6,74 @@ the project's tie rule (:func:`forecasting.metrics.rank_cells`) and selected by 
 (:func:`forecasting.metrics.cells_for_coverage`), exactly as the backtest does.
 
 Forecasts are cached per (city, shift, category, model version, panel files): a new champion or an updated
-panel gives new keys, and old entries age out of the LRU.
+panel gives new keys, and old entries age out of the LRU. A cached forecast is immutable, so the JSON bodies
+made from it (per endpoint, shift as asked, k or coverage) are cached too, in a byte-bounded LRU: a cache hit
+serialises nothing. Explanations (LightGBM ``pred_contrib``, about 1 ms per cell on a city model) are computed
+for the cells a response needs, on first need, not for the whole city up front.
+
+Each worker process has its own caches.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Hashable
+from functools import lru_cache
+from typing import TYPE_CHECKING, Callable, Hashable
 from zoneinfo import ZoneInfo
 
 import h3
 import numpy as np
 
+from features.calendar import ShiftCalendar
+from features.matrix import build_features
 from features.panel import CountPanel
 from forecasting.metrics import cells_for_coverage, rank_cells
 from serving.errors import FieldError
 from serving.models_store import CityState, LoadedModel
 
+if TYPE_CHECKING:
+    from serving.metrics import ServiceMetrics
+
 TOP_FEATURES = 3
+RowsExplainer = Callable[[np.ndarray], tuple[np.ndarray, list[str]]]  # cells -> (contributions, feature names)
+
+
+class Explanations:
+    """The top contributing features of each cell of one forecast, computed for the cells asked for on first
+    need and kept; the input rows are released once every cell is explained."""
+
+    def __init__(self, n_cells: int, explain_rows: RowsExplainer):
+        self._explain_rows: RowsExplainer | None = explain_rows
+        self._done = np.zeros(n_cells, dtype=bool)
+        self._index = np.zeros((n_cells, TOP_FEATURES), dtype=np.int32)
+        self._value = np.zeros((n_cells, TOP_FEATURES), dtype=np.float64)
+        self._names: list[str] = []
+        self._lock = threading.Lock()
+
+    def top(self, cells: np.ndarray) -> list[list[tuple[str, float]]]:
+        """Per cell (in the order given): (feature, contribution) pairs, largest |contribution| first."""
+        cells = np.asarray(cells, dtype=np.int64)
+        with self._lock:
+            missing = np.unique(cells[~self._done[cells]])
+            if missing.size:
+                contrib, names = self._explain_rows(missing)
+                contrib = np.asarray(contrib, dtype=np.float64).reshape(missing.size, -1)
+                if names and names[-1] == "bias":
+                    contrib, names = contrib[:, :-1], list(names[:-1])
+                top = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :TOP_FEATURES]
+                self._index[missing, : top.shape[1]] = top
+                self._value[missing, : top.shape[1]] = np.take_along_axis(contrib, top, axis=1)
+                self._names, self._done[missing] = list(names), True
+                if self._done.all():
+                    self._explain_rows = None
+        width = min(TOP_FEATURES, len(self._names))
+        names, index, value = self._names, self._index[cells, :width].tolist(), self._value[cells, :width].tolist()
+        return [[(names[j], v) for j, v in zip(js, vs)] for js, vs in zip(index, value)]
 
 
 @dataclass(frozen=True)
@@ -39,7 +85,12 @@ class Forecast:
     expected: np.ndarray  # (n_cells,)
     order: np.ndarray  # cell indices, best first
     percentile: np.ndarray  # (n_cells,) % of cells with expected <= this cell's
-    top_features: list[list[tuple[str, float]]]  # per cell, largest |contribution| first
+    explanations: Explanations = field(repr=False, compare=False)
+    key: Hashable = None  # the forecast cache's key (city, shift, category, model version, panel files)
+
+    def top_features(self, cells: np.ndarray) -> list[list[tuple[str, float]]]:
+        """Per cell: the largest |contribution| terms first."""
+        return self.explanations.top(cells)
 
 
 @dataclass(frozen=True)
@@ -98,8 +149,42 @@ class LRUCache:
 # --- parameters ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ShiftTimes:
+    start: datetime  # local, with its UTC offset
+    end: datetime
+    hours: float
+
+
+@lru_cache(maxsize=16384)
+def shift_times(calendar: ShiftCalendar, shift_id: int) -> ShiftTimes:
+    """A shift's window in local time (memoised: a calendar's shifts never change, and the calendar's polars
+    conversions cost milliseconds per call)."""
+    row = calendar.bounds([shift_id]).row(0, named=True)
+    return ShiftTimes(row["start_local"], row["end_local"], float(row["hours"]))
+
+
 def shift_start_local(panel: CountPanel, shift_id: int) -> datetime:
-    return panel.calendar.bounds([shift_id])["start_local"][0]
+    return shift_times(panel.calendar, int(shift_id)).start
+
+
+@lru_cache(maxsize=16384)
+def _shift_of(calendar: ShiftCalendar, moment_utc: datetime) -> int:
+    return calendar.shift_of(moment_utc)
+
+
+_CURRENT: dict[ShiftCalendar, tuple[datetime, datetime, int]] = {}  # calendar -> the shift 'now' was last in
+
+
+def current_shift(calendar: ShiftCalendar, now: datetime) -> int:
+    """The shift containing ``now`` (start <= now < end), reusing the last answer while now stays inside it."""
+    last = _CURRENT.get(calendar)
+    if last is not None and last[0] <= now < last[1]:
+        return last[2]
+    shift_id = calendar.shift_of(now)
+    window = shift_times(calendar, shift_id)
+    _CURRENT[calendar] = (window.start, window.end, shift_id)
+    return shift_id
 
 
 def _iso(moment: datetime) -> str:
@@ -112,7 +197,7 @@ def resolve_shift(panel: CountPanel, requested: str, now: datetime) -> ResolvedS
     lo, hi = panel.first_shift + 1, panel.end_shift
     text = requested.strip()
     if text.lower() == "next":
-        upcoming = cal.next_shift(now)
+        upcoming = current_shift(cal, now) + 1  # as ShiftCalendar.next_shift
         if upcoming > hi:  # the panel stops before now: the next shift the data allows
             return ResolvedShift(hi, requested, True)
         if upcoming < lo:
@@ -133,7 +218,7 @@ def resolve_shift(panel: CountPanel, requested: str, now: datetime) -> ResolvedS
     if not first <= moment_utc <= last:
         raise FieldError("shift", f"{requested} is outside the shifts this panel can forecast: from {_iso(first)} to "
                                   f"{_iso(last)} (the first shift after the data)")
-    shift_id = cal.shift_of(moment_utc)
+    shift_id = _shift_of(cal, moment_utc)
     start = shift_start_local(panel, shift_id)
     if start != moment_utc:
         raise FieldError("shift", f"{requested} is not the start of a shift; shifts start at {', '.join(cal.labels)} "
@@ -166,9 +251,38 @@ def check_k(panel: CountPanel, k: int | None, coverage: float | None) -> None:
 # --- computing ----------------------------------------------------------------------------------------
 
 
+class BodyCache:
+    """Thread-safe LRU of response bodies bounded by their total size in bytes."""
+
+    def __init__(self, max_bytes: int, max_item_bytes: int):
+        self.max_bytes, self.max_item_bytes = max_bytes, max_item_bytes
+        self._data: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get_or_make(self, key: Hashable, make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            found = self._data.get(key)
+            if found is not None:
+                self._data.move_to_end(key)
+                return found
+        body = make()  # two threads may both make it: the bodies are identical
+        if len(body) <= self.max_item_bytes:
+            with self._lock:
+                if key not in self._data:
+                    self._data[key] = body
+                    self._size += len(body)
+                while self._size > self.max_bytes:
+                    self._size -= len(self._data.popitem(last=False)[1])
+        return body
+
+
 class ForecastService:
-    def __init__(self, cache_size: int = 256):
+    def __init__(self, cache_size: int = 256, metrics: "ServiceMetrics | None" = None,
+                 body_cache_bytes: int = 64 * 2**20):
         self.cache = LRUCache(cache_size)
+        self.bodies = BodyCache(body_cache_bytes, max_item_bytes=body_cache_bytes // 16)
+        self.metrics = metrics  # cache hits/misses and cold compute seconds, when the app measures them
         self._model_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -180,21 +294,52 @@ class ForecastService:
         """(forecast, cache hit)."""
         model = state.model
         key = (state.city, shift_id, category, model.version, state.panel_token)
-        return self.cache.get_or_compute(key, lambda: self._compute(state, shift_id, category))
+        forecast, hit = self.cache.get_or_compute(key, lambda: self._compute(state, shift_id, category, key))
+        if self.metrics is not None:
+            self.metrics.forecast_lookup(state.city, hit)
+        return forecast, hit
 
-    def _compute(self, state: CityState, shift_id: int, category: str) -> Forecast:
+    def body(self, forecast: Forecast, variant: Hashable, make: Callable[[], bytes]) -> bytes:
+        """The response body ``variant`` (endpoint, parameters as asked) of a forecast, made once and kept."""
+        return self.bodies.get_or_make((forecast.key, forecast.model.source, variant), make)
+
+    def _compute(self, state: CityState, shift_id: int, category: str, key: Hashable = None) -> Forecast:
         panel, model = state.panel, state.model
-        with self._model_lock(model):  # one LightGBM call per model at a time
-            expected = np.asarray(model.forecaster.predict(panel, shift_id), dtype=np.float64).reshape(-1)
-            contrib, names = model.forecaster.contributions(panel, shift_id)
-        contrib = np.asarray(contrib, dtype=np.float64)
-        if names and names[-1] == "bias":
-            contrib, names = contrib[:, :-1], list(names[:-1])
-        top = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :TOP_FEATURES]
-        top_features = [[(names[j], float(contrib[i, j])) for j in row] for i, row in enumerate(top)]
+        lock = self._model_lock(model)
+        with lock:  # one LightGBM call per model at a time
+            started = time.perf_counter()  # the work, not the wait for the lock
+            expected, explain_rows = _predict(model.forecaster, panel, shift_id, lock)
         order = rank_cells(expected, shift_id)[0]
         percentile = 100.0 * np.searchsorted(np.sort(expected), expected, side="right") / expected.size
-        return Forecast(state.city, shift_id, category, model, expected, order, percentile, top_features)
+        if self.metrics is not None:
+            self.metrics.forecast_computed(state.city, time.perf_counter() - started)
+        return Forecast(state.city, shift_id, category, model, expected, order, percentile,
+                        Explanations(expected.size, explain_rows), key)
+
+
+def _predict(forecaster, panel: CountPanel, shift_id: int, lock: threading.Lock) -> tuple[np.ndarray, RowsExplainer]:
+    """Expected counts of every cell, and a function explaining given cells.
+
+    A LightGBM forecaster's ``predict`` and ``contributions`` each build the shift's feature matrix (from the
+    panel cut at the shift: history before it only) and run the booster on it; here the matrix is built once
+    and kept, the booster predicts every cell, and ``pred_contrib`` runs later on the rows a response shows.
+    Other forecasters go through their public ``predict`` and ``contributions``."""
+    booster, config = getattr(forecaster, "booster_", None), getattr(forecaster, "features", None)
+    if booster is not None and config is not None and getattr(forecaster, "columns_", None):
+        X = build_features(panel.until(shift_id), shift_id, config).X
+        iteration = forecaster.best_iteration_
+        expected = np.asarray(booster.predict(X, num_iteration=iteration), dtype=np.float64).reshape(-1)
+        names = list(forecaster.columns_) + ["bias"]
+
+        def explain_rows(cells: np.ndarray) -> tuple[np.ndarray, list[str]]:
+            with lock:
+                return booster.predict(X[cells], num_iteration=iteration, pred_contrib=True), names
+
+        return expected, explain_rows
+    expected = np.asarray(forecaster.predict(panel, shift_id), dtype=np.float64).reshape(-1)
+    contrib, names = forecaster.contributions(panel, shift_id)
+    contrib = np.asarray(contrib, dtype=np.float64)
+    return expected, lambda cells: (contrib[cells], list(names))
 
 
 def select_cells(panel: CountPanel, forecast: Forecast, k: int | None, coverage: float | None, default_k: int) -> int:

@@ -118,6 +118,8 @@ class ModelStore:
         if self._lock.acquire(blocking=False):  # someone else refreshing: serve the current snapshot
             try:
                 self._refresh_locked()
+            except Exception:  # noqa: BLE001 - a failed refresh must not fail the request: keep the snapshot
+                log.exception("model refresh failed; still serving the previous snapshot")
             finally:
                 self._lock.release()
 

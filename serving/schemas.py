@@ -70,7 +70,7 @@ class AuditQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(100, ge=1, le=1000, description="Entries to return, newest first.")
-    before_id: int | None = Field(None, ge=1, description="Only entries older than this id (paging).")
+    before_id: int | None = Field(None, ge=1, le=2**63 - 1, description="Only entries older than this id (paging).")
 
 
 # --- probes -------------------------------------------------------------------------------------------
@@ -291,3 +291,125 @@ class AuditList(BaseModel):
 
 
 HotspotCollection.model_rebuild()
+
+
+# --- map page: forecastable shifts and the study area's outline ----------------------------------------
+
+
+class ShiftsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    around: str = Field(
+        "next", max_length=64,
+        description="The shift to centre the list on: 'next' (as in /v1/hotspots) or the ISO 8601 start of a shift.",
+    )
+    n: int = Field(6, ge=0, le=42, description="Shifts to list before and after it (as far as the panel allows).")
+
+
+class ShiftOption(BaseModel):
+    shift_id: int
+    shift: str = Field(..., description="The value to pass as `shift` to the forecast endpoints: 'next' for the "
+                                        "centre shift when around='next', else its ISO 8601 local start.")
+    start: datetime = Field(..., description="Shift start, local time with its UTC offset.")
+    end: datetime = Field(..., description="Shift end, local time with its UTC offset.")
+    hours: float
+    label: str = Field(..., description="The shift of day by its local start (HH:MM).")
+    offset: int = Field(..., description="Shifts from the centre shift (negative: before it).")
+
+
+class ShiftList(BaseModel):
+    city: str
+    timezone: str
+    around: str = Field(..., description="The around parameter as given.")
+    centre_shift_id: int
+    after_data: bool = Field(False, description="As in /v1/hotspots: 'next' is the first shift after the data.")
+    first_start: datetime = Field(..., description="Earliest shift start the service can forecast (local time).")
+    last_start: datetime = Field(..., description="Latest one: the first shift after the data (local time).")
+    shifts: list[ShiftOption] = Field(..., description="Chronological.")
+
+
+class MultiPolygon(BaseModel):
+    type: Literal["MultiPolygon"] = "MultiPolygon"
+    coordinates: list[list[list[tuple[float, float]]]] = Field(
+        ..., description="Polygons, each a list of closed rings of [longitude, latitude] positions (RFC 7946).")
+
+
+class StudyAreaOutline(BaseModel):
+    city: str
+    h3_resolution: int
+    n_cells: int
+    area_km2: float
+    bbox: tuple[float, float, float, float] = Field(..., description="[west, south, east, north] in degrees.")
+    outline: MultiPolygon = Field(..., description="The union of the study area's cells.")
+
+
+# --- patrol log ---------------------------------------------------------------------------------------
+# Only cells, minutes and the shift: no unit names, officers or notes (no free text, no personal data).
+
+MAX_PATROLS_PER_REQUEST = 20_000
+
+
+class PatrolEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    h3: str = Field(..., min_length=1, max_length=32, examples=["892b9bc2a6bffff"],
+                    description="H3 id of a cell of the city's study area (at the service's resolution).")
+    dose_minutes: float = Field(..., gt=0, allow_inf_nan=False, strict=True, examples=[45.0],
+                                description="Minutes of patrol presence in the cell during the shift "
+                                            "(0 < dose <= the shift's length in minutes).")
+
+
+class PatrolRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    city: str = Field(..., min_length=1, max_length=100, description="City (source) name, see /v1/cities.")
+    shift: datetime = Field(
+        ..., examples=["2020-02-10T14:00:00-05:00"],
+        description="ISO 8601 start of the patrolled shift (without an offset: city local time): any shift from "
+                    "the panel's first one up to the next shift after now.",
+    )
+    patrols: list[PatrolEntry] = Field(..., min_length=1, max_length=MAX_PATROLS_PER_REQUEST,
+                                       description="One entry per cell (no duplicates).")
+
+
+class PatrolShift(BaseModel):
+    shift_id: int
+    start: datetime = Field(..., description="Shift start, local time with its UTC offset.")
+    end: datetime = Field(..., description="Shift end, local time with its UTC offset.")
+    hours: float
+    timezone: str
+
+
+class PatrolReceipt(BaseModel):
+    city: str
+    shift: PatrolShift
+    count: int = Field(..., description="Rows stored (one per cell).")
+    total_minutes: float
+    recorded_at: datetime = Field(..., description="When they were stored (UTC).")
+
+
+class PatrolQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    city: str = Field(..., min_length=1, max_length=100, description="City (source) name, see /v1/cities.")
+    start: datetime | None = Field(None, description="Only shifts starting at or after this (ISO 8601; without an "
+                                                     "offset: city local time).")
+    end: datetime | None = Field(None, description="Only shifts starting before this.")
+    limit: int = Field(10_000, ge=1, le=100_000, description="Rows (shift x cell) to return, oldest shift first.")
+
+
+class PatrolTotal(BaseModel):
+    shift_id: int
+    shift_start: datetime = Field(..., description="Local time with its UTC offset.")
+    h3: str
+    dose_minutes: float = Field(..., description="Sum of every report for this shift and cell.")
+
+
+class PatrolTotals(BaseModel):
+    city: str
+    start: datetime | None
+    end: datetime | None
+    count: int = Field(..., description="Rows returned (shift x cell).")
+    total_minutes: float = Field(..., description="Sum of dose_minutes over the rows returned.")
+    truncated: bool = Field(..., description="True when more rows match: narrow start/end or raise limit.")
+    patrols: list[PatrolTotal]

@@ -1,9 +1,14 @@
-"""The CLI's forecasting commands on Toronto at resolution 8 (fast): panel -> backtest -> claim."""
+"""The CLI's forecasting commands on Toronto at resolution 8 (fast): panel -> backtest -> claim, and the
+assessments (diagnose, audit) logged into the backtest's MLflow run."""
 
 import json
 
 import pytest
+from conftest import require_shared
+from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
+
+from features.settings import Settings
 
 from serving.cli import app
 
@@ -19,16 +24,23 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def test_backtest_then_claim(data_dir, monkeypatch):
-    monkeypatch.delenv("HOTSPOTS_MLFLOW_TRACKING_URI", raising=False)
+@pytest.fixture(scope="module")
+def backtested(data_dir):
+    mp = pytest.MonkeyPatch()
+    mp.delenv("HOTSPOTS_MLFLOW_TRACKING_URI", raising=False)
     result = runner.invoke(app, [
         "backtest", "toronto-mci", "--resolution", "8", "--test-start", "2021-11-01", "--test-end", "2022-01-01",
         "--forecaster", "naive", "--forecaster", "kde", "--forecaster", "sepp", "--n-boot", "200",
         "--data-dir", str(data_dir),
     ])
+    mp.undo()
     assert result.exit_code == 0, result.output
+    return result, next((data_dir / "backtests").glob("toronto-mci-r8-*"))
+
+
+def test_backtest_then_claim(data_dir, backtested):
+    result, folder = backtested
     assert "naive" in result.output and "sepp" in result.output and "report:" in result.output
-    folder = next((data_dir / "backtests").glob("toronto-mci-r8-*"))
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["forecasters"]) == {"naive", "kde", "sepp"}
     assert (folder / "report.html").stat().st_size > 10_000
@@ -51,3 +63,98 @@ def test_backtest_rejects_unknown_forecaster(data_dir):
 def test_backtest_without_panel_says_what_to_run(tmp_path):
     result = runner.invoke(app, ["backtest", "chicago", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "hotspots panel chicago" in result.output
+
+
+def _run(data_dir, folder):
+    run_id = json.loads((folder / "run.json").read_text())["run_id"]
+    uri = Settings(data_dir=data_dir).tracking_uri
+    return MlflowClient(tracking_uri=uri).get_run(run_id), MlflowClient(tracking_uri=uri)
+
+
+def test_diagnose_logs_into_the_backtest_run(data_dir, backtested):
+    _, folder = backtested
+    result = runner.invoke(app, ["diagnose", "toronto-mci", "--resolution", "8", "--model", "sepp",
+                                 "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "Gini of flag counts" in result.output and "no patrol-dose analysis" in result.output
+    payload = json.loads((folder / "diagnostics.json").read_text())
+    assert payload["model"] == "sepp" and payload["baseline"] == "naive"
+    run, client = _run(data_dir, folder)
+    assert 0 < run.data.metrics["diagnostics.gini.1pct"] <= 1
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")} >= {
+        "diagnostics/diagnostics.json", "diagnostics/diagnostics.html", "diagnostics/diagnostics.png"}
+
+    missing = runner.invoke(app, ["diagnose", "toronto-mci", "--resolution", "8", "--data-dir", str(data_dir)])
+    assert missing.exit_code == 2 and "no forecasts of ['lightgbm']" in missing.output
+
+
+def test_audit_logs_exposure_by_group(data_dir, backtested, monkeypatch):
+    monkeypatch.setenv("HOTSPOTS_SHARED_DATA", str(require_shared("areas", "toronto.gpkg").parents[1]))
+    _, folder = backtested
+    result = runner.invoke(app, ["audit", "toronto-mci", "--resolution", "8", "--preset", "toronto-neighbourhoods",
+                                 "--model", "sepp", "--n-boot", "100", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "most exposed" in result.output
+    audit = json.loads((folder / "bias_audit.json").read_text())
+    groups = {r["group"] for r in audit["rows"] if r["measure"] == "exposure_ratio" and r["forecaster"] == "sepp"}
+    assert {"black", "visible_minority", "not_visible_minority"} <= groups
+    run, _ = _run(data_dir, folder)
+    key = "bias_audit.sepp.group.black.exposure_ratio.1pct"
+    assert run.data.metrics[key] > 0 and run.data.metrics[key.replace("ratio.", "ratio_low.")] <= run.data.metrics[key]
+
+    wrong = runner.invoke(app, ["audit", "toronto-mci", "--preset", "atlantis", "--data-dir", str(data_dir)])
+    assert wrong.exit_code == 2 and "unknown area preset 'atlantis'" in wrong.output
+
+
+def test_train_logs_model_with_validation_window_assessments(data_dir, monkeypatch):
+    monkeypatch.delenv("HOTSPOTS_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOTSPOTS_SHARED_DATA", str(require_shared("areas", "toronto.gpkg").parents[1]))
+    result = runner.invoke(app, ["train", "toronto-mci", "--resolution", "8", "--until", "2020-01-01",
+                                 "--audit-preset", "toronto-neighbourhoods", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    run_id = result.output.split("run ")[1].split(":")[0]
+    client = MlflowClient(tracking_uri=Settings(data_dir=data_dir).tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["kind"] == "train" and "validation window" in run.data.tags["assessment.window"]
+    assert 0.5 < run.data.metrics["diagnostics.gain_lagged_share"] <= 1
+    assert run.data.metrics["bias_audit.lightgbm.group.black.exposure_ratio.5pct"] > 0
+    assert {a.path for a in client.list_artifacts(run_id, "bias_audit")} >= {"bias_audit/bias_audit.json"}
+
+
+def test_diagnose_analyses_recorded_patrols(data_dir, backtested):
+    """Patrols recorded through the service's patrol log during the backtest's test period are analysed
+    against the backtested forecasts and logged as the patrol_diagnostics assessment."""
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from features.panel import CountPanel
+    from serving.cli import panel_dir
+    from serving.db import Database
+    from serving.keys import Principal, Role
+    from serving.patrols import PatrolLog, check_patrols
+    from serving.schemas import PatrolRequest
+
+    settings = Settings(data_dir=data_dir, h3_resolution=8)
+    panel = CountPanel.load(panel_dir(settings, "toronto-mci"))
+    cal, rng = panel.calendar, np.random.default_rng(3)
+    db = Database.for_settings(settings)
+    log = PatrolLog(db)
+    december = cal.shift_range(datetime(2021, 12, 1, tzinfo=timezone.utc), datetime(2021, 12, 29, tzinfo=timezone.utc))
+    for shift in december:
+        start = cal.bounds([shift])["start_local"][0]
+        cells = rng.choice(panel.study_area.h3_ids, size=12, replace=False).tolist()
+        request = PatrolRequest(city="toronto-mci", shift=start,
+                                patrols=[{"h3": c, "dose_minutes": float(rng.integers(10, 120))} for c in cells])
+        batch = check_patrols(panel, request, now=datetime(2022, 1, 1, tzinfo=timezone.utc))
+        log.record(batch, Principal("k1", Role.planner), recorded_at=datetime.now(timezone.utc))
+    db.dispose()
+
+    result = runner.invoke(app, ["diagnose", "toronto-mci", "--resolution", "8", "--model", "sepp",
+                                 "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "backtest sepp forecasts as control" in result.output
+    run, client = _run(data_dir, backtested[1])
+    assert run.data.metrics["patrol_diagnostics.patrolled_cell_shifts"] == 12 * len(december)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "patrol_diagnostics")} >= {
+        "patrol_diagnostics/patrol_diagnostics.json"}

@@ -16,7 +16,7 @@ from serving.dependencies import city_state, ready_state
 from serving.errors import ApiError
 from serving.forecasts import (
     Forecast, ForecastService, ResolvedShift, check_category, check_k, resolve_category, resolve_shift,
-    shift_start_local,
+    shift_start_local, shift_times,
 )
 from serving.keys import Principal
 from serving.models_store import CityState, ModelStore
@@ -58,12 +58,12 @@ def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: 
 
 def context(p: Prepared) -> dict[str, Any]:
     panel, model = p.state.panel, p.forecast.model
-    bounds = panel.calendar.bounds([p.shift.shift_id]).row(0, named=True)
+    window = shift_times(panel.calendar, p.shift.shift_id)
     return ForecastContext(
         city=p.state.city,
         category=p.category,
-        shift=ShiftWindow(shift_id=p.shift.shift_id, requested=p.shift.requested, start=bounds["start_local"],
-                          end=bounds["end_local"], hours=bounds["hours"], timezone=panel.calendar.timezone,
+        shift=ShiftWindow(shift_id=p.shift.shift_id, requested=p.shift.requested, start=window.start,
+                          end=window.end, hours=window.hours, timezone=panel.calendar.timezone,
                           after_data=p.shift.after_data),
         model=ModelRef(name=model.name, version=model.version, source=model.source, target=model.target),
         data_end=shift_start_local(panel, panel.end_shift),
@@ -78,10 +78,11 @@ def audit_params(p: Prepared, query: _Query, **extra: Any) -> dict[str, Any]:
     return params
 
 
-def audited(request: Request, audit: AuditLog, principal: Principal, body: BaseModel, p: Prepared,
+def audited(request: Request, audit: AuditLog, principal: Principal, body: BaseModel | bytes, p: Prepared,
             params: dict[str, Any], media_type: str = "application/json") -> Response:
-    """Serialise, write the audit entry (no entry, no forecast), then send."""
-    content = body.model_dump_json().encode("utf-8")
+    """Serialise (unless given bytes, e.g. a cached body), write the audit entry (no entry, no forecast), then
+    send."""
+    content = body if isinstance(body, bytes) else body.model_dump_json().encode("utf-8")
     try:
         audit.record(principal, request.url.path, params, len(content), city=p.state.city,
                      model_version=p.forecast.model.version)

@@ -20,8 +20,14 @@ router = APIRouter(tags=["forecast"])
 def forecast(request: Request, principal: Planner, query: Annotated[ForecastQuery, Query()], models: Models,
              forecasts: Forecasts, audit: Audit, now: Now) -> Response:
     p = prepare(models, forecasts, query, now)
-    h3_ids = p.state.panel.study_area.h3_ids
-    expected = p.forecast.expected
-    body = ForecastResponse(**context(p), n_cells=len(h3_ids), expected_total=float(expected.sum()),
-                            cells=[CellForecast(h3=h, expected_count=float(e)) for h, e in zip(h3_ids, expected.tolist())])
+
+    def make() -> bytes:
+        h3_ids = p.state.panel.study_area.h3_ids
+        expected = p.forecast.expected
+        return ForecastResponse(
+            **context(p), n_cells=len(h3_ids), expected_total=float(expected.sum()),
+            cells=[CellForecast(h3=h, expected_count=float(e)) for h, e in zip(h3_ids, expected.tolist())],
+        ).model_dump_json().encode()
+
+    body = forecasts.body(p.forecast, ("forecast", p.shift.requested, p.shift.after_data), make)
     return audited(request, audit, principal, body, p, audit_params(p, query))

@@ -1,0 +1,182 @@
+"""Moving the `champion` alias while requests run loses no request.
+
+A real `hotspots serve` process re-reads the registry on every request (--reload-seconds 0) while client
+threads hammer /v1/hotspots and the test moves `champion` between two versions several times. The server
+swaps a whole city state (never mutates one), so a request keeps the model it started with.
+
+What "champion during the request" can mean for a client: the alias moves at time s (registry time), and the
+server serves the new version from some later moment, at the latest when /readyz first reports it (time c,
+measured here after the answer arrived). So a version that became champion at s_i and was replaced by a move
+confirmed at c_{i+1} may answer any request overlapping [s_i, c_{i+1}]; anything else (a version never
+champion, or an old one after the swap was confirmed) is an error.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import pytest
+import requests
+from live_server import hotspots_serve
+from mlflow.tracking import MlflowClient
+from service_support import CITY, free_port, isolated_mlflow_env, quick_lgbm, register, served_city, set_champion
+
+from forecasting.tracking import registered_name
+from serving.keys import Role, create_key
+from serving.models_store import _storage_uri
+
+TRAINED = {"resolution": 9, "shift_starts": "06:00,14:00,22:00"}
+SHIFTS = ("next", "2020-02-29T22:00:00-05:00", "2020-02-28T14:00:00-05:00")  # cached and cold forecasts alike
+CLIENTS = 4
+
+
+@dataclass(frozen=True)
+class Answer:
+    started: float
+    finished: float
+    status: int | None  # None: no HTTP answer at all
+    version: str | None
+    header_version: str | None
+    error: str | None = None
+
+
+class Hammer:
+    """Client threads sending keyed /v1/hotspots requests back to back until stopped."""
+
+    def __init__(self, base_url: str, key: str):
+        self.base_url, self.key = base_url, key
+        self.answers: list[Answer] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(CLIENTS)]
+
+    def __enter__(self) -> "Hammer":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def _run(self, worker: int) -> None:
+        session = requests.Session()
+        session.headers["X-API-Key"] = self.key
+        n = worker
+        while not self._stop.is_set():
+            params = {"city": CITY, "k": 10, "shift": SHIFTS[n % len(SHIFTS)]}
+            n += 1
+            started = time.monotonic()
+            try:
+                response = session.get(f"{self.base_url}/v1/hotspots", params=params, timeout=60)
+                finished = time.monotonic()
+                version = response.json()["model"]["version"] if response.status_code == 200 else None
+                answer = Answer(started, finished, response.status_code, version,
+                                response.headers.get("x-model-version"), None if version else response.text[:300])
+            except (requests.RequestException, ValueError, KeyError) as exc:
+                answer = Answer(started, time.monotonic(), None, None, None, f"{type(exc).__name__}: {exc}")
+            with self._lock:
+                self.answers.append(answer)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+
+def readiness(base_url: str) -> dict:
+    return {c["city"]: c for c in requests.get(f"{base_url}/readyz", timeout=30).json()["cities"]}[CITY]
+
+
+def move_champion(settings, base_url: str, version: str, timeout: float = 60.0) -> tuple[float, float]:
+    """(time the alias moved, time /readyz first reported the new version)."""
+    moved = time.monotonic()
+    set_champion(settings, version)
+    deadline = moved + timeout
+    while readiness(base_url)["model_version"] != version:
+        assert time.monotonic() < deadline, f"the server did not pick up version {version} within {timeout} s"
+        time.sleep(0.05)
+    return moved, time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def swap(toronto_incidents, tmp_path_factory):
+    with isolated_mlflow_env():
+        city = served_city(toronto_incidents, tmp_path_factory.mktemp("swap"))
+        v2 = register(city.settings, quick_lgbm(seed=1).fit(city.panel), city.panel, promote=False, params=TRAINED)
+        key = create_key(Role.planner, "hot swap test", city.settings)
+        with hotspots_serve(city.settings.data_dir, free_port(), "--reload-seconds", "0", "--no-access-log") as server:
+            yield SimpleNamespace(server=server, key=key, v1=city.version, v2=v2, **vars(city))
+
+
+def test_moving_the_champion_under_load_loses_no_request(swap):
+    base = swap.server.base_url
+    assert readiness(base)["model_version"] == swap.v1 and swap.v1 != swap.v2
+    periods = [(swap.v1, float("-inf"))]  # (version, alias moved to it at)
+    confirmed: list[float] = []  # when /readyz reported each move
+    with Hammer(base, swap.key) as hammer:
+        while hammer.count() < 20:  # traffic is flowing before the first move
+            time.sleep(0.05)
+        for move in range(6):
+            version = swap.v2 if move % 2 == 0 else swap.v1
+            moved, seen = move_champion(swap.settings, base, version)
+            periods.append((version, moved))
+            confirmed.append(seen)
+            served_before = hammer.count()
+            time.sleep(0.7)  # steady traffic on the new champion
+            assert hammer.count() > served_before, "no request completed after the move"
+    answers = hammer.answers
+
+    failed = [a for a in answers if a.status != 200]
+    assert not failed, f"{len(failed)} of {len(answers)} requests failed, e.g. {failed[:3]}"
+    assert len(answers) >= 100
+    assert {a.version for a in answers} == {swap.v1, swap.v2}
+    assert all(a.version == a.header_version for a in answers)
+
+    windows = [(version, start, confirmed[i] if i < len(confirmed) else float("inf"))
+               for i, (version, start) in enumerate(periods)]
+    stray = [a for a in answers if not any(v == a.version and a.started <= end and a.finished >= start
+                                           for v, start, end in windows)]
+    assert not stray, f"{len(stray)} answers came from a version that was not champion then, e.g. {stray[:3]}"
+    # and after each confirmed move, requests that started later carry the new version
+    for (version, _), seen, (_, next_move) in zip(periods[1:], confirmed, periods[2:] + [(None, float("inf"))]):
+        later = [a for a in answers if seen < a.started and a.finished < next_move]
+        assert later and all(a.version == version for a in later)
+
+
+def test_a_champion_that_fails_to_load_keeps_the_old_one_serving(swap):
+    base = swap.server.base_url
+    move_champion(swap.settings, base, swap.v1)
+    broken = register(swap.settings, quick_lgbm(seed=2).fit(swap.panel), swap.panel, promote=False, params=TRAINED)
+    uri = swap.settings.tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    artifacts = Path(url2pathname(urlparse(_storage_uri(client, registered_name(CITY), broken)).path))
+    assert (artifacts / "MLmodel").is_file()
+    shutil.rmtree(artifacts)  # the registry names a version whose files are gone
+
+    with Hammer(base, swap.key) as hammer:
+        while hammer.count() < 10:
+            time.sleep(0.05)
+        set_champion(swap.settings, broken)
+        deadline = time.monotonic() + 60
+        while (ready := readiness(base))["status"] != "load_failed":
+            assert time.monotonic() < deadline, ready
+            time.sleep(0.05)
+        after_failure = hammer.count()
+        time.sleep(1.0)
+        assert hammer.count() > after_failure
+    assert ready["ready"] and ready["model_version"] == swap.v1
+    assert f"version {broken}" in ready["message"] and f"still serving version {swap.v1}" in ready["message"]
+    failed = [a for a in hammer.answers if a.status != 200]
+    assert not failed, failed[:3]
+    assert {a.version for a in hammer.answers} == {swap.v1}
+
+    move_champion(swap.settings, base, swap.v2)  # a loadable champion is picked up again
+    assert readiness(base)["status"] == "ready"
