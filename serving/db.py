@@ -9,10 +9,12 @@ the triggers explicitly.) :class:`Database` is the one place that knows dialects
 
 from __future__ import annotations
 
+import fcntl
 import logging
-import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import (
     BigInteger, DateTime, Double, Index, Integer, LargeBinary, String, Text, create_engine, event, text,
@@ -122,6 +124,21 @@ def database_url(settings: Settings) -> str:
     return f"sqlite:///{(Path(settings.data_dir) / 'serving.db').resolve()}"
 
 
+@contextmanager
+def _schema_lock(sqlite_path: str | None) -> Iterator[None]:
+    """Workers starting together on one SQLite file create the schema one at a time (an advisory lock on a file
+    beside it, across processes and threads); PostgreSQL serialises with an advisory lock of its own."""
+    if not sqlite_path or sqlite_path == ":memory:":
+        yield
+        return
+    with open(f"{sqlite_path}.schema-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Database:
     """One engine and session factory; tables (and the append-only triggers) are created on first use."""
 
@@ -138,19 +155,14 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
-        for attempt in range(5):
-            try:
+        try:
+            with _schema_lock(parsed.database if self.dialect == "sqlite" else None):
                 with self.engine.begin() as conn:
                     self._create_schema(conn)
-                break
-            except OperationalError as exc:  # SQLite: another worker created a table between our check and CREATE
-                if self.dialect != "sqlite":
-                    self.engine.dispose()
-                    raise RuntimeError(f"cannot use the service database at {self.display_url}: "
-                                       f"{str(exc.orig).strip()} (check HOTSPOTS_DATABASE_URL)") from exc
-                if "already exists" not in str(exc) or attempt == 4:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        except OperationalError as exc:
+            self.engine.dispose()
+            raise RuntimeError(f"cannot use the service database at {self.display_url}: "
+                               f"{str(exc.orig).strip()} (check HOTSPOTS_DATABASE_URL)") from exc
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     def _create_schema(self, conn: Connection) -> None:
