@@ -10,6 +10,7 @@ Place-based only: responses hold cells, expected counts, ranks and model metadat
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -69,6 +70,10 @@ def create_app(settings: Settings | None = None, service_settings: ServiceSettin
             app.state.models.refresh()
         except Exception:  # noqa: BLE001 - start anyway; /readyz tells what is missing
             log.exception("initial model refresh failed")
+        # The long-lived objects (models, panels, libraries: millions) leave the collector's generations, so
+        # full collections no longer stall a request for ~0.2 s every few thousand requests (the p99).
+        gc.collect()
+        gc.freeze()
         yield
         app.state.db.dispose()
 

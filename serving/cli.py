@@ -449,6 +449,11 @@ def _serve(settings: Settings, host: str, port: int, workers: int, reload_second
     os.environ["HOTSPOTS_H3_RESOLUTION"] = str(settings.h3_resolution)
     if reload_seconds is not None:
         os.environ["HOTSPOTS_MODEL_REFRESH_SECONDS"] = repr(float(reload_seconds))
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        # /metrics sums every worker's counters from this folder (prometheus_client's multiprocess mode)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="hotspots-metrics-")
     get_settings.cache_clear()  # this process may have read other settings before
     base = f"http://{_public_host(host)}:{port}"
     console.print(f"data folder {Path(settings.data_dir).resolve()}; {workers} worker(s)"
@@ -458,32 +463,8 @@ def _serve(settings: Settings, host: str, port: int, workers: int, reload_second
     # uvicorn drains requests and runs the shutdown on SIGTERM, then re-raises the signal to the handler in
     # place before it started; a no-op one here makes a graceful stop exit 0, as service managers expect
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run("serving.cli:service_app", factory=True, host=host, port=port, workers=workers,
+    uvicorn.run("serving.app:create_app", factory=True, host=host, port=port, workers=workers,
                 access_log=access_log, timeout_graceful_shutdown=10)
-
-
-def service_app():
-    """The app factory `hotspots serve` runs in each worker: :func:`serving.app.create_app` (settings from the
-    environment), and once its startup has loaded the models, a freeze of the garbage collector's generations.
-    The long-lived objects (models, panels, imported libraries: millions) are then skipped by full collections,
-    which otherwise stall every request for ~0.2 s every few thousand requests (the p99 latency)."""
-    import gc
-    from contextlib import asynccontextmanager
-
-    from serving.app import create_app
-
-    app = create_app()
-    startup = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app_):
-        async with startup(app_) as state:
-            gc.collect()
-            gc.freeze()
-            yield state
-
-    app.router.lifespan_context = lifespan
-    return app
 
 
 @app.command()

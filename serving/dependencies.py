@@ -1,4 +1,7 @@
-"""FastAPI dependencies: settings, the shared stores, the clock, and API-key authentication by role."""
+"""FastAPI dependencies: settings, the shared stores, the clock, and API-key authentication by role.
+
+Dependencies that only read app state are ``async``: FastAPI then runs them on the event loop instead of a
+thread-pool round trip each. Those that may block (the model refresh, key verification) stay plain functions."""
 
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description
                               "analyst, auditor or admin.")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_service_settings(request: Request) -> ServiceSettings:
+async def get_service_settings(request: Request) -> ServiceSettings:
     return request.app.state.service_settings
 
 
@@ -37,27 +40,27 @@ def get_models(request: Request) -> ModelStore:
     return store
 
 
-def get_keys(request: Request) -> KeyStore:
+async def get_keys(request: Request) -> KeyStore:
     return request.app.state.keys
 
 
-def get_audit(request: Request) -> AuditLog:
+async def get_audit(request: Request) -> AuditLog:
     return request.app.state.audit
 
 
-def get_forecasts(request: Request) -> ForecastService:
+async def get_forecasts(request: Request) -> ForecastService:
     return request.app.state.forecasts
 
 
-def get_patrols(request: Request) -> PatrolLog:
+async def get_patrols(request: Request) -> PatrolLog:
     return request.app.state.patrols
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def get_now() -> datetime:
+async def get_now() -> datetime:
     """The clock ('next' shift); tests override it with app.dependency_overrides."""
     return datetime.now(timezone.utc)
 

@@ -37,6 +37,7 @@ from forecasting.tracking import CHAMPION, registered_name
 log = logging.getLogger("hotspots.serving")
 
 ModelSource = Literal["registry", "local_fallback"]
+KEEP_COPIES = 3  # model versions kept on disk per city (the champion included)
 NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 
@@ -265,9 +266,12 @@ class ModelStore:
                                    "path": model.path.name, "saved_at": model.loaded_at.isoformat(),
                                    "trained": model.trained}, indent=2))
         os.replace(tmp, folder / "champion.json")
-        for other in folder.iterdir():  # keep only the last-good copy
-            if other.is_dir() and other != model.path and not other.name.startswith("."):
-                shutil.rmtree(other, ignore_errors=True)
+        # keep the last-good copy and the most recent others: swapping back needs no download, and another
+        # worker sharing the folder is not left loading a version this one has just removed
+        others = sorted((p for p in folder.iterdir() if p.is_dir() and p != model.path and not p.name.startswith(".")),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        for other in others[KEEP_COPIES - 1:]:
+            shutil.rmtree(other, ignore_errors=True)
 
     def _load_local(self, city: str) -> LoadedModel | None:
         pointer = self.local_root / city / "champion.json"

@@ -22,6 +22,7 @@ from serving.app import create_app
 from serving.config import ServiceSettings
 from serving.dependencies import get_now
 from serving.keys import KeyStore, Role
+from serving.models_store import KEEP_COPIES
 
 @pytest.fixture(scope="module")
 def svc(toronto_incidents, tmp_path_factory):
@@ -336,7 +337,9 @@ def test_new_champion_is_picked_up_after_refresh(svc):
         response = get(svc, "/v1/hotspots", city=CITY, k=3)
         assert response.json()["model"]["version"] == v2 and response.headers["x-cache"] == "miss"
         local = svc.settings.data_dir / "serving" / CITY
-        assert (local / f"v{v2}" / "MLmodel").is_file() and not (local / f"v{svc.version}").exists()
+        # the new champion is the last-good copy; the previous one stays (swapping back needs no download)
+        assert (local / f"v{v2}" / "MLmodel").is_file() and (local / f"v{svc.version}").exists()
+        assert len([p for p in local.iterdir() if p.is_dir()]) <= KEEP_COPIES
         assert get(svc, "/v1/audit", Role.auditor, limit=1).json()["entries"][0]["model_version"] == v2
         # a champion trained on another grid is refused, with what to do
         v3 = register(svc.settings, svc.model, svc.panel, promote=False, params={**trained, "resolution": 8})

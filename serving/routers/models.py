@@ -21,7 +21,7 @@ router = APIRouter(tags=["models"])
 HEADLINE = ("lightgbm", "naive")
 
 
-def get_cards(request: Request) -> ModelCards:
+async def get_cards(request: Request) -> ModelCards:
     return request.app.state.model_cards
 
 
