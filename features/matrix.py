@@ -75,6 +75,11 @@ class _History:
 
     def lagged(self, origins: np.ndarray, stride: int, n: int) -> np.ndarray:
         """sum_{k=1..n} counts[o - k*stride]: the same shift of day (stride = shifts/day) or week."""
+        if origins.size * n <= self.counts.shape[0]:  # a few origins (a served shift): gather the rows directly
+            rows = origins[:, None] - self.h0 - stride * np.arange(1, n + 1)[None, :]
+            inside = rows >= 0
+            gathered = self.counts[np.where(inside, rows, 0)] * inside[..., None]
+            return gathered.sum(axis=1, dtype=np.float64).astype(np.float32)
         pad = self.h0 % stride
         padded = np.concatenate([np.zeros((pad, self.counts.shape[1]), self.counts.dtype), self.counts])
         extra = (-padded.shape[0]) % stride
@@ -146,8 +151,9 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     since_h0 = history.cum[origins - h0]
     blocks["long_run_rate"] = ((before[None, :] + since_h0) / elapsed[:, None]).astype(np.float32)
 
+    c0 = max(panel.first_shift, int(origins[0]) - config.category_window_days * per_day)  # all they reach
     for name in panel.categories:
-        cat_history = _History(panel.dense(h0, h1, category=name), h0)
+        cat_history = _History(panel.dense(c0, h1, category=name), c0)
         blocks[f"cat_{name}_{config.category_window_days}d"] = cat_history.window(origins, config.category_window_days * per_day)
 
     for name, values in panel.calendar.features(origins).items():
