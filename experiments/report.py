@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import re
 import subprocess
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from experiments.backtest import BacktestResult
 from features.panel import CountPanel
 from forecasting.claim import ClaimResult
+from forecasting.jsonable import jsonable
 from forecasting.metrics import MetricSummary, calibration, pooled, rank_cells, shift_hits
 
 DPI = 100
@@ -69,25 +69,6 @@ def fmt_interval(point: float, low: float, high: float, fmt=fmt_rate) -> str:
 
 def fmt_coverage(c: float) -> str:
     return f"{c * 100:g}%"
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; non-finite floats become null (strict JSON has no NaN/Infinity)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
 
 
 def _code_version() -> str:
@@ -424,7 +405,7 @@ def summary_dict(summaries: dict[str, MetricSummary], claims: list[ClaimResult],
                 for j, c in enumerate(np.asarray(s.coverages, dtype=float))
             ],
         }
-    return _jsonable({"title": title, "meta": meta, "forecasters": forecasters,
+    return jsonable({"title": title, "meta": meta, "forecasters": forecasters,
                       "claims": [c.as_dict() for c in claims], "best_by_hit_rate": best, "map": map_info})
 
 

@@ -49,6 +49,7 @@ import pandas as pd
 import polars as pl
 
 from forecasting.area_join import TOTAL, AreaJoin
+from forecasting.jsonable import jsonable
 from forecasting.metrics import TIE_SEED, bootstrap_weights, day_blocks, rank_cells, shift_hits
 
 ALL = "all"
@@ -252,7 +253,7 @@ class BiasAudit:
         return f.row(0, named=True)
 
     def to_dict(self) -> dict:
-        return _jsonable({"meta": self.meta, "definitions": self.definitions, "splits": self.splits,
+        return jsonable({"meta": self.meta, "definitions": self.definitions, "splits": self.splits,
                           "findings": self.findings(),
                           "rows": self.frame.to_dicts(), "majority": self.majority.to_dicts()})
 
@@ -439,20 +440,6 @@ def _num(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "n/a"
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}" if abs(x) >= 1 else f"{x:.3f}"
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 def audit(

@@ -41,6 +41,7 @@ from features.calendar import ShiftCalendar
 from features.grid import StudyArea
 from features.matrix import FeatureConfig, build_features
 from features.panel import COUNTS_SCHEMA, CountPanel
+from forecasting.jsonable import jsonable
 from forecasting.metrics import TIE_SEED, rank_cells
 
 DOSE_EDGES = (0.0, 15.0, 30.0, 60.0)  # minutes: bins 0, (0,15], (15,30], (30,60], >60
@@ -625,19 +626,6 @@ def patrol_diagnostics(
 
 
 # --- the whole set -----------------------------------------------------------------------------------
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; non-finite floats become null."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 @dataclass
@@ -671,7 +659,7 @@ class Diagnostics:
 
     def payload(self) -> dict[str, Any]:
         """Everything, JSON-ready (strict: no NaN)."""
-        return _jsonable({
+        return jsonable({
             "model": self.model, "baseline": self.baseline, "rules": self.rules,
             "flags": [f.payload(self.per_day) for f in self.flags.values()],
             "gain": self.gain.payload() if self.gain else None,
@@ -817,7 +805,7 @@ class Diagnostics:
         fig = self.figure()
         log_assessment("diagnostics", self.payload(), self.to_dict(prefix=""), html=self.html_section(), figure=fig)
         if self.patrol is not None:
-            log_assessment("patrol_diagnostics", _jsonable(self.patrol.payload()), self.patrol.metrics())
+            log_assessment("patrol_diagnostics", jsonable(self.patrol.payload()), self.patrol.metrics())
 
 
 def _num(x: float | None, digits: int) -> str:
