@@ -20,6 +20,7 @@ from features.settings import Settings
 from forecasting.lgbm import LightGBMForecaster
 from forecasting.tracking import PromotionDecision, apply_promotion, configure, log_model, registered_name
 from serving.cli import panel_dir
+from serving.keys import Role
 
 CITY = "toronto-mci"
 BARE = "bare-city"  # a panel with no registered model
@@ -98,3 +99,56 @@ def served_city(incidents, root) -> SimpleNamespace:
     model = quick_lgbm().fit(panel)
     version = register(settings, model, panel, promote=True)
     return SimpleNamespace(settings=settings, panel=panel, model=model, version=version)
+
+
+@contextmanager
+def asgi_service(incidents, root) -> Iterator[SimpleNamespace]:
+    """The service on ``served_city``'s data folder through the ASGI test client, with a key for every role."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.config import ServiceSettings
+
+    with isolated_mlflow_env():
+        city = served_city(incidents, root)
+        app = create_app(city.settings, ServiceSettings(model_refresh_seconds=3600))
+        keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
+        with TestClient(app) as client:
+            yield SimpleNamespace(client=client, app=app, keys=keys, **vars(city))
+
+
+def get(svc, path, role: Role | None = Role.planner, **params):
+    """GET with the key of ``role`` (None: no key)."""
+    headers = {"X-API-Key": svc.keys[role]} if role is not None else {}
+    return svc.client.get(path, params=params, headers=headers)
+
+
+def problem(response, field: str) -> str:
+    """The 422 message for ``field`` (asserting it names the field)."""
+    assert response.status_code == 422, response.text
+    found = [p for p in response.json()["detail"] if p["field"] == field]
+    assert found, response.json()
+    assert found[0]["msg"].startswith(f"{field}:") and found[0]["loc"][-1] == field
+    return found[0]["msg"]
+
+
+def start_databases_together(url: str, workers: int = 4) -> tuple[list, list[BaseException]]:
+    """Open ``workers`` Database objects on one URL at once (threads standing in for uvicorn workers)."""
+    import threading
+
+    from serving.db import Database
+
+    databases, errors = [], []
+
+    def start():
+        try:
+            databases.append(Database(url))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return databases, errors

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime, timezone
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import shapely
 from service_support import (
-    BARE, CITY, closed_port, isolated_mlflow_env, quick_lgbm, register, served_city, set_champion,
+    BARE, CITY, asgi_service, closed_port, get, problem, quick_lgbm, register, set_champion,
 )
 from fastapi.testclient import TestClient
 
@@ -26,26 +25,12 @@ from serving.models_store import KEEP_COPIES
 
 @pytest.fixture(scope="module")
 def svc(toronto_incidents, tmp_path_factory):
-    with isolated_mlflow_env():
-        city = served_city(toronto_incidents, tmp_path_factory.mktemp("api"))
-        app = create_app(city.settings, ServiceSettings(model_refresh_seconds=3600))
-        keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
-        with TestClient(app) as client:
-            yield SimpleNamespace(client=client, app=app, keys=keys, **vars(city))
+    with asgi_service(toronto_incidents, tmp_path_factory.mktemp("api")) as service:
+        yield service
 
 
-def get(svc, path, role: Role | None = Role.planner, **params):
-    headers = {"X-API-Key": svc.keys[role]} if role is not None else {}
-    return svc.client.get(path, params=params, headers=headers)
 
 
-def problem(response, field: str) -> str:
-    """The 422 message for ``field`` (asserting it names the field)."""
-    assert response.status_code == 422, response.text
-    found = [p for p in response.json()["detail"] if p["field"] == field]
-    assert found, response.json()
-    assert found[0]["msg"].startswith(f"{field}:") and found[0]["loc"][-1] == field
-    return found[0]["msg"]
 
 
 # --- probes -------------------------------------------------------------------------------------------

@@ -8,18 +8,16 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from service_support import BARE, CITY, isolated_mlflow_env, served_city
+from service_support import BARE, CITY, asgi_service, get
 
 from features.settings import Settings
 from serving.app import create_app
-from serving.config import ServiceSettings
 from serving.keys import Role
 from serving.metrics import MetricsMiddleware, ServiceMetrics
 
@@ -28,12 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def svc(toronto_incidents, tmp_path_factory):
-    with isolated_mlflow_env():
-        city = served_city(toronto_incidents, tmp_path_factory.mktemp("metrics"))
-        app = create_app(city.settings, ServiceSettings(model_refresh_seconds=3600))
-        keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
-        with TestClient(app) as client:
-            yield SimpleNamespace(client=client, app=app, keys=keys, **vars(city))
+    with asgi_service(toronto_incidents, tmp_path_factory.mktemp("metrics")) as service:
+        yield service
 
 
 def scrape(client) -> dict[tuple[str, frozenset], float]:
@@ -48,8 +42,6 @@ def value(samples, name: str, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def get(svc, path, role: Role = Role.planner, **params):
-    return svc.client.get(path, params=params, headers={"X-API-Key": svc.keys[role]})
 
 
 def test_request_counters_and_latency_by_route_template(svc):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import threading
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
@@ -16,13 +15,12 @@ import polars as pl
 import pytest
 from conftest import toronto_box_panel
 from fastapi.testclient import TestClient
-from service_support import BOX, CITY, PANEL_END, PANEL_START, isolated_mlflow_env
+from service_support import BOX, CITY, PANEL_END, PANEL_START, isolated_mlflow_env, start_databases_together
 
 from features.settings import Settings
 from serving.app import create_app
 from serving.cli import panel_dir
 from serving.config import ServiceSettings
-from serving.db import Database
 from serving.dependencies import get_now
 from serving.keys import Role
 from serving.patrols import patrol_log
@@ -298,19 +296,7 @@ def test_patrol_and_audit_tables_are_append_only(svc):
 def test_workers_starting_together_on_a_fresh_sqlite_file(tmp_path):
     """Several workers (threads here) creating the schema at once: none fails, the triggers are there once."""
     url = f"sqlite:///{tmp_path / 'fresh' / 'serving.db'}"
-    errors, databases = [], []
-
-    def start():
-        try:
-            databases.append(Database(url))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    workers = [threading.Thread(target=start) for _ in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    databases, errors = start_databases_together(url)
     for d in databases:
         d.dispose()
     assert not errors and len(databases) == 4

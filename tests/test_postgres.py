@@ -8,7 +8,6 @@ collide. No server, no pass: the tests fail and say how to start it."""
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -17,7 +16,9 @@ import polars as pl
 import pytest
 from conftest import toronto_box_panel
 from fastapi.testclient import TestClient
-from service_support import BOX, CITY, PANEL_END, PANEL_START, closed_port, isolated_mlflow_env
+from service_support import (
+    BOX, CITY, PANEL_END, PANEL_START, closed_port, isolated_mlflow_env, start_databases_together,
+)
 from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -104,20 +105,7 @@ def test_a_plain_postgresql_url_uses_psycopg(pg):
 def test_schema_and_triggers_are_created_once_by_concurrent_workers(pg):
     url = pg.new_schema()
     schema = pg.schemas[-1]
-    errors: list[BaseException] = []
-    databases: list[Database] = []
-
-    def start():
-        try:
-            databases.append(Database(url))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    workers = [threading.Thread(target=start) for _ in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    databases, errors = start_databases_together(url)
     assert not errors, errors
     databases.append(Database(url))  # and again on a ready schema
     for d in databases:
