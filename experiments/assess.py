@@ -9,7 +9,7 @@ so the model card and ``/v1/diagnostics`` always show the latest figures.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,6 @@ class SavedBacktest:
     predictions: dict[str, np.ndarray]
     importance: dict[str, float] | None
     run_id: str | None
-    meta: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, out_dir: Path) -> "SavedBacktest":
@@ -48,11 +47,9 @@ class SavedBacktest:
             origins, observed, areas = z["origins"], z["observed"], z["areas"]
         imp = out_dir / "feature_importance.json"
         run = out_dir / "run.json"
-        summary = out_dir / "summary.json"
         return cls(out_dir, origins, observed, areas, predictions,
                    json.loads(imp.read_text()) if imp.is_file() else None,
-                   json.loads(run.read_text())["run_id"] if run.is_file() else None,
-                   json.loads(summary.read_text()).get("meta", {}) if summary.is_file() else {})
+                   json.loads(run.read_text())["run_id"] if run.is_file() else None)
 
     def check(self, panel: CountPanel) -> None:
         if self.areas.size != panel.n_cells:
