@@ -105,7 +105,7 @@ def diagnose(
     import mlflow
 
     from experiments.assess import log_diagnostics, run_diagnostics
-    from forecasting.diagnostics import patrol_diagnostics
+    from forecasting.patrol_dose import patrol_diagnostics
     from forecasting.tracking import configure, log_assessment
     from serving.db import Database
     from serving.patrols import patrol_log

@@ -21,9 +21,10 @@ from features.matrix import FeatureConfig, build_targets
 from features.panel import COUNTS_SCHEMA, CountPanel
 from forecasting.baselines import Naive
 from forecasting.diagnostics import (
-    FlagRule, diagnose, dose_bin_edges, feature_groups, flag_diagnostics, flag_matrix, gain_share, gini,
-    jaccard_rows, patrol_diagnostics, run_lengths, top_share,
+    FlagRule, diagnose, feature_groups, flag_diagnostics, flag_matrix, gain_share, gini, jaccard_rows, run_lengths,
+    top_share,
 )
+from forecasting.patrol_dose import dose_bin_edges, patrol_diagnostics
 from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import shift_hits
 
