@@ -132,3 +132,16 @@ def get_preset(name: str) -> AreaLayerSpec:
         return PRESETS[name]
     except KeyError:
         raise AreaJoinError(f"unknown area preset {name!r}; presets: {sorted(PRESETS)}") from None
+
+
+# the shipped layer of each built-in source, audited by default when its file is present
+SOURCE_PRESETS = {"chicago": "chicago-community-areas", "toronto-mci": "toronto-neighbourhoods"}
+
+
+def default_layer(source: str) -> AreaLayerSpec | None:
+    """The source's shipped area layer when its file is on this machine (HOTSPOTS_SHARED_DATA), else None."""
+    name = SOURCE_PRESETS.get(source)
+    if name is None:
+        return None
+    spec = PRESETS[name]
+    return spec if spec.resolve(spec.path, None).is_file() else None

@@ -228,12 +228,17 @@ def _load_panel(settings: Settings, source: str):
     return CountPanel.load(folder)
 
 
-def _audit_layer(preset: Optional[str]):
-    """The shipped area layer named by --audit-preset (None without one)."""
-    if preset is None:
-        return None
+def _audit_layer(preset: Optional[str], source: str):
+    """The shipped area layer named by --audit-preset, else the source's own when its file is present."""
     from forecasting.area_join import AreaJoinError
-    from forecasting.area_presets import get_preset
+    from forecasting.area_presets import default_layer, get_preset
+
+    if preset is None:
+        layer = default_layer(source)
+        if layer is None:
+            console.print(f"no area layer for {source}: the bias audit is skipped (give --audit-preset, or "
+                          f"`hotspots audit {source} --layer-config F.toml` afterwards)")
+        return layer
 
     try:
         return get_preset(preset)
@@ -254,7 +259,8 @@ def train(
     resolution: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     audit_preset: Optional[str] = typer.Option(None, help="Also audit the validation window's flags on this shipped "
-                                               "area layer (see `hotspots audit`)."),
+                                               "area layer (default: the source's own, when HOTSPOTS_SHARED_DATA "
+                                               "has it; see `hotspots audit`)."),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Train the LightGBM forecaster and log it to MLflow as a registered model version (not promoted: only
@@ -269,7 +275,7 @@ def train(
     from experiments.assess import assess_training
     from forecasting.tracking import code_version, configure, log_model
 
-    layer = _audit_layer(audit_preset)
+    layer = _audit_layer(audit_preset, source)
     settings = _settings(data_dir, resolution)
     built = _load_panel(settings, source)
     cutoff = built.end_shift if until is None else built.calendar.shift_of(until.replace(tzinfo=until.tzinfo or ZoneInfo(built.calendar.timezone)))
@@ -322,8 +328,9 @@ def backtest(
     ratio: float = typer.Option(1.5, help="The claim to test: candidate hit rate >= ratio x naive."),
     n_boot: int = typer.Option(1000),
     register: bool = typer.Option(True, help="Fit on all data, register, and apply the promotion gate."),
-    audit_preset: Optional[str] = typer.Option(None, help="Also run the bias audit on this shipped area layer "
-                                               "(chicago-community-areas, toronto-neighbourhoods); see `hotspots audit`."),
+    audit_preset: Optional[str] = typer.Option(None, help="Run the bias audit on this shipped area layer "
+                                               "(chicago-community-areas, toronto-neighbourhoods; default: the "
+                                               "source's own, when HOTSPOTS_SHARED_DATA has it); see `hotspots audit`."),
     resolution: Optional[int] = typer.Option(None),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
@@ -331,7 +338,7 @@ def backtest(
     feedback-loop diagnostics and (with --audit-preset) the bias audit, all logged to MLflow."""
     from experiments.backtest import default_forecasters, run_tracked_backtest
 
-    layer = _audit_layer(audit_preset)
+    layer = _audit_layer(audit_preset, source)
     settings = _settings(data_dir, resolution)
     built = _load_panel(settings, source)
     year = _last_full_year(built)

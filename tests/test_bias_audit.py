@@ -15,7 +15,7 @@ import shapely
 
 from features.grid import StudyArea, read_boundary
 from forecasting.area_join import TOTAL, AreaJoin, AreaJoinError, join_to_cells, population_quantiles, read_layer
-from forecasting.area_presets import PRESETS, AreaLayerSpec, get_preset
+from forecasting.area_presets import PRESETS, AreaLayerSpec, default_layer, get_preset
 from forecasting.bias_audit import audit, flag_masks, population_split, quantile_split
 from forecasting.metrics import summarise
 from conftest import require_shared
@@ -301,3 +301,13 @@ def test_audit_logs_metrics_and_html_to_mlflow(toy_audit, tmp_path):
         assert files == {"bias_audit/audit.json", "bias_audit/audit.html", "bias_audit/audit.png"}
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_default_layer_is_the_sources_own_when_present(monkeypatch, tmp_path):
+    shared = require_shared("areas", "toronto.gpkg").parents[1]
+    monkeypatch.setenv("HOTSPOTS_SHARED_DATA", str(shared))
+    assert default_layer("toronto-mci") is PRESETS["toronto-neighbourhoods"]
+    assert default_layer("chicago") is PRESETS["chicago-community-areas"]
+    assert default_layer("mycity") is None  # no shipped layer: audit with --layer-config
+    monkeypatch.setenv("HOTSPOTS_SHARED_DATA", str(tmp_path))  # a machine without the layers
+    assert default_layer("toronto-mci") is None
