@@ -102,8 +102,9 @@ def served_city(incidents, root) -> SimpleNamespace:
 
 
 @contextmanager
-def asgi_service(incidents, root) -> Iterator[SimpleNamespace]:
-    """The service on ``served_city``'s data folder through the ASGI test client, with a key for every role."""
+def asgi_service(incidents, root, before_start=None) -> Iterator[SimpleNamespace]:
+    """The service on ``served_city``'s data folder through the ASGI test client, with a key for every role;
+    ``before_start(city)`` may add to the data folder or the registry first."""
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
@@ -111,6 +112,8 @@ def asgi_service(incidents, root) -> Iterator[SimpleNamespace]:
 
     with isolated_mlflow_env():
         city = served_city(incidents, root)
+        if before_start is not None:
+            before_start(city)
         app = create_app(city.settings, ServiceSettings(model_refresh_seconds=3600))
         keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
         with TestClient(app) as client:

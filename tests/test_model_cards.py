@@ -3,21 +3,16 @@ into the champion's MLflow run."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import mlflow
 import pytest
-from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
-from service_support import BARE, CITY, isolated_mlflow_env, served_city
+from service_support import BARE, CITY, asgi_service
 
 from forecasting.tracking import assessment_run_id, log_assessment
-from serving.app import create_app
-from serving.config import ServiceSettings
 from serving.keys import Role
 
 BACKTEST_METRICS = {
@@ -27,27 +22,27 @@ BACKTEST_METRICS = {
 }
 
 
+def log_backtest_record(city) -> None:
+    """What a backtest and the assessments leave in the champion's run."""
+    client = MlflowClient(tracking_uri=city.settings.tracking_uri, registry_uri=city.settings.tracking_uri)
+    city.run_id = assessment_run_id(client, CITY, city.version)
+    mlflow.set_tracking_uri(city.settings.tracking_uri)
+    with mlflow.start_run(run_id=city.run_id):
+        mlflow.log_metrics(BACKTEST_METRICS)
+        mlflow.set_tag("claim.verdict.1pct", "refuted")
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        log_assessment("diagnostics", {"gini": 0.8, "per_shift": [0.1, 0.2]}, {"gini": 0.8, "jaccard_mean": 0.6},
+                       html="<section>diag</section>", figure=fig)
+        log_assessment("bias_audit", {"groups": [{"group": "a", "exposure_ratio": 1.2}]}, {"exposure_ratio.a": 1.2})
+        plt.close(fig)
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(scope="module")
 def svc(toronto_incidents, tmp_path_factory):
-    with isolated_mlflow_env():
-        city = served_city(toronto_incidents, tmp_path_factory.mktemp("cards"))
-        client = MlflowClient(tracking_uri=city.settings.tracking_uri, registry_uri=city.settings.tracking_uri)
-        run_id = assessment_run_id(client, CITY, city.version)
-        mlflow.set_tracking_uri(city.settings.tracking_uri)
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics(BACKTEST_METRICS)
-            mlflow.set_tag("claim.verdict.1pct", "refuted")
-            fig, ax = plt.subplots()
-            ax.plot([0, 1], [0, 1])
-            log_assessment("diagnostics", {"gini": 0.8, "per_shift": [0.1, 0.2]}, {"gini": 0.8, "jaccard_mean": 0.6},
-                           html="<section>diag</section>", figure=fig)
-            log_assessment("bias_audit", {"groups": [{"group": "a", "exposure_ratio": 1.2}]}, {"exposure_ratio.a": 1.2})
-            plt.close(fig)
-        mlflow.set_tracking_uri(None)
-        app = create_app(city.settings, ServiceSettings(model_refresh_seconds=3600))
-        keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
-        with TestClient(app) as http:
-            yield SimpleNamespace(client=http, keys=keys, run_id=run_id, **vars(city))
+    with asgi_service(toronto_incidents, tmp_path_factory.mktemp("cards"), log_backtest_record) as service:
+        yield service
 
 
 def get(svc, path, role=Role.analyst):
