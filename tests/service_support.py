@@ -155,3 +155,24 @@ def start_databases_together(url: str, workers: int = 4) -> tuple[list, list[Bas
     for t in threads:
         t.join()
     return databases, errors
+
+
+@contextmanager
+def panel_only_service(incidents, root, now, label: str = "test") -> Iterator[SimpleNamespace]:
+    """The service on a data folder holding only the test panel (no model: enough for keys, audit and patrols),
+    its clock fixed at ``now``. Settings (database URL included) come from the environment the caller set."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.config import ServiceSettings
+    from serving.dependencies import get_now
+
+    settings = Settings(data_dir=root / "data")
+    _, panel = toronto_box_panel(incidents, *BOX, PANEL_START, PANEL_END)
+    panel.save(panel_dir(settings, CITY))
+    app = create_app(settings, ServiceSettings(model_refresh_seconds=3600))
+    app.dependency_overrides[get_now] = lambda: now
+    keys = {role: app.state.keys.create_key(role, f"{label} {role.value}") for role in Role}
+    with TestClient(app) as client:
+        yield SimpleNamespace(client=client, app=app, keys=keys, settings=settings, panel=panel,
+                              cells=panel.study_area.h3_ids)

@@ -8,19 +8,12 @@ import json
 import math
 import sqlite3
 from datetime import datetime, timezone
-from types import SimpleNamespace
 
 import h3
 import polars as pl
 import pytest
-from conftest import toronto_box_panel
-from fastapi.testclient import TestClient
-from service_support import BOX, CITY, PANEL_END, PANEL_START, isolated_mlflow_env, start_databases_together
+from service_support import CITY, isolated_mlflow_env, panel_only_service, start_databases_together
 
-from features.settings import Settings
-from serving.app import create_app
-from serving.cli import panel_dir
-from serving.config import ServiceSettings
 from serving.dependencies import get_now
 from serving.keys import Role
 from serving.patrols import patrol_log
@@ -31,16 +24,8 @@ NOW = datetime(2020, 2, 12, 17, 30, tzinfo=timezone.utc)  # 12:30 Toronto: the n
 
 @pytest.fixture(scope="module")
 def svc(toronto_incidents, tmp_path_factory):
-    with isolated_mlflow_env():
-        settings = Settings(data_dir=tmp_path_factory.mktemp("patrols") / "data")
-        _, panel = toronto_box_panel(toronto_incidents, *BOX, PANEL_START, PANEL_END)
-        panel.save(panel_dir(settings, CITY))
-        app = create_app(settings, ServiceSettings(model_refresh_seconds=3600))
-        app.dependency_overrides[get_now] = lambda: NOW
-        keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
-        with TestClient(app) as client:
-            yield SimpleNamespace(client=client, app=app, keys=keys, settings=settings, panel=panel,
-                                  cells=panel.study_area.h3_ids)
+    with isolated_mlflow_env(), panel_only_service(toronto_incidents, tmp_path_factory.mktemp("patrols"), NOW) as svc_:
+        yield svc_
 
 
 def post(svc, body, role: Role | None = Role.planner):

@@ -14,22 +14,15 @@ from types import SimpleNamespace
 
 import polars as pl
 import pytest
-from conftest import toronto_box_panel
-from fastapi.testclient import TestClient
 from service_support import (
-    BOX, CITY, PANEL_END, PANEL_START, closed_port, isolated_mlflow_env, start_databases_together,
+    CITY, closed_port, isolated_mlflow_env, panel_only_service, start_databases_together,
 )
 from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from features.settings import Settings
-from serving.app import create_app
 from serving.audit import AuditLog
-from serving.cli import panel_dir
-from serving.config import ServiceSettings
 from serving.db import APPEND_ONLY_TABLES, AuditRow, Database
-from serving.dependencies import get_now
 from serving.keys import KeyStore, Principal, Role
 from serving.patrols import patrol_log
 
@@ -166,16 +159,10 @@ def svc(toronto_incidents, tmp_path_factory, pg):
     url = pg.new_schema()
     with isolated_mlflow_env() as env:
         env.setenv("HOTSPOTS_DATABASE_URL", url)  # the operator's setting, read like any other
-        settings = Settings(data_dir=tmp_path_factory.mktemp("pg") / "data")
-        assert settings.database_url == url
-        _, panel = toronto_box_panel(toronto_incidents, *BOX, PANEL_START, PANEL_END)
-        panel.save(panel_dir(settings, CITY))
-        app = create_app(settings, ServiceSettings(model_refresh_seconds=3600))
-        app.dependency_overrides[get_now] = lambda: NOW
-        keys = {role: app.state.keys.create_key(role, f"pg {role.value}") for role in Role}
-        with TestClient(app) as client:
-            yield SimpleNamespace(client=client, app=app, keys=keys, settings=settings, panel=panel, url=url,
-                                  schema=pg.schemas[-1], cells=panel.study_area.h3_ids)
+        with panel_only_service(toronto_incidents, tmp_path_factory.mktemp("pg"), NOW, label="pg") as service:
+            assert service.settings.database_url == url
+            service.url, service.schema = url, pg.schemas[-1]
+            yield service
 
 
 def test_patrol_log_through_the_api_on_postgres(svc, pg):
