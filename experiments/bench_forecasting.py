@@ -25,7 +25,7 @@ from pathlib import Path
 import polars as pl
 import psutil
 
-from experiments.backtest import run_backtest
+from forecasting.backtest import run_backtest
 from experiments.bench_foundation import PeakMemory
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea

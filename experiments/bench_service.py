@@ -92,7 +92,7 @@ def prepare(source: Path | None, work: Path, train: bool) -> tuple[dict[str, str
     settings = Settings(data_dir=work)
     from mlflow.tracking import MlflowClient
 
-    from forecasting.tracking import CHAMPION, registered_name
+    from forecasting.reporting.tracking import CHAMPION, registered_name
 
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     latest = max(int(v.version) for v in client.search_model_versions(f"name = '{registered_name(CITY)}'"))

@@ -23,6 +23,7 @@ import polars as pl
 from features.panel import CountPanel
 from forecasting.area_presets import get_preset
 from forecasting.bias_audit import BiasAudit, audit, population_split, quantile_split
+from forecasting.metrics import HEADLINE_COVERAGES
 
 RUNS = Path(os.environ.get("HOTSPOTS_RUNS_DIR", "/work/runs"))
 OUT = Path(__file__).resolve().parent / "results" / "bias_audit"
@@ -51,7 +52,7 @@ CASES = {
 }
 
 
-def run_case(case: AuditCase, *, forecasters=("lightgbm", "naive"), coverages=(0.01, 0.05), n_boot: int = 1000,
+def run_case(case: AuditCase, *, forecasters=("lightgbm", "naive"), coverages=HEADLINE_COVERAGES, n_boot: int = 1000,
              out_root: Path = OUT) -> BiasAudit:
     saved = np.load(case.predictions)
     panel = CountPanel.load(case.panel)

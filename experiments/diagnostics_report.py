@@ -21,6 +21,7 @@ import numpy as np
 
 from features.panel import CountPanel
 from forecasting.diagnostics import diagnose
+from forecasting.metrics import HEADLINE_COVERAGES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "experiments" / "results" / "diagnostics"
@@ -42,7 +43,7 @@ def run_city(city: str, runs: Path, out: Path) -> dict:
         raise ValueError(f"{city}: the backtest has {areas.size} cells but the panel {panel.n_cells}")
     importance = json.loads((folder / "feature_importance.json").read_text())
     diag = diagnose(predictions, observed, areas, origins, panel.calendar.per_day, model="lightgbm",
-                    baseline="naive", coverages=(0.01, 0.05), importance=importance, panel=panel)
+                    baseline="naive", coverages=HEADLINE_COVERAGES, importance=importance, panel=panel)
     out.mkdir(parents=True, exist_ok=True)
     title = f"Feedback-loop diagnostics: {city}, test year {year} (H3 res {panel.study_area.resolution}, {panel.n_cells} cells)"
     payload = {"city": city, "test_year": year, "backtest": str(folder), "panel": str(runs / panel_dir),

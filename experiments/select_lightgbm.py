@@ -13,10 +13,11 @@ import json
 from datetime import date
 from pathlib import Path
 
-from experiments.backtest import run_backtest
+from forecasting.backtest import run_backtest
 from features.panel import CountPanel
 from forecasting.baselines import SEPP, Naive
 from forecasting.lgbm import LightGBMForecaster
+from forecasting.metrics import HEADLINE_COVERAGES
 
 CANDIDATES = {
     "lgbm_default": lambda: LightGBMForecaster(),
@@ -38,7 +39,7 @@ def main() -> None:
     forecasters |= {"sepp": lambda: SEPP(warm_start=True), "naive": lambda: Naive()}
     result = run_backtest(panel, args.start, args.end, forecasters, progress=print)
     rows = {}
-    for name, s in result.summaries(coverages=(0.01, 0.05), n_boot=200).items():
+    for name, s in result.summaries(coverages=HEADLINE_COVERAGES, n_boot=200).items():
         rows[name] = {"hit_rate": s.point["hit_rate"].round(4).tolist(), "pai": s.point["pai"].round(2).tolist(),
                       "deviance": round(s.deviance, 5), "fit_seconds": round(result.fit_seconds[name], 1)}
         print(f"{name:<18} HR@1% {rows[name]['hit_rate'][0]:.4f}  HR@5% {rows[name]['hit_rate'][1]:.4f}  "

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.backtest import default_forecasters, run_backtest
+from forecasting.backtest import default_forecasters, run_backtest
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
 from features.panel import CountPanel, with_cells
 from features.profile import load_profile
 from features.synthetic import SyntheticCity, SyntheticResult, background_from_rates, simulate
 from forecasting.base import Forecaster
+from forecasting.metrics import HEADLINE_COVERAGES
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -85,7 +86,7 @@ def main() -> None:
     test_start = date(year, month + 1, 1)
     forecasters = default_forecasters() | {"true_intensity": lambda: TrueIntensity(truth=truth)}
     result = run_backtest(panel, test_start, test_end, forecasters, progress=print)
-    summaries = result.summaries(coverages=(0.01, 0.05), n_boot=500)
+    summaries = result.summaries(coverages=HEADLINE_COVERAGES, n_boot=500)
     ceiling = summaries["true_intensity"].point["hit_rate"]
     table = {}
     for name, s in summaries.items():

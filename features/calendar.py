@@ -13,9 +13,15 @@ from datetime import date, datetime, timedelta, timezone
 import numpy as np
 import polars as pl
 
-from features.validation import localize
-
 EPOCH = date(1970, 1, 1)
+
+
+def localize(naive: pl.Expr, tz: str) -> pl.Expr:
+    """Local wall-clock time -> UTC. Ambiguous (fall-back) times take the first occurrence; times that do
+    not exist (spring-forward gap) move forward by an hour, as a clock would read them."""
+    first = naive.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+    shifted = (naive + pl.duration(hours=1)).dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+    return pl.coalesce(first, shifted).dt.convert_time_zone("UTC")
 
 
 def parse_starts(starts: list[str] | tuple[str, ...]) -> tuple[int, ...]:
@@ -116,6 +122,10 @@ class ShiftCalendar:
 
     def local_day(self, d: date) -> int:
         return (d - EPOCH).days
+
+    def local_date(self, shift_id: int) -> date:
+        """The local calendar day a shift starts on."""
+        return EPOCH + timedelta(days=int(shift_id) // self.per_day)
 
     def features(self, shift_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Calendar features of the shift being forecast (known in advance, so no leakage)."""

@@ -1,4 +1,5 @@
-"""Ingest one file end to end: read, validate, store, quarantine, and account for every row."""
+"""The data pipeline's two entry points: ingest one file end to end (read, validate, store, quarantine, and
+account for every row), and build a city's count panel from its stored incidents."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Sequence
 
+import polars as pl
+
+from features.calendar import ShiftCalendar
+from features.grid import StudyArea
 from features.ingest import read_raw
+from features.panel import BinningReport, CountPanel, build_panel, with_cells
 from features.profile import SourceProfile
+from features.settings import Settings
 from features.store import IncidentStore
 from features.validation import validate
 
@@ -85,3 +93,41 @@ def ingest_file(
         summary.report_path = str(report)
         report.write_text(json.dumps({**asdict(summary), "ingested_at": now.isoformat()}, indent=2))
     return summary
+
+
+@dataclass
+class CityPanel:
+    """A city's count panel with how its incidents were binned."""
+
+    panel: CountPanel
+    report: BinningReport
+
+
+def build_city_panel(
+    incidents: pl.DataFrame,
+    profile: SourceProfile,
+    settings: Settings | None = None,
+    *,
+    resolution: int | None = None,
+    shift_starts: Sequence[str] | None = None,
+    boundary=None,
+    study_area: StudyArea | None = None,
+    name: str | None = None,
+    first_shift: int | None = None,
+    end_shift: int | None = None,
+) -> CityPanel:
+    """Stored incidents -> the H3 x shift count panel, the one way the CLI, scripts and notebooks build it.
+
+    The grid comes from ``study_area``, else a ``boundary`` polygon, else the data (concave hull of the occupied
+    cells); resolution and shift starts default to the settings'. Incidents are binned to cells once."""
+    settings = settings or Settings()
+    res = study_area.resolution if study_area is not None else (settings.h3_resolution if resolution is None else resolution)
+    incidents = with_cells(incidents, res)
+    name = name or profile.name
+    if study_area is None:
+        study_area = (StudyArea.from_boundary(boundary, res, name) if boundary is not None
+                      else StudyArea.from_cells(incidents["h3_cell"].to_numpy(), res, name=name))
+    calendar = ShiftCalendar.from_strings(profile.timezone, list(shift_starts or settings.shift_starts))
+    panel, report = build_panel(incidents, study_area, calendar, profile.categories.canonical,
+                                first_shift=first_shift, end_shift=end_shift)
+    return CityPanel(panel, report)

@@ -1,7 +1,9 @@
-"""Settings from a TOML config file and ``HOTSPOTS_*`` environment variables.
+"""The project's one settings object: a TOML config file and ``HOTSPOTS_*`` environment variables.
 
 Precedence (highest first): explicit keyword arguments, environment variables, the config file
-(``HOTSPOTS_CONFIG`` or ``./hotspots.toml``), then the defaults below.
+(``HOTSPOTS_CONFIG`` or ``./hotspots.toml``; its ``[hotspots]`` table, or its top level), then the defaults below.
+It sits at the bottom of the layers because every stage needs it: the data folder, the grid, the shifts, MLflow,
+the service.
 """
 
 from __future__ import annotations
@@ -13,53 +15,69 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 DEFAULT_CONFIG_FILE = "hotspots.toml"
+TABLE = "hotspots"
 
 
-class _TomlSource(PydanticBaseSettingsSource):
-    """Reads the ``[hotspots]`` table (or the top level) of the config file."""
-
-    def __init__(self, settings_cls: type[BaseSettings]):
-        super().__init__(settings_cls)
-        path = Path(os.environ.get("HOTSPOTS_CONFIG", DEFAULT_CONFIG_FILE))
-        self._data: dict[str, Any] = {}
-        if path.is_file():
-            with path.open("rb") as fh:
-                raw = tomllib.load(fh)
-            self._data = raw.get("hotspots", raw)
-
-    def get_field_value(self, field, field_name):  # pragma: no cover - unused by pydantic here
-        return self._data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+def _config_source(settings_cls: type[BaseSettings]) -> TomlConfigSettingsSource:
+    """pydantic-settings' TOML source on the configured file, reading the ``[hotspots]`` table when there is one."""
+    path = Path(os.environ.get("HOTSPOTS_CONFIG", DEFAULT_CONFIG_FILE))
+    header: tuple[str, ...] = ()
+    if path.is_file():
+        with path.open("rb") as fh:
+            header = (TABLE,) if TABLE in tomllib.load(fh) else ()
+    return TomlConfigSettingsSource(settings_cls, toml_file=path, toml_table_header=header)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HOTSPOTS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="HOTSPOTS_", extra="ignore", protected_namespaces=())
 
+    # --- data and grid ---------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Incident store, quarantine, panels and reports live here.")
     shared_data_dir: Path | None = Field(
         None, validation_alias=AliasChoices("HOTSPOTS_SHARED_DATA", "shared_data_dir"),
         description="Folder of real open data and area layers (env HOTSPOTS_SHARED_DATA, e.g. ../shared/data): "
                     "tests, benchmarks and the shipped bias-audit presets read it.",
     )
-    mlflow_tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; default is an embedded SQLite store in data_dir."
-    )
     h3_resolution: int = Field(9, ge=0, le=15, description="H3 resolution of the forecasting grid.")
     shift_starts: Annotated[list[str], NoDecode] = Field(
-        ["06:00", "14:00", "22:00"], description="Local start times of the patrol shifts (HH:MM)."
+        ["06:00", "14:00", "22:00"], description="Local start times of the patrol shifts (HH:MM) for new panels; "
+                                                 "a saved panel keeps the shifts it was built with."
     )
     future_tolerance_minutes: int = Field(
         60, description="Incidents later than now + this are quarantined as future_time."
     )
     socrata_app_token: str | None = Field(None, description="App token for the Socrata API (optional).")
+
+    # --- tracking ------------------------------------------------------------------------------------------
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default is an embedded SQLite store in data_dir."
+    )
+
+    # --- the service ---------------------------------------------------------------------------------------
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the service's database (API keys, audit log, patrol log), e.g. "
                           "postgresql+psycopg://user:password@host:5432/db; default: SQLite at data_dir/serving.db.",
+    )
+    model_refresh_seconds: float = Field(
+        60.0, ge=0, description="How often (at most) a request re-reads the registry for new champions and the "
+                                "panels folder for new or updated panels; 0 checks on every request.",
+    )
+    forecast_cache_size: int = Field(256, ge=1, description="Forecasts kept in memory (LRU).")
+    default_k: int = Field(20, ge=1, description="Hotspots returned when neither k nor coverage is given.")
+    map_tile_url: str | None = Field(
+        None, pattern=r"^https?://[^\s]*\{z\}[^\s]*$",
+        description="Slippy-map tile template for the /map page's base map, e.g. "
+                    "https://tile.openstreetmap.org/{z}/{x}/{y}.png ({s} becomes 'a'). Unset: no base map and the "
+                    "page makes no request outside the service.",
     )
 
     @field_validator("shift_starts", mode="before")
@@ -78,7 +96,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlSource(settings_cls))
+        return (init_settings, env_settings, _config_source(settings_cls))
 
     @property
     def tracking_uri(self) -> str:

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import polars as pl
 
+from features.calendar import localize
 from features.profile import SourceProfile
 
 CANONICAL_SCHEMA: dict[str, pl.DataType] = {
@@ -64,14 +65,6 @@ class ValidationResult:
 def _blank_to_null(expr: pl.Expr) -> pl.Expr:
     text = expr.cast(pl.String).str.strip_chars()
     return pl.when(text == "").then(None).otherwise(text)
-
-
-def localize(naive: pl.Expr, tz: str) -> pl.Expr:
-    """Local wall-clock time -> UTC. Ambiguous (fall-back) times take the first occurrence; times that do
-    not exist (spring-forward gap) move forward by an hour, as a clock would read them."""
-    first = naive.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
-    shifted = (naive + pl.duration(hours=1)).dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
-    return pl.coalesce(first, shifted).dt.convert_time_zone("UTC")
 
 
 def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:

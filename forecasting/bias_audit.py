@@ -50,7 +50,7 @@ import polars as pl
 
 from forecasting.area_join import TOTAL, AreaJoin
 from forecasting.jsonable import jsonable
-from forecasting.metrics import TIE_SEED, bootstrap_weights, day_blocks, rank_cells, shift_hits
+from forecasting.metrics import TIE_SEED, bootstrap_weights, day_blocks, rank_cells, shift_hits, HEADLINE_COVERAGES
 
 ALL = "all"
 MEASURES = ("flagged_share", "exposure_ratio", "exposure_to_crime_ratio", "hit_rate", "pai", "calibration")
@@ -450,7 +450,7 @@ def audit(
     per_day: int,
     splits: Sequence[Split],
     *,
-    coverages: Sequence[float] = (0.01, 0.05),
+    coverages: Sequence[float] = HEADLINE_COVERAGES,
     baseline: str | None = "naive",
     n_boot: int = 1000,
     level: float = 0.95,

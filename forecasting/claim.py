@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from forecasting.metrics import bootstrap_weights, day_blocks, shift_hits
+from forecasting.metrics import bootstrap_weights, day_blocks, shift_hits, HEADLINE_COVERAGES
 
 
 @dataclass
@@ -60,7 +60,7 @@ def verdict(low: float, high: float, claimed: float) -> str:
 
 def claim_test(
     candidate: np.ndarray, baseline: np.ndarray, observed: np.ndarray, areas: np.ndarray, shift_ids: np.ndarray,
-    per_day: int, *, coverages=(0.01, 0.05), claimed_ratio: float = 1.5, n_boot: int = 2000, level: float = 0.95,
+    per_day: int, *, coverages=HEADLINE_COVERAGES, claimed_ratio: float = 1.5, n_boot: int = 2000, level: float = 0.95,
     seed: int = 0, names: tuple[str, str] = ("candidate", "baseline"),
 ) -> list[ClaimResult]:
     hc = shift_hits(candidate, observed, areas, shift_ids, coverages)
@@ -94,7 +94,7 @@ def claim_test(
 
 def against_every_baseline(
     predictions: dict[str, np.ndarray], observed: np.ndarray, areas: np.ndarray, shift_ids: np.ndarray, per_day: int,
-    *, candidate: str = "lightgbm", coverages=(0.01, 0.05), n_boot: int = 2000, seed: int = 0,
+    *, candidate: str = "lightgbm", coverages=HEADLINE_COVERAGES, n_boot: int = 2000, seed: int = 0,
 ) -> list[ClaimResult]:
     """'Is the candidate better at all?' (claimed ratio 1) against every other forecaster, with the paired
     interval of the difference in hit rate: the evidence that it is ahead of each baseline, or not."""

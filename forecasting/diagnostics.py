@@ -42,7 +42,7 @@ from features.grid import StudyArea
 from features.matrix import FeatureConfig, build_features
 from features.panel import COUNTS_SCHEMA, CountPanel
 from forecasting.jsonable import jsonable
-from forecasting.metrics import TIE_SEED, rank_cells
+from forecasting.metrics import TIE_SEED, rank_cells, HEADLINE_COVERAGES
 from forecasting.patrol_dose import PatrolDiagnostics, patrol_diagnostics
 
 GROUPS = ("own_lagged", "neighbour_lagged", "calendar", "static")
@@ -535,7 +535,7 @@ class Diagnostics:
     def log_to_mlflow(self) -> None:
         """Log into the active MLflow run as the ``diagnostics`` assessment (and ``patrol_diagnostics`` when a
         patrol log was analysed), where the model card and /v1/diagnostics read them."""
-        from forecasting.tracking import log_assessment
+        from forecasting.reporting.tracking import log_assessment
 
         fig = self.figure()
         log_assessment("diagnostics", self.payload(), self.to_dict(prefix=""), html=self.html_section(), figure=fig)
@@ -560,7 +560,7 @@ def _html_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def diagnose(
     predictions: Mapping[str, np.ndarray], observed: np.ndarray, areas: np.ndarray, origins: np.ndarray, per_day: int,
-    *, model: str = "lightgbm", baseline: str | None = "naive", coverages: Sequence[float] = (0.01, 0.05),
+    *, model: str = "lightgbm", baseline: str | None = "naive", coverages: Sequence[float] = HEADLINE_COVERAGES,
     top_k: Sequence[int] = (), seed: int = TIE_SEED, importance: Mapping[str, float] | None = None,
     panel: CountPanel | None = None, feature_config: FeatureConfig = FeatureConfig(),
     groups: Mapping[str, str] | None = None, patrols: pl.DataFrame | None = None, **patrol_options,
@@ -615,7 +615,7 @@ def diagnose(
 
 
 def diagnose_backtest(result, panel: CountPanel, **kwargs) -> Diagnostics:
-    """:func:`diagnose` on an ``experiments.backtest.BacktestResult``; the LightGBM model's importance and
+    """:func:`diagnose` on an ``forecasting.backtest.BacktestResult``; the LightGBM model's importance and
     feature config are taken from ``result.last_models`` when present."""
     lgbm = result.last_models.get(kwargs.get("model", "lightgbm"))
     if lgbm is not None and hasattr(lgbm, "feature_importance") and "importance" not in kwargs:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_COVERAGES = (0.005, 0.01, 0.02, 0.05, 0.10, 0.20)
+# the two shares of the city's area every verdict, gate and headline table is stated at
+HEADLINE_COVERAGES = (0.01, 0.05)
 TIE_SEED = 20240101
 
 

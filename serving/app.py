@@ -20,7 +20,6 @@ from fastapi.staticfiles import StaticFiles
 
 from features.settings import Settings, get_settings
 from serving.audit import AuditLog
-from serving.config import ServiceSettings
 from serving.db import Database
 from serving.dependencies import Models
 from serving.errors import install_handlers
@@ -60,9 +59,8 @@ def readyz(store: Models) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
 
 
-def create_app(settings: Settings | None = None, service_settings: ServiceSettings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    service_settings = service_settings or ServiceSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -85,15 +83,14 @@ def create_app(settings: Settings | None = None, service_settings: ServiceSettin
     )
     db = Database.for_settings(settings)
     app.state.settings = settings
-    app.state.service_settings = service_settings
     app.state.db = db
     app.state.keys = KeyStore(db)
     app.state.audit = AuditLog(db)
-    app.state.models = ModelStore(settings, refresh_seconds=service_settings.model_refresh_seconds)
+    app.state.models = ModelStore(settings, refresh_seconds=settings.model_refresh_seconds)
     app.state.metrics = ServiceMetrics(app.state.models.snapshot)
     app.state.patrols = PatrolLog(db)
-    app.state.forecasts = ForecastService(service_settings.forecast_cache_size, metrics=app.state.metrics)
-    app.state.model_cards = ModelCards(app.state.models, ttl_seconds=service_settings.model_refresh_seconds)
+    app.state.forecasts = ForecastService(settings.forecast_cache_size, metrics=app.state.metrics)
+    app.state.model_cards = ModelCards(app.state.models, ttl_seconds=settings.model_refresh_seconds)
     install_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 

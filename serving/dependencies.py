@@ -13,7 +13,6 @@ from fastapi.security import APIKeyHeader
 
 from features.settings import Settings
 from serving.audit import AuditLog
-from serving.config import ServiceSettings
 from serving.errors import ApiError
 from serving.forecasts import ForecastService
 from serving.keys import KeyStore, Permission, Principal, roles_with
@@ -28,10 +27,6 @@ api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description
 
 async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
-
-
-async def get_service_settings(request: Request) -> ServiceSettings:
-    return request.app.state.service_settings
 
 
 def get_models(request: Request) -> ModelStore:
@@ -101,7 +96,6 @@ def ready_state(state: CityState) -> CityState:
 
 
 Settings_ = Annotated[Settings, Depends(get_settings)]
-ServiceSettings_ = Annotated[ServiceSettings, Depends(get_service_settings)]
 Models = Annotated[ModelStore, Depends(get_models)]
 Audit = Annotated[AuditLog, Depends(get_audit)]
 Forecasts = Annotated[ForecastService, Depends(get_forecasts)]

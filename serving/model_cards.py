@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from forecasting.tracking import ASSESSMENTS, assessment_run_id
+from forecasting.reporting.tracking import ASSESSMENTS, assessment_run_id
 from serving.card_schemas import Assessment, BacktestRecord, ClaimVerdict, ForecasterScore, ModelCard
 from serving.models_store import ModelStore
 

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ from typing import Any, Literal
 import forecasting.lgbm  # noqa: F401  (imported before any model is unpickled: never the model's code copy)
 from features.panel import CountPanel
 from features.settings import Settings
-from forecasting.tracking import CHAMPION, registered_name
+from forecasting.reporting.tracking import CHAMPION, registered_name
 
 log = logging.getLogger("hotspots.serving")
 
@@ -349,11 +348,7 @@ def _storage_uri(client, name: str, version: str) -> str:
 def _load_forecaster(path: Path):
     import mlflow
 
-    saved = list(sys.path)
-    try:
-        pyfunc = mlflow.pyfunc.load_model(str(path))
-    finally:
-        sys.path[:] = saved  # the model's code copy must not shadow the installed project afterwards
+    pyfunc = mlflow.pyfunc.load_model(str(path))
     forecaster = pyfunc.unwrap_python_model().forecaster
     if hasattr(forecaster, "_cache"):
         forecaster._cache = {}  # training rows pickled with the model: not needed to predict

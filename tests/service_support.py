@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from features.matrix import build_features
 from features.settings import Settings
 from forecasting.lgbm import LightGBMForecaster
-from forecasting.tracking import PromotionDecision, apply_promotion, configure, log_model, registered_name
-from serving.cli import panel_dir
+from features.paths import DataPaths
+from forecasting.promotion import PromotionDecision
+from forecasting.reporting.tracking import apply_promotion, configure, log_model, registered_name
 from serving.keys import Role
 
 CITY = "toronto-mci"
@@ -94,8 +95,8 @@ def served_city(incidents, root) -> SimpleNamespace:
     """Data folder with the Toronto test panel (and a bare city) and a registered, promoted champion."""
     settings = Settings(data_dir=root / "data")
     _, panel = toronto_box_panel(incidents, *BOX, PANEL_START, PANEL_END)
-    panel.save(panel_dir(settings, CITY))
-    panel.save(panel_dir(settings, BARE))
+    panel.save(DataPaths(settings).panel(CITY))
+    panel.save(DataPaths(settings).panel(BARE))
     model = quick_lgbm().fit(panel)
     version = register(settings, model, panel, promote=True)
     return SimpleNamespace(settings=settings, panel=panel, model=model, version=version)
@@ -108,13 +109,12 @@ def asgi_service(incidents, root, before_start=None) -> Iterator[SimpleNamespace
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
-    from serving.config import ServiceSettings
 
     with isolated_mlflow_env():
         city = served_city(incidents, root)
         if before_start is not None:
             before_start(city)
-        app = create_app(city.settings, ServiceSettings(model_refresh_seconds=3600))
+        app = create_app(city.settings.model_copy(update=dict(model_refresh_seconds=3600)))
         keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
         with TestClient(app) as client:
             yield SimpleNamespace(client=client, app=app, keys=keys, **vars(city))
@@ -164,13 +164,12 @@ def panel_only_service(incidents, root, now, label: str = "test") -> Iterator[Si
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
-    from serving.config import ServiceSettings
     from serving.dependencies import get_now
 
     settings = Settings(data_dir=root / "data")
     _, panel = toronto_box_panel(incidents, *BOX, PANEL_START, PANEL_END)
-    panel.save(panel_dir(settings, CITY))
-    app = create_app(settings, ServiceSettings(model_refresh_seconds=3600))
+    panel.save(DataPaths(settings).panel(CITY))
+    app = create_app(settings.model_copy(update=dict(model_refresh_seconds=3600)))
     app.dependency_overrides[get_now] = lambda: now
     keys = {role: app.state.keys.create_key(role, f"{label} {role.value}") for role in Role}
     with TestClient(app) as client:

@@ -16,9 +16,8 @@ from fastapi.testclient import TestClient
 
 from features.settings import Settings
 from forecasting.metrics import rank_cells
-from forecasting.tracking import registered_name
+from forecasting.reporting.tracking import registered_name
 from serving.app import create_app
-from serving.config import ServiceSettings
 from serving.dependencies import get_now
 from serving.keys import KeyStore, Role
 from serving.models_store import KEEP_COPIES
@@ -295,7 +294,7 @@ def test_models_lists_versions_with_promotion_tags(svc):
 
 def test_local_fallback_when_the_registry_is_unreachable(svc):
     offline = svc.settings.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{closed_port()}"})
-    app = create_app(offline, ServiceSettings(model_refresh_seconds=3600))
+    app = create_app(offline.model_copy(update=dict(model_refresh_seconds=3600)))
     with TestClient(app) as client:
         ready = client.get("/readyz").json()
         assert ready["ready"] and ready["registry_reachable"] is False and ready["registry_error"]

@@ -129,14 +129,14 @@ def test_diagnose_analyses_recorded_patrols(data_dir, backtested):
     import numpy as np
 
     from features.panel import CountPanel
-    from serving.cli import panel_dir
+    from features.paths import DataPaths
     from serving.db import Database
     from serving.keys import Principal, Role
     from serving.patrols import PatrolLog, check_patrols
     from serving.schemas import PatrolRequest
 
     settings = Settings(data_dir=data_dir, h3_resolution=8)
-    panel = CountPanel.load(panel_dir(settings, "toronto-mci"))
+    panel = CountPanel.load(DataPaths(settings).panel("toronto-mci"))
     cal, rng = panel.calendar, np.random.default_rng(3)
     db = Database.for_settings(settings)
     log = PatrolLog(db)

@@ -362,7 +362,7 @@ def test_logs_into_mlflow_where_the_model_card_reads(toronto_naive, patrolled_ci
     from service_support import isolated_mlflow_env
 
     from features.settings import Settings
-    from forecasting.tracking import configure
+    from forecasting.reporting.tracking import configure
 
     panel, patrols, origins, mu, observed, _ = patrolled_city
     d = diagnose({"m": mu}, observed, panel.study_area.areas_km2, origins, 3, model="m", baseline=None,

@@ -28,7 +28,7 @@ from live_server import hotspots_serve
 from mlflow.tracking import MlflowClient
 from service_support import CITY, free_port, isolated_mlflow_env, quick_lgbm, register, served_city, set_champion
 
-from forecasting.tracking import registered_name
+from forecasting.reporting.tracking import registered_name
 from serving.keys import Role, create_key
 from serving.models_store import _storage_uri
 

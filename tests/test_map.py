@@ -17,9 +17,9 @@ from PIL import Image
 from pydantic import ValidationError
 from service_support import BARE, CITY, asgi_service, get, problem
 
+from features.settings import Settings
 from serving.app import create_app
 from serving.briefing import feature_label, render_briefing, shift_window
-from serving.config import ServiceSettings
 from serving.dependencies import get_now
 from serving.forecasts import hexagon_ring
 from serving.keys import Role
@@ -81,16 +81,16 @@ def test_map_page_is_self_contained_and_needs_no_key(svc):
 
 def test_tile_url_setting_reaches_the_page_and_its_policy(svc, monkeypatch):
     monkeypatch.setenv("HOTSPOTS_MAP_TILE_URL", OSM)
-    assert ServiceSettings().map_tile_url == OSM
+    assert Settings().map_tile_url == OSM
     with pytest.raises(ValidationError, match="map_tile_url"):
-        ServiceSettings(map_tile_url="tile.openstreetmap.org/{z}/{x}/{y}.png")
-    app = create_app(svc.settings, ServiceSettings(model_refresh_seconds=3600, map_tile_url=OSM))
+        Settings(map_tile_url="tile.openstreetmap.org/{z}/{x}/{y}.png")
+    app = create_app(svc.settings.model_copy(update=dict(model_refresh_seconds=3600, map_tile_url=OSM)))
     response = TestClient(app).get("/map")  # the page alone: no lifespan, no model loading needed
     config = page_config(response.text)
     assert config["tile_url"] == OSM and config["tile_attribution"] == "Base map © OpenStreetMap contributors"
     assert "img-src 'self' data: blob: https://tile.openstreetmap.org;" in response.headers["content-security-policy"]
     assert "connect-src 'self'" in response.headers["content-security-policy"]
-    subdomains = create_app(svc.settings, ServiceSettings(map_tile_url="https://{s}.tile.example.org/{z}/{x}/{y}.png"))
+    subdomains = create_app(svc.settings.model_copy(update=dict(map_tile_url="https://{s}.tile.example.org/{z}/{x}/{y}.png")))
     policy = TestClient(subdomains).get("/map").headers["content-security-policy"]
     assert "https://*.tile.example.org;" in policy
     js = TestClient(app).get("/static/map.js").text

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from service_support import BARE, CITY, asgi_service
 
-from forecasting.tracking import assessment_run_id, log_assessment
+from forecasting.reporting.tracking import assessment_run_id, log_assessment
 from serving.keys import Role
 
 BACKTEST_METRICS = {

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 from matplotlib.image import imread
 
-from experiments.backtest import BacktestResult, per_category_hit_rates
-from experiments.report import best_sentence, busiest_shift, fmt_interval, fmt_ratio, fmt_rate, write_report
+from forecasting.backtest import BacktestResult, per_category_hit_rates
+from forecasting.reporting.report import best_sentence, busiest_shift, fmt_interval, fmt_ratio, fmt_rate, write_report
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
 from features.matrix import build_targets

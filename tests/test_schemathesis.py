@@ -23,7 +23,6 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from service_support import BARE, CITY, isolated_mlflow_env, served_city
 
 from serving.app import create_app
-from serving.config import ServiceSettings
 from serving.keys import Role
 
 EXAMPLES = 30  # per operation and mode (valid, invalid input)
@@ -35,7 +34,7 @@ SHIFTS = ("next", "2020-02-10T14:00:00-05:00", "2020-03-01T06:00:00-05:00", "201
 def service(toronto_incidents, tmp_path_factory):
     with isolated_mlflow_env():
         city = served_city(toronto_incidents, tmp_path_factory.mktemp("schemathesis"))
-        app = create_app(city.settings, ServiceSettings(model_refresh_seconds=3600))
+        app = create_app(city.settings.model_copy(update=dict(model_refresh_seconds=3600)))
         admin = app.state.keys.create_key(Role.admin, "schemathesis")
         with TestClient(app):  # runs the lifespan: models loaded once
             yield SimpleNamespace(app=app, admin=admin, cells=list(city.panel.study_area.h3_ids[:50]))

@@ -15,9 +15,10 @@ from service_support import CITY, free_port, isolated_mlflow_env, served_city
 from typer.testing import CliRunner
 
 from features.settings import Settings
-from forecasting.tracking import registered_name
+from forecasting.reporting.tracking import registered_name
 import serving.cli as cli
-from serving.cli import app, ensure_planner_key
+from serving.cli import app
+from serving.cli.service import ensure_planner_key
 from serving.keys import KeyStore, list_keys
 
 runner = CliRunner()

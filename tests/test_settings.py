@@ -26,3 +26,17 @@ def test_config_file_then_environment(monkeypatch, tmp_path):
     s = Settings()
     assert s.h3_resolution == 9 and s.shift_starts == ["06:00", "18:00"] and s.tracking_uri == "http://127.0.0.1:5000"
     assert Settings(h3_resolution=7).h3_resolution == 7
+
+
+def test_config_file_top_level_and_service_fields(monkeypatch, tmp_path):
+    """A config file without a [hotspots] table is read from its top level; service settings live in the same
+    object as the data settings."""
+    config = tmp_path / "plain.toml"
+    config.write_text('h3_resolution = 10\ndefault_k = 7\nmodel_refresh_seconds = 5\n')
+    monkeypatch.setenv("HOTSPOTS_CONFIG", str(config))
+    for var in ("HOTSPOTS_H3_RESOLUTION", "HOTSPOTS_DEFAULT_K", "HOTSPOTS_MODEL_REFRESH_SECONDS"):
+        monkeypatch.delenv(var, raising=False)
+    s = Settings()
+    assert (s.h3_resolution, s.default_k, s.model_refresh_seconds) == (10, 7, 5.0)
+    monkeypatch.setenv("HOTSPOTS_DEFAULT_K", "3")
+    assert Settings().default_k == 3

@@ -11,14 +11,13 @@ import pytest
 from conftest import toronto_box_panel
 from mlflow.tracking import MlflowClient
 
-from experiments.backtest import run_tracked_backtest
+from forecasting.reporting.runs import run_tracked_backtest
 from features.settings import Settings
 from forecasting.baselines import Naive, SEPP
 from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import MetricSummary
-from forecasting.tracking import (
-    CHAMPION, apply_promotion, champion_version, configure, promotion_decision, registered_name,
-)
+from forecasting.promotion import promotion_decision
+from forecasting.reporting.tracking import CHAMPION, apply_promotion, champion_version, configure, registered_name
 
 
 def summary(rates):

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from serving.briefing import render_briefing
-from serving.dependencies import Audit, Forecasts, Models, Now, Planner, ServiceSettings_
+from serving.dependencies import Audit, Forecasts, Models, Now, Planner, Settings_
 from serving.errors import ApiError
 from serving.forecasts import hexagon_ring, select_cells
 from serving.routers.common import Prepared, audit_params, audited, context, prepare
@@ -64,7 +64,7 @@ def _hotspots(p: Prepared, query: HotspotsQuery, default_k: int) -> tuple[list[H
 @router.get("/hotspots", response_model=HotspotsResponse, responses=ERRORS,
             summary="Ranked hotspot cells of a shift, with the top contributing features of each")
 def hotspots(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()], models: Models,
-             forecasts: Forecasts, audit: Audit, service: ServiceSettings_, now: Now) -> Response:
+             forecasts: Forecasts, audit: Audit, service: Settings_, now: Now) -> Response:
     p = prepare(models, forecasts, query, now, query.k, query.coverage)
     n, k = _selected(p, query, service.default_k)
 
@@ -86,7 +86,7 @@ def _selected(p: Prepared, query: HotspotsQuery, default_k: int) -> tuple[int, i
             responses={**ERRORS, 200: {"content": {GEOJSON: {}}, "description": "RFC 7946 FeatureCollection."}},
             summary="The same hotspots as a GeoJSON FeatureCollection of hexagons")
 def hotspots_geojson(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()], models: Models,
-                     forecasts: Forecasts, audit: Audit, service: ServiceSettings_, now: Now) -> Response:
+                     forecasts: Forecasts, audit: Audit, service: Settings_, now: Now) -> Response:
     p = prepare(models, forecasts, query, now, query.k, query.coverage)
     n, k = _selected(p, query, service.default_k)
 
@@ -114,7 +114,7 @@ def hotspots_geojson(request: Request, principal: Planner, query: Annotated[Hots
                                                       "and the ranked table."}},
             summary="The same hotspots as a printable briefing map (PNG)")
 def hotspots_png(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()], models: Models,
-                 forecasts: Forecasts, audit: Audit, service: ServiceSettings_, now: Now) -> Response:
+                 forecasts: Forecasts, audit: Audit, service: Settings_, now: Now) -> Response:
     p = prepare(models, forecasts, query, now, query.k, query.coverage)
     n, k = _selected(p, query, service.default_k)
 

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from serving.config import ServiceSettings
-from serving.dependencies import API_KEY_HEADER, ServiceSettings_
+from features.settings import Settings
+from serving.dependencies import API_KEY_HEADER, Settings_
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 SHIFT_WINDOW = 9  # shifts offered before and after 'next' in the selector (three days of three shifts)
@@ -41,7 +41,7 @@ def tile_source(tile_url: str | None) -> str | None:
     return f"{parts.scheme}://{parts.netloc.replace('{s}', '*')}"
 
 
-def page_config(service: ServiceSettings) -> dict:
+def page_config(service: Settings) -> dict:
     tiles = service.map_tile_url
     host = urlsplit(tiles).netloc.replace("{s}.", "") if tiles else None
     attribution = None
@@ -51,7 +51,7 @@ def page_config(service: ServiceSettings) -> dict:
             "tile_url": tiles, "tile_attribution": attribution}
 
 
-def content_security_policy(service: ServiceSettings) -> str:
+def content_security_policy(service: Settings) -> str:
     images = " ".join(filter(None, ["'self'", "data:", "blob:", tile_source(service.map_tile_url)]))
     return (f"default-src 'none'; script-src 'self'; style-src 'self'; img-src {images}; connect-src 'self'; "
             "form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
@@ -145,13 +145,13 @@ recorded in the service's audit log under your key.</footer>
 """
 
 
-def render_page(service: ServiceSettings) -> str:
+def render_page(service: Settings) -> str:
     config = json.dumps(page_config(service)).replace("<", "\\u003c")  # never closes the script element
     return PAGE.format(css=_asset("map.css"), js=_asset("map.js"), config=config)
 
 
 @router.get("/map", response_class=HTMLResponse, summary="The planner's map page (HTML; it asks for an API key)")
-def map_page(service: ServiceSettings_) -> HTMLResponse:
+def map_page(service: Settings_) -> HTMLResponse:
     headers = {"Content-Security-Policy": content_security_policy(service), "X-Content-Type-Options": "nosniff",
                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
     return HTMLResponse(render_page(service), headers=headers)

@@ -16,6 +16,7 @@ from serving.model_cards import ModelCards
 from serving.models_store import ModelStore, RegistryUnreachable
 from serving.routers.hotspots import ERRORS
 from serving.schemas import ModelsResponse, ModelVersionInfo, Promotion
+from forecasting.metrics import HEADLINE_COVERAGES
 
 router = APIRouter(tags=["models"])
 HEADLINE = ("lightgbm", "naive")
@@ -60,7 +61,7 @@ def models_overview(principal: Analyst, models: Models, cards: Cards) -> ModelsO
         champion = aliases.get("champion")
         card = champion_card(models, cards, city, champion)
         headline = [s for s in (card.backtest.scores if card and card.backtest else [])
-                    if s.forecaster in HEADLINE and s.coverage in (0.01, 0.05)]
+                    if s.forecaster in HEADLINE and s.coverage in HEADLINE_COVERAGES]
         cities.append(CityModelSummary(city=city, registered_name=state.registered_name, champion_version=champion,
                                        loaded_version=state.model and state.model.version, headline=headline))
     return ModelsOverview(cities=cities, generated_at=datetime.now(timezone.utc))

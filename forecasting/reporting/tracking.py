@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -18,11 +17,11 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from features.settings import Settings
+from forecasting.promotion import PromotionDecision
 
 EXPERIMENT = "hotspots"
 CHAMPION = "champion"
-GATE_COVERAGES = (0.01, 0.05)
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def configure(settings: Settings, experiment: str = EXPERIMENT) -> str:
@@ -82,39 +81,9 @@ def log_model(forecaster, sample: pd.DataFrame, city: str):
         python_model=model,
         signature=signature,
         input_example=sample.head(5),
-        code_paths=[str(PROJECT_ROOT / "features"), str(PROJECT_ROOT / "forecasting")],
         registered_model_name=registered_name(city),
         pip_requirements=["lightgbm", "numpy", "pandas", "polars", "h3", "h3ronpy", "scipy", "pyarrow"],
     )
-
-
-@dataclass
-class PromotionDecision:
-    promote: bool
-    reason: str
-    candidate_hit_rates: dict[str, float]
-    naive_hit_rates: dict[str, float]
-    coverages: tuple[float, ...] = GATE_COVERAGES
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def promotion_decision(summaries: dict, candidate: str = "lightgbm", baseline: str = "naive",
-                       coverages=GATE_COVERAGES) -> PromotionDecision:
-    """The gate: the candidate's backtest hit rate must beat the naive baseline's at every gate coverage."""
-    cand, base = summaries[candidate], summaries[baseline]
-    c_rates, b_rates, failures = {}, {}, []
-    for cov in coverages:
-        j = int(np.argmin(np.abs(cand.coverages - cov)))
-        if abs(cand.coverages[j] - cov) > 1e-9:
-            raise ValueError(f"the backtest has no coverage {cov}")
-        c, b = float(cand.point["hit_rate"][j]), float(base.point["hit_rate"][j])
-        c_rates[f"{cov:g}"], b_rates[f"{cov:g}"] = c, b
-        if not c > b:
-            failures.append(f"{cov:.0%}: {c:.3f} <= {b:.3f}")
-    reason = "beats naive at " + " and ".join(f"{c:.0%}" for c in coverages) if not failures else "does not beat naive at " + "; ".join(failures)
-    return PromotionDecision(not failures, reason, c_rates, b_rates, tuple(coverages))
 
 
 def apply_promotion(city: str, version: str, decision: PromotionDecision, run_id: str | None = None) -> None:

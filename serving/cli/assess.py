@@ -8,22 +8,28 @@ from typing import Optional
 
 import typer
 
-from serving.cli import DataDir, _fail, _load_panel, _settings, _stage, app, console
+from features.paths import DataPaths
+from forecasting.metrics import HEADLINE_COVERAGES
+from serving.cli.common import DataDir, console, fail, load_panel, project_settings, stage
+
+app = typer.Typer()
 
 
-def _backtest(settings, city: str, backtest_dir: Optional[Path]):
-    from experiments.assess import SavedBacktest, latest_backtest
+def _backtest(settings, city: str, backtest_dir: Optional[Path], resolution: Optional[int]):
+    """The saved backtest (the latest, unless named) and the panel at the resolution it was made with."""
+    from forecasting.saved import SavedBacktest
 
     try:
-        saved = SavedBacktest.load(backtest_dir or latest_backtest(settings.data_dir, city, settings.h3_resolution))
+        saved = SavedBacktest.load(backtest_dir or DataPaths(settings).latest_backtest(city, resolution))
     except FileNotFoundError as exc:
-        _fail(str(exc))
-        raise
-    panel = _load_panel(settings, city)
+        fail(str(exc))
+    if saved.resolution is not None:
+        settings = settings.model_copy(update={"h3_resolution": saved.resolution})
+    panel = load_panel(settings, city)
     try:
         saved.check(panel)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return saved, panel
 
 
@@ -31,7 +37,7 @@ def _run_id(settings, city: str, saved) -> str:
     """The backtest's own run; folders from before run.json existed fall back to the champion's record."""
     from mlflow.tracking import MlflowClient
 
-    from forecasting.tracking import CHAMPION, assessment_run_id, registered_name
+    from forecasting.reporting.tracking import CHAMPION, assessment_run_id, registered_name
 
     if saved.run_id:
         return saved.run_id
@@ -39,8 +45,8 @@ def _run_id(settings, city: str, saved) -> str:
     try:
         version = client.get_model_version_by_alias(registered_name(city), CHAMPION).version
     except Exception:  # noqa: BLE001
-        _fail(f"{saved.out_dir} names no MLflow run and {city} has no champion: run `hotspots backtest {city}`")
-        raise
+        fail(f"{saved.out_dir} names no MLflow run and {city} has no champion: run `hotspots backtest {city}`")
+
     console.print(f"[yellow]{saved.out_dir} names no run: logging into champion version {version}'s record[/]")
     return assessment_run_id(client, city, str(version))
 
@@ -51,7 +57,7 @@ def _patrol_forecasts(settings, city: str, panel, patrols, saved, model: str):
     import mlflow
     import numpy as np
 
-    from forecasting.tracking import CHAMPION, registered_name
+    from forecasting.reporting.tracking import CHAMPION, registered_name
 
     logged = np.unique(patrols["shift_id"].to_numpy())
     inside = np.isin(saved.origins, logged)
@@ -94,30 +100,31 @@ def _print_diagnostics(diag, coverages) -> None:
 def diagnose(
     city: str = typer.Argument(..., help="City (source) with a backtest."),
     backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
-    coverage: list[float] = typer.Option([0.01, 0.05], help="Area coverages whose flags are diagnosed."),
+    coverage: list[float] = typer.Option(list(HEADLINE_COVERAGES), help="Area coverages whose flags are diagnosed."),
     model: str = typer.Option("lightgbm", help="The backtested forecaster to diagnose."),
     baseline: str = typer.Option("naive", help="The forecaster it is compared with."),
-    resolution: Optional[int] = typer.Option(None),
+    resolution: Optional[int] = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Feedback-loop diagnostics of the backtested model (concentration, churn, how long cells stay flagged,
     gain from lagged counts) and, when planners recorded patrols, recorded crime by patrol dose."""
     import mlflow
 
-    from experiments.assess import log_diagnostics, run_diagnostics
+    from forecasting.assessment import run_diagnostics
+    from forecasting.reporting.assess import log_diagnostics
     from forecasting.patrol_dose import patrol_diagnostics
-    from forecasting.tracking import configure, log_assessment
+    from forecasting.reporting.tracking import configure, log_assessment
     from serving.db import Database
     from serving.patrols import patrol_log
 
-    settings = _settings(data_dir, resolution)
-    saved, panel = _backtest(settings, city, backtest_dir)
-    with _stage(f"diagnostics of {saved.out_dir.name}"):
+    settings = project_settings(data_dir)
+    saved, panel = _backtest(settings, city, backtest_dir, resolution)
+    with stage(f"diagnostics of {saved.out_dir.name}"):
         try:
             diag = run_diagnostics(saved.predictions, saved.observed, saved.areas, saved.origins, panel,
                                    saved.importance, coverages=tuple(coverage), model=model, baseline=baseline)
         except KeyError as exc:
-            _fail(str(exc.args[0]))
+            fail(str(exc.args[0]))
     db = Database.for_settings(settings)
     try:
         patrols = patrol_log(db, city)
@@ -131,7 +138,7 @@ def diagnose(
                           f"panel with newer incidents (`hotspots ingest` + `hotspots panel`) to analyse them")
         else:
             *arrays, source = forecasts
-            with _stage(f"patrol-dose analysis ({patrols.height:,} patrol rows, {source} forecasts as control)"):
+            with stage(f"patrol-dose analysis ({patrols.height:,} patrol rows, {source} forecasts as control)"):
                 patrol = patrol_diagnostics(patrols, panel, *arrays)
     configure(settings)
     with mlflow.start_run(run_id=_run_id(settings, city, saved)) as run:
@@ -154,11 +161,11 @@ def audit(
     layer_file: Optional[Path] = typer.Option(None, "--layer-config", help="TOML describing any city's area layer "
                                               "(path, layer, groups, total, table, key, split)."),
     backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
-    coverage: list[float] = typer.Option([0.01, 0.05], help="Area coverages whose flags are audited."),
+    coverage: list[float] = typer.Option(list(HEADLINE_COVERAGES), help="Area coverages whose flags are audited."),
     model: str = typer.Option("lightgbm", help="The backtested forecaster to audit."),
     baseline: str = typer.Option("naive", help="The forecaster it is compared with."),
     n_boot: int = typer.Option(1000, min=100),
-    resolution: Optional[int] = typer.Option(None),
+    resolution: Optional[int] = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Bias audit of the backtested model against the naive baseline: exposure of each population group (and
@@ -166,29 +173,30 @@ def audit(
     with hit rate, PAI and calibration per group; day-block bootstrap intervals."""
     import mlflow
 
-    from experiments.assess import log_audit, run_audit
+    from forecasting.assessment import run_audit
+    from forecasting.reporting.assess import log_audit
     from forecasting.area_join import AreaJoinError
     from forecasting.area_presets import AreaLayerSpec, get_preset
-    from forecasting.tracking import configure
+    from forecasting.reporting.tracking import configure
 
     if (preset is None) == (layer_file is None):
-        _fail("give exactly one of --preset NAME or --layer-config FILE.toml")
-    settings = _settings(data_dir, resolution)
+        fail("give exactly one of --preset NAME or --layer-config FILE.toml")
+    settings = project_settings(data_dir)
     try:
         layer = get_preset(preset) if preset else AreaLayerSpec.from_toml(layer_file)
     except AreaJoinError as exc:
-        _fail(str(exc))
-    saved, panel = _backtest(settings, city, backtest_dir)
+        fail(str(exc))
+    saved, panel = _backtest(settings, city, backtest_dir, resolution)
     base = settings.shared_data_dir if layer_file is None else Path(layer_file).parent
-    with _stage(f"bias audit of {saved.out_dir.name} on {layer.name}"):
+    with stage(f"bias audit of {saved.out_dir.name} on {layer.name}"):
         try:
             result = run_audit(saved.predictions, saved.observed, saved.areas, saved.origins, panel, layer, base,
                                coverages=tuple(coverage), n_boot=n_boot, title=f"Bias audit: {city}, {layer.name}",
                                model=model, baseline=baseline)
         except KeyError as exc:
-            _fail(str(exc.args[0]))
+            fail(str(exc.args[0]))
         except (AreaJoinError, FileNotFoundError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     configure(settings)
     with mlflow.start_run(run_id=_run_id(settings, city, saved)) as run:
         log_audit(result, saved.out_dir)

@@ -9,89 +9,16 @@ so the model card and ``/v1/diagnostics`` always show the latest figures.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
 from features.panel import CountPanel
 from forecasting.area_presets import AreaLayerSpec
-from forecasting.bias_audit import BiasAudit, audit, population_split, quantile_split
-from forecasting.diagnostics import Diagnostics, diagnose
-from forecasting.tracking import log_assessment
-
-COVERAGES = (0.01, 0.05)
-
-
-@dataclass
-class SavedBacktest:
-    """What a backtest folder keeps: every forecaster's forecast for every test shift, and the run it belongs to."""
-
-    out_dir: Path
-    origins: np.ndarray
-    observed: np.ndarray
-    areas: np.ndarray
-    predictions: dict[str, np.ndarray]
-    importance: dict[str, float] | None
-    run_id: str | None
-
-    @classmethod
-    def load(cls, out_dir: Path) -> "SavedBacktest":
-        out_dir = Path(out_dir)
-        path = out_dir / "predictions.npz"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `hotspots backtest` first (it saves every forecast there)")
-        with np.load(path) as z:
-            predictions = {k.removeprefix("pred_"): z[k] for k in z.files if k.startswith("pred_")}
-            origins, observed, areas = z["origins"], z["observed"], z["areas"]
-        imp = out_dir / "feature_importance.json"
-        run = out_dir / "run.json"
-        return cls(out_dir, origins, observed, areas, predictions,
-                   json.loads(imp.read_text()) if imp.is_file() else None,
-                   json.loads(run.read_text())["run_id"] if run.is_file() else None)
-
-    def check(self, panel: CountPanel) -> None:
-        if self.areas.size != panel.n_cells:
-            raise ValueError(f"the backtest in {self.out_dir} has {self.areas.size} cells, the panel {panel.n_cells}: "
-                             "rebuild one of them so both use the same study area")
-
-
-def latest_backtest(data_dir: Path, city: str, resolution: int) -> Path:
-    found = sorted((Path(data_dir) / "backtests").glob(f"{city}-r{resolution}-*/predictions.npz"),
-                   key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"no backtest of {city} at resolution {resolution} under {data_dir}/backtests: "
-                                f"run `hotspots backtest {city}` first")
-    return found[-1].parent
-
-
-def _pair(predictions, model: str, baseline: str) -> dict[str, np.ndarray]:
-    missing = [name for name in (model, baseline) if name not in predictions]
-    if missing:
-        raise KeyError(f"the backtest has no forecasts of {missing}; it has {sorted(predictions)}")
-    return {model: predictions[model], baseline: predictions[baseline]}
-
-
-def run_diagnostics(predictions, observed, areas, origins, panel: CountPanel, importance=None,
-                    patrols: pl.DataFrame | None = None, coverages=COVERAGES, model: str = "lightgbm",
-                    baseline: str = "naive") -> Diagnostics:
-    return diagnose(_pair(predictions, model, baseline), observed, areas, origins, panel.calendar.per_day,
-                    model=model, baseline=baseline, coverages=coverages,
-                    importance=importance if model == "lightgbm" else None, panel=panel, patrols=patrols)
-
-
-def run_audit(predictions, observed, areas, origins, panel: CountPanel, layer: AreaLayerSpec,
-              shared_dir: Path | None = None, coverages=COVERAGES, n_boot: int = 1000, title: str = "",
-              model: str = "lightgbm", baseline: str = "naive") -> BiasAudit:
-    join = layer.join(panel.study_area, shared_dir)
-    splits = [population_split(join, partition=layer.partition, name="group", label=layer.group_label or "group")]
-    if layer.split:
-        splits.append(quantile_split(join, layer.split, 5, label=layer.split_label or layer.split))
-    return audit(_pair(predictions, model, baseline), observed, areas, origins, panel.calendar.per_day, splits,
-                 coverages=coverages, baseline=baseline, n_boot=n_boot, meta={"title": title or f"Bias audit: {layer.name}",
-                                                        "layer": layer.name, "join": join.summary()})
-
+from forecasting.assessment import run_audit, run_diagnostics
+from forecasting.bias_audit import BiasAudit
+from forecasting.diagnostics import Diagnostics
+from forecasting.reporting.tracking import log_assessment
 
 def log_diagnostics(diag: Diagnostics, out_dir: Path | None = None) -> None:
     """Into the active run (and beside the backtest's report when ``out_dir`` is given)."""

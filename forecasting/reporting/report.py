@@ -32,15 +32,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from experiments.backtest import BacktestResult
+from forecasting.backtest import BacktestResult
 from features.panel import CountPanel
 from forecasting.claim import ClaimResult
 from forecasting.jsonable import jsonable
-from forecasting.metrics import MetricSummary, calibration, pooled, rank_cells, shift_hits
+from forecasting.metrics import MetricSummary, calibration, pooled, rank_cells, shift_hits, HEADLINE_COVERAGES
 
 DPI = 100
 METRICS = ("hit_rate", "pai", "pei", "rri", "area_share")
-HEADLINE_COVERAGES = (0.01, 0.05)
 IMAGES = {
     "hit_rate_curves": ("hit_rate_curves.png", "Pooled hit rate against share of area flagged"),
     "pai_bars": ("pai_bars.png", "PAI by coverage with bootstrap intervals"),

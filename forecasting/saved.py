@@ -1,0 +1,105 @@
+"""A saved backtest: the one writer and the one reader of a backtest folder's forecasts.
+
+``predictions.npz`` keeps every forecaster's forecast for every test shift with the observed counts and cell
+areas; ``backtest.json`` keeps how it was made (source, resolution, shift starts, time zone), so commands that
+read it later (claim, diagnose, audit) never guess the protocol from today's settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features.panel import CountPanel
+
+PREDICTIONS = "predictions.npz"
+PROTOCOL = "backtest.json"
+
+
+def protocol_of(panel: CountPanel, source: str, **extra: Any) -> dict[str, Any]:
+    """What a backtest's figures depend on besides the forecasts: the grid, the shifts, the data."""
+    return {"city": source, "resolution": panel.study_area.resolution, "shift_starts": ",".join(panel.calendar.labels),
+            "timezone": panel.calendar.timezone, "per_day": panel.calendar.per_day, "n_cells": panel.n_cells,
+            "data_fingerprint": panel.fingerprint(), **extra}
+
+
+def save_backtest(out_dir: Path, origins: np.ndarray, observed: np.ndarray, areas: np.ndarray,
+                  predictions: dict[str, np.ndarray], protocol: dict[str, Any]) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / PREDICTIONS, origins=origins, observed=observed, areas=areas,
+                        **{f"pred_{name}": pred for name, pred in predictions.items()})
+    (out_dir / PROTOCOL).write_text(json.dumps(protocol, indent=2, default=str))
+    return out_dir
+
+
+@dataclass
+class SavedBacktest:
+    """What a backtest folder keeps: every forecaster's forecast for every test shift, and the run it belongs to."""
+
+    out_dir: Path
+    origins: np.ndarray
+    observed: np.ndarray
+    areas: np.ndarray
+    predictions: dict[str, np.ndarray]
+    importance: dict[str, float] | None
+    run_id: str | None
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_day(self) -> int:
+        """Shifts per day of the panel the backtest was made on."""
+        if "per_day" in self.protocol:
+            return int(self.protocol["per_day"])
+        starts = self.protocol.get("shift_starts")
+        if not starts:
+            raise ValueError(f"{self.out_dir} does not say which shifts it was made with: rerun the backtest")
+        return len(str(starts).split(","))
+
+    @property
+    def resolution(self) -> int | None:
+        value = self.protocol.get("resolution")
+        return None if value is None else int(value)
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "SavedBacktest":
+        out_dir = Path(out_dir)
+        path = out_dir / PREDICTIONS
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `hotspots backtest` first (it saves every forecast there)")
+        with np.load(path) as z:
+            predictions = {k.removeprefix("pred_"): z[k] for k in z.files if k.startswith("pred_")}
+            origins, observed, areas = z["origins"], z["observed"], z["areas"]
+        imp, run = out_dir / "feature_importance.json", out_dir / "run.json"
+        return cls(out_dir, origins, observed, areas, predictions,
+                   json.loads(imp.read_text()) if imp.is_file() else None,
+                   json.loads(run.read_text())["run_id"] if run.is_file() else None,
+                   _protocol(out_dir))
+
+    def check(self, panel: CountPanel) -> None:
+        if self.areas.size != panel.n_cells:
+            raise ValueError(f"the backtest in {self.out_dir} has {self.areas.size} cells, the panel {panel.n_cells}: "
+                             "rebuild one of them so both use the same study area")
+
+    def pair(self, model: str, baseline: str) -> dict[str, np.ndarray]:
+        return forecaster_pair(self.predictions, model, baseline)
+
+
+def forecaster_pair(predictions: dict[str, np.ndarray], model: str, baseline: str) -> dict[str, np.ndarray]:
+    """The two forecasters an assessment compares, or a KeyError naming what the backtest has."""
+    missing = [name for name in (model, baseline) if name not in predictions]
+    if missing:
+        raise KeyError(f"forecaster(s) {missing} not in the backtest; it has {sorted(predictions)}")
+    return {model: predictions[model], baseline: predictions[baseline]}
+
+
+def _protocol(out_dir: Path) -> dict[str, Any]:
+    """backtest.json, or the report's meta for folders written before it existed."""
+    if (out_dir / PROTOCOL).is_file():
+        return json.loads((out_dir / PROTOCOL).read_text())
+    summary = out_dir / "summary.json"
+    return json.loads(summary.read_text()).get("meta", {}) if summary.is_file() else {}

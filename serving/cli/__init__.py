@@ -1,0 +1,22 @@
+"""The ``hotspots`` command line: one Typer app made of command groups that share only ``common``.
+
+- ``data``: profiles, ingest, fetch, panel, features, prepare, quarantine, retention
+- ``models``: train, backtest, claim, run
+- ``assess``: diagnose, audit
+- ``service``: serve, keys
+"""
+
+from __future__ import annotations
+
+import typer
+
+from serving.cli import assess, data, models, service
+
+app = typer.Typer(help="Place-based crime hotspot forecasting on H3 cells and patrol shifts.", no_args_is_help=True)
+for group in (data, models, assess, service):
+    app.add_typer(group.app)
+
+__all__ = ["app"]
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,210 @@
+"""Data commands: from a city's export to the incident store, the count panel and feature matrices."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from features.grid import read_boundary
+from features.ingest import IngestError
+from features.paths import DataPaths
+from features.pipeline import build_city_panel
+from features.profile import builtin_profiles, load_profile
+from features.settings import Settings
+from serving.cli.common import (
+    DataDir,
+    Resolution,
+    console,
+    fail,
+    last_full_year,
+    load_panel,
+    project_settings,
+    source_profile,
+    stage,
+)
+
+app = typer.Typer()
+
+
+def input_path(source: str, path: Optional[Path], settings: Settings) -> Path:
+    if path is not None:
+        return path
+    if source == "toronto-mci":
+        from features.sources.toronto import materialise
+
+        return materialise(settings.data_dir / "raw" / "toronto-mci.csv")
+    fail(f"give the input file for source {source!r} (CSV, CSV.gz or Parquet)")
+
+
+@app.command()
+def profiles() -> None:
+    """List the built-in source profiles."""
+    table = Table("name", "description", "time zone", "licence")
+    for name in builtin_profiles():
+        p = load_profile(name)
+        table.add_row(name, p.description, p.timezone, p.licence)
+    console.print(table)
+
+
+@app.command()
+def ingest(
+    source: str = typer.Argument(..., help="Profile name (chicago, toronto-mci) or a profile file for any city."),
+    path: Optional[Path] = typer.Argument(None, help="Input CSV/CSV.gz/Parquet (toronto-mci: read from its wheel)."),
+    profile: Optional[str] = typer.Option(None, help="Profile name or file, if not the source name."),
+    encoding: Optional[str] = typer.Option(None, help="Input text encoding (default: the profile's, utf-8)."),
+    boundary: Optional[Path] = typer.Option(None, help="GeoJSON/GeoPackage polygon: points outside are out_of_area."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Validate a city export into the incident store; rejected rows go to quarantine with a reason."""
+    from features.pipeline import ingest_file
+    from features.store import IncidentStore
+
+    settings = project_settings(data_dir)
+    prof = source_profile(source, profile)
+    file = input_path(source, path, settings)
+    shape = read_boundary(boundary) if boundary else None
+    try:
+        with stage(f"ingest {file.name}"):
+            summary = ingest_file(
+                file, prof, IncidentStore(settings.data_dir), encoding=encoding, boundary=shape,
+                future_tolerance=timedelta(minutes=settings.future_tolerance_minutes),
+            )
+    except IngestError as exc:
+        fail(str(exc))
+    for line in summary.lines():
+        console.print(line)
+    console.print(f"summary written to {summary.report_path}")
+
+
+@app.command()
+def fetch(
+    out: Path = typer.Option(..., help="CSV file to write (portal export columns)."),
+    since: Optional[datetime] = typer.Option(None, help="Local time, inclusive."),
+    until: Optional[datetime] = typer.Option(None, help="Local time, exclusive."),
+    page_size: int = typer.Option(50_000),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Download Chicago incidents from the city's Socrata API into a CSV ready for `hotspots ingest chicago`."""
+    from features.sources.socrata import SocrataError, fetch_to_csv
+
+    settings = project_settings(data_dir)
+    try:
+        with stage("fetch from the Chicago data portal"):
+            n = fetch_to_csv(out, since=since, until=until, app_token=settings.socrata_app_token, page_size=page_size)
+    except SocrataError as exc:
+        fail(str(exc))
+    console.print(f"wrote {n:,} rows to {out}")
+
+
+@app.command()
+def panel(
+    source: str = typer.Argument(..., help="Source name in the store."),
+    resolution: Optional[int] = Resolution,
+    boundary: Optional[Path] = typer.Option(None, help="Study-area polygon file (default: derived from the data)."),
+    layer: Optional[str] = typer.Option(None, help="Layer of the boundary GeoPackage."),
+    profile: Optional[str] = typer.Option(None, help="Profile name or file, if not the source name."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Bin stored incidents into the H3 x shift count panel."""
+    from features.store import IncidentStore
+
+    settings = project_settings(data_dir, resolution)
+    prof = source_profile(source, profile)
+    try:
+        incidents = IncidentStore(settings.data_dir).read(source)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    shape = read_boundary(boundary, layer) if boundary else None
+    with stage(f"panel of {incidents.height:,} incidents at H3 resolution {settings.h3_resolution}"):
+        built = build_city_panel(incidents, prof, settings, boundary=shape, name=source)
+    folder = DataPaths(settings).panel(source)
+    built.panel.save(folder)
+    p, report = built.panel, built.report
+    console.print(
+        f"{p.n_cells:,} cells, {p.n_shifts:,} shifts ({', '.join(p.calendar.labels)} {prof.timezone}), "
+        f"{p.counts.height:,} non-zero (cell, shift, category) counts"
+    )
+    console.print(
+        f"binned {report.binned:,}; outside study area {report.outside_study_area:,}; "
+        f"outside period {report.outside_period:,} (of {report.incidents:,})"
+    )
+    console.print(f"panel saved to {folder}")
+
+
+@app.command()
+def features(
+    source: str = typer.Argument(...),
+    start: datetime = typer.Option(..., help="First forecast origin (local date or time)."),
+    end: datetime = typer.Option(..., help="End of the origin range (exclusive)."),
+    resolution: Optional[int] = Resolution,
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Build the feature matrix for every shift starting in [start, end) and save it as Parquet."""
+    from zoneinfo import ZoneInfo
+
+    from features.matrix import build_features, build_targets
+
+    settings = project_settings(data_dir, resolution)
+    built = load_panel(settings, source)
+    zone = ZoneInfo(built.calendar.timezone)
+    origins = built.calendar.shift_range(start.replace(tzinfo=start.tzinfo or zone), end.replace(tzinfo=end.tzinfo or zone))
+    if origins.size == 0:
+        fail("no shift starts in that range")
+    with stage(f"features for {origins.size:,} shifts x {built.n_cells:,} cells"):
+        matrix = build_features(built, origins)
+        frame = matrix.frame()
+        if origins[-1] < built.end_shift:
+            frame = frame.with_columns(target=build_targets(built, origins))
+    out = DataPaths(settings).features(source, start, end)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out)
+    console.print(f"{frame.height:,} rows x {len(matrix.columns)} features written to {out}")
+
+
+@app.command()
+def prepare(
+    source: str = typer.Argument("toronto-mci", help="Source to prepare end to end."),
+    path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
+    feature_year: Optional[int] = typer.Option(None, help="Year of origins to build features for (default: last full year)."),
+    resolution: Optional[int] = Resolution,
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Ingest, validate, bin and build features in one go: the analyst's first run."""
+    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir)
+    panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
+    settings = project_settings(data_dir, resolution)
+    year = feature_year or last_full_year(load_panel(settings, source))
+    features(source=source, start=datetime(year, 1, 1), end=datetime(year + 1, 1, 1), resolution=resolution,
+             data_dir=data_dir)
+
+
+@app.command()
+def quarantine(source: str, data_dir: Optional[Path] = DataDir) -> None:
+    """Show quarantined rows by reason."""
+    from features.store import IncidentStore
+
+    rows = IncidentStore(project_settings(data_dir).data_dir).read_quarantine(source)
+    if rows.height == 0:
+        console.print(f"nothing quarantined for {source!r}")
+        return
+    table = Table("file", "reason", "rows")
+    for file, reason, n in rows.group_by("file", "reason").len().sort("file", "len", descending=[False, True]).iter_rows():
+        table.add_row(file, reason, f"{n:,}")
+    console.print(table)
+
+
+@app.command()
+def retention(
+    max_age_days: int = typer.Option(..., min=1, help="Delete incidents that occurred more than this many days ago."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Data-protection retention: delete old incidents (and quarantine files) from the store."""
+    from features.store import IncidentStore
+
+    deleted = IncidentStore(project_settings(data_dir).data_dir).delete_older_than(timedelta(days=max_age_days))
+    console.print(json.dumps(deleted))

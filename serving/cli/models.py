@@ -1,0 +1,222 @@
+"""Model commands: train, backtest with the claim test and promotion gate, the claim on a saved backtest, and
+``run``, the whole journey from a city's export to a served champion."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from datetime import date, datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from features.paths import DataPaths
+from forecasting.metrics import HEADLINE_COVERAGES
+from serving.cli.common import (
+    DataDir,
+    Resolution,
+    audit_layer,
+    console,
+    fail,
+    last_full_month,
+    last_full_year,
+    load_panel,
+    project_settings,
+    stage,
+)
+from serving.cli.data import ingest, panel
+
+app = typer.Typer()
+
+Params = typer.Option(None, "--param", help="A forecaster parameter as KEY=VALUE, e.g. --param n_estimators=50 "
+                                             "--param train_days=365 (repeatable).")
+
+
+def parse_params(pairs: Optional[list[str]], forecaster_type: type) -> dict[str, object]:
+    """KEY=VALUE pairs typed after the forecaster's own fields, or a message naming the fields it has."""
+    allowed = {f.name: f for f in fields(forecaster_type) if f.init and f.name not in ("category", "features")}
+    out: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in allowed:
+            fail(f"--param {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(allowed))}")
+        default = getattr(forecaster_type(), key)
+        try:
+            out[key] = type(default)(raw) if not isinstance(default, bool) else raw.lower() in ("1", "true", "yes")
+        except ValueError:
+            fail(f"--param {key}={raw!r}: expected a {type(default).__name__}")
+    return out
+
+
+@app.command()
+def train(
+    source: str = typer.Argument(...),
+    until: Optional[datetime] = typer.Option(None, help="Train on incidents before this local time (default: all)."),
+    category: Optional[str] = typer.Option(None, help="Target one category (default: all)."),
+    resolution: Optional[int] = Resolution,
+    seed: int = typer.Option(0),
+    param: Optional[list[str]] = Params,
+    audit_preset: Optional[str] = typer.Option(None, help="Also audit the validation window's flags on this shipped "
+                                               "area layer (default: the source's own, when HOTSPOTS_SHARED_DATA "
+                                               "has it; see `hotspots audit`)."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Train the LightGBM forecaster and log it to MLflow as a registered model version (not promoted: only
+    a backtest that beats the naive baseline moves the champion alias). The run also logs the diagnostics of
+    the model's flags over its validation window (and, with --audit-preset, the bias audit)."""
+    from zoneinfo import ZoneInfo
+
+    from forecasting.lgbm import LightGBMForecaster
+    from forecasting.reporting.runs import run_training
+
+    layer = audit_layer(audit_preset, source)
+    settings = project_settings(data_dir, resolution)
+    built = load_panel(settings, source)
+    zone = ZoneInfo(built.calendar.timezone)
+    cutoff = built.end_shift if until is None else built.calendar.shift_of(until.replace(tzinfo=until.tzinfo or zone))
+    model = LightGBMForecaster(seed=seed, category=category, **parse_params(param, LightGBMForecaster))  # type: ignore[arg-type]
+    with stage(f"train {model.name} on {source}") as step:
+        try:
+            trained = run_training(built, source, settings, model, cutoff, audit_layer=layer, progress=step)
+        except ValueError as exc:
+            fail(str(exc))
+    console.print(f"run {trained.run_id}: registered {trained.version and f'version {trained.version}'} "
+                  f"of hotspots-{source} ({model.best_iteration_} trees, {model.train_rows_:,} training rows)")
+
+
+def print_backtest(tracked) -> None:
+    table = Table("forecaster", "coverage", "hit rate [95% CI]", "PAI [95% CI]", "PEI*", "fit s")
+    for name, summary in tracked.summaries.items():
+        for j, cov in enumerate(summary.coverages):
+            if cov not in HEADLINE_COVERAGES:
+                continue
+            p, lo, hi = summary.point, summary.low, summary.high
+            table.add_row(name, f"{cov:.0%}", f"{p['hit_rate'][j]:.3f} [{lo['hit_rate'][j]:.3f}, {hi['hit_rate'][j]:.3f}]",
+                          f"{p['pai'][j]:.1f} [{lo['pai'][j]:.1f}, {hi['pai'][j]:.1f}]", f"{p['pei'][j]:.2f}",
+                          f"{tracked.result.fit_seconds[name]:.0f}")
+    console.print(table)
+    for claim in tracked.claims:
+        console.print(claim.sentence())
+    if tracked.decision is not None:
+        state = "PROMOTED to champion" if tracked.decision.promote else "not promoted"
+        console.print(f"model version {tracked.model_version}: {state} ({tracked.decision.reason})")
+    console.print(f"report: {tracked.out_dir / 'report.html'}  (MLflow run {tracked.run_id})")
+
+
+@app.command()
+def backtest(
+    source: str = typer.Argument(...),
+    test_start: Optional[datetime] = typer.Option(None, help="First local day of the test period (default: last full year)."),
+    test_end: Optional[datetime] = typer.Option(None, help="End of the test period, exclusive."),
+    forecaster: Optional[list[str]] = typer.Option(None, help="Forecasters to compare (default: all)."),
+    ratio: float = typer.Option(1.5, help="The claim to test: candidate hit rate >= ratio x naive."),
+    n_boot: int = typer.Option(1000),
+    register: bool = typer.Option(True, help="Fit on all data, register, and apply the promotion gate."),
+    audit_preset: Optional[str] = typer.Option(None, help="Run the bias audit on this shipped area layer "
+                                               "(chicago-community-areas, toronto-neighbourhoods; default: the "
+                                               "source's own, when HOTSPOTS_SHARED_DATA has it); see `hotspots audit`."),
+    param: Optional[list[str]] = Params,
+    resolution: Optional[int] = Resolution,
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Rolling-origin backtest (monthly refits) of LightGBM against every baseline, with the claim test, the
+    feedback-loop diagnostics and (with --audit-preset) the bias audit, all logged to MLflow."""
+    from forecasting.backtest import default_forecasters
+    from forecasting.lgbm import LightGBMForecaster
+    from forecasting.reporting.runs import run_tracked_backtest
+
+    layer = audit_layer(audit_preset, source)
+    settings = project_settings(data_dir, resolution)
+    built = load_panel(settings, source)
+    start = test_start.date() if test_start else date(last_full_year(built), 1, 1)
+    end = test_end.date() if test_end else date(start.year + 1, start.month, start.day)
+    available = default_forecasters(lightgbm=parse_params(param, LightGBMForecaster))
+    chosen = forecaster or list(available)
+    unknown = [f for f in chosen if f not in available]
+    if unknown:
+        fail(f"unknown forecaster(s) {unknown}; choose from {list(available)}")
+    with stage(f"backtest {source} {start} to {end}") as step:
+        try:
+            tracked = run_tracked_backtest(
+                built, source, settings, start, end, forecasters={k: available[k] for k in chosen}, claimed_ratio=ratio,
+                n_boot=n_boot, register=register and "lightgbm" in chosen, progress=step, audit_layer=layer,
+            )
+        except ValueError as exc:
+            fail(str(exc))
+    print_backtest(tracked)
+
+
+@app.command()
+def claim(
+    source: str = typer.Argument(...),
+    backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the source)."),
+    candidate: str = typer.Option("lightgbm"),
+    baseline: str = typer.Option("naive"),
+    ratio: float = typer.Option(1.5, help="Claimed ratio of hit rates (1.5 = '50% more effective')."),
+    coverage: list[float] = typer.Option(list(HEADLINE_COVERAGES), help="Area coverages to test."),
+    n_boot: int = typer.Option(2000),
+    resolution: Optional[int] = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """Test 'candidate is at least RATIO times as effective as baseline' on a saved backtest."""
+    from forecasting.claim import claim_test
+    from forecasting.saved import SavedBacktest
+
+    settings = project_settings(data_dir)
+    try:
+        saved = SavedBacktest.load(backtest_dir or DataPaths(settings).latest_backtest(source, resolution))
+        pair = saved.pair(candidate, baseline)
+        per_day = saved.per_day
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    results = claim_test(pair[candidate], pair[baseline], saved.observed, saved.areas, saved.origins, per_day,
+                         coverages=tuple(coverage), claimed_ratio=ratio, n_boot=n_boot, names=(candidate, baseline))
+    for r in results:
+        console.print(r.sentence())
+        console.print(f"  difference {r.difference:+.3f} ({r.level:.0%} CI {r.difference_low:+.3f} to {r.difference_high:+.3f})")
+
+
+QUICK_LIGHTGBM = {"train_days": 365, "learning_rate": 0.1, "n_estimators": 400}
+
+
+@app.command()
+def run(
+    source: str = typer.Argument("toronto-mci", help="Source to run end to end."),
+    path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
+    resolution: Optional[int] = Resolution,
+    ratio: float = typer.Option(1.5),
+    quick: bool = typer.Option(False, "--quick", help="A first look in a few minutes: the last month as the test "
+                               "period, LightGBM (a year of training shifts) against the naive and SEPP maps, no "
+                               "bias audit. The full run stays the default."),
+    serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Start the service on the new champion afterwards."),
+    host: str = typer.Option("127.0.0.1", help="Address the service listens on (with --serve)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port of the service (with --serve)."),
+    data_dir: Optional[Path] = DataDir,
+) -> None:
+    """The whole journey: ingest, panel, backtest of the last full year against every baseline, claim verdict,
+    registration and the promotion gate; then (unless --no-serve) a planner key if there is none, and the
+    service with the map's URL."""
+    from serving.cli.service import ensure_planner_key, serve_forever, show_new_key
+    from serving.keys import Role
+
+    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir)
+    panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
+    if quick:
+        settings = project_settings(data_dir, resolution)
+        start, end = last_full_month(load_panel(settings, source))
+        backtest(source=source, test_start=datetime(start.year, start.month, 1), test_end=datetime(end.year, end.month, 1),
+                 forecaster=["lightgbm", "naive", "sepp"], ratio=ratio, n_boot=300, register=True,
+                 audit_preset=None, param=[f"{k}={v}" for k, v in QUICK_LIGHTGBM.items()], resolution=resolution,
+                 data_dir=data_dir)
+    else:
+        backtest(source=source, test_start=None, test_end=None, forecaster=None, ratio=ratio, n_boot=1000,
+                 register=True, audit_preset=None, param=None, resolution=resolution, data_dir=data_dir)
+    if not serve_after:
+        return
+    settings = project_settings(data_dir, resolution)
+    created = ensure_planner_key(settings)
+    if created is not None:
+        show_new_key(created, Role.planner)
+    serve_forever(settings, host, port, workers=1, reload_seconds=None, access_log=True)
