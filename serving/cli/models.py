@@ -46,7 +46,7 @@ def parse_params(pairs: Optional[list[str]], forecaster_type: type) -> dict[str,
         try:
             out[key] = type(default)(raw) if not isinstance(default, bool) else raw.lower() in ("1", "true", "yes")
         except ValueError:
-            fail(f"--param {key}={raw!r}: expected a {type(default).__name__}")
+            fail(f"--param {key}={raw!r}: {key} must be of type {type(default).__name__}, e.g. {key}={default}")
     return out
 
 
