@@ -2,6 +2,7 @@
 assessments (diagnose, audit) logged into the backtest's MLflow run."""
 
 import json
+import re
 
 import pytest
 from conftest import require_shared
@@ -41,6 +42,11 @@ def backtested(data_dir):
 def test_backtest_then_claim(data_dir, backtested):
     result, folder = backtested
     assert "naive" in result.output and "sepp" in result.output and "report:" in result.output
+    # not a terminal: one time-stamped line per stage and per refit, with elapsed times
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d start backtest toronto-mci 2021-11-01 to 2022-01-01$", result.output, re.M)
+    assert re.search(r"refit 1/2 at 2021-11-01: \d+ shifts forecast \(naive [\d.]+ s, kde [\d.]+ s, sepp [\d.]+ s\) \(\d+ s\)$",
+                     result.output, re.M)
+    assert re.search(r"done  backtest toronto-mci 2021-11-01 to 2022-01-01 \([\d.]+ s\)$", result.output, re.M)
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["forecasters"]) == {"naive", "kde", "sepp"}
     assert (folder / "report.html").stat().st_size > 10_000
