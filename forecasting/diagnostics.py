@@ -42,6 +42,7 @@ from features.grid import StudyArea
 from features.matrix import FeatureConfig, build_features
 from features.panel import COUNTS_SCHEMA, CountPanel
 from forecasting.jsonable import jsonable
+from forecasting.measures import gini, jaccard, lorenz, top_share
 from forecasting.metrics import TIE_SEED, rank_cells, HEADLINE_COVERAGES
 from forecasting.patrol_dose import PatrolDiagnostics, patrol_diagnostics
 
@@ -91,38 +92,7 @@ def flag_matrix(expected: np.ndarray, areas: np.ndarray, origins: np.ndarray, ru
     return rank < k[:, None]
 
 
-# --- elementary measures -----------------------------------------------------------------------------
-def gini(values: np.ndarray) -> float:
-    """Gini coefficient of non-negative values (0 = all equal, (n-1)/n = everything in one of n)."""
-    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    if x.size == 0 or x.sum() <= 0:
-        return 0.0
-    n = x.size
-    return float(2 * np.dot(np.arange(1, n + 1), x) / (n * x.sum()) - (n + 1) / n)
-
-
-def top_share(values: np.ndarray, share: float) -> float:
-    """Share of the total held by the largest ``ceil(share * n)`` values (at least one)."""
-    x = np.sort(np.asarray(values, dtype=np.float64).ravel())[::-1]
-    m = max(1, math.ceil(share * x.size))
-    return float(x[:m].sum() / x.sum()) if x.sum() > 0 else float("nan")
-
-
-def lorenz(values: np.ndarray, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
-    """Lorenz curve (share of cells, share of flags) at ``points`` evenly spaced cell shares."""
-    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    cum = np.concatenate([[0.0], np.cumsum(x)]) / max(x.sum(), 1e-12)
-    grid = np.linspace(0, 1, points)
-    return grid, np.interp(grid * x.size, np.arange(x.size + 1), cum)
-
-
-def jaccard_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise Jaccard similarity of boolean matrices (1 where both sets are empty)."""
-    inter = (a & b).sum(axis=1)
-    union = (a | b).sum(axis=1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
+# --- runs and pairs ----------------------------------------------------------------------------------
 def run_lengths(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Lengths of the runs of True down each column, and whether each run is censored (touches the first or
     last row, so its true length is unknown)."""
@@ -259,9 +229,9 @@ def flag_diagnostics(expected: np.ndarray, areas: np.ndarray, origins: np.ndarra
     tied = flags & (expected == boundary[:, None]) & (k < n_cells)[:, None]
 
     i, j = _pairs(origins, 1)
-    series_shift = (origins[j], jaccard_rows(flags[i], flags[j]))
+    series_shift = (origins[j], jaccard(flags[i], flags[j]))
     i, j = _pairs(origins, per_day)
-    series_day = (origins[j], jaccard_rows(flags[i], flags[j]))
+    series_day = (origins[j], jaccard(flags[i], flags[j]))
 
     runs_shift = run_lengths(_timeline(flags, origins, int(origins[0]), int(origins[-1]) + 1))
     d0, d1 = int(origins[0]) // per_day, int(origins[-1]) // per_day + 1
