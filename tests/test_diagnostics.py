@@ -24,6 +24,8 @@ from forecasting.diagnostics import (
     FlagRule, diagnose, feature_groups, flag_diagnostics, flag_matrix, gain_share, run_lengths,
 )
 from forecasting.measures import gini, jaccard, top_share
+from forecasting.reporting.assess import log_diagnostics
+from forecasting.reporting.diagnostics_view import diagnostics_figure, diagnostics_page, diagnostics_section
 from forecasting.patrol_dose import dose_bin_edges, patrol_diagnostics
 from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import shift_hits
@@ -361,10 +363,13 @@ def test_result_exports(toronto_naive, tmp_path):
     payload = json.loads(json.dumps(d.payload(), allow_nan=False))
     assert payload["patrol"] is None and "no patrol log" in payload["patrol_note"]
     assert len(payload["flags"]) == 4 and payload["flags"][0]["lorenz"]["flag_share"][-1] == pytest.approx(1.0)
-    section = d.html_section()
+    section = diagnostics_section(d)
     assert section.startswith('<section class="diagnostics">') and section.endswith("</section>")
+    page = diagnostics_page(d, "Toronto <toy>")
+    assert page.startswith("<!DOCTYPE html>") and "<h1>Toronto &lt;toy&gt;</h1>" in page
+    assert page.count("data:image/png;base64,") == 1 and f"{d.flags[('naive', '5pct')].gini:.3f}" in page
     assert f"{d.flags[('naive', '5pct')].gini:.3f}" in section and "data:image/png;base64," in section
-    fig = d.figure()
+    fig = diagnostics_figure(d)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     pixels = np.asarray(canvas.buffer_rgba())[..., :3]
@@ -388,7 +393,7 @@ def test_logs_into_mlflow_where_the_model_card_reads(toronto_naive, patrolled_ci
     with isolated_mlflow_env():
         configure(Settings(data_dir=tmp_path / "data"))
         with mlflow.start_run() as run:
-            d.log_to_mlflow()
+            log_diagnostics(d)
         client = MlflowClient()
         metrics = client.get_run(run.info.run_id).data.metrics
         assert metrics["diagnostics.gini.5pct"] == pytest.approx(d.flags[("m", "5pct")].gini)
