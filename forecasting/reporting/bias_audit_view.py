@@ -78,7 +78,9 @@ def bias_audit_png(result: BiasAudit, fig: Figure | None = None) -> bytes:
 def _fmt(row: dict | None) -> str:
     if row is None or row["value"] is None:
         return "n/a"
-    return fmt_num(row["value"]) if row["low"] is None else f"{fmt_num(row['value'])} [{fmt_num(row['low'])}, {fmt_num(row['high'])}]"
+    if row["low"] is None:
+        return fmt_num(row["value"])
+    return f"{fmt_num(row['value'])} [{fmt_num(row['low'])}, {fmt_num(row['high'])}]"
 
 
 def _tables(result: BiasAudit) -> list[dict]:
