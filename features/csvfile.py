@@ -179,8 +179,8 @@ def read_rows(data: bytes, profile: SourceProfile, name: str) -> CsvRows:
     if last >= 1 and not data.endswith(b"\n"):
         line = data[ends[-1] + 1:]
         fields = None if quotes[last] % 2 else _fields(line, profile.delimiter)
-        if fields is None or len(fields) < len(header):
-            shape = "an open quote" if fields is None else f"{len(fields)} of {len(header)} fields"
+        shape = _cut_shape(fields, header, data[: ends[-1] + 1], profile.delimiter)
+        if shape:
             notes.append(f"the last line (line {last + 1}) ends mid-row with no line end ({shape}): the file was "
                          f"cut off; quarantined as truncated_row, ingest the complete export to store it")
             rejected.append(_rejected_row(last, "truncated_row", _lenient(line, profile.delimiter), header, profile))
@@ -202,6 +202,27 @@ def read_rows(data: bytes, profile: SourceProfile, name: str) -> CsvRows:
                          f"unmatched quote (\"): quarantined as malformed_row; the other rows were read")
     rejected_frame = pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA, orient="row") if rejected else pl.DataFrame(schema=QUARANTINE_SCHEMA)
     return CsvRows(frame=frame, rejected=rejected_frame, notes=notes)
+
+
+MIN_ROWS_FOR_LENGTH_CHECK = 20
+
+
+def _cut_shape(fields: list[str] | None, header: list[str], before: bytes, delimiter: str) -> str | None:
+    """Why a last line without a line end looks cut off, or None. Shape: an open quote or too few fields. When
+    the cut falls inside the last column (``-87.6`` for ``-87.627080475``) the field count is complete, so
+    the last value is also compared with that column in every other row: shorter than all of them (with at
+    least 20 rows to compare) means cut."""
+    if fields is None:
+        return "an open quote"
+    if len(fields) < len(header):
+        return f"{len(fields)} of {len(header)} fields"
+    others = pl.Series(before.split(b"\n")[1:], dtype=pl.Binary).cast(pl.String, strict=False).drop_nulls()
+    lengths = others.str.strip_chars_end("\r").str.split(delimiter).list.last().str.len_chars()
+    lengths = lengths.filter(lengths > 0)
+    if lengths.len() >= MIN_ROWS_FOR_LENGTH_CHECK and len(fields[-1]) < lengths.min():
+        return (f"its last value {fields[-1]!r} is shorter than that column in every other row, "
+                f"{lengths.min()} characters or more")
+    return None
 
 
 class MissingColumns(CsvError):
