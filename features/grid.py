@@ -6,6 +6,7 @@ PredPol's 150 m boxes and of a patrol car's beat within a shift. Resolution 8 (~
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -147,10 +148,14 @@ class StudyArea:
 
     # --- persistence -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
+        from features.storelock import atomic_write_bytes
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path.with_suffix(".npy"), self.cells)
-        path.with_suffix(".json").write_text(json.dumps({"resolution": self.resolution, "name": self.name, "meta": self.meta}))
+        cells = io.BytesIO()
+        np.save(cells, self.cells)
+        atomic_write_bytes(cells.getvalue(), path.with_suffix(".npy"))
+        meta = json.dumps({"resolution": self.resolution, "name": self.name, "meta": self.meta})
+        atomic_write_bytes(meta.encode(), path.with_suffix(".json"))
 
     @classmethod
     def load(cls, path: str | Path) -> "StudyArea":

@@ -107,23 +107,22 @@ class CountPanel:
 
     # --- persistence -----------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
+        """Each file is replaced atomically (a reader never sees a torn file), panel.json last: it is what
+        marks a panel as present."""
+        from features.storelock import atomic_write_bytes, atomic_write_parquet
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.counts.write_parquet(folder / "counts.parquet")
+        atomic_write_parquet(self.counts, folder / "counts.parquet")
         self.study_area.save(folder / "study_area")
-        (folder / "panel.json").write_text(
-            json.dumps(
-                {
-                    "timezone": self.calendar.timezone,
-                    "starts": list(self.calendar.starts),
-                    "categories": list(self.categories),
-                    "first_shift": self.first_shift,
-                    "end_shift": self.end_shift,
-                    "meta": self.meta,
-                },
-                indent=2,
-            )
-        )
+        meta = {
+            "timezone": self.calendar.timezone,
+            "starts": list(self.calendar.starts),
+            "categories": list(self.categories),
+            "first_shift": self.first_shift,
+            "end_shift": self.end_shift,
+            "meta": self.meta,
+        }
+        atomic_write_bytes(json.dumps(meta, indent=2).encode(), folder / "panel.json")
 
     @classmethod
     def load(cls, folder: str | Path) -> "CountPanel":

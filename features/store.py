@@ -45,13 +45,17 @@ class Added:
     unchanged: int
 
 
+def unreadable(path: Path, what: str, exc: Exception) -> StoreError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreError(f"{what} {path} is unreadable ({first}): run `hotspots verify`; restore the file from a "
+                      f"backup, or move it aside and ingest the source's exports again.")
+
+
 def read_parquet_or_explain(path: Path, what: str) -> pl.DataFrame:
     try:
         return pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StoreError(f"{what} {path} is unreadable ({first}): run `hotspots verify`; restore the file from a "
-                         f"backup, or move it aside and ingest the source's exports again.") from None
+        raise unreadable(path, what, exc) from None
 
 
 class IncidentStore:
@@ -89,7 +93,10 @@ class IncidentStore:
             frame = frame.filter(pl.col("occurred_at") >= start)
         if end is not None:
             frame = frame.filter(pl.col("occurred_at") < end)
-        return frame.collect()
+        try:
+            return frame.collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise unreadable(self.path(source), "the incident store", exc) from None
 
     def count(self, source: str) -> int:
         path = self.path(source)
@@ -153,8 +160,8 @@ class IncidentStore:
         now = now or datetime.now(timezone.utc)
         cutoff = now - max_age
         deleted: dict[str, int] = {}
-        if not self.data_dir.is_dir():
-            return deleted
+        if not self.data_dir.exists():
+            return deleted  # nothing stored yet (a file where the folder should be is refused by writing())
         with self.writing("retention"):
             for source in self.sources():
                 path = self.path(source)

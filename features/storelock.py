@@ -22,6 +22,9 @@ from typing import Callable, Iterator
 import polars as pl
 
 LOCK_NAME = ".hotspots.lock"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give: mkstemp's 0600 would hide the store from other users
 TEMP_SUFFIX = ".tmp"
 log = logging.getLogger("hotspots.store")
 
@@ -165,6 +168,30 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """The same guarantee for a small file (JSON, .npy): unique temporary file, fsync, atomic replace."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise cannot_write(path, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_parquet(frame: pl.DataFrame, path: Path) -> None:
     """Write a unique temporary file beside ``path``, fsync it, read it back, then atomically replace ``path``
     and fsync the folder: a reader or a crash sees the old or the new file, never a torn one."""
@@ -175,6 +202,7 @@ def atomic_write_parquet(frame: pl.DataFrame, path: Path) -> None:
         raise cannot_write(path, exc) from None
     tmp = Path(name)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             frame.write_parquet(fh, compression="zstd", statistics=True)
             fh.flush()

@@ -231,3 +231,21 @@ def test_unreadable_store_is_reported_not_overwritten(tmp_path):
     assert store.read_bytes() == damaged  # left for the user to rescue, not replaced by a partial store
     with pytest.raises(Exception):
         pl.read_parquet(store)
+
+
+def test_other_store_commands_explain_a_damaged_or_wrong_folder(tmp_path):
+    code, out = ingest(tmp_path, MALFORMED / "all_reasons.csv")
+    assert code == 0, out
+    data = tmp_path / "data"
+    quarantine = next((data / "quarantine" / "testville").glob("*.parquet"))
+    quarantine.write_bytes(b"PAR1 not really")
+    code, out = run("quarantine", "testville", "--data-dir", data)
+    assert_one_line_error(code, out, f"the quarantine file {quarantine} is unreadable", "hotspots verify")
+    store = IncidentStore(data).path("testville")
+    store.write_bytes(store.read_bytes()[:-30])
+    code, out = run("panel", "testville", "--profile", TESTVILLE, "--data-dir", data)
+    assert_one_line_error(code, out, f"the incident store {store} is unreadable")
+    code, out = run("retention", "--max-age-days", 30, "--data-dir", data)
+    assert_one_line_error(code, out, f"the incident store {store} is unreadable")
+    code, out = run("retention", "--max-age-days", 30, "--data-dir", MALFORMED / "dst.csv")
+    assert_one_line_error(code, out, "is a file, not a folder")

@@ -4,6 +4,7 @@ kept in the revision history; a final row cut off mid-row is quarantined as `tru
 from __future__ import annotations
 
 import gzip
+import os
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -194,3 +195,14 @@ def test_chicago_export_cut_inside_the_longitude(tmp_path, chicago_raw_csv):
     assert history.select("incident_id", "longitude", "changed", "replaced_by_file").rows() == [
         (case["raw_id"].item(), float(short), "longitude", "chicago_complete.csv")
     ]
+
+
+def test_written_files_keep_the_usual_permissions(tmp_path):
+    """Temporary files are created 0600; the store must end up as readable as any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    store = IncidentStore(tmp_path / "data")
+    ingest_file(FIXTURES / "malformed" / "all_reasons.csv", load_profile(TESTVILLE), store)
+    written = [store.path("testville"), *(tmp_path / "data" / "quarantine").rglob("*.parquet")]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

@@ -258,3 +258,4 @@ def test_lock_is_exclusive_across_processes_and_reentrant_within_one(tmp_path):
         finally:
             holder.kill()
             holder.wait()
+

@@ -115,18 +115,24 @@ def panel(
 ) -> None:
     """Bin stored incidents into the H3 x shift count panel."""
     from features.store import IncidentStore
+    from features.storelock import StoreError
 
     settings = project_settings(data_dir, resolution)
     prof = source_profile(source, profile)
+    store = IncidentStore(settings.data_dir)
     try:
-        incidents = IncidentStore(settings.data_dir).read(source)
-    except FileNotFoundError as exc:
+        incidents = store.read(source)
+    except (FileNotFoundError, StoreError) as exc:
         fail(str(exc))
     shape = read_boundary(boundary, layer) if boundary else None
     with stage(f"panel of {incidents.height:,} incidents at H3 resolution {settings.h3_resolution}"):
         built = build_city_panel(incidents, prof, settings, boundary=shape, name=source)
     folder = DataPaths(settings).panel(source)
-    built.panel.save(folder)
+    try:
+        with store.writing(f"panel of {source}"):
+            built.panel.save(folder)
+    except StoreError as exc:
+        fail(str(exc))
     p, report = built.panel, built.report
     console.print(
         f"{p.n_cells:,} cells, {p.n_shifts:,} shifts ({', '.join(p.calendar.labels)} {prof.timezone}), "
@@ -190,8 +196,12 @@ def prepare(
 def quarantine(source: str, data_dir: Optional[Path] = DataDir) -> None:
     """Show quarantined rows by reason."""
     from features.store import IncidentStore
+    from features.storelock import StoreError
 
-    rows = IncidentStore(project_settings(data_dir).data_dir).read_quarantine(source)
+    try:
+        rows = IncidentStore(project_settings(data_dir).data_dir).read_quarantine(source)
+    except StoreError as exc:
+        fail(str(exc))
     if rows.height == 0:
         console.print(f"nothing quarantined for {source!r}")
         return
@@ -208,6 +218,10 @@ def retention(
 ) -> None:
     """Data-protection retention: delete old incidents (and quarantine files) from the store."""
     from features.store import IncidentStore
+    from features.storelock import StoreError
 
-    deleted = IncidentStore(project_settings(data_dir).data_dir).delete_older_than(timedelta(days=max_age_days))
+    try:
+        deleted = IncidentStore(project_settings(data_dir).data_dir).delete_older_than(timedelta(days=max_age_days))
+    except StoreError as exc:
+        fail(str(exc))
     console.print(json.dumps(deleted))
