@@ -26,14 +26,19 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import polars as pl
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import ConnectionPool
+from urllib3.exceptions import InvalidHeader, MaxRetryError
+from urllib3.response import BaseHTTPResponse
+from urllib3.util.retry import Retry
 
 __all__ = [
     "API_TO_DISPLAY",
@@ -86,11 +91,39 @@ _API_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f"  # "2018-01-01T12:00:00.000"
 _PORTAL_TIMESTAMP_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # "01/01/2018 12:00:00 PM"
 _LOCAL_TZ = "America/Chicago"  # what the floating timestamps mean
 
-_TRANSIENT_ERRORS = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-)
+# 429 (throttled) and every 5xx (overloaded/failing node) are transient; other 4xx are our fault.
+_RETRY_STATUSES = frozenset({429, *range(500, 600)})
+
+
+class _LoggedRetry(Retry):
+    """urllib3's ``Retry`` that says at WARNING what failed and how long it waits, which urllib3 only logs at DEBUG.
+
+    A Retry-After that urllib3 cannot parse falls back to the backoff instead of aborting the pull.
+    """
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
+        new = super().increment(method, url, response, error, _pool, _stacktrace)  # raises MaxRetryError when used up
+        retry_after = new.get_retry_after(response) if response is not None and new.respect_retry_after_header else None
+        delay = retry_after or new.get_backoff_time()  # the same choice as Retry.sleep
+        reason = f"HTTP {response.status} {response.reason or ''}".rstrip() if response is not None else _describe(error)
+        attempt = len(new.history)
+        total = attempt + new.total + 1 if isinstance(new.total, int) else "?"
+        log.warning("Socrata request failed (%s), attempt %d of %s; retrying in %.1fs", reason, attempt, total, delay)
+        return new
+
+    def get_retry_after(self, response: BaseHTTPResponse) -> float | None:
+        try:
+            return super().get_retry_after(response)
+        except InvalidHeader:
+            return None
 
 
 class SocrataError(RuntimeError):
@@ -110,10 +143,13 @@ class SocrataError(RuntimeError):
 class SocrataClient:
     """Paged, retrying reader for one Socrata dataset (defaults: Chicago crimes, ``ijzp-q8t2``).
 
-    ``session`` and ``sleep`` are injectable so tests can record requests and skip real waits.
-    ``max_retries`` counts retries after the first attempt, so a request is tried at most
-    ``max_retries + 1`` times; waits grow as ``backoff_seconds * 2**n`` unless the server sends a
-    numeric ``Retry-After``.
+    Retries are urllib3's ``Retry`` on a ``requests`` ``HTTPAdapter`` mounted on ``session`` for this
+    client's base URL only (a session you pass in gets that adapter for this domain). ``max_retries``
+    counts retries after the first attempt, so a request is tried at most ``max_retries + 1`` times,
+    on 429, any 5xx, connection errors and timeouts. urllib3 retries the first failure at once, then
+    waits ``backoff_seconds * 2**n`` (n = 1, 2, ...; at most 120 s) unless the server sends a
+    ``Retry-After`` (seconds or an HTTP date). ``domain`` may carry a scheme (``http://host:port``)
+    for a self-hosted or local endpoint; a bare host means HTTPS.
     """
 
     def __init__(
@@ -126,7 +162,6 @@ class SocrataClient:
         backoff_seconds: float = 1.0,
         timeout: float = 60.0,
         session: requests.Session | None = None,
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
@@ -140,12 +175,29 @@ class SocrataClient:
         self.backoff_seconds = backoff_seconds
         self.timeout = timeout
         self.session = session if session is not None else requests.Session()
-        self.sleep = sleep
+        retry = _LoggedRetry(
+            total=max_retries,
+            connect=None,
+            read=None,
+            status=None,
+            other=None,
+            allowed_methods=frozenset({"GET"}),
+            status_forcelist=_RETRY_STATUSES,
+            backoff_factor=backoff_seconds,
+            respect_retry_after_header=True,
+            raise_on_status=False,  # hand back the last 429/5xx response so its message reaches the error
+        )
+        self.session.mount(f"{self.base_url}/", HTTPAdapter(max_retries=retry))
+
+    @property
+    def base_url(self) -> str:
+        """Scheme and host: ``https://`` + ``domain`` unless ``domain`` already names a scheme."""
+        return self.domain.rstrip("/") if "://" in self.domain else f"https://{self.domain}"
 
     @property
     def url(self) -> str:
         """The SODA JSON resource endpoint."""
-        return f"https://{self.domain}/resource/{self.dataset_id}.json"
+        return f"{self.base_url}/resource/{self.dataset_id}.json"
 
     # -- query building ---------------------------------------------------------------------------
 
@@ -176,52 +228,45 @@ class SocrataClient:
     # -- HTTP -------------------------------------------------------------------------------------
 
     def _get_page(self, params: dict[str, str]) -> list[dict[str, Any]]:
-        """One GET with retries on transient failures; returns the decoded row list."""
-        url = self.url
-        attempts = 0
-        while True:
-            attempts += 1
-            status: int | None = None
-            retry_after: float | None = None
-            try:
-                response = self.session.get(
-                    url, params=params, headers=self._headers(), timeout=self.timeout
-                )
-            except _TRANSIENT_ERRORS as exc:
-                # The prepared URL is unavailable when the connection failed; rebuild it for the message.
-                failed_url = requests.Request("GET", url, params=params).prepare().url or url
-                reason = f"{type(exc).__name__}: {exc}"
-            else:
-                failed_url = response.url or url
-                status = response.status_code
-                if status < 400:
-                    return _decode_rows(response)
-                if not _is_retryable(status):
-                    raise SocrataError(
-                        f"Socrata request failed with HTTP {status} at {failed_url}: "
-                        f"{_error_message(response)}",
-                        url=failed_url,
-                        status=status,
-                        attempts=attempts,
-                    )
-                reason = f"HTTP {status}: {_error_message(response)}"
-                retry_after = _parse_retry_after(response.headers.get("Retry-After"))
-
-            if attempts > self.max_retries:
-                status_text = f"HTTP {status}" if status is not None else "no HTTP response"
+        """One GET (urllib3 retries the transient failures); returns the decoded row list."""
+        try:
+            response = self.session.get(self.url, params=params, headers=self._headers(), timeout=self.timeout)
+        except requests.RequestException as exc:
+            # No response to take the URL from: prepare it the way the session did.
+            failed_url = requests.Request("GET", self.url, params=params).prepare().url or self.url
+            cause = exc.args[0] if exc.args else None
+            if isinstance(cause, MaxRetryError):  # every attempt failed without an HTTP response
+                attempts = self.max_retries + 1
                 raise SocrataError(
                     f"Socrata request to {failed_url} failed after {attempts} attempts "
-                    f"(last: {status_text}; {reason})",
+                    f"(last: no HTTP response; {type(exc).__name__}: {_describe(cause.reason)})",
                     url=failed_url,
-                    status=status,
                     attempts=attempts,
-                )
-            delay = retry_after if retry_after is not None else self.backoff_seconds * 2 ** (attempts - 1)
-            log.warning(
-                "Socrata request failed (%s), attempt %d of %d; retrying in %.1fs",
-                reason, attempts, self.max_retries + 1, delay,
+                ) from exc
+            raise SocrataError(
+                f"Socrata request to {failed_url} failed: {_describe(exc)}; rerun the fetch",
+                url=failed_url,
+            ) from exc
+
+        status = response.status_code
+        if status < 400:
+            return _decode_rows(response)
+        retries = getattr(response.raw, "retries", None)
+        attempts = len(retries.history) + 1 if retries is not None else 1
+        if status not in _RETRY_STATUSES:
+            raise SocrataError(
+                f"Socrata request failed with HTTP {status} at {response.url}: {_error_message(response)}",
+                url=response.url,
+                status=status,
+                attempts=attempts,
             )
-            self.sleep(delay)
+        raise SocrataError(
+            f"Socrata request to {response.url} failed after {attempts} attempts "
+            f"(last: HTTP {status}: {_error_message(response)})",
+            url=response.url,
+            status=status,
+            attempts=attempts,
+        )
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -327,20 +372,9 @@ def _floating(value: datetime | date) -> str:
     return text
 
 
-def _is_retryable(status: int) -> bool:
-    """429 (throttled) and 5xx (overloaded/failing node) are transient; other 4xx are our fault."""
-    return status == 429 or status >= 500
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a numeric ``Retry-After``; HTTP-date forms fall back to exponential backoff."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return max(seconds, 0.0)
+def _describe(error: BaseException | None) -> str:
+    """``Type: message`` of a transport error, for logs and error messages."""
+    return f"{type(error).__name__}: {error}" if error is not None else "unknown error"
 
 
 def _error_message(response: requests.Response) -> str:
