@@ -64,7 +64,7 @@ ensure_venv() {  # $1: the extras this command needs ("toronto" or "dev,toronto"
     rm -rf .venv
     "$PYTHON" -m venv .venv
   fi
-  say "installing hotspots with extras [$extras] into .venv (about 1-4 min the first time)"
+  say "installing hotspots with extras [$extras] into .venv (1-2 min on an idle machine the first time, longer on a busy one)"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]" \
     || die "pip install -e \".[$extras]\" failed (see above): fix the cause and re-run; delete .venv to start over"
   printf '%s %s\n' "$hash" "$extras" > "$STAMP"

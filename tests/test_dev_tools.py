@@ -40,6 +40,7 @@ def test_closed_ancestor_finds_the_first_private_folder(tmp_path):
         private.chmod(0o755)
 
 
+@pytest.mark.filterwarnings("ignore:.*XDG_RUNTIME_DIR")  # pgserver's lock path fallback (platformdirs), harmless
 def test_throwaway_server_starts_with_the_test_database_and_is_gone_after_stop(tmp_path):
     import pgserver._commands
 
