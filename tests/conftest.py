@@ -1,6 +1,6 @@
 """Shared fixtures. Real data outside the repo is found through one setting, HOTSPOTS_SHARED_DATA
 (default: ../shared/data beside the checkout). Tests that need it skip with the reason when it is absent,
-unless HOTSPOTS_REQUIRE_SHARED_DATA=1 (set by .ci/run), which turns the skip into a failure."""
+unless HOTSPOTS_REQUIRE_SHARED_DATA=1 (CI sets it in .ci/run), which turns the skip into a failure."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ TIMEOUT_MS = 30_000
 def chromium_path() -> str:
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"Chromium not found at {CHROMIUM}: install it with `apt-get install chromium chromium-driver` "
-                    "(what .ci/run does), or point HOTSPOTS_CHROMIUM at a Chromium binary")
+                    "(`./dev.sh test` does), or point HOTSPOTS_CHROMIUM at a Chromium binary")
     return CHROMIUM
 
 

@@ -1,7 +1,7 @@
 """The service's database on a real PostgreSQL server: schema and append-only triggers (created once even when
 several workers start together), API keys, the audit log and the patrol log, through the stores and the API.
 
-The server comes from HOTSPOTS_TEST_DATABASE_URL (default: the local test cluster of `.ci/start-postgres`). Every
+The server comes from HOTSPOTS_TEST_DATABASE_URL (`./dev.sh test` starts a throwaway one and sets it). Every
 run works in schemas of its own (search_path set in the URL's ``options``), dropped at the end, so runs do not
 collide. No server, no pass: the tests fail and say how to start it."""
 
@@ -40,8 +40,8 @@ def connect_or_fail(url: str):
     except OperationalError as exc:
         engine.dispose()
         shown = make_url(url).render_as_string(hide_password=True)
-        pytest.fail(f"PostgreSQL is not reachable at {shown} ({str(exc.orig).strip().splitlines()[0]}). Start the local "
-                    f"test server with `bash .ci/start-postgres`, or set HOTSPOTS_TEST_DATABASE_URL to one.", pytrace=False)
+        pytest.fail(f"PostgreSQL is not reachable at {shown} ({str(exc.orig).strip().splitlines()[0]}). Run the tests "
+                    f"with `./dev.sh test` (it starts a server), or set HOTSPOTS_TEST_DATABASE_URL to one.", pytrace=False)
     return engine
 
 
@@ -76,7 +76,7 @@ def db(pg):
 
 def test_an_unreachable_server_fails_with_what_to_run():
     dead = f"postgresql+psycopg://hotspots:secret@127.0.0.1:{closed_port()}/hotspots_test"
-    with pytest.raises(pytest.fail.Exception, match=r"bash \.ci/start-postgres") as failed:
+    with pytest.raises(pytest.fail.Exception, match=r"\./dev\.sh test") as failed:
         connect_or_fail(dead)
     assert "secret" not in str(failed.value)
     # the service says which setting to fix, without the password
