@@ -36,8 +36,18 @@ def input_path(source: str, path: Optional[Path], settings: Settings) -> Path:
         return path
     if source == "toronto-mci":
         from features.sources.toronto import materialise
+        from features.storelock import StoreError, cannot_write, data_folder
 
-        return materialise(settings.data_dir / "raw" / "toronto-mci.csv")
+        target = settings.data_dir / "raw" / "toronto-mci.csv"
+        try:
+            data_folder(settings.data_dir)
+            return materialise(target)
+        except FileNotFoundError as exc:  # the toronto extra is not installed
+            fail(str(exc))
+        except StoreError as exc:
+            fail(str(exc))
+        except OSError as exc:  # read-only or full
+            fail(str(cannot_write(target.parent, exc)))
     fail(f"give the input file for source {source!r} (CSV, CSV.gz or Parquet)")
 
 
@@ -101,6 +111,10 @@ def fetch(
             n = fetch_to_csv(out, since=since, until=until, app_token=settings.socrata_app_token, page_size=page_size)
     except SocrataError as exc:
         fail(str(exc))
+    except ValueError as exc:  # a page the portal sent in an unexpected shape
+        fail(f"the portal's rows could not be read ({exc}); nothing was written to {out}: rerun later, or report it")
+    except OSError as exc:
+        fail(f"cannot write {out} ({exc.strerror}): give --out a writable path")
     console.print(f"wrote {n:,} rows to {out}")
 
 
