@@ -185,7 +185,7 @@ def cold_times(base: str, key: str, shifts: list[str]) -> list[dict]:
 def cold_shifts(panel_dir: Path, n: int, offset: int) -> list[str]:
     """ISO starts of n distinct shifts just before the end of the data (never asked before in this run)."""
     from features.panel import CountPanel
-    from serving.forecasts import shift_start_local
+    from serving.shifts import shift_start_local
 
     panel = CountPanel.load(panel_dir)
     return [shift_start_local(panel, panel.end_shift - offset - j).isoformat() for j in range(1, n + 1)]

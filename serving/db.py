@@ -2,9 +2,11 @@
 ``data_dir/serving.db`` by default, any SQLAlchemy URL with ``HOTSPOTS_DATABASE_URL`` (PostgreSQL through
 psycopg 3: ``postgresql+psycopg://user:password@host:5432/db``; ``?options=-csearch_path%3Dschema`` picks a schema).
 
-The audit and patrol tables are append-only: the service only ever inserts, and triggers make UPDATE and DELETE
-(and TRUNCATE on PostgreSQL) fail, so a bug or a stray query cannot rewrite history. (A retention job would drop
-the triggers explicitly.) :class:`Database` is the one place that knows dialects.
+The schema is made and evolved by alembic migrations (:mod:`serving.migrate`), run at start-up under a lock.
+The audit and patrol tables are append-only: the service only ever inserts, and triggers (made by the
+migrations) make UPDATE and DELETE (and TRUNCATE on PostgreSQL) fail, so a bug or a stray query cannot rewrite
+history. (A retention job would drop the triggers explicitly.) :class:`Database` is the one place that knows
+dialects.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from features.settings import Settings
+from serving.migrate import upgrade
 
 log = logging.getLogger("hotspots.serving")
 
@@ -86,34 +89,6 @@ class PatrolRow(Base):
 APPEND_ONLY_TABLES = ("audit_log", "patrol_log")
 
 
-def _sqlite_append_only(table: str) -> list[str]:
-    return [f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
-            f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END" for op in ("UPDATE", "DELETE")]
-
-
-# PostgreSQL: one trigger function, created if absent (so a schema prepared by a DBA is left alone), and per
-# table a row trigger on UPDATE/DELETE plus a statement trigger on TRUNCATE, created if absent.
-_PG_FUNCTION = """DO $do$ BEGIN
-  IF to_regprocedure('hotspots_append_only()') IS NULL THEN
-    CREATE FUNCTION hotspots_append_only() RETURNS trigger LANGUAGE plpgsql AS $fn$
-    BEGIN RAISE EXCEPTION USING MESSAGE = TG_TABLE_NAME || ' is append-only', ERRCODE = 'P0001'; END $fn$;
-  END IF;
-END $do$"""
-
-
-def _pg_append_only(table: str) -> str:
-    return f"""DO $do$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = '{table}'::regclass AND tgname = '{table}_append_only') THEN
-    CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table}
-      FOR EACH ROW EXECUTE FUNCTION hotspots_append_only();
-  END IF;
-  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = '{table}'::regclass AND tgname = '{table}_no_truncate') THEN
-    CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table}
-      FOR EACH STATEMENT EXECUTE FUNCTION hotspots_append_only();
-  END IF;
-END $do$"""
-
-
 _PG_SCHEMA_LOCK = 0x686F7473706F7473 >> 2  # any constant bigint: serialises schema set-up across workers
 
 
@@ -139,8 +114,21 @@ def _schema_lock(sqlite_path: str | None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class MissingDriver(RuntimeError):
+    """The configured database needs a driver that is not installed."""
+
+
+def _require_driver(dialect: str) -> None:
+    if dialect == "postgresql":
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise MissingDriver('HOTSPOTS_DATABASE_URL names a PostgreSQL database but its driver, psycopg, is not '
+                                'installed: pip install "hotspots[postgres]"') from None
+
+
 class Database:
-    """One engine and session factory; tables (and the append-only triggers) are created on first use."""
+    """One engine and session factory; the schema is migrated to head when it is opened."""
 
     def __init__(self, url: str):
         parsed = make_url(url)
@@ -148,6 +136,7 @@ class Database:
             parsed = parsed.set(drivername="postgresql+psycopg")
         self.url = url = parsed.render_as_string(hide_password=False)
         self.dialect = parsed.get_backend_name()
+        _require_driver(self.dialect)
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -166,22 +155,13 @@ class Database:
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     def _create_schema(self, conn: Connection) -> None:
+        """Migrate to head; several workers may start at once: one migrates, the others then find it done."""
         if self.dialect == "postgresql":
-            # several workers may start at once: one creates, the others then find everything in place
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SCHEMA_LOCK})
-            Base.metadata.create_all(conn)
-            conn.exec_driver_sql(_PG_FUNCTION)
-            for table in APPEND_ONLY_TABLES:
-                conn.exec_driver_sql(_pg_append_only(table))
-        else:
-            Base.metadata.create_all(conn)
-            if self.dialect == "sqlite":
-                for table in APPEND_ONLY_TABLES:
-                    for statement in _sqlite_append_only(table):
-                        conn.execute(text(statement))
-            else:
-                log.warning("%s: the audit and patrol logs are append-only by the service's code only (triggers are "
-                            "installed on SQLite and PostgreSQL)", self.dialect)
+        elif self.dialect != "sqlite":
+            log.warning("%s: the audit and patrol logs are append-only by the service's code only (triggers are "
+                        "installed on SQLite and PostgreSQL)", self.dialect)
+        upgrade(conn)
 
     @property
     def display_url(self) -> str:

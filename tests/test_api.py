@@ -337,3 +337,29 @@ def test_new_champion_is_picked_up_after_refresh(svc):
         set_champion(svc.settings, svc.version)
         store.refresh()
     assert store.get(CITY).model.version == svc.version
+
+
+def test_a_slow_cold_forecast_does_not_stall_other_requests(svc, monkeypatch):
+    """The forecast work runs in the thread pool: while one request computes (a blocking call here, as the
+    CPU-bound feature build and predict are), the event loop answers /healthz at once."""
+    import threading
+    import time
+
+    service = svc.app.state.forecasts
+    original = service._compute
+
+    def slow(*args, **kwargs):
+        time.sleep(1.5)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_compute", slow)
+    shift, answer = "2020-02-17T14:00:00-05:00", {}
+    worker = threading.Thread(target=lambda: answer.update(r=get(svc, "/v1/hotspots.png", city=CITY, shift=shift, k=3)))
+    worker.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    assert svc.client.get("/healthz").status_code == 200
+    elapsed = time.perf_counter() - started
+    worker.join()
+    assert worker.is_alive() is False and answer["r"].status_code == 200 and answer["r"].headers["x-cache"] == "miss"
+    assert elapsed < 0.5, f"/healthz took {elapsed:.2f} s while a forecast was computed"

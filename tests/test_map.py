@@ -21,7 +21,7 @@ from features.settings import Settings
 from serving.app import create_app
 from serving.briefing import feature_label, render_briefing, shift_window
 from serving.dependencies import get_now
-from serving.forecasts import hexagon_ring
+from serving.geometry import hexagon_ring
 from serving.keys import Role
 from serving.schemas import HotspotsResponse
 

@@ -4,16 +4,17 @@
 - ``models``: train, backtest, claim, run
 - ``assess``: diagnose, audit
 - ``service``: serve, keys
+- ``store``: verify
 """
 
 from __future__ import annotations
 
 import typer
 
-from serving.cli import assess, data, models, service
+from serving.cli import assess, data, models, service, store
 
 app = typer.Typer(help="Place-based crime hotspot forecasting on H3 cells and patrol shifts.", no_args_is_help=True)
-for group in (data, models, assess, service):
+for group in (data, models, assess, service, store):
     app.add_typer(group.app)
 
 __all__ = ["app"]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from features.settings import Settings
 from serving.cli.common import DataDir, Resolution, console, fail, project_settings

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Path, Query
 
 from serving.dependencies import Models, Now, Planner, city_state, ready_state
 from serving.errors import FieldError
-from serving.forecasts import LRUCache, resolve_shift, shift_start_local
+from serving.caches import ComputeOnceCache
+from serving.shifts import resolve_shift, shift_start_local
 from serving.models_store import CityState
 from serving.routers.hotspots import ERRORS
 from serving.schemas import City, CityList, MultiPolygon, ShiftList, ShiftOption, ShiftsQuery, StudyAreaOutline
@@ -38,7 +39,7 @@ def cities(principal: Planner, models: Models) -> CityList:
 
 
 CityPath = Annotated[str, Path(min_length=1, max_length=100, description="City (source) name, see /v1/cities.")]
-_OUTLINES = LRUCache(32)  # (city, panel files) -> outline: a new panel gives a new key
+_OUTLINES: ComputeOnceCache[StudyAreaOutline] = ComputeOnceCache(32)  # (city, panel files) -> outline: a new panel gives a new key
 
 
 def _panel_state(models: Models, city: str) -> CityState:

@@ -1,5 +1,9 @@
 """What the forecast routes share: checking a request against the city's panel and model, the context block
-of a response, and the audited JSON response."""
+of a response, and the audited response.
+
+The CPU-heavy parts (feature building and predicting on a cache miss, serialising or drawing a body) and the
+blocking ones (waiting for the audit entry to commit) run in the thread pool, never on the event loop, so one
+slow forecast does not hold up the other requests (``/healthz`` included)."""
 
 from __future__ import annotations
 
@@ -8,19 +12,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from typing import Callable, Hashable
+
 from fastapi import Request, Response
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from serving.audit import AuditLog
 from serving.dependencies import city_state, ready_state
 from serving.errors import ApiError
-from serving.forecasts import (
-    Forecast, ForecastService, ResolvedShift, check_category, check_k, resolve_category, resolve_shift,
-    shift_start_local, shift_times,
-)
+from serving.checks import check_category, check_k, resolve_category
+from serving.forecasts import Forecast, ForecastService
 from serving.keys import Principal
 from serving.models_store import CityState, ModelStore
 from serving.schemas import ForecastContext, ModelRef, ShiftWindow, _Query
+from serving.shifts import ResolvedShift, resolve_shift, shift_start_local, shift_times
 
 log = logging.getLogger("hotspots.serving")
 FORECAST_HEADERS = {"Cache-Control": "private, no-store"}
@@ -54,6 +60,20 @@ def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: 
         raise ApiError(503, f"the champion model of {state.city} (version {state.model.version}) failed on shift "
                             f"{shift.shift_id}: {type(exc).__name__}: {exc}") from exc
     return Prepared(state, shift, category, forecast, hit)
+
+
+async def prepare_off_loop(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
+                           k: int | None = None, coverage: float | None = None) -> Prepared:
+    """:func:`prepare` in the thread pool (a cache miss builds features and runs the model: seconds of CPU)."""
+    return await run_in_threadpool(prepare, models, forecasts, query, now, k, coverage)
+
+
+async def respond(request: Request, forecasts: ForecastService, audit: AuditLog, principal: Principal, p: Prepared,
+                  variant: Hashable, make: Callable[[], bytes], params: dict[str, Any],
+                  media_type: str = "application/json") -> Response:
+    """The (cached) body ``variant`` of the forecast, made and audited in the thread pool, then sent."""
+    body = await run_in_threadpool(forecasts.body, p.forecast, variant, make)
+    return await run_in_threadpool(audited, request, audit, principal, body, p, params, media_type)
 
 
 def context(p: Prepared) -> dict[str, Any]:

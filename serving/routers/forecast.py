@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from serving.dependencies import Audit, Forecasts, Models, Now, Planner
-from serving.routers.common import audit_params, audited, context, prepare
+from serving.routers.common import audit_params, context, prepare_off_loop, respond
 from serving.routers.hotspots import ERRORS
 from serving.schemas import CellForecast, ForecastQuery, ForecastResponse
 
@@ -17,9 +17,9 @@ router = APIRouter(tags=["forecast"])
 
 @router.get("/forecast", response_model=ForecastResponse, responses=ERRORS,
             summary="Expected count of every study-area cell for a shift")
-def forecast(request: Request, principal: Planner, query: Annotated[ForecastQuery, Query()], models: Models,
-             forecasts: Forecasts, audit: Audit, now: Now) -> Response:
-    p = prepare(models, forecasts, query, now)
+async def forecast(request: Request, principal: Planner, query: Annotated[ForecastQuery, Query()], models: Models,
+                   forecasts: Forecasts, audit: Audit, now: Now) -> Response:
+    p = await prepare_off_loop(models, forecasts, query, now)
 
     def make() -> bytes:
         h3_ids = p.state.panel.study_area.h3_ids
@@ -29,5 +29,5 @@ def forecast(request: Request, principal: Planner, query: Annotated[ForecastQuer
             cells=[CellForecast(h3=h, expected_count=float(e)) for h, e in zip(h3_ids, expected.tolist())],
         ).model_dump_json().encode()
 
-    body = forecasts.body(p.forecast, ("forecast", p.shift.requested, p.shift.after_data), make)
-    return audited(request, audit, principal, body, p, audit_params(p, query))
+    return await respond(request, forecasts, audit, principal, p, ("forecast", p.shift.requested, p.shift.after_data),
+                         make, audit_params(p, query))

@@ -1,18 +1,26 @@
-"""The next (or a given) shift's hotspots: ranked cells with explanations, as JSON, GeoJSON or a printable PNG."""
+"""The next (or a given) shift's hotspots: ranked cells with explanations, as JSON, GeoJSON or a printable PNG.
+
+The three routes share one prepared request (a dependency: key, parameters, the cached forecast and the cells
+selected) and differ only in their renderer."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from serving.briefing import render_briefing
+from serving.audit import AuditLog
 from serving.dependencies import Audit, Forecasts, Models, Now, Planner, Settings_
+from serving.forecasts import ForecastService
+from serving.keys import Principal
 from serving.errors import ApiError
-from serving.forecasts import hexagon_ring, select_cells
-from serving.routers.common import Prepared, audit_params, audited, context, prepare
+from serving.forecasts import select_cells
+from serving.geometry import hexagon_ring
+from serving.routers.common import Prepared, audit_params, context, prepare_off_loop, respond
 from serving.schemas import (
     Contribution, ErrorMessage, Hotspot, HotspotCollection, HotspotFeature, HotspotProperties, HotspotsMeta,
     HotspotsQuery, HotspotsResponse, LatLon, Polygon, Selection, ValidationErrorMessage,
@@ -61,49 +69,83 @@ def _hotspots(p: Prepared, query: HotspotsQuery, default_k: int) -> tuple[list[H
     return hotspots, selection
 
 
+@dataclass(frozen=True)
+class HotspotsRequest:
+    """A checked hotspots request with its (cached) forecast and the number of cells it selects."""
+
+    request: Request
+    principal: Principal
+    query: HotspotsQuery
+    forecasts: ForecastService
+    audit: AuditLog
+    default_k: int
+    p: Prepared
+    n: int  # cells returned
+
+    @property
+    def k(self) -> int | None:
+        """k as reported (None when the selection is by coverage)."""
+        return None if self.query.coverage is not None else self.n
+
+    def hotspots(self) -> tuple[list[Hotspot], Selection]:
+        return _hotspots(self.p, self.query, self.default_k)
+
+    async def respond(self, kind: str, render: Callable[["HotspotsRequest"], bytes], media_type: str,
+                      **params: Any) -> Response:
+        """The body ``kind`` of this selection, rendered once per forecast and selection, audited, sent."""
+        q, p = self.query, self.p
+        variant = (kind, p.shift.requested, p.shift.after_data, self.n, q.coverage)
+        return await respond(self.request, self.forecasts, self.audit, self.principal, p, variant,
+                             lambda: render(self), audit_params(p, q, k=self.k, coverage=q.coverage, **params),
+                             media_type=media_type)
+
+
+async def prepared_hotspots(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()],
+                            models: Models, forecasts: Forecasts, audit: Audit, service: Settings_,
+                            now: Now) -> HotspotsRequest:
+    p = await prepare_off_loop(models, forecasts, query, now, query.k, query.coverage)
+    n = select_cells(p.state.panel, p.forecast, query.k, query.coverage, service.default_k)
+    return HotspotsRequest(request, principal, query, forecasts, audit, service.default_k, p, n)
+
+
+PreparedHotspots = Annotated[HotspotsRequest, Depends(prepared_hotspots)]
+
+
+def render_json(r: HotspotsRequest) -> bytes:
+    cells, selection = r.hotspots()
+    return HotspotsResponse(**context(r.p), selection=selection, hotspots=cells).model_dump_json().encode()
+
+
+def render_geojson(r: HotspotsRequest) -> bytes:
+    cells, selection = r.hotspots()
+    ctx = context(r.p)
+    features = [
+        HotspotFeature(id=cell.h3, geometry=Polygon(coordinates=[hexagon_ring(cell.h3)]),
+                       properties=HotspotProperties(**cell.model_dump(), model_version=ctx["model"]["version"],
+                                                    shift_start=ctx["shift"]["start"], shift_end=ctx["shift"]["end"]))
+        for cell in cells
+    ]
+    return HotspotCollection(features=features, hotspots=HotspotsMeta(**ctx, selection=selection)).model_dump_json().encode()
+
+
+def render_png(r: HotspotsRequest) -> bytes:
+    """About half a second of matplotlib: drawn once per forecast and selection."""
+    cells, selection = r.hotspots()
+    return render_briefing(r.p.state.panel.study_area.cells,
+                           HotspotsResponse(**context(r.p), selection=selection, hotspots=cells))
+
+
 @router.get("/hotspots", response_model=HotspotsResponse, responses=ERRORS,
             summary="Ranked hotspot cells of a shift, with the top contributing features of each")
-def hotspots(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()], models: Models,
-             forecasts: Forecasts, audit: Audit, service: Settings_, now: Now) -> Response:
-    p = prepare(models, forecasts, query, now, query.k, query.coverage)
-    n, k = _selected(p, query, service.default_k)
-
-    def make() -> bytes:
-        cells, selection = _hotspots(p, query, service.default_k)
-        return HotspotsResponse(**context(p), selection=selection, hotspots=cells).model_dump_json().encode()
-
-    body = forecasts.body(p.forecast, ("hotspots", p.shift.requested, p.shift.after_data, n, query.coverage), make)
-    return audited(request, audit, principal, body, p, audit_params(p, query, k=k, coverage=query.coverage))
-
-
-def _selected(p: Prepared, query: HotspotsQuery, default_k: int) -> tuple[int, int | None]:
-    """(cells returned, k as reported): what a cached body is keyed on, without building it."""
-    n = select_cells(p.state.panel, p.forecast, query.k, query.coverage, default_k)
-    return n, None if query.coverage is not None else n
+async def hotspots(r: PreparedHotspots) -> Response:
+    return await r.respond("hotspots", render_json, "application/json")
 
 
 @router.get("/hotspots.geojson", response_model=HotspotCollection, response_class=Response,
             responses={**ERRORS, 200: {"content": {GEOJSON: {}}, "description": "RFC 7946 FeatureCollection."}},
             summary="The same hotspots as a GeoJSON FeatureCollection of hexagons")
-def hotspots_geojson(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()], models: Models,
-                     forecasts: Forecasts, audit: Audit, service: Settings_, now: Now) -> Response:
-    p = prepare(models, forecasts, query, now, query.k, query.coverage)
-    n, k = _selected(p, query, service.default_k)
-
-    def make() -> bytes:
-        cells, selection = _hotspots(p, query, service.default_k)
-        ctx = context(p)
-        features = [
-            HotspotFeature(id=cell.h3, geometry=Polygon(coordinates=[hexagon_ring(cell.h3)]),
-                           properties=HotspotProperties(**cell.model_dump(), model_version=ctx["model"]["version"],
-                                                        shift_start=ctx["shift"]["start"], shift_end=ctx["shift"]["end"]))
-            for cell in cells
-        ]
-        return HotspotCollection(features=features, hotspots=HotspotsMeta(**ctx, selection=selection)).model_dump_json().encode()
-
-    body = forecasts.body(p.forecast, ("geojson", p.shift.requested, p.shift.after_data, n, query.coverage), make)
-    return audited(request, audit, principal, body, p,
-                   audit_params(p, query, k=k, coverage=query.coverage, format="geojson"), media_type=GEOJSON)
+async def hotspots_geojson(r: PreparedHotspots) -> Response:
+    return await r.respond("geojson", render_geojson, GEOJSON, format="geojson")
 
 
 @router.get("/hotspots.png", response_class=Response,
@@ -113,16 +155,5 @@ def hotspots_geojson(request: Request, principal: Planner, query: Annotated[Hots
                                                       "study area, with the shift window, category, model version "
                                                       "and the ranked table."}},
             summary="The same hotspots as a printable briefing map (PNG)")
-def hotspots_png(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()], models: Models,
-                 forecasts: Forecasts, audit: Audit, service: Settings_, now: Now) -> Response:
-    p = prepare(models, forecasts, query, now, query.k, query.coverage)
-    n, k = _selected(p, query, service.default_k)
-
-    def make() -> bytes:  # about half a second of matplotlib: drawn once per forecast and selection
-        cells, selection = _hotspots(p, query, service.default_k)
-        return render_briefing(p.state.panel.study_area.cells,
-                               HotspotsResponse(**context(p), selection=selection, hotspots=cells))
-
-    body = forecasts.body(p.forecast, ("png", p.shift.requested, p.shift.after_data, n, query.coverage), make)
-    return audited(request, audit, principal, body, p,
-                   audit_params(p, query, k=k, coverage=query.coverage, format="png"), media_type=PNG)
+async def hotspots_png(r: PreparedHotspots) -> Response:
+    return await r.respond("png", render_png, PNG, format="png")
