@@ -3,8 +3,8 @@ and the promotion gate read. Names are lower-case letters and underscores (they 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from forecasting.base import Forecaster
 from forecasting.baselines import KDE, SEPP, ExpWeighted, HistoryCounts, Naive, ProspectiveHotspot

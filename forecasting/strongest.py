@@ -8,8 +8,8 @@ the reference the claim test, the report and the promotion gate compare with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -35,9 +35,10 @@ class StrongestChoice:
     def sentence(self) -> str:
         others = ", ".join(f"{n} {self.score(n):.3f}" for n in sorted(self.hit_rates, key=self.score, reverse=True)
                            if n != self.name)
-        return (f"Strongest baseline: {self.name} (mean hit rate at {', '.join(f'{float(c):.0%}' for c in self.hit_rates[self.name])} "
-                f"{self.score(self.name):.3f} on the validation window {self.window_start} to {self.window_end}, before "
-                f"the test period" + (f"; {others}" if others else "") + ")")
+        at = ", ".join(f"{float(c):.0%}" for c in self.hit_rates[self.name])
+        return (f"Strongest baseline: {self.name} (mean hit rate at {at} {self.score(self.name):.3f} on the validation "
+                f"window {self.window_start} to {self.window_end}, before the test period"
+                + (f"; {others}" if others else "") + ")")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -218,8 +218,8 @@ class ModelStore:
                 f"{self.local_root / city}: check HOTSPOTS_MLFLOW_TRACKING_URI / the registry server")
         if champion is None:
             return None, "no_champion", (
-                f"no champion model for {city!r}: run `hotspots backtest {city}`, which registers a model and "
-                f"promotes it to champion when it beats the naive baseline")
+                f"no champion model for {city!r}: run `hotspots backtest {city}`, which registers the backtest's "
+                f"winner against the strongest baseline and makes it the champion")
         version, run_id = champion
         if current is not None and current.version == version:
             return (current if current.source == "registry" else replace(current, source="registry")), "ready", None

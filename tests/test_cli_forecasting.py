@@ -70,6 +70,7 @@ def test_backtest_then_claim(data_dir, backtested):
 def test_backtest_takes_shift_starts_and_writes_per_cell_forecasts(data_dir, monkeypatch):
     """One 24-hour shift a day, re-binned from the store on the saved panel's cells: a protocol anyone can
     re-score from forecasts.parquet; nothing is registered (the service serves the saved panel's shifts)."""
+    import h3
     import numpy as np
     import polars as pl
 
@@ -85,18 +86,17 @@ def test_backtest_takes_shift_starts_and_writes_per_cell_forecasts(data_dir, mon
     folder = next((data_dir / "backtests").glob("toronto-mci-r8-20211201-20220101-shifts-0000"))
     assert json.loads((folder / "backtest.json").read_text())["shift_starts"] == "00:00"
     forecasts = pl.read_parquet(folder / "forecasts.parquet")
-    assert forecasts["shift_id"].n_unique() == 31 and set(forecasts["forecaster"].cast(pl.Utf8).unique()) == {"naive", "all_history"}
+    assert forecasts["shift_id"].n_unique() == 31
+    assert set(forecasts["forecaster"].cast(pl.Utf8).unique()) == {"naive", "all_history"}
     # an outside scorer re-computes the summary's hit rates from the Parquet file alone
     summary = json.loads((folder / "summary.json").read_text())
     rows = forecasts.filter(pl.col("forecaster") == "all_history").sort("shift_id", maintain_order=True)
     n_cells = rows["cell"].n_unique()
-    import h3
-
     areas = np.array([h3.cell_area(c, "km^2") for c in rows["cell"].cast(pl.Utf8)[:n_cells]])
     score = rows["score"].to_numpy().reshape(31, n_cells)
     observed = rows["observed"].to_numpy().reshape(31, n_cells)
-    rescored = pooled(shift_hits(score, observed, areas, rows["shift_id"].unique(maintain_order=True).to_numpy(),
-                                 HEADLINE_COVERAGES))["hit_rate"]
+    shifts = rows["shift_id"].unique(maintain_order=True).to_numpy()
+    rescored = pooled(shift_hits(score, observed, areas, shifts, HEADLINE_COVERAGES))["hit_rate"]
     reported = [c["hit_rate"]["point"] for c in summary["forecasters"]["all_history"]["coverages"]
                 if c["coverage"] in HEADLINE_COVERAGES]
     np.testing.assert_allclose(rescored, reported, rtol=1e-9)

@@ -5,7 +5,6 @@ from datetime import date, datetime, timezone
 
 import mlflow
 import numpy as np
-import pandas as pd
 import polars as pl
 import pytest
 from conftest import toronto_box_panel
@@ -99,7 +98,8 @@ def test_tracked_backtest_logs_run_registers_and_gates(small_panel, tmp_path, mo
     artifacts = {a.path for a in MlflowClient().list_artifacts(tracked.run_id, "backtest")}
     assert {"backtest/report.html", "backtest/report.md", "backtest/results.parquet"} <= artifacts
     pairwise = json.loads((tracked.out_dir / "pairwise.json").read_text())
-    assert {(p["baseline"], p["coverage"]) for p in pairwise} == {(b, c) for b in ("naive", "sepp", "all_history") for c in (0.01, 0.05)}
+    assert {(p["baseline"], p["coverage"]) for p in pairwise} == {(b, c) for b in ("naive", "sepp", "all_history")
+                                                                  for c in (0.01, 0.05)}
     assert all(p["difference_low"] <= p["difference"] <= p["difference_high"] for p in pairwise)
     results = pl.read_parquet(tracked.out_dir / "results.parquet")
     assert set(results["forecaster"].unique()) == {"lightgbm", "naive", "sepp", "all_history"}

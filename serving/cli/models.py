@@ -64,7 +64,7 @@ def train(
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Train the LightGBM forecaster and log it to MLflow as a registered model version (not promoted: only
-    a backtest that beats the naive baseline moves the champion alias). The run also logs the diagnostics of
+    a backtest's winner against the strongest baseline moves the champion alias). The run also logs the diagnostics of
     the model's flags over its validation window (and, with --audit-preset, the bias audit)."""
     from zoneinfo import ZoneInfo
 
