@@ -331,7 +331,6 @@ def guess_crs(x: float, y: float, timezone: str | None = None) -> CrsGuess | Non
         return None
     scored.sort()
     _, code, name, lat, lon = scored[0]
-    utm = "UTM zone" in name
     return CrsGuess(code, name, lat, lon, [f"{c} ({n})" for _, c, n, _, _ in scored[1:4]],
                     certain=place is not None)
 

@@ -10,11 +10,11 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import city_corpus as cc
 import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-import city_corpus as cc
 from features.pipeline import ingest_file
 from features.profile import ProfileError, load_profile
 from features.profile_assistant import check_profile, draft_profile
