@@ -23,6 +23,7 @@ from serving.cli.common import (
     last_full_year,
     load_panel,
     project_settings,
+    source_profile,
     stage,
 )
 from serving.cli.data import ingest, panel
@@ -227,7 +228,7 @@ QUICK_LIGHTGBM = {"train_days": 365, "learning_rate": 0.1, "n_estimators": 400}
 
 @app.command()
 def run(
-    source: str = typer.Argument("toronto-mci", help="Source to run end to end."),
+    source: str = typer.Argument("toronto-mci", help="Source to run end to end: a built-in name or a profile file."),
     path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
     resolution: Optional[int] = Resolution,
     ratio: float = typer.Option(1.5),
@@ -246,6 +247,7 @@ def run(
     from serving.keys import Role
 
     ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir, no_wait=False)
+    source = source_profile(source, None, project_settings(data_dir)).name  # a profile file's source name
     panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
     if quick:
         settings = project_settings(data_dir, resolution)
