@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -127,9 +128,30 @@ class ModelStore:
         with self._lock:
             return self._refresh_locked()
 
+    def registry_file(self) -> Path | None:
+        """The SQLite file of an embedded registry (None for a server or another store)."""
+        uri = self.settings.tracking_uri
+        return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+    def registry_present(self) -> bool:
+        """Cheap check for /readyz: an embedded registry's file still exists."""
+        path = self.registry_file()
+        return path is None or path.is_file()
+
     def client(self):
+        """A client on the registry; never creates one: MLflow makes an empty SQLite registry on connect, so a
+        missing file, or one without the registry's tables, counts as unreachable (the local copy is served)."""
         from mlflow.tracking import MlflowClient
 
+        path = self.registry_file()
+        if path is not None:
+            if not path.is_file():
+                raise RegistryUnreachable(f"the registry file {path.name} is missing")
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as raw:
+                found = raw.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                    "AND name = 'registered_models'").fetchone()
+            if found is None:
+                raise RegistryUnreachable(f"the registry file {path.name} holds no model registry")
         uri = self.settings.tracking_uri
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -305,6 +327,21 @@ class ModelStore:
             raise RegistryUnreachable(_redact(f"{type(exc).__name__}: {exc}")) from exc
         aliases = {alias: str(version) for alias, version in (registered.aliases or {}).items()}
         return True, aliases, sorted(versions, key=lambda v: -int(v.version))
+
+
+def public_message(state: CityState) -> str | None:
+    """What /readyz (unauthenticated) may say about a city: versions and what to do, never error text or paths."""
+    if state.status == "registry_unreachable":
+        return "the model registry cannot be read and there is no local copy of a champion (details in the service log)"
+    if state.status == "load_failed" and state.message:
+        head = state.message.split(" failed to load", 1)[0]
+        still = re.search(r"; still serving version \S+$", state.message)
+        return f"{head} failed to load (details in the service log)" + (still.group(0) if still else "")
+    if state.status == "ready" and state.model is not None and state.model.source == "local_fallback":
+        return "the model registry cannot be read; serving the last-good local copy"
+    if state.status == "ready" and state.message:
+        return "the model registry cannot be read; serving the model loaded before"
+    return state.message
 
 
 def _redact(text: str) -> str:

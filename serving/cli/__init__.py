@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import typer
 
-from serving.cli import assess, data, models, service
+from serving.cli import assess, audit_log, data, models, service
 
 app = typer.Typer(help="Place-based crime hotspot forecasting on H3 cells and patrol shifts.", no_args_is_help=True)
-for group in (data, models, assess, service):
+for group in (data, models, assess, service, audit_log):
     app.add_typer(group.app)
 
 __all__ = ["app"]
