@@ -27,24 +27,18 @@ import psutil
 
 from forecasting.backtest import run_backtest
 from experiments.bench_foundation import PeakMemory
-from features.calendar import ShiftCalendar
-from features.grid import StudyArea
-from features.panel import build_panel, with_cells
-from features.pipeline import ingest_file
+from features.pipeline import build_city_panel, ingest_file
 from features.profile import load_profile
 from features.sources.toronto import materialise
 from features.store import IncidentStore
 from forecasting.lgbm import LightGBMForecaster
 
 RESULTS = Path(__file__).parent / "results"
+SHIFTS = ("06:00", "14:00", "22:00")
 
 
 def panel_for(incidents: pl.DataFrame, profile_name: str, resolution: int):
-    profile = load_profile(profile_name)
-    incidents = with_cells(incidents, resolution)
-    area = StudyArea.from_cells(incidents["h3_cell"].to_numpy(), resolution)
-    panel, _ = build_panel(incidents, area, ShiftCalendar(profile.timezone), profile.categories.canonical)
-    return panel
+    return build_city_panel(incidents, load_profile(profile_name), resolution=resolution, shift_starts=SHIFTS).panel
 
 
 def timed(fn, memory: PeakMemory) -> tuple[float, float]:

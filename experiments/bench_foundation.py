@@ -28,11 +28,8 @@ from zoneinfo import ZoneInfo
 
 import psutil
 
-from features.calendar import ShiftCalendar
-from features.grid import StudyArea
 from features.matrix import build_features
-from features.panel import build_panel, with_cells
-from features.pipeline import ingest_file
+from features.pipeline import build_city_panel, ingest_file
 from features.profile import load_profile
 from features.store import IncidentStore
 
@@ -81,10 +78,8 @@ def one_run(source: Path, resolution: int, year: int, memory: PeakMemory) -> dic
             summary = ingest_file(source, profile, store, write_report=False)
             incidents = store.read("chicago")
         with stage("h3_binning", record, memory):
-            incidents = with_cells(incidents, resolution)
-            area = StudyArea.from_cells(incidents["h3_cell"].to_numpy(), resolution)
-            calendar = ShiftCalendar("America/Chicago")
-            panel, report = build_panel(incidents, area, calendar, profile.categories.canonical)
+            built = build_city_panel(incidents, profile, resolution=resolution, shift_starts=("06:00", "14:00", "22:00"))
+            panel, report, area, calendar = built.panel, built.report, built.panel.study_area, built.panel.calendar
         zone = ZoneInfo("America/Chicago")
         origins = calendar.shift_range(datetime(year, 1, 1, tzinfo=zone), datetime(year + 1, 1, 1, tzinfo=zone))
         with stage(f"features_{year}", record, memory):

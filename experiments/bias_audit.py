@@ -24,6 +24,7 @@ from features.panel import CountPanel
 from forecasting.area_presets import get_preset
 from forecasting.bias_audit import BiasAudit, audit, population_split, quantile_split
 from forecasting.metrics import HEADLINE_COVERAGES
+from forecasting.reporting.bias_audit_view import bias_audit_page, bias_audit_png
 
 RUNS = Path(os.environ.get("HOTSPOTS_RUNS_DIR", "/work/runs"))
 OUT = Path(__file__).resolve().parent / "results" / "bias_audit"
@@ -78,10 +79,10 @@ def run_case(case: AuditCase, *, forecasters=("lightgbm", "naive"), coverages=HE
                          "data_fingerprint": panel.fingerprint()})
     out = out_root / case.name
     out.mkdir(parents=True, exist_ok=True)
-    png = result.figure_png()
+    png = bias_audit_png(result)
     (out / "audit.png").write_bytes(png)
     (out / "audit.json").write_text(result.to_json())
-    (out / "audit.html").write_text(result.html_page(png))
+    (out / "audit.html").write_text(bias_audit_page(result, png))
     return result
 
 

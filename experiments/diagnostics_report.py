@@ -11,7 +11,6 @@ exists for these cities, so the dose analysis is reported as not run.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import os
 import time
@@ -22,6 +21,7 @@ import numpy as np
 from features.panel import CountPanel
 from forecasting.diagnostics import diagnose
 from forecasting.metrics import HEADLINE_COVERAGES
+from forecasting.reporting.diagnostics_view import diagnostics_figure, diagnostics_page
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "experiments" / "results" / "diagnostics"
@@ -49,13 +49,10 @@ def run_city(city: str, runs: Path, out: Path) -> dict:
     payload = {"city": city, "test_year": year, "backtest": str(folder), "panel": str(runs / panel_dir),
                "n_shifts": int(origins.size), "n_cells": int(panel.n_cells), **diag.payload()}
     (out / "diagnostics.json").write_text(json.dumps(payload, indent=1, allow_nan=False), encoding="utf-8")
-    fig = diag.figure()
+    fig = diagnostics_figure(diag)
     fig.suptitle(title, fontsize=12)
     fig.savefig(out / "diagnostics.png", dpi=90, facecolor="white")
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
-            f'<body style="font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto">'
-            f"<h1>{html.escape(title)}</h1>{diag.html_section()}</body></html>\n")
-    (out / "diagnostics.html").write_text(page, encoding="utf-8")
+    (out / "diagnostics.html").write_text(diagnostics_page(diag, title), encoding="utf-8")
     print(f"{city}: {time.perf_counter() - t0:.1f} s -> {out}")
     return diag.to_dict()
 

@@ -60,11 +60,12 @@ import polars as pl
 
 from features.calendar import EPOCH, ShiftCalendar
 from features.grid import StudyArea
-from features.matrix import FeatureConfig
+from features.matrix import FeatureConfig, cumulative, window_sums
 from features.panel import COUNTS_SCHEMA, CountPanel
 from forecasting.base import Forecaster
 from forecasting.baselines import Naive
 from forecasting.lgbm import LightGBMForecaster
+from forecasting.measures import gini, jaccard, top_share
 from forecasting.metrics import rank_cells
 
 MEASURES = (
@@ -478,16 +479,6 @@ def run_policy(
 
 
 # --- measures -------------------------------------------------------------------------------------
-def gini(x: np.ndarray) -> np.ndarray:
-    """Gini coefficient of each row (0 = equal; (n - 1) / n = everything in one of n cells); 0 for empty rows."""
-    x = np.sort(np.atleast_2d(np.asarray(x, dtype=np.float64)), axis=1)
-    n = x.shape[1]
-    total = x.sum(axis=1)
-    weighted = (x * np.arange(1, n + 1)).sum(axis=1)
-    g = np.divide(2 * weighted, n * total, out=np.zeros_like(total), where=total > 0) - (n + 1) / n
-    return np.where(total > 0, g, 0.0)
-
-
 def total_variation(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Total variation distance between the distributions of each row of two count arrays (nan if one is empty)."""
     p, q = np.atleast_2d(np.asarray(p, np.float64)), np.atleast_2d(np.asarray(q, np.float64))
@@ -496,27 +487,9 @@ def total_variation(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.where((ps[:, 0] > 0) & (qs[:, 0] > 0), out, np.nan)
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Jaccard index of each row pair of boolean masks (1 when both are empty)."""
-    a, b = np.atleast_2d(np.asarray(a, bool)), np.atleast_2d(np.asarray(b, bool))
-    inter, union = (a & b).sum(axis=1), (a | b).sum(axis=1)
-    return np.divide(inter, union, out=np.ones(inter.shape), where=union > 0)
-
-
-def topk_share(counts: np.ndarray, k: int) -> np.ndarray:
-    """Share of each row's total held by its k largest entries (nan for empty rows)."""
-    counts = np.atleast_2d(np.asarray(counts, np.float64))
-    top = -np.partition(-counts, k - 1, axis=1)[:, :k]
-    total = counts.sum(axis=1)
-    return np.divide(top.sum(axis=1), total, out=np.full(total.shape, np.nan), where=total > 0)
-
-
 def trailing_sum(x: np.ndarray, window: int) -> np.ndarray:
     """Sum over rows [t - window + 1, t] for every row t (fewer rows at the start)."""
-    cum = np.zeros((x.shape[0] + 1, x.shape[1]), dtype=np.int64)
-    np.cumsum(x, axis=0, out=cum[1:])
-    hi = np.arange(1, x.shape[0] + 1)
-    return cum[hi] - cum[np.maximum(hi - window, 0)]
+    return window_sums(cumulative(x, np.int64), np.arange(1, x.shape[0] + 1), window)
 
 
 def top_mask(values: np.ndarray, k: int) -> np.ndarray:
@@ -547,7 +520,7 @@ def compute_measures(run: PolicyRun, world: World, incidents: Incidents, config:
         "shift": world.shifts[loop],
         "patrol_gini": gini(patrols_w),
         "patrol_gini_cumulative": gini(patrols_all),
-        "recorded_topk_share": topk_share(recorded_w, k),
+        "recorded_topk_share": top_share(recorded_w, k=k),
         "tvd_recorded": total_variation(recorded_w, true_w),
         "tvd_training": total_variation(training_w, true_w),
         "outside_true_topk": (patrolled & ~true_top).sum(axis=1) / patrolled.sum(axis=1),

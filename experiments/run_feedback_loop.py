@@ -34,8 +34,8 @@ from experiments.feedback_loop import (
 )
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
-from features.panel import CountPanel, build_panel, with_cells
-from features.pipeline import ingest_file
+from features.panel import CountPanel
+from features.pipeline import build_city_panel, ingest_file
 from features.profile import load_profile
 from features.store import IncidentStore
 
@@ -57,9 +57,8 @@ def chicago_panel(source: Path, boundary: Path, resolution: int, start: date, en
     area = StudyArea.from_file(boundary, resolution, layer="city_boundary_dissolved", name="chicago")
     calendar = ShiftCalendar(profile.timezone)
     first, stop = calendar.local_day(start) * calendar.per_day, calendar.local_day(end) * calendar.per_day
-    panel, _ = build_panel(with_cells(incidents, resolution), area, calendar, profile.categories.canonical,
-                           first_shift=first, end_shift=stop)
-    return panel
+    return build_city_panel(incidents, profile, study_area=area, shift_starts=calendar.labels, first_shift=first,
+                            end_shift=stop).panel
 
 
 def calibrated_scale(recording: Recording, patrols: int, n_cells: int) -> float:

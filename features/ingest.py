@@ -6,17 +6,17 @@ the door, so they never reach the store, the quarantine or a log.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
-import io
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from features.csvfile import CsvError, CsvRows, MissingColumns, decode, normalise_line_ends, read_rows
 from features.profile import SourceProfile
+from features.validation import QUARANTINE_SCHEMA
 
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 
@@ -27,15 +27,18 @@ class IngestError(ValueError):
 
 @dataclass(frozen=True)
 class RawBatch:
-    """The profile's columns of one input file, as read, plus each row's 1-based position in the file."""
+    """The profile's columns of one input file, as read, plus each row's 1-based position in the file, and the
+    rows refused while reading (``rejected``, quarantine rows: a cut-off last line, unmatched quotes)."""
 
     frame: pl.DataFrame
     path: Path
     fingerprint: str
+    rejected: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=QUARANTINE_SCHEMA))
+    notes: tuple[str, ...] = ()
 
     @property
     def rows(self) -> int:
-        return self.frame.height
+        return self.frame.height + self.rejected.height
 
 
 def file_fingerprint(path: Path, chunk: int = 1 << 22) -> str:
@@ -48,34 +51,15 @@ def file_fingerprint(path: Path, chunk: int = 1 << 22) -> str:
 
 def _missing_columns_error(missing: list[str], present: list[str], profile: SourceProfile, path: Path) -> IngestError:
     shown = ", ".join(present[:30]) + (" ..." if len(present) > 30 else "")
+    fix = profile.how_to_change("fix the column names")
     return IngestError(
         f"{path.name} lacks required column(s) {', '.join(repr(m) for m in missing)} for profile "
-        f"{profile.name!r}; the file has: {shown}. Fix the column names in {profile.where} "
+        f"{profile.name!r}; the file has: {shown}. To fix, {fix} "
         f"(or pass --profile with a profile that matches this file)."
     )
 
 
-def _decode(data: bytes, encoding: str, path: Path) -> bytes:
-    """Return UTF-8 bytes, or explain which encoding to use."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if encoding.lower().replace("_", "-") in {"utf-8", "utf8"}:
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            raise IngestError(
-                f"{path.name} is not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); it is probably "
-                f"latin-1 or cp1252: rerun with --encoding latin-1 (or set encoding in the profile)."
-            ) from None
-        return data
-    try:
-        return data.decode(encoding).encode("utf-8")
-    except (LookupError, UnicodeDecodeError) as exc:
-        raise IngestError(f"{path.name} cannot be decoded as {encoding}: {exc}") from None
-
-
-def _read_csv(path: Path, profile: SourceProfile, encoding: str) -> pl.DataFrame:
+def _read_csv(path: Path, profile: SourceProfile, encoding: str) -> CsvRows:
     data = path.read_bytes()
     if path.suffix.lower() == ".gz":
         try:
@@ -84,25 +68,18 @@ def _read_csv(path: Path, profile: SourceProfile, encoding: str) -> pl.DataFrame
             raise IngestError(f"{path.name} is not a readable gzip file: {exc}") from None
     if not data.strip():
         raise IngestError(f"{path.name} is empty: expected a header row naming the columns, then incident rows.")
-    data = _decode(data, encoding, path)
-    header_line = data.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")
-    header = next(csv.reader([header_line]))
-    required = profile.required_columns()
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise _missing_columns_error(missing, header, profile, path)
     try:
-        return pl.read_csv(
-            io.BytesIO(data),
-            columns=required,
-            infer_schema=False,
-            truncate_ragged_lines=True,
-        )
-    except pl.exceptions.PolarsError as exc:
-        raise IngestError(f"{path.name} is not well-formed CSV: {exc}") from None
+        data = normalise_line_ends(decode(data, encoding, path.name))
+        if not data.strip():
+            raise IngestError(f"{path.name} is empty: expected a header row naming the columns, then incident rows.")
+        return read_rows(data, profile, path.name)
+    except MissingColumns as exc:
+        raise _missing_columns_error(exc.missing, exc.present, profile, path) from None
+    except CsvError as exc:
+        raise IngestError(str(exc)) from None
 
 
-def _read_parquet(path: Path, profile: SourceProfile) -> pl.DataFrame:
+def _read_parquet(path: Path, profile: SourceProfile) -> CsvRows:
     try:
         schema = pl.read_parquet_schema(path)
     except (pl.exceptions.PolarsError, OSError) as exc:
@@ -111,20 +88,35 @@ def _read_parquet(path: Path, profile: SourceProfile) -> pl.DataFrame:
     missing = [c for c in required if c not in schema]
     if missing:
         raise _missing_columns_error(missing, list(schema), profile, path)
-    return pl.read_parquet(path, columns=required)
+    try:
+        frame = pl.read_parquet(path, columns=required).with_row_index("source_row", offset=1)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise IngestError(f"{path.name} is a damaged Parquet file ({exc}): export it again.") from None
+    return CsvRows(frame=frame, rejected=pl.DataFrame(schema=QUARANTINE_SCHEMA))
 
 
 def read_raw(path: str | Path, profile: SourceProfile, encoding: str | None = None) -> RawBatch:
     """Read the profile's columns of a CSV (optionally gzipped) or Parquet export."""
     path = Path(path)
+    if path.is_dir():
+        try:
+            inside = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))[:3]
+        except OSError:
+            inside = []
+        hint = f" (it holds {', '.join(inside)}{' ...' if len(inside) == 3 else ''})" if inside else ""
+        raise IngestError(f"{path} is a folder, not a file{hint}: give the export file itself (CSV, CSV.gz or Parquet).")
     if not path.is_file():
-        raise IngestError(f"no such input file: {path}")
+        raise IngestError(f"no such input file: {path}: check the path (CSV, CSV.gz or Parquet).")
     if path.stat().st_size == 0:
         raise IngestError(f"{path.name} is empty (0 bytes): expected a header row naming the columns, then incident rows.")
     suffixes = {s.lower() for s in path.suffixes}
-    if suffixes & PARQUET_SUFFIXES:
-        frame = _read_parquet(path, profile)
-    else:
-        frame = _read_csv(path, profile, encoding or profile.encoding)
-    frame = frame.with_row_index("source_row", offset=1)
-    return RawBatch(frame=frame, path=path, fingerprint=file_fingerprint(path))
+    try:
+        if suffixes & PARQUET_SUFFIXES:
+            rows = _read_parquet(path, profile)
+        else:
+            rows = _read_csv(path, profile, encoding or profile.encoding)
+    except PermissionError:
+        raise IngestError(f"{path} cannot be read (permission denied): make it readable (chmod a+r) or copy it "
+                          f"somewhere readable.") from None
+    return RawBatch(frame=rows.frame, path=path, fingerprint=file_fingerprint(path), rejected=rows.rejected,
+                    notes=tuple(rows.notes))

@@ -58,20 +58,34 @@ class FeatureMatrix:
         return pl.DataFrame(data)
 
 
+def cumulative(counts: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Cumulative sums down the rows with a leading zero row (``cum[i]`` = sum of rows before i), so every
+    trailing-window sum is one subtraction."""
+    cum = np.zeros((counts.shape[0] + 1, *counts.shape[1:]), dtype=dtype)
+    np.cumsum(counts, axis=0, out=cum[1:])
+    return cum
+
+
+def window_sums(cum: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+    """Sums of the rows [end - length, end) for each end (cut at row 0), from :func:`cumulative`.
+
+    The one trailing-window sum of the project: the feature windows, the baselines' windows and the feedback
+    simulator's trailing patrol and crime counts."""
+    ends = np.asarray(ends, dtype=np.int64)
+    return cum[ends] - cum[np.maximum(ends - length, 0)]
+
+
 class _History:
     """Dense counts for shifts [h0, last origin) and their cumulative sums, in origin-relative indexing."""
 
     def __init__(self, counts: np.ndarray, h0: int):
         self.h0 = h0
         self.counts = counts
-        self.cum = np.zeros((counts.shape[0] + 1, counts.shape[1]), dtype=np.float64)
-        np.cumsum(counts, axis=0, out=self.cum[1:])
+        self.cum = cumulative(counts)
 
     def window(self, origins: np.ndarray, shifts: int) -> np.ndarray:
         """Sum of counts over [o - shifts, o) for each origin (history before h0 is empty by construction)."""
-        hi = origins - self.h0
-        lo = np.maximum(hi - shifts, 0)
-        return (self.cum[hi] - self.cum[lo]).astype(np.float32)
+        return window_sums(self.cum, origins - self.h0, shifts).astype(np.float32)
 
     def lagged(self, origins: np.ndarray, stride: int, n: int) -> np.ndarray:
         """sum_{k=1..n} counts[o - k*stride]: the same shift of day (stride = shifts/day) or week."""
@@ -85,9 +99,7 @@ class _History:
         extra = (-padded.shape[0]) % stride
         if extra:
             padded = np.concatenate([padded, np.zeros((extra, padded.shape[1]), padded.dtype)])
-        cube = padded.reshape(-1, stride, padded.shape[1])
-        cum = np.zeros((cube.shape[0] + 1, stride, cube.shape[2]), dtype=np.float64)
-        np.cumsum(cube, axis=0, out=cum[1:])
+        cum = cumulative(padded.reshape(-1, stride, padded.shape[1]))
         r = origins - (self.h0 - pad)
         d, q = np.divmod(r, stride)
         return (cum[d, q] - cum[np.maximum(d - n, 0), q]).astype(np.float32)

@@ -3,6 +3,8 @@
 Layout (``data_dir``)::
 
     incidents/ quarantine/ reports/ingest/      the store (features.store)
+    revisions/                                  replaced versions of revised incidents (features.store)
+    .hotspots.lock                              the writers' lock (features.storelock)
     panels/<source>-r<resolution>/              saved count panels
     features/<source>-r<res>-<start>-<end>.parquet
     backtests/<source>-r<res>-<start>-<end>/    saved backtests (forecasting.saved)

@@ -1,9 +1,11 @@
 """The data pipeline's two entry points: ingest one file end to end (read, validate, store, quarantine, and
-account for every row), and build a city's count panel from its stored incidents."""
+account for every row: input = stored new + updated + already stored + quarantined), and build a city's count
+panel from its stored incidents."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -19,7 +21,8 @@ from features.panel import BinningReport, CountPanel, build_panel, with_cells
 from features.profile import SourceProfile
 from features.settings import Settings
 from features.store import IncidentStore
-from features.validation import validate
+from features.storelock import cannot_write
+from features.validation import reason_counts, validate
 
 
 class AccountingError(RuntimeError):
@@ -33,9 +36,11 @@ class IngestSummary:
     input_rows: int
     stored_new: int
     already_stored: int
+    updated: int = 0  # stored ids whose content changed: replaced, the old version kept in the revision history
     quarantined: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     report_path: str | None = None
+    notes: list[str] = field(default_factory=list)  # what was wrong with the file, in plain words
 
     @property
     def quarantined_total(self) -> int:
@@ -43,18 +48,20 @@ class IngestSummary:
 
     @property
     def balanced(self) -> bool:
-        return self.input_rows == self.stored_new + self.already_stored + self.quarantined_total
+        return self.input_rows == self.stored_new + self.updated + self.already_stored + self.quarantined_total
 
     def lines(self) -> list[str]:
         out = [
             f"source {self.source}: {self.file}",
             f"  input rows       {self.input_rows:>10,}",
             f"  stored (new)     {self.stored_new:>10,}",
+            f"  updated          {self.updated:>10,}",
             f"  already stored   {self.already_stored:>10,}",
             f"  quarantined      {self.quarantined_total:>10,}",
         ]
         out += [f"    {reason:<16} {n:>10,}" for reason, n in self.quarantined.items()]
         out.append(f"  balanced: {self.balanced} ({self.seconds:.1f} s)")
+        out += [f"note: {note}" for note in self.notes]
         return out
 
 
@@ -73,25 +80,32 @@ def ingest_file(
     now = now or datetime.now(timezone.utc)
     batch = read_raw(path, profile, encoding=encoding)
     result = validate(batch.frame, profile, now=now, future_tolerance=future_tolerance, boundary=boundary)
-    added, existing = store.add(result.incidents, profile.name)
-    store.write_quarantine(result.quarantine, profile.name, batch.fingerprint, batch.path.name)
-    summary = IngestSummary(
-        source=profile.name,
-        file=str(batch.path),
-        input_rows=batch.rows,
-        stored_new=added,
-        already_stored=existing,
-        quarantined=result.reason_counts(),
-        seconds=time.perf_counter() - started,
-    )
-    if not summary.balanced:
-        raise AccountingError(f"row accounting does not add up: {asdict(summary)}")
-    if write_report:
-        report_dir = store.data_dir / "reports" / "ingest"
-        report_dir.mkdir(parents=True, exist_ok=True)
-        report = report_dir / f"{profile.name}-{now.strftime('%Y%m%dT%H%M%S%fZ')}.json"
-        summary.report_path = str(report)
-        report.write_text(json.dumps({**asdict(summary), "ingested_at": now.isoformat()}, indent=2))
+    quarantine = pl.concat([result.quarantine, batch.rejected]).sort("source_row")
+    with store.writing(f"ingest of {batch.path.name} into {profile.name}"):
+        added = store.add(result.incidents, profile.name, file_name=batch.path.name, now=now)
+        store.write_quarantine(quarantine, profile.name, batch.fingerprint, batch.path.name)
+        summary = IngestSummary(
+            source=profile.name,
+            file=str(batch.path),
+            input_rows=batch.rows,
+            stored_new=added.new,
+            already_stored=added.unchanged,
+            updated=added.updated,
+            quarantined=reason_counts(quarantine),
+            seconds=time.perf_counter() - started,
+            notes=list(batch.notes),
+        )
+        if not summary.balanced:
+            raise AccountingError(f"row accounting does not add up: {asdict(summary)}")
+        if write_report:
+            report_dir = store.data_dir / "reports" / "ingest"
+            report = report_dir / f"{profile.name}-{now.strftime('%Y%m%dT%H%M%S%fZ')}-{os.getpid()}.json"
+            summary.report_path = str(report)
+            try:
+                report_dir.mkdir(parents=True, exist_ok=True)
+                report.write_text(json.dumps({**asdict(summary), "ingested_at": now.isoformat()}, indent=2))
+            except OSError as exc:
+                raise cannot_write(report, exc) from None
     return summary
 
 

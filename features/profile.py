@@ -81,6 +81,7 @@ class SourceProfile(BaseModel):
     licence: str = ""
     timezone: str
     encoding: str = "utf-8"
+    delimiter: str = Field(",", description="Field separator of CSV exports: one character such as ',', ';' or '\\t'.")
     columns: ColumnsSpec
     time: TimeSpec
     coordinates: CoordinatesSpec
@@ -99,6 +100,13 @@ class SourceProfile(BaseModel):
             raise ValueError(f"unknown time zone {v!r}") from exc
         return v
 
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character(cls, v: str) -> str:
+        if len(v) != 1 or v in {'"', "\n", "\r"}:
+            raise ValueError(f"delimiter must be one character other than a quote or a line end, not {v!r}")
+        return v
+
     def required_columns(self) -> list[str]:
         cols = [self.time.column, self.columns.category, self.coordinates.x, self.coordinates.y]
         if self.time.hour_column:
@@ -110,6 +118,19 @@ class SourceProfile(BaseModel):
     @property
     def where(self) -> str:
         return str(self.path) if self.path else f"built-in profile {self.name!r}"
+
+    @property
+    def is_builtin(self) -> bool:
+        """Shipped inside the package: users copy it rather than edit it (an upgrade would undo the edit)."""
+        return self.path is None or self.path.resolve().parent == PROFILE_DIR.resolve()
+
+    def how_to_change(self, change: str) -> str:
+        """Advice to make ``change`` (e.g. "set delimiter = ';'") where the user can: never in the package."""
+        if self.is_builtin:
+            source = f" ({self.path})" if self.path else ""
+            return (f"copy the built-in profile {self.name!r}{source} to a file of your own, {change} in the copy "
+                    f"and pass it with --profile")
+        return f"{change} in {self.path}"
 
 
 def builtin_profiles() -> dict[str, Path]:

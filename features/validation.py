@@ -26,7 +26,7 @@ CANONICAL_SCHEMA: dict[str, pl.DataType] = {
     "source": pl.String(),
 }
 
-REASONS: tuple[str, ...] = (
+VALIDATION_REASONS: tuple[str, ...] = (
     "missing_id",
     "missing_time",
     "unparseable_time",
@@ -40,6 +40,12 @@ REASONS: tuple[str, ...] = (
     "unknown_category",
     "duplicate_id",
 )
+# rows refused while the file is read, before validation (features/csvfile.py): they have no reliable values
+READ_REASONS: tuple[str, ...] = (
+    "truncated_row",  # the file's last line ends mid-row (no line end, too few fields or an open quote)
+    "malformed_row",  # a line with an unmatched quote: its fields cannot be told apart
+)
+REASONS: tuple[str, ...] = VALIDATION_REASONS + READ_REASONS
 
 QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "source_row": pl.UInt32(),
@@ -58,8 +64,13 @@ class ValidationResult:
     quarantine: pl.DataFrame  # QUARANTINE_SCHEMA
 
     def reason_counts(self) -> dict[str, int]:
-        counts = dict(self.quarantine.group_by("reason").len().iter_rows())
-        return {r: int(counts[r]) for r in REASONS if r in counts}
+        return reason_counts(self.quarantine)
+
+
+def reason_counts(quarantine: pl.DataFrame) -> dict[str, int]:
+    """Rows per reason, in REASONS order (the order the summary prints)."""
+    counts = dict(quarantine.group_by("reason").len().iter_rows()) if quarantine.height else {}
+    return {r: int(counts[r]) for r in REASONS if r in counts}
 
 
 def _blank_to_null(expr: pl.Expr) -> pl.Expr:

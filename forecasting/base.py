@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from features.matrix import cumulative, window_sums
 from features.panel import CountPanel
 
 
@@ -64,8 +65,4 @@ def window_counts(panel: CountPanel, origins: np.ndarray, shifts: int, category=
     lo = max(panel.first_shift, int(origins[0]) - shifts)
     hi = int(origins[-1])
     dense = panel.dense(lo, hi, category=category, dtype=np.float64)
-    cum = np.zeros((dense.shape[0] + 1, dense.shape[1]))
-    np.cumsum(dense, axis=0, out=cum[1:])
-    upper = origins - lo
-    lower = np.maximum(upper - shifts, 0)
-    return cum[upper] - cum[lower]
+    return window_sums(cumulative(dense), origins - lo, shifts)

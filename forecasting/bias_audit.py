@@ -32,13 +32,13 @@ in one quintile) and the *majority* view (each cell assigned to its largest grou
 population-weighted membership (a cell 60% Black and 40% Hispanic counts for both), which is the main measure and is
 computed here with matrix products; nor does its i.i.d. row bootstrap respect the day blocks, so intervals come
 from the project's bootstrap.
+
+This module only computes; the figure and the HTML are in :mod:`forecasting.reporting.bias_audit_view`, the
+MLflow logging in :mod:`forecasting.reporting.assess`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -273,15 +273,6 @@ class BiasAudit:
             out.update({k: float(v) for k, v in keys.items() if v is not None and math.isfinite(v)})
         return out
 
-    def log_to_mlflow(self, artifact_path: str = "bias_audit") -> None:
-        """Metrics plus audit.json, audit.html and audit.png in the active MLflow run."""
-        import mlflow
-
-        mlflow.log_metrics(self.mlflow_metrics())
-        mlflow.log_dict(self.to_dict(), f"{artifact_path}/audit.json")
-        mlflow.log_text(self.html_page(), f"{artifact_path}/audit.html")
-        mlflow.log_figure(self.figure(), f"{artifact_path}/audit.png")
-
     def findings(self) -> list[str]:
         """Plain sentences: per split and coverage, the most and least exposed group for each non-baseline
         forecaster, with the baseline's figure and the paired difference."""
@@ -299,11 +290,11 @@ class BiasAudit:
                     parts = []
                     for r in (rows.row(-1, named=True), rows.row(0, named=True)):
                         g = r["group"]
-                        text = (f"{labels.get(g, g)} {_num(r['value'])}x [{_num(r['low'])}, {_num(r['high'])}]")
+                        text = (f"{labels.get(g, g)} {fmt_num(r['value'])}x [{fmt_num(r['low'])}, {fmt_num(r['high'])}]")
                         if base:
                             b = self.get(split["name"], g, "exposure_ratio", base, c)
                             d = self.get(split["name"], g, f"exposure_ratio_minus_{base}", f, c)
-                            text += (f" ({base} {_num(b['value'])}x; difference {d['value']:+.3f} "
+                            text += (f" ({base} {fmt_num(b['value'])}x; difference {d['value']:+.3f} "
                                      f"[{d['low']:+.3f}, {d['high']:+.3f}])")
                         parts.append(text)
                     out.append(f"{split['label']}, {c * 100:g}% of the area, {f}: most exposed {parts[0]}; "
@@ -311,131 +302,8 @@ class BiasAudit:
                                "its share of residents).")
         return out
 
-    # --- figure ----------------------------------------------------------------------------------
-    def figure(self, measures: Sequence[str] = ("exposure_ratio", "exposure_to_crime_ratio")):
-        """Exposure ratios with intervals, one panel per split and measure; colour = forecaster, marker = coverage."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
 
-        rows = self.frame.filter(pl.col("forecaster").is_not_null() & pl.col("measure").is_in(list(measures))
-                                 & (pl.col("group") != ALL))
-        forecasters = self.meta["forecasters"]
-        coverages = self.meta["coverages"]
-        series = [(f, c) for f in forecasters for c in coverages]
-        colours = {f: c for f, c in zip(forecasters, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"))}
-        markers = dict(zip(coverages, ("o", "s", "^", "D", "v")))
-        fig = Figure(figsize=(6.2 * len(measures), 3.9 * len(self.splits)))
-        FigureCanvasAgg(fig)
-        axes = np.atleast_2d(fig.subplots(len(self.splits), len(measures), squeeze=False))
-        for i, split in enumerate(self.splits):
-            groups = split["groups"]
-            for j, measure in enumerate(measures):
-                ax = axes[i, j]
-                sub = rows.filter((pl.col("split") == split["name"]) & (pl.col("measure") == measure))
-                width = 0.8 / len(series)
-                for s, (f, c) in enumerate(series):
-                    part = sub.filter((pl.col("forecaster") == f) & ((pl.col("coverage") - c).abs() < 1e-12))
-                    lookup = {r["group"]: r for r in part.iter_rows(named=True)}
-                    x = np.arange(len(groups)) + (s - (len(series) - 1) / 2) * width
-                    v = np.array([lookup.get(g, {}).get("value", np.nan) for g in groups], dtype=float)
-                    lo = np.array([lookup.get(g, {}).get("low", np.nan) for g in groups], dtype=float)
-                    hi = np.array([lookup.get(g, {}).get("high", np.nan) for g in groups], dtype=float)
-                    err = np.nan_to_num(np.clip(np.stack([v - lo, hi - v]), 0, None))
-                    ax.errorbar(x, v, yerr=err, fmt=markers[c], color=colours[f], ms=5, capsize=2, lw=1,
-                                label=f"{f}, {c * 100:g}% of area")
-                ax.axhline(1, color="grey", ls="--", lw=1)
-                ax.set_yscale("log")
-                ax.set_xticks(np.arange(len(groups)),
-                              [split.get("group_labels", {}).get(g, g).replace("_", " ") for g in groups],
-                              rotation=20, ha="right", fontsize=8)
-                ax.set_title(f"{split['label']}: {measure.replace('_', ' ')}", fontsize=10)
-                ax.grid(axis="y", alpha=0.3, which="both")
-                ax.yaxis.set_major_formatter(lambda y, _: f"{y:g}")
-                ax.yaxis.set_minor_formatter(lambda y, _: f"{y:g}" if round(y * 10) % 5 == 0 else "")
-        axes[0, 0].legend(fontsize=7, loc="best")
-        fig.suptitle(f"{self.meta.get('title', 'Bias audit')}: 1 = in proportion (dashed); "
-                     f"{self.meta['level']:.0%} day-block bootstrap intervals", fontsize=10)
-        fig.tight_layout()
-        return fig
-
-    def figure_png(self) -> bytes:
-        buf = io.BytesIO()
-        fig = self.figure()
-        fig.savefig(buf, format="png", dpi=100, facecolor="white", bbox_inches="tight")
-        fig.clear()
-        return buf.getvalue()
-
-    # --- HTML ------------------------------------------------------------------------------------
-    def html_section(self, png: bytes | None = None) -> str:
-        """A self-contained <section> (inline image) for reports and MLflow."""
-        m = self.meta
-        fmt = lambda r: "n/a" if r is None or r["value"] is None else (  # noqa: E731
-            _num(r["value"]) if r["low"] is None else f"{_num(r['value'])} [{_num(r['low'])}, {_num(r['high'])}]")
-        parts = [f"<section class=\"bias-audit\"><h2>{html.escape(m.get('title', 'Bias audit'))}</h2>",
-                 f"<p>{html.escape(m.get('description', ''))}</p>",
-                 "<p>Cells are flagged as in the backtest (top cells by forecast until the area share is reached, "
-                 "seeded ties). Intervals: " + f"{m['level']:.0%} day-block bootstrap, {m['n_boot']} replicates, "
-                 f"{m['n_shifts']} shifts. The baseline column is {html.escape(str(m.get('baseline')))}.</p>",
-                 "<ul>" + "".join(f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>"
-                                  for k, v in self.definitions.items()) + "</ul>"]
-        for note in m.get("notes", []):
-            parts.append(f"<p><em>{html.escape(note)}</em></p>")
-        findings = self.findings()
-        if findings:
-            parts.append("<h3>Findings</h3><ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in findings) + "</ul>")
-        fc = [f for f in m["forecasters"]]
-        for split in self.splits:
-            for c in m["coverages"]:
-                head = ["group", "population share", "crime share"]
-                head += [f"exposure ratio {f}" for f in fc]
-                if m.get("baseline"):
-                    head += [f"{f} - {m['baseline']}" for f in fc if f != m["baseline"]]
-                head += [f"exposure / crime share {f}" for f in fc]
-                head += [f"hit rate {f}" for f in fc] + [f"PAI {f}" for f in fc] + [f"calibration {f}" for f in fc]
-                body = []
-                for g in split["groups"] + [ALL]:
-                    def row(measure, f=None, g=g, c=c):
-                        try:
-                            return self.get(split["name"], g, measure, f, c if f is not None else None)
-                        except KeyError:
-                            return None
-                    cells = [split.get("group_labels", {}).get(g, g), fmt(row("population_share")), fmt(row("crime_share"))]
-                    cells += [fmt(row("exposure_ratio", f)) for f in fc]
-                    if m.get("baseline"):
-                        cells += [fmt(row(f"exposure_ratio_minus_{m['baseline']}", f)) for f in fc if f != m["baseline"]]
-                    cells += [fmt(row("exposure_to_crime_ratio", f)) for f in fc]
-                    for measure in ("hit_rate", "pai", "calibration"):
-                        cells += [fmt(row(measure, f)) for f in fc]
-                    body.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
-                parts.append(f"<h3>{html.escape(split['label'])}, {c * 100:g}% of the area flagged</h3>")
-                parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-                             + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
-        if self.majority.height:
-            parts.append("<h3>Majority assignment (fairlearn MetricFrame): each cell counted for its largest group "
-                         "or its quintile, point estimates</h3>")
-            cols = ["split", "group", "forecaster", "coverage", "n_cells", "population_share", "exposure_ratio",
-                    "exposure_to_crime_ratio", "hit_rate", "pai"]
-            rows = "".join("<tr>" + "".join(
-                f"<td>{html.escape(f'{r[k]:.3g}' if isinstance(r[k], float) else str(r[k]))}</td>" for k in cols)
-                + "</tr>" for r in self.majority.iter_rows(named=True))
-            parts.append("<table><thead><tr>" + "".join(f"<th>{k}</th>" for k in cols) + f"</tr></thead><tbody>{rows}"
-                         "</tbody></table>")
-        png = self.figure_png() if png is None else png
-        parts.append(f'<figure><img alt="exposure ratios" style="max-width:100%" '
-                     f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-                     "<figcaption>Exposure ratios by group and forecaster, log scale.</figcaption></figure></section>")
-        return "\n".join(parts)
-
-    def html_page(self, png: bytes | None = None) -> str:
-        css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-               "table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px solid #ccc;"
-               "padding:.25em .5em}th{background:#f2f2f2}td{font-variant-numeric:tabular-nums}")
-        title = html.escape(self.meta.get("title", "Bias audit"))
-        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
-                f"<style>{css}</style></head><body>\n{self.html_section(png)}\n</body></html>\n")
-
-
-def _num(x: float | None) -> str:
+def fmt_num(x: float | None) -> str:
     """Three significant decimals for small numbers, fewer for large ones."""
     if x is None or not math.isfinite(x):
         return "n/a"

@@ -18,13 +18,13 @@ cells by area coverage or a fixed top-k, ties by the seeded permutation of :mod:
 
 The same flag measures for the naive baseline sit beside the model's, so a reader can tell what the model
 adds to the concentration that any "where crime was recorded" map already has.
+
+This module only computes (dataclasses, numbers, ``payload()`` / ``to_dict()``); the figure and the HTML are in
+:mod:`forecasting.reporting.diagnostics_view`, the MLflow logging in :mod:`forecasting.reporting.assess`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
 from dataclasses import dataclass, field
 from datetime import date
@@ -34,14 +34,13 @@ from typing import Any, Mapping, Sequence
 import h3
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
 from features.matrix import FeatureConfig, build_features
 from features.panel import COUNTS_SCHEMA, CountPanel
 from forecasting.jsonable import jsonable
+from forecasting.measures import gini, jaccard, lorenz, top_share
 from forecasting.metrics import TIE_SEED, rank_cells, HEADLINE_COVERAGES
 from forecasting.patrol_dose import PatrolDiagnostics, patrol_diagnostics
 
@@ -91,38 +90,7 @@ def flag_matrix(expected: np.ndarray, areas: np.ndarray, origins: np.ndarray, ru
     return rank < k[:, None]
 
 
-# --- elementary measures -----------------------------------------------------------------------------
-def gini(values: np.ndarray) -> float:
-    """Gini coefficient of non-negative values (0 = all equal, (n-1)/n = everything in one of n)."""
-    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    if x.size == 0 or x.sum() <= 0:
-        return 0.0
-    n = x.size
-    return float(2 * np.dot(np.arange(1, n + 1), x) / (n * x.sum()) - (n + 1) / n)
-
-
-def top_share(values: np.ndarray, share: float) -> float:
-    """Share of the total held by the largest ``ceil(share * n)`` values (at least one)."""
-    x = np.sort(np.asarray(values, dtype=np.float64).ravel())[::-1]
-    m = max(1, math.ceil(share * x.size))
-    return float(x[:m].sum() / x.sum()) if x.sum() > 0 else float("nan")
-
-
-def lorenz(values: np.ndarray, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
-    """Lorenz curve (share of cells, share of flags) at ``points`` evenly spaced cell shares."""
-    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    cum = np.concatenate([[0.0], np.cumsum(x)]) / max(x.sum(), 1e-12)
-    grid = np.linspace(0, 1, points)
-    return grid, np.interp(grid * x.size, np.arange(x.size + 1), cum)
-
-
-def jaccard_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise Jaccard similarity of boolean matrices (1 where both sets are empty)."""
-    inter = (a & b).sum(axis=1)
-    union = (a | b).sum(axis=1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
+# --- runs and pairs ----------------------------------------------------------------------------------
 def run_lengths(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Lengths of the runs of True down each column, and whether each run is censored (touches the first or
     last row, so its true length is unknown)."""
@@ -259,9 +227,9 @@ def flag_diagnostics(expected: np.ndarray, areas: np.ndarray, origins: np.ndarra
     tied = flags & (expected == boundary[:, None]) & (k < n_cells)[:, None]
 
     i, j = _pairs(origins, 1)
-    series_shift = (origins[j], jaccard_rows(flags[i], flags[j]))
+    series_shift = (origins[j], jaccard(flags[i], flags[j]))
     i, j = _pairs(origins, per_day)
-    series_day = (origins[j], jaccard_rows(flags[i], flags[j]))
+    series_day = (origins[j], jaccard(flags[i], flags[j]))
 
     runs_shift = run_lengths(_timeline(flags, origins, int(origins[0]), int(origins[-1]) + 1))
     d0, d1 = int(origins[0]) // per_day, int(origins[-1]) // per_day + 1
@@ -402,160 +370,6 @@ class Diagnostics:
             "patrol_note": None if self.patrol else "no patrol log given: dose analysis not run",
             "notes": self.notes, "metrics": self.to_dict(),
         })
-
-    # --- figure --------------------------------------------------------------------------------------
-    def figure(self) -> Figure:
-        """Lorenz curves of flag counts, churn over time, run-length histogram, dose-response."""
-        fig = Figure(figsize=(13, 9.5), layout="constrained")
-        FigureCanvasAgg(fig)
-        (lz, ch), (rl, dr) = fig.subplots(2, 2)
-        styles = ["-", "--", ":", "-."]
-        colour = {self.model: "#c0392b", self.baseline: "#2c7fb8"}
-        tags = self.rules
-        never = min(1 - f.share_ever_flagged for f in self.flags.values())
-        x_from = max(0.0, math.floor(never * 10 - 0.5) * 10)  # Lorenz x axis starts below the first flagged cell
-        edges = np.unique(np.round(np.logspace(0, np.log10(max(f.n_shifts for f in self.flags.values()) + 1), 16)))
-        for (name, tag), f in self.flags.items():
-            kw = {"color": colour.get(name, "#555"), "ls": styles[tags.index(tag) % 4], "lw": 1.6,
-                  "label": f"{name}, {f.rule.label}"}
-            x, y = lorenz(f.flag_counts, 2001)
-            lz.plot(x * 100, y * 100, **kw)
-            days, values = f.series_day[0] // self.per_day, f.series_day[1]
-            uniq, inv = np.unique(days, return_inverse=True)
-            daily = np.bincount(inv, weights=values) / np.bincount(inv)
-            smooth = np.convolve(daily, np.ones(7) / 7, mode="valid") if daily.size >= 7 else daily
-            ch.plot(np.arange(smooth.size) + (daily.size - smooth.size) // 2, smooth, **kw)
-            if f.runs_shift.n_runs:  # log-spaced bins: runs of 1, 2, 3, 4-5, ... shifts
-                hist, _ = np.histogram(f.runs_shift.lengths, bins=np.append(edges, np.inf), weights=f.runs_shift.counts)
-                rl.plot(edges, hist / f.runs_shift.n_runs, marker="o", ms=3, **kw)
-        lz.plot([0, 100], [0, 100], color="grey", lw=1, ls="--", label="equal flags")
-        lz.set(xlabel="study-area cells, least to most often flagged (%)", ylabel="share of all flags (%)",
-               title=f"Concentration of flags (Lorenz curve; the first {x_from:g}% of cells are never flagged)"
-               if x_from else "Concentration of flags (Lorenz curve)", xlim=(x_from, 100), ylim=(0, 100))
-        ch.set(xlabel="day of the test period", ylabel="Jaccard, same shift on consecutive days",
-               title="Stability of the flagged set (7-day mean; churn = 1 - Jaccard)", ylim=(0, 1))
-        rl.set(xscale="log", yscale="log", xlabel="consecutive shifts flagged (log bins, point at bin start)",
-               ylabel="share of runs", title="How long cells stay flagged (runs at the period's ends censored)")
-        for ax in (lz, ch, rl):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        self._plot_dose(dr)
-        return fig
-
-    def _plot_dose(self, ax) -> None:
-        p = self.patrol
-        if p is None:
-            ax.set_axis_off()
-            ax.text(0.5, 0.5, "no patrol log given:\ndose-response not analysed", ha="center", va="center",
-                    fontsize=12, color="#555", transform=ax.transAxes)
-            return
-        outcomes = p.bins["outcome"].unique(maintain_order=True).to_list()
-        width = 0.8 / len(outcomes)
-        for i, name in enumerate(outcomes):
-            b = p.bins.filter(pl.col("outcome") == name)
-            x = np.arange(b.height) + (i - (len(outcomes) - 1) / 2) * width
-            rate = b["rate"].to_numpy()
-            err = np.nan_to_num(np.clip(np.stack([rate - b["rate_low"].to_numpy(), b["rate_high"].to_numpy() - rate]), 0, None))
-            ax.bar(x, np.nan_to_num(rate), width, yerr=err, capsize=3, label=f"recorded: {name}")
-            if name == "all":
-                ax.plot(x, b["expected"].to_numpy(), "kD", ms=5, label="model expected")
-            labels = b["bin"].to_list()
-        ax.set_xticks(np.arange(len(labels)), labels)
-        ax.set(xlabel="patrol dose in the cell-shift (minutes)", ylabel="crimes per cell-shift",
-               title="Recorded crime by patrol dose (95% cell-bootstrap intervals)")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-
-    # --- HTML ----------------------------------------------------------------------------------------
-    def html_section(self, title: str = "Feedback-loop diagnostics", figure: bool = True) -> str:
-        """A self-contained ``<section>`` (tables, sentences, the figure as a data URI) for reports and MLflow."""
-        e = html.escape
-        parts = [f'<section class="diagnostics"><h2>{e(title)}</h2>',
-                 f"<p>Model <strong>{e(self.model)}</strong>"
-                 + (f" against the baseline <strong>{e(self.baseline)}</strong>" if self.baseline else "")
-                 + ". Flags follow the backtest rule (top cells by area share, ties by the seeded permutation). "
-                 "Gini is over all study-area cells of how often each is flagged; the static Gini is what a map "
-                 "flagging the same cells every shift would score; rotation is cells ever flagged per cell "
-                 "flagged in a shift (1 = the same map every shift); tie share is the share of flags decided by "
-                 "the tie rule. Jaccard compares flagged sets; churn = 1 - "
-                 "Jaccard. Runs touching the start or end of the period are censored (counted as seen).</p>"]
-        header = ["model", "rule", "cells/shift", "Gini", "static Gini", "top 1% share", "top 5% share",
-                  "cells ever flagged", "rotation", "tie share", "Jaccard shift→shift", "Jaccard day→day (same shift)",
-                  "run mean / median / p90 / max (shifts)", "run mean / max (days)"]
-        rows = [[name, f.rule.label, f"{f.mean_flagged:.1f}", f"{f.gini:.3f}", f"{f.gini_static:.3f}",
-                 f"{f.top1_share:.1%}", f"{f.top5_share:.1%}",
-                 f"{f.cells_ever_flagged} ({f.share_ever_flagged:.1%})", f"{f.rotation:.1f}", f"{f.tie_share:.1%}",
-                 f"{f.jaccard_shift:.3f}", f"{f.jaccard_day:.3f}",
-                 f"{f.runs_shift.mean:.1f} / {f.runs_shift.median:g} / {f.runs_shift.p90:g} / {f.runs_shift.max}",
-                 f"{f.runs_day.mean:.1f} / {f.runs_day.max}"]
-                for (name, _), f in sorted(self.flags.items(), key=lambda kv: (kv[0][1], kv[0][0] != self.model))]
-        parts.append(_html_table(header, rows))
-        if self.gain is not None:
-            g = self.gain
-            parts.append(f"<h3>Where the model's gain comes from</h3><p>{g.lagged_share:.1%} of LightGBM's total "
-                         "gain comes from lagged counts (the cell's own past counts and its neighbours'); groups "
-                         "are read off the feature builder, not a list of names.</p>")
-            parts.append(_html_table(["group", "share of gain"], [[k, f"{v:.1%}"] for k, v in g.by_group.items()]))
-            top = g.payload()["features"][:8]
-            parts.append(_html_table(["top feature", "group", "share of gain"],
-                                     [[t["feature"], t["group"], f"{t['gain_share']:.1%}"] for t in top]))
-        parts.append("<h3>Patrol dose</h3>")
-        if self.patrol is None:
-            parts.append("<p>No patrol log was given, so recorded crime by patrol dose and the dose regression "
-                         "were not analysed.</p>")
-        else:
-            p = self.patrol
-            parts.append(f"<p>{p.n_patrolled} of {p.n_cell_shifts} cell-shifts patrolled, "
-                         f"{p.total_dose_hours:.0f} patrol hours. Discovered/reported split: {e(p.split_note)}.</p>")
-            parts.append(_html_table(
-                ["outcome", "dose (min)", "cell-shifts", "recorded", "rate [95% CI]", "model expected",
-                 "observed / expected [95% CI]"],
-                [[r["outcome"], r["bin"], f"{r['cell_shifts']:.0f}", f"{r['recorded']:.0f}",
-                  _interval(r["rate"], r["rate_low"], r["rate_high"], 4), _num(r["expected"], 4),
-                  _interval(r["obs_exp"], r["obs_exp_low"], r["obs_exp_high"], 2)] for r in p.bins.iter_rows(named=True)]))
-            if p.regression.height:
-                parts.append(f"<p>{e(p.method)}.</p>")
-                parts.append(_html_table(
-                    ["outcome", "term", "rate ratio per 60 min [95% CI]", "p"],
-                    [[r["outcome"], r["term"], _interval(r["rate_ratio_per_60min"], r["low"], r["high"], 3),
-                      f"{r['p_value']:.3g}"] for r in p.regression.iter_rows(named=True) if r["term"] != "intercept"]))
-            for note in p.notes:
-                parts.append(f"<p><em>{e(note)}</em></p>")
-        for note in self.notes:
-            parts.append(f"<p><em>{e(note)}</em></p>")
-        if figure:
-            buf = io.BytesIO()
-            self.figure().savefig(buf, format="png", dpi=90, facecolor="white")
-            data = base64.b64encode(buf.getvalue()).decode("ascii")
-            parts.append(f'<figure><img alt="diagnostics figure" style="max-width:100%" '
-                         f'src="data:image/png;base64,{data}"></figure>')
-        parts.append("</section>")
-        return "\n".join(parts)
-
-    def log_to_mlflow(self) -> None:
-        """Log into the active MLflow run as the ``diagnostics`` assessment (and ``patrol_diagnostics`` when a
-        patrol log was analysed), where the model card and /v1/diagnostics read them."""
-        from forecasting.reporting.tracking import log_assessment
-
-        fig = self.figure()
-        log_assessment("diagnostics", self.payload(), self.to_dict(prefix=""), html=self.html_section(), figure=fig)
-        if self.patrol is not None:
-            log_assessment("patrol_diagnostics", jsonable(self.patrol.payload()), self.patrol.metrics())
-
-
-def _num(x: float | None, digits: int) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def _interval(point, low, high, digits: int) -> str:
-    return "n/a" if point is None or not math.isfinite(point) else \
-        f"{_num(point, digits)} [{_num(low, digits)}, {_num(high, digits)}]"
-
-
-def _html_table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table border="1" cellpadding="4" style="border-collapse:collapse"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def diagnose(

@@ -93,7 +93,7 @@ def forecaster_pair(predictions: dict[str, np.ndarray], model: str, baseline: st
     """The two forecasters an assessment compares, or a KeyError naming what the backtest has."""
     missing = [name for name in (model, baseline) if name not in predictions]
     if missing:
-        raise KeyError(f"forecaster(s) {missing} not in the backtest; it has {sorted(predictions)}")
+        raise KeyError(f"the backtest has no forecasts of {missing}; it has {sorted(predictions)}")
     return {model: predictions[model], baseline: predictions[baseline]}
 
 

@@ -12,6 +12,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# Notebook kernels and CLI subprocesses import the checkout, experiments/ included (it is not installed)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
 
 def shared_data_path() -> Path:
     configured = os.environ.get("HOTSPOTS_SHARED_DATA")
@@ -90,3 +93,35 @@ def toronto_box_panel(incidents, lat: tuple[float, float], lon: tuple[float, flo
     last = cal.shift_of(end + timedelta(hours=12)) if end is not None else None
     panel, _ = build_panel(box, area, cal, TORONTO_CATEGORIES, first_shift=first, end_shift=last)
     return box, panel
+
+
+# --- markers: the fast loop is `pytest -m "not slow"` ------------------------------------------------------
+# service: starts the FastAPI app (in process or as a server); browser: drives Chromium; slow: trains models,
+# runs backtests or simulations, executes notebooks, or starts real servers. Whole modules are marked here, and
+# single slow tests of otherwise fast modules are named, so the list of what the fast loop leaves out is in one place.
+SERVICE_MODULES = {"test_api", "test_map", "test_patrols", "test_metrics_endpoint", "test_model_cards", "test_server",
+                   "test_hot_swap", "test_schemathesis", "test_postgres", "test_browser"}
+BROWSER_MODULES = {"test_browser"}
+SLOW_MODULES = {"test_cli_forecasting", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
+                "test_browser", "test_store_concurrency"}
+SLOW_TESTS = {
+    "test_metrics_endpoint.py::test_worker_processes_are_summed_with_a_multiprocess_dir",
+    "test_diagnostics.py::test_logs_into_mlflow_where_the_model_card_reads",
+    "test_diagnostics.py::test_result_exports",
+    "test_feedback_loop.py::test_lightgbm_policies_run_the_loop_with_monthly_refits",
+    "test_feedback_loop.py::test_naive_runs_away_on_discovered_incidents_and_the_ensign_correction_holds",
+    "test_bias_audit.py::test_chicago_community_areas_conserve_population_at_res9",
+    "test_bias_audit.py::test_audit_logs_metrics_and_html_to_mlflow",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem
+        name = f"{item.path.name}::{item.originalname if hasattr(item, 'originalname') else item.name}"
+        if item.path.suffix == ".ipynb" or module in SLOW_MODULES or name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if module in SERVICE_MODULES:
+            item.add_marker(pytest.mark.service)
+        if module in BROWSER_MODULES:
+            item.add_marker(pytest.mark.browser)

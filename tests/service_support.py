@@ -3,10 +3,14 @@ embedded MLflow registry and promoted to champion, and MLflow's process-wide URI
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
@@ -91,15 +95,34 @@ def isolated_mlflow_env() -> Iterator[pytest.MonkeyPatch]:
         env.undo()
 
 
+_TEMPLATES: dict[int, SimpleNamespace] = {}
+
+
+def _served_city_template(incidents) -> SimpleNamespace:
+    """Built once per test process: the panel, the trained model and a registry holding it as champion. Creating
+    an MLflow store and training are the slow parts of every service test module; each module gets a copy."""
+    key = id(incidents)
+    if key not in _TEMPLATES:
+        root = Path(tempfile.mkdtemp(prefix="hotspots-served-city-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        settings = Settings(data_dir=root / "data")
+        _, panel = toronto_box_panel(incidents, *BOX, PANEL_START, PANEL_END)
+        panel.save(DataPaths(settings).panel(CITY))
+        panel.save(DataPaths(settings).panel(BARE))
+        model = quick_lgbm().fit(panel)
+        version = register(settings, model, panel, promote=True)
+        _TEMPLATES[key] = SimpleNamespace(settings=settings, panel=panel, model=model, version=version)
+    return _TEMPLATES[key]
+
+
 def served_city(incidents, root) -> SimpleNamespace:
-    """Data folder with the Toronto test panel (and a bare city) and a registered, promoted champion."""
-    settings = Settings(data_dir=root / "data")
-    _, panel = toronto_box_panel(incidents, *BOX, PANEL_START, PANEL_END)
-    panel.save(DataPaths(settings).panel(CITY))
-    panel.save(DataPaths(settings).panel(BARE))
-    model = quick_lgbm().fit(panel)
-    version = register(settings, model, panel, promote=True)
-    return SimpleNamespace(settings=settings, panel=panel, model=model, version=version)
+    """Data folder with the Toronto test panel (and a bare city) and a registered, promoted champion: a copy of
+    the process's template, so a module may change its registry or files without touching another's. (Run
+    artifacts stay in the template's folder, where the copied registry points; new runs get new ids there.)"""
+    template = _served_city_template(incidents)
+    shutil.copytree(template.settings.data_dir, root / "data")
+    settings = template.settings.model_copy(update={"data_dir": root / "data"})
+    return SimpleNamespace(settings=settings, panel=template.panel, model=template.model, version=template.version)
 
 
 @contextmanager

@@ -18,6 +18,8 @@ from forecasting.area_join import TOTAL, AreaJoin, AreaJoinError, join_to_cells,
 from forecasting.area_presets import PRESETS, AreaLayerSpec, default_layer, get_preset
 from forecasting.bias_audit import audit, flag_masks, population_split, quantile_split
 from forecasting.metrics import summarise
+from forecasting.reporting.assess import log_audit
+from forecasting.reporting.bias_audit_view import bias_audit_figure, bias_audit_page, bias_audit_section
 from conftest import require_shared
 
 
@@ -100,11 +102,14 @@ def test_toy_intervals_and_outputs(toy_audit):
     metrics = toy_audit.mlflow_metrics()
     assert metrics["bias.lightgbm.toy.a.exposure_ratio.25pct"] == pytest.approx(8 / 9)
     assert "bias.lightgbm.toy.a.exposure_ratio_low.25pct" in metrics
-    section = toy_audit.html_section()
+    section = bias_audit_section(toy_audit)
     assert section.startswith("<section") and "exposure_ratio" in section and "data:image/png;base64," in section
     assert "0.889" in section  # 8/9 in the table
+    page = bias_audit_page(toy_audit, png=b"png")
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page and "0.889" in page
+    assert page.count("data:image/png;base64,") == 1 and "data:image/png;base64,cG5n" in page  # the given PNG
     assert any("most exposed" in t for t in toy_audit.findings())
-    fig = toy_audit.figure()
+    fig = bias_audit_figure(toy_audit)
     assert len(fig.axes) == 2
 
 
@@ -293,12 +298,12 @@ def test_audit_logs_metrics_and_html_to_mlflow(toy_audit, tmp_path):
     try:
         experiment = mlflow.create_experiment("bias-audit-test", artifact_location=(tmp_path / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment) as run:
-            toy_audit.log_to_mlflow()
+            log_audit(toy_audit)
         client = MlflowClient()
         logged = client.get_run(run.info.run_id).data.metrics
-        assert logged["bias.lightgbm.toy.a.exposure_ratio.25pct"] == pytest.approx(8 / 9)
+        assert logged["bias_audit.lightgbm.toy.a.exposure_ratio.25pct"] == pytest.approx(8 / 9)
         files = {f.path for f in client.list_artifacts(run.info.run_id, "bias_audit")}
-        assert files == {"bias_audit/audit.json", "bias_audit/audit.html", "bias_audit/audit.png"}
+        assert files == {"bias_audit/bias_audit.json", "bias_audit/bias_audit.html", "bias_audit/bias_audit.png"}
     finally:
         mlflow.set_tracking_uri(None)
 

@@ -2,6 +2,7 @@
 assessments (diagnose, audit) logged into the backtest's MLflow run."""
 
 import json
+import re
 
 import pytest
 from conftest import require_shared
@@ -41,6 +42,11 @@ def backtested(data_dir):
 def test_backtest_then_claim(data_dir, backtested):
     result, folder = backtested
     assert "naive" in result.output and "sepp" in result.output and "report:" in result.output
+    # not a terminal: one time-stamped line per stage and per refit, with elapsed times
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d start backtest toronto-mci 2021-11-01 to 2022-01-01$", result.output, re.M)
+    assert re.search(r"refit 1/2 at 2021-11-01: \d+ shifts forecast \(naive [\d.]+ s, kde [\d.]+ s, sepp [\d.]+ s\) \(\d+ s\)$",
+                     result.output, re.M)
+    assert re.search(r"done  backtest toronto-mci 2021-11-01 to 2022-01-01 \([\d.]+ s\)$", result.output, re.M)
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["forecasters"]) == {"naive", "kde", "sepp"}
     assert (folder / "report.html").stat().st_size > 10_000
@@ -52,7 +58,7 @@ def test_backtest_then_claim(data_dir, backtested):
     assert any(word in claim.output for word in ("SUPPORTED", "REFUTED", "UNDETERMINED"))
 
     missing = runner.invoke(app, ["claim", "toronto-mci", "--candidate", "lightgbm", "--data-dir", str(data_dir)])
-    assert missing.exit_code == 2 and "not in" in missing.output
+    assert missing.exit_code == 2 and "no forecasts of ['lightgbm']" in missing.output
 
 
 def test_backtest_rejects_unknown_forecaster(data_dir):
@@ -109,16 +115,26 @@ def test_audit_logs_exposure_by_group(data_dir, backtested, monkeypatch):
 def test_train_logs_model_with_validation_window_assessments(data_dir, monkeypatch):
     monkeypatch.delenv("HOTSPOTS_MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("HOTSPOTS_SHARED_DATA", str(require_shared("areas", "toronto.gpkg").parents[1]))
-    result = runner.invoke(app, ["train", "toronto-mci", "--resolution", "8", "--until", "2020-01-01",
+    small = ["--param", "n_estimators=80", "--param", "train_days=240", "--param", "learning_rate=0.15"]
+    result = runner.invoke(app, ["train", "toronto-mci", "--resolution", "8", "--until", "2020-01-01", *small,
                                  "--audit-preset", "toronto-neighbourhoods", "--data-dir", str(data_dir)])
     assert result.exit_code == 0, result.output
     run_id = result.output.split("run ")[1].split(":")[0]
     client = MlflowClient(tracking_uri=Settings(data_dir=data_dir).tracking_uri)
     run = client.get_run(run_id)
     assert run.data.tags["kind"] == "train" and "validation window" in run.data.tags["assessment.window"]
+    assert run.data.params["lightgbm.n_estimators"] == "80" and run.data.params["lightgbm.train_days"] == "240"
     assert 0.5 < run.data.metrics["diagnostics.gain_lagged_share"] <= 1
     assert run.data.metrics["bias_audit.lightgbm.group.black.exposure_ratio.5pct"] > 0
     assert {a.path for a in client.list_artifacts(run_id, "bias_audit")} >= {"bias_audit/bias_audit.json"}
+
+
+def test_train_rejects_unknown_or_mistyped_params(data_dir):
+    unknown = runner.invoke(app, ["train", "toronto-mci", "--resolution", "8", "--param", "depth=3", "--data-dir", str(data_dir)])
+    assert unknown.exit_code == 2 and "--param 'depth=3'" in unknown.output and "n_estimators" in unknown.output
+    mistyped = runner.invoke(app, ["train", "toronto-mci", "--resolution", "8", "--param", "n_estimators=many",
+                                   "--data-dir", str(data_dir)])
+    assert mistyped.exit_code == 2 and "n_estimators must be of type int" in mistyped.output
 
 
 def test_diagnose_analyses_recorded_patrols(data_dir, backtested):

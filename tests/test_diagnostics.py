@@ -21,9 +21,11 @@ from features.matrix import FeatureConfig, build_targets
 from features.panel import COUNTS_SCHEMA, CountPanel
 from forecasting.baselines import Naive
 from forecasting.diagnostics import (
-    FlagRule, diagnose, feature_groups, flag_diagnostics, flag_matrix, gain_share, gini, jaccard_rows, run_lengths,
-    top_share,
+    FlagRule, diagnose, feature_groups, flag_diagnostics, flag_matrix, gain_share, run_lengths,
 )
+from forecasting.measures import gini, jaccard, top_share
+from forecasting.reporting.assess import log_diagnostics
+from forecasting.reporting.diagnostics_view import diagnostics_figure, diagnostics_page, diagnostics_section
 from forecasting.patrol_dose import dose_bin_edges, patrol_diagnostics
 from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import shift_hits
@@ -50,7 +52,24 @@ def test_top_share_hand_values():
 def test_jaccard_identical_disjoint_and_partial():
     a = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=bool)
     b = np.array([[1, 1, 0, 0], [0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=bool)
-    np.testing.assert_allclose(jaccard_rows(a, b), [1.0, 0.0, 2 / 4, 1.0])
+    np.testing.assert_allclose(jaccard(a, b), [1.0, 0.0, 2 / 4, 1.0])
+
+
+def test_measures_row_by_row_equal_one_row_at_a_time():
+    """The simulator measures rows (rounds), the diagnostics one vector: the same numbers either way."""
+    rng = np.random.default_rng(11)
+    counts = rng.poisson(0.4, (6, 50)).astype(float)
+    counts[2] = 0  # an empty row: Gini 0, top share undefined
+    masks = rng.random((6, 50)) < 0.2
+    masks[4] = False
+    np.testing.assert_array_equal(gini(counts), [gini(row) for row in counts])
+    np.testing.assert_array_equal(top_share(counts, 0.05), [top_share(row, 0.05) for row in counts])
+    np.testing.assert_array_equal(top_share(counts, k=3), top_share(counts, 0.05))  # ceil(5% of 50) = 3 values
+    np.testing.assert_array_equal(jaccard(masks, masks[::-1]), [jaccard(a, b) for a, b in zip(masks, masks[::-1])])
+    assert np.isnan(top_share(counts, k=3)[2]) and gini(counts)[2] == 0.0 and jaccard(masks[4], masks[4]) == 1.0
+    assert isinstance(gini(counts[0]), float) and gini(counts).shape == (6,)
+    with pytest.raises(ValueError, match="exactly one of share"):
+        top_share(counts, 0.05, k=3)
 
 
 def test_run_lengths_of_a_known_matrix():
@@ -344,10 +363,13 @@ def test_result_exports(toronto_naive, tmp_path):
     payload = json.loads(json.dumps(d.payload(), allow_nan=False))
     assert payload["patrol"] is None and "no patrol log" in payload["patrol_note"]
     assert len(payload["flags"]) == 4 and payload["flags"][0]["lorenz"]["flag_share"][-1] == pytest.approx(1.0)
-    section = d.html_section()
+    section = diagnostics_section(d)
     assert section.startswith('<section class="diagnostics">') and section.endswith("</section>")
+    page = diagnostics_page(d, "Toronto <toy>")
+    assert page.startswith("<!DOCTYPE html>") and "<h1>Toronto &lt;toy&gt;</h1>" in page
+    assert page.count("data:image/png;base64,") == 1 and f"{d.flags[('naive', '5pct')].gini:.3f}" in page
     assert f"{d.flags[('naive', '5pct')].gini:.3f}" in section and "data:image/png;base64," in section
-    fig = d.figure()
+    fig = diagnostics_figure(d)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     pixels = np.asarray(canvas.buffer_rgba())[..., :3]
@@ -371,7 +393,7 @@ def test_logs_into_mlflow_where_the_model_card_reads(toronto_naive, patrolled_ci
     with isolated_mlflow_env():
         configure(Settings(data_dir=tmp_path / "data"))
         with mlflow.start_run() as run:
-            d.log_to_mlflow()
+            log_diagnostics(d)
         client = MlflowClient()
         metrics = client.get_run(run.info.run_id).data.metrics
         assert metrics["diagnostics.gini.5pct"] == pytest.approx(d.flags[("m", "5pct")].gini)

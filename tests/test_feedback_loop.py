@@ -14,15 +14,16 @@ import pytest
 from conftest import toronto_box_panel
 
 from experiments.feedback_loop import (
-    Policy, Recording, SimulationConfig, World, _record, draw_incidents, gini,
-    intensity_from_history, jaccard, light_lightgbm, plot_measures, refit_shifts, run_policy, simulate,
-    summarise, topk_share, total_variation, trailing_sum,
+    Policy, Recording, SimulationConfig, World, _record, draw_incidents,
+    intensity_from_history, light_lightgbm, plot_measures, refit_shifts, run_policy, simulate,
+    summarise, total_variation, trailing_sum,
 )
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
 from features.panel import CountPanel
 from forecasting.base import Forecaster
 from forecasting.baselines import Naive
+from forecasting.measures import gini, jaccard, top_share
 
 CAL = ShiftCalendar("America/Chicago")
 FIRST = CAL.local_day(date(2020, 1, 1)) * CAL.per_day
@@ -66,7 +67,7 @@ def test_jaccard_topk_share_and_trailing_sum_hand_computed():
     a = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=bool)
     b = np.array([[0, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=bool)
     np.testing.assert_allclose(jaccard(a, b), [2 / 4, 1.0, 1.0, 0.0])
-    np.testing.assert_allclose(topk_share([[5, 3, 1, 1], [0, 0, 0, 2]], 2), [0.8, 1.0])
+    np.testing.assert_allclose(top_share([[5, 3, 1, 1], [0, 0, 0, 2]], k=2), [0.8, 1.0])
     x = np.array([[1, 0], [2, 1], [3, 0], [4, 5]])
     np.testing.assert_array_equal(trailing_sum(x, 2), [[1, 0], [3, 1], [5, 1], [7, 5]])
 

@@ -13,7 +13,9 @@ import pytest
 from matplotlib.image import imread
 
 from forecasting.backtest import BacktestResult, per_category_hit_rates
-from forecasting.reporting.report import best_sentence, busiest_shift, fmt_interval, fmt_ratio, fmt_rate, write_report
+from forecasting.reporting.report import (
+    Block, best_sentence, busiest_shift, fmt_interval, fmt_ratio, fmt_rate, to_html, write_report,
+)
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
 from features.matrix import build_targets
@@ -192,3 +194,15 @@ def test_minimal_report_falls_back_to_first_forecaster(backtest, tmp_path):
     assert data["claims"] == []
     md = paths["report_md"].read_text()
     assert "No claim test was run." in md and "Hit rate by crime category" not in md
+
+
+def test_html_escapes_text_and_keeps_the_two_inline_marks(tmp_path):
+    """Autoescaping: names and sentences never become markup, except **bold** and `code` in sentences."""
+    (tmp_path / "f.png").write_bytes(PNG_MAGIC)
+    page = to_html([Block("h1", "<script>x</script>"), Block("p", "**best** is `a&b` <i>"),
+                    Block("table", header=["<th>"], items=[["<td>"]]), Block("img", 'alt "q" <x>', items=["f.png"])],
+                   "T <title>", tmp_path)
+    assert "<script>" not in page and "<h1>&lt;script&gt;x&lt;/script&gt;</h1>" in page
+    assert "<p><strong>best</strong> is <code>a&amp;b</code> &lt;i&gt;</p>" in page
+    assert "<th>&lt;th&gt;</th>" in page and "<td>&lt;td&gt;</td>" in page
+    assert 'alt="alt &#34;q&#34; &lt;x&gt;"' in page and "<title>T &lt;title&gt;</title>" in page

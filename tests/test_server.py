@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import re
 import time
+from datetime import date
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,8 @@ from typer.testing import CliRunner
 
 from features.settings import Settings
 from forecasting.reporting.tracking import registered_name
-import serving.cli as cli
+import serving.cli.models as cli_models
+import serving.cli.service as cli_service
 from serving.cli import app
 from serving.cli.service import ensure_planner_key
 from serving.keys import KeyStore, list_keys
@@ -145,32 +147,47 @@ def test_run_passes_every_option_then_serves_with_a_planner_key(monkeypatch, tmp
     """`hotspots run` wiring, with the heavy steps stubbed: each step gets every one of its parameters (a typer
     default left out would arrive as an OptionInfo object), then a planner key is printed once and the service
     starts on the given host and port; --no-serve stops after the registry."""
-    calls = []
+    calls, arguments = [], {}
 
     def stub(name):
-        params = set(inspect.signature(getattr(cli, name)).parameters)
+        params = set(inspect.signature(getattr(cli_models, name)).parameters)
 
         def step(**kwargs):
             assert set(kwargs) == params, f"run calls {name} without {params - set(kwargs)}"
             calls.append(name)
+            arguments[name] = kwargs
 
         return step
 
     for name in ("ingest", "panel", "backtest"):
-        monkeypatch.setattr(cli, name, stub(name))
-    monkeypatch.setattr(cli, "_serve", lambda settings, host, port, **kw: calls.append(("serve", host, port,
-                                                                                       settings.data_dir)))
+        monkeypatch.setattr(cli_models, name, stub(name))
+    monkeypatch.setattr(cli_service, "serve_forever", lambda settings, host, port, **kw: calls.append(
+        ("serve", host, port, settings.data_dir)))
     data_dir = tmp_path / "data"
     first = runner.invoke(app, ["run", "--host", "0.0.0.0", "--port", "8123", "--data-dir", str(data_dir)],
                           env={"COLUMNS": "160"})
     assert first.exit_code == 0, first.output
     assert calls == ["ingest", "panel", "backtest", ("serve", "0.0.0.0", 8123, data_dir)]
+    assert arguments["backtest"]["forecaster"] is None and arguments["backtest"]["test_start"] is None  # the full run
     assert len(KEY.findall(first.output)) == 1 and "new planner key" in first.output
     again = runner.invoke(app, ["run", "--data-dir", str(data_dir)], env={"COLUMNS": "160"})
     assert again.exit_code == 0 and not KEY.findall(again.output) and calls[-1][1:3] == ("127.0.0.1", 8000)
     calls.clear()
     assert runner.invoke(app, ["run", "--no-serve", "--data-dir", str(data_dir)]).exit_code == 0
     assert calls == ["ingest", "panel", "backtest"]
+
+    # --quick: the panel's last complete month as the test period, the two strongest forecasters and naive
+    from features.calendar import ShiftCalendar
+
+    calendar = ShiftCalendar("America/Toronto")
+    ends_on_new_year = SimpleNamespace(calendar=calendar, end_shift=calendar.local_day(date(2022, 1, 1)) * 3)
+    monkeypatch.setattr(cli_models, "load_panel", lambda settings, source: ends_on_new_year)
+    calls.clear()
+    assert runner.invoke(app, ["run", "--quick", "--no-serve", "--data-dir", str(data_dir)]).exit_code == 0
+    quick = arguments["backtest"]
+    assert calls == ["ingest", "panel", "backtest"]
+    assert (quick["test_start"].date(), quick["test_end"].date()) == (date(2021, 12, 1), date(2022, 1, 1))
+    assert quick["forecaster"] == ["lightgbm", "naive", "sepp"] and "train_days=365" in quick["param"]
 
 
 def test_sigterm_stops_the_server_cleanly(live):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -27,8 +29,9 @@ def materialise(target: Path) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    with tmp.open("wb") as out:
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")  # unique: parallel runs
+    tmp = Path(name)
+    with os.fdopen(fd, "wb") as out:
         for i, path in enumerate(wheel_files()):
             with path.open("rb") as fh:
                 header = fh.readline()

@@ -18,24 +18,36 @@ from forecasting.area_presets import AreaLayerSpec
 from forecasting.assessment import run_audit, run_diagnostics
 from forecasting.bias_audit import BiasAudit
 from forecasting.diagnostics import Diagnostics
+from forecasting.jsonable import jsonable
+from forecasting.reporting.bias_audit_view import bias_audit_figure, bias_audit_page, bias_audit_png, bias_audit_section
+from forecasting.reporting.diagnostics_view import diagnostics_figure, diagnostics_page, diagnostics_png, diagnostics_section
 from forecasting.reporting.tracking import log_assessment
 
+
 def log_diagnostics(diag: Diagnostics, out_dir: Path | None = None) -> None:
-    """Into the active run (and beside the backtest's report when ``out_dir`` is given)."""
-    diag.log_to_mlflow()
+    """Into the active run as the ``diagnostics`` assessment (and ``patrol_diagnostics`` when a patrol log was
+    analysed), where the model card and /v1/diagnostics read them; beside the backtest's report when
+    ``out_dir`` is given."""
+    fig = diagnostics_figure(diag)
+    png = diagnostics_png(diag, fig)  # one rendering for the MLflow section and the page
+    log_assessment("diagnostics", diag.payload(), diag.to_dict(prefix=""), html=diagnostics_section(diag, png=png),
+                   figure=fig)
+    if diag.patrol is not None:
+        log_assessment("patrol_diagnostics", jsonable(diag.patrol.payload()), diag.patrol.metrics())
     if out_dir is not None:
         (out_dir / "diagnostics.json").write_text(json.dumps(diag.payload(), indent=1))
-        (out_dir / "diagnostics.html").write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Diagnostics"
-                                                  f"</title></head><body>{diag.html_section()}</body></html>")
+        (out_dir / "diagnostics.html").write_text(diagnostics_page(diag, png=png))
 
 
 def log_audit(result: BiasAudit, out_dir: Path | None = None) -> None:
-    figure = result.figure()
+    """Into the active run as the ``bias_audit`` assessment; beside the backtest's report when ``out_dir`` is given."""
+    figure = bias_audit_figure(result)
+    png = bias_audit_png(result, figure)  # one rendering for the MLflow section and the page
     metrics = {k.removeprefix("bias."): v for k, v in result.mlflow_metrics().items()}
-    log_assessment("bias_audit", result.to_dict(), metrics, html=result.html_section(), figure=figure)
+    log_assessment("bias_audit", result.to_dict(), metrics, html=bias_audit_section(result, png), figure=figure)
     if out_dir is not None:
         (out_dir / "bias_audit.json").write_text(result.to_json())
-        (out_dir / "bias_audit.html").write_text(result.html_page())
+        (out_dir / "bias_audit.html").write_text(bias_audit_page(result, png))
 
 
 def assess(result, panel: CountPanel, out_dir: Path, *, audit_layer: AreaLayerSpec | None = None,

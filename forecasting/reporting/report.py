@@ -5,17 +5,15 @@ Everything is written into one folder::
     hit_rate_curves.png  pai_bars.png  calibration.png  hotspot_map.png  report.md  report.html  summary.json
 
 The document is built once as a list of blocks (headings, paragraphs, tables, images) and rendered twice,
-to Markdown and to HTML; the HTML embeds the images as base64 data URIs and uses inline CSS only, so the
-single file can be mailed or archived. Figures use matplotlib's Agg canvas directly (``Figure`` +
-``FigureCanvasAgg``), so no pyplot state is created and nothing is left open. No base-map tiles: offline.
+to Markdown and to HTML (a jinja2 template, autoescaped); the HTML embeds the images as base64 data URIs
+and uses inline CSS only, so the single file can be mailed or archived. Figures use matplotlib's Agg canvas
+directly (``Figure`` + ``FigureCanvasAgg``), so no pyplot state is created and nothing is left open. No
+base-map tiles: offline.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from features.panel import CountPanel
 from forecasting.claim import ClaimResult
 from forecasting.jsonable import jsonable
 from forecasting.metrics import MetricSummary, calibration, pooled, rank_cells, shift_hits, HEADLINE_COVERAGES
+from forecasting.reporting.templating import png_data_uri, render
 
 DPI = 100
 METRICS = ("hit_rate", "pai", "pei", "rri", "area_share")
@@ -155,48 +154,11 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def _inline_html(text: str) -> str:
-    text = html.escape(str(text), quote=False)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{border-bottom:2px solid #444;padding-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f2f2f2}tr:nth-child(even) td{background:#fafafa}
-td{font-variant-numeric:tabular-nums}code{background:#f4f4f4;padding:0 .2em}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}figcaption{color:#555;font-size:.9em}
-"""
-
-
 def to_html(blocks: list[Block], title: str, out_dir: Path) -> str:
-    body: list[str] = []
-    for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            body.append(f"<{b.kind}>{_inline_html(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            body.append(f"<p>{_inline_html(b.text)}</p>")
-        elif b.kind == "ul":
-            body.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in b.items) + "</ul>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.header)
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                           for row in b.items)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif b.kind == "img":
-            data = base64.b64encode((out_dir / b.items[0]).read_bytes()).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body>\n</html>\n"
-    )
+    """The blocks as one self-contained page (template ``backtest_report.html.j2``): the images in ``out_dir``
+    embedded as data URIs, inline CSS only."""
+    images = {b.items[0]: png_data_uri((out_dir / b.items[0]).read_bytes()) for b in blocks if b.kind == "img"}
+    return render("backtest_report.html.j2", blocks=blocks, title=title, images=images) + "\n"
 
 
 # --- figures ---------------------------------------------------------------------------------------

@@ -4,16 +4,18 @@
 - ``models``: train, backtest, claim, run
 - ``assess``: diagnose, audit
 - ``service``: serve, keys
+- ``store``: verify
+- ``audit_log``: log verify (the service's audit and patrol hash chains)
 """
 
 from __future__ import annotations
 
 import typer
 
-from serving.cli import assess, audit_log, data, models, service
+from serving.cli import assess, audit_log, data, models, service, store
 
 app = typer.Typer(help="Place-based crime hotspot forecasting on H3 cells and patrol shifts.", no_args_is_help=True)
-for group in (data, models, assess, service, audit_log):
+for group in (data, models, assess, service, store, audit_log):
     app.add_typer(group.app)
 
 __all__ = ["app"]

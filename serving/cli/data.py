@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -59,10 +59,13 @@ def ingest(
     encoding: Optional[str] = typer.Option(None, help="Input text encoding (default: the profile's, utf-8)."),
     boundary: Optional[Path] = typer.Option(None, help="GeoJSON/GeoPackage polygon: points outside are out_of_area."),
     data_dir: Optional[Path] = DataDir,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Refuse (exit 2) instead of waiting when another "
+                                          "process is writing the data folder.")] = False,
 ) -> None:
     """Validate a city export into the incident store; rejected rows go to quarantine with a reason."""
     from features.pipeline import ingest_file
     from features.store import IncidentStore
+    from features.storelock import StoreError
 
     settings = project_settings(data_dir)
     prof = source_profile(source, profile)
@@ -71,10 +74,10 @@ def ingest(
     try:
         with stage(f"ingest {file.name}"):
             summary = ingest_file(
-                file, prof, IncidentStore(settings.data_dir), encoding=encoding, boundary=shape,
-                future_tolerance=timedelta(minutes=settings.future_tolerance_minutes),
+                file, prof, IncidentStore(settings.data_dir, wait=not no_wait, on_wait=console.print), encoding=encoding,
+                boundary=shape, future_tolerance=timedelta(minutes=settings.future_tolerance_minutes),
             )
-    except IngestError as exc:
+    except (IngestError, StoreError) as exc:
         fail(str(exc))
     for line in summary.lines():
         console.print(line)
@@ -175,7 +178,7 @@ def prepare(
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Ingest, validate, bin and build features in one go: the analyst's first run."""
-    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir)
+    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir, no_wait=False)
     panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
     settings = project_settings(data_dir, resolution)
     year = feature_year or last_full_year(load_panel(settings, source))

@@ -46,7 +46,7 @@ def parse_params(pairs: Optional[list[str]], forecaster_type: type) -> dict[str,
         try:
             out[key] = type(default)(raw) if not isinstance(default, bool) else raw.lower() in ("1", "true", "yes")
         except ValueError:
-            fail(f"--param {key}={raw!r}: expected a {type(default).__name__}")
+            fail(f"--param {key}={raw!r}: {key} must be of type {type(default).__name__}, e.g. {key}={default}")
     return out
 
 
@@ -201,7 +201,7 @@ def run(
     from serving.cli.service import ensure_planner_key, serve_forever, show_new_key
     from serving.keys import Role
 
-    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir)
+    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir, no_wait=False)
     panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
     if quick:
         settings = project_settings(data_dir, resolution)
