@@ -248,7 +248,19 @@ def test_audit_log_records_forecasts_and_is_append_only(svc):
     assert get(svc, "/v1/hotspots", city="atlantis").status_code == 404  # no forecast, no entry
     get(svc, "/v1/cities")
     latest = entries(limit=3)
-    assert len(entries(limit=1000)) == len(before) + 3
+    everything = entries(limit=1000)
+    new = everything[:len(everything) - len(before)]
+    assert everything[len(new):] == before
+    # the three forecasts, between the two audit reads before them and after them (a read is audited after it
+    # is made, so it is not in its own page); the 404 and /v1/cities leave no entry
+    assert [e["endpoint"] for e in new] == ["/v1/audit", "/v1/forecast", "/v1/hotspots.geojson", "/v1/hotspots",
+                                            "/v1/audit"]
+    auditor_id = svc.keys[Role.auditor].split("_")[1]
+    assert [(e["key_id"], e["role"], e["params"], e["city"], e["model_version"], e["response_bytes"])
+            for e in (new[0], new[4])] == [
+        (auditor_id, "auditor", {"limit": 3, "before_id": None, "rows": 3}, None, None, 0),
+        (auditor_id, "auditor", {"limit": 1000, "before_id": None, "rows": len(before)}, None, None, 0)]
+    assert new[1:4] == latest
     assert [e["endpoint"] for e in latest] == ["/v1/forecast", "/v1/hotspots.geojson", "/v1/hotspots"]
     assert latest[0]["id"] > latest[1]["id"] > latest[2]["id"]
     planner_id = svc.keys[Role.planner].split("_")[1]
