@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics(app.state.models.snapshot)
     app.state.patrols = PatrolLog(db)
     app.state.forecasts = ForecastService(settings.forecast_cache_size, metrics=app.state.metrics)
+    app.state.models.warm = app.state.forecasts.warm  # a new champion is swapped in with its forecasts computed
     app.state.model_cards = ModelCards(app.state.models, ttl_seconds=settings.model_refresh_seconds)
     install_handlers(app)
     app.add_middleware(RequestLimitsMiddleware, keys=app.state.keys, audit_refusal=app.state.audit.record_refusal)

@@ -9,8 +9,10 @@ local copy and says so (``source == "local_fallback"``).
 
 :meth:`ModelStore.refresh` re-reads the panels folder (new, changed or removed panels) and the registry
 (champion moved, removed or new) and swaps in a new snapshot under a lock; requests call
-:meth:`ModelStore.maybe_refresh`, which does so at most every ``refresh_seconds`` and never makes a request wait
-for a refresh another thread is already doing. Readers only ever see whole snapshots.
+:meth:`ModelStore.maybe_refresh`, which starts such a refresh in a background thread at most every
+``refresh_seconds`` and returns at once: a moved champion is downloaded, unpickled and warmed (``warm``: the
+forecasts recently asked of the city, computed with the new model) off the request path, and swapped in when
+ready, so no request waits for a model load. Readers only ever see whole snapshots.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import forecasting.lgbm  # noqa: F401  (imported before any model is unpickled: never the model's code copy)
 from features.panel import CountPanel
@@ -98,6 +100,8 @@ class ModelStore:
         self._states: dict[str, CityState] = {}
         self._lock = threading.Lock()
         self._last_refresh: float | None = None
+        # called with a city's next state when its model or panel changed, before that state is swapped in
+        self.warm: Callable[[CityState], None] | None = None
 
     # --- reading -----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, CityState]:
@@ -111,6 +115,8 @@ class ModelStore:
 
     # --- refreshing --------------------------------------------------------------------------------
     def maybe_refresh(self) -> None:
+        """Never waits for a load: before the first snapshot (start-up) it refreshes in line (there is nothing to
+        serve yet); afterwards, when one is due and none is running, a background thread refreshes."""
         if self._last_refresh is None:
             self.refresh()
             return
@@ -118,11 +124,19 @@ class ModelStore:
             return
         if self._lock.acquire(blocking=False):  # someone else refreshing: serve the current snapshot
             try:
-                self._refresh_locked()
-            except Exception:  # noqa: BLE001 - a failed refresh must not fail the request: keep the snapshot
-                log.exception("model refresh failed; still serving the previous snapshot")
-            finally:
+                threading.Thread(target=self._refresh_in_background, name="model-refresh", daemon=True).start()
+            except BaseException:
                 self._lock.release()
+                raise
+
+    def _refresh_in_background(self) -> None:
+        """Runs with ``_lock`` held (taken by :meth:`maybe_refresh`), releases it when done."""
+        try:
+            self._refresh_locked()
+        except Exception:  # noqa: BLE001 - a failed refresh must not fail anything: keep the snapshot
+            log.exception("model refresh failed; still serving the previous snapshot")
+        finally:
+            self._lock.release()
 
     def refresh(self) -> dict[str, CityState]:
         with self._lock:
@@ -180,6 +194,12 @@ class ModelStore:
                 status, message = "panel_error", f"panel at {folder} could not be read ({panel_error}): run `hotspots panel {city}`"
             states[city] = CityState(city, registered_name(city), folder, panel, token, model, status, message,
                                      reachable, _now())
+            if old is not None and self.warm is not None and states[city].ready and (
+                    old.model is None or old.model.version != model.version or old.panel_token != token):
+                try:  # before the swap: the first requests on the new model find its forecasts computed
+                    self.warm(states[city])
+                except Exception:  # noqa: BLE001 - a cold cache is slower, not wrong
+                    log.exception("warming %s version %s failed", city, model.version)
         self._states = states
         self.registry_reachable, self.registry_error = reachable, error
         self._last_refresh = time.monotonic()
