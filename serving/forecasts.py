@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hotspots.serving")
 WARM_FORECASTS = 8  # per city: the recently asked forecasts a new champion computes before it is swapped in
 WARM_EXPLAINED = 20  # and the cells it explains in each (the default k)
+RANKED_ENTRIES = 8  # whole rankings kept serialised (JSON ~1.5 MB, GeoJSON ~4 MB for 6,000 cells)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class ForecastService:
                  body_cache_bytes: int = 64 * 2**20):
         self.cache: ComputeOnceCache[Forecast] = ComputeOnceCache(cache_size)
         self.bodies = BodyCache(body_cache_bytes, max_item_bytes=body_cache_bytes // 16)
+        # a forecast's whole ranking as JSON items per format (a few MB each): city-wide selections are slices
+        self.ranked: ComputeOnceCache[tuple[bytes, np.ndarray]] = ComputeOnceCache(RANKED_ENTRIES)
         self.metrics = metrics  # cache hits/misses and cold compute seconds, when the app measures them
         self._model_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -108,7 +111,7 @@ class ForecastService:
         lock = self._model_lock(model)
         with lock:  # one LightGBM call per model at a time
             started = time.perf_counter()  # the work, not the wait for the lock
-            expected, explain_rows = predict_shift(model.forecaster, panel, shift_id, lock)
+            expected, explain_rows = predict_shift(model.forecaster, panel, shift_id)
         order = rank_cells(expected, shift_id)[0]
         percentile = 100.0 * np.searchsorted(np.sort(expected), expected, side="right") / expected.size
         if self.metrics is not None:
