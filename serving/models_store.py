@@ -41,6 +41,9 @@ log = logging.getLogger("hotspots.serving")
 ModelSource = Literal["registry", "local_fallback"]
 KEEP_COPIES = 3  # model versions kept on disk per city (the champion included)
 NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+# Background refreshes start at least this long after the previous one ended, even with refresh_seconds 0: a
+# registry read is tens of ms of Python, and back-to-back reads would take the GIL from the requests.
+MIN_REFRESH_GAP = 0.25
 
 
 class RegistryUnreachable(RuntimeError):
@@ -120,7 +123,7 @@ class ModelStore:
         if self._last_refresh is None:
             self.refresh()
             return
-        if time.monotonic() - self._last_refresh < self.refresh_seconds:
+        if time.monotonic() - self._last_refresh < max(self.refresh_seconds, MIN_REFRESH_GAP):
             return
         if self._lock.acquire(blocking=False):  # someone else refreshing: serve the current snapshot
             try:
