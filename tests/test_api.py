@@ -331,7 +331,10 @@ def test_new_champion_is_picked_up_after_refresh(svc):
         ready = {c["city"]: c for c in svc.client.get("/readyz").json()["cities"]}[CITY]
         assert ready["model_version"] == v2 and ready["model_source"] == "registry"
         response = get(svc, "/v1/hotspots", city=CITY, k=3)
-        assert response.json()["model"]["version"] == v2 and response.headers["x-cache"] == "miss"
+        # computed with v2 by the refresh, before the swap (the shift was asked just before): a cache hit
+        assert response.json()["model"]["version"] == v2 and response.headers["x-cache"] == "hit"
+        computed = svc.app.state.forecasts.cache
+        assert any(key[0] == CITY and key[3] == v2 for key in computed._data)
         local = svc.settings.data_dir / "serving" / CITY
         # the new champion is the last-good copy; the previous one stays (swapping back needs no download)
         assert (local / f"v{v2}" / "MLmodel").is_file() and (local / f"v{svc.version}").exists()
