@@ -16,6 +16,7 @@ with --train) the script trains LightGBM on the whole panel with `hotspots train
 registry and promotes it; without a panel it ingests Toronto and builds one first.
 
     python -m experiments.bench_service --runs 3
+    python -m experiments.bench_service --runs 3 --swap-every 2   # the champion alias moved during the load
 prints the figures and writes experiments/results/bench_service.json (machine and load average included: the
 machine is shared, so the load at the time is part of the result).
 """
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -113,10 +115,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(work: Path, port: int, env: dict[str, str], access_log: bool) -> subprocess.Popen:
+def start_server(work: Path, port: int, env: dict[str, str], access_log: bool,
+                 reload_seconds: float | None = None) -> subprocess.Popen:
     log = (work / "server.log").open("w")
     command = [sys.executable, "-m", "serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--data-dir", str(work)] + ([] if access_log else ["--no-access-log"])
+    if reload_seconds is not None:
+        command += ["--reload-seconds", repr(reload_seconds)]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, **env})
     deadline = time.monotonic() + 180
     while True:
@@ -148,6 +153,61 @@ def http_implementation() -> str:
     except ImportError:
         loop = "asyncio"
     return f"{http} + {loop}"
+
+
+# --- alias swaps during the load ---------------------------------------------------------------------------
+
+
+def swap_versions(env: dict[str, str], work: Path) -> tuple[str, str]:
+    """(champion version, a second registry version of the same model files) to move the alias between. A
+    source folder's registry is only read: it is copied into the work folder first (its artifacts stay where
+    they are, read from there) and ``env`` points the service at the copy."""
+    from mlflow.tracking import MlflowClient
+
+    from forecasting.reporting.tracking import CHAMPION, registered_name
+
+    uri = env.get("HOTSPOTS_MLFLOW_TRACKING_URI") or Settings(data_dir=work).tracking_uri
+    path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if path is None:
+        raise SystemExit(f"--swap-every needs an SQLite registry it can copy, not {uri}")
+    if not path.resolve().is_relative_to(work.resolve()):
+        copy = work / "mlflow-swaps.db"
+        shutil.copy2(path, copy)
+        uri = env["HOTSPOTS_MLFLOW_TRACKING_URI"] = f"sqlite:///{copy}"
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # MLflow resolves a models:/ source against the process-wide URIs
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias(registered_name(CITY), CHAMPION)
+    other = client.create_model_version(registered_name(CITY), champion.source, run_id=champion.run_id)
+    return str(champion.version), str(other.version)
+
+
+class AliasSwapper(threading.Thread):
+    """Moves the champion alias between two versions every ``every`` seconds until stopped."""
+
+    def __init__(self, uri: str, versions: tuple[str, str], every: float):
+        super().__init__(daemon=True)
+        self.uri, self.versions, self.every = uri, versions, every
+        self.moves: list[str] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from forecasting.reporting.tracking import CHAMPION, registered_name
+
+        client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        while not self.stopped.wait(self.every):
+            version = self.versions[(len(self.moves) + 1) % 2]
+            client.set_registered_model_alias(registered_name(CITY), CHAMPION, version)
+            self.moves.append(version)
+
+    def stop(self) -> list[str]:
+        self.stopped.set()
+        self.join(timeout=30)
+        return self.moves
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -203,6 +263,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--cold", type=int, default=5, help="cold forecasts per run")
     parser.add_argument("--access-log", action="store_true", help="keep uvicorn's access log on")
+    parser.add_argument("--swap-every", type=float, default=0.0,
+                        help="move the champion alias between two versions of the model every this many seconds "
+                             "during each wrk run (the service re-reads the registry every second); 0: no swaps")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_service.json")
     args = parser.parse_args()
     if not Path(WRK).is_file():
@@ -213,13 +276,14 @@ def main() -> None:
     source = args.data_dir if args.data_dir and args.data_dir.is_dir() else None
     print(f"preparing {work} from {source or 'scratch'}", flush=True)
     env, setup = prepare(source, work, args.train)
+    versions = swap_versions(env, work) if args.swap_every > 0 else None
     from serving.keys import Role, create_key
 
     key = create_key(Role.planner, "load benchmark", Settings(data_dir=work))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     url = f"{base}/v1/hotspots?city={CITY}&k=50"
-    process = start_server(work, port, env, args.access_log)
+    process = start_server(work, port, env, args.access_log, reload_seconds=1.0 if versions else None)
     server = psutil.Process(process.pid)
     load_before = os.getloadavg()
     runs = []
@@ -231,14 +295,23 @@ def main() -> None:
         run_wrk(url, key, args.threads, args.connections, 3)  # settle: connections, caches, allocator
         for i in range(args.runs):
             cpu = sum(server.cpu_times()[:2])
+            swapper = None
+            if versions:
+                swapper = AliasSwapper(env.get("HOTSPOTS_MLFLOW_TRACKING_URI") or Settings(data_dir=work).tracking_uri,
+                                       versions, args.swap_every)
+                swapper.start()
             result = run_wrk(url, key, args.threads, args.connections, args.duration)
+            if swapper is not None:
+                result["alias_moves"] = len(swapper.stop())
+                served = requests.get(f"{base}/readyz", timeout=30).json()["cities"]
+                result["served_version_after"] = {c["city"]: c["model_version"] for c in served}.get(CITY)
             result["server_cpu_ms_per_request"] = 1000 * (sum(server.cpu_times()[:2]) - cpu) / result["requests"]
             result["cold"] = cold_times(base, key, cold_shifts(work / "panels" / PANEL, args.cold, i * args.cold))
             result["load_average_1m"] = os.getloadavg()[0]
             runs.append(result)
             print(f"run {i + 1}/{args.runs}: {result['requests_per_second']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
                   f"p99 {result['p99_ms']:.1f} ms, {result['server_cpu_ms_per_request']:.2f} ms server CPU per request, "
-                  f"non-2xx {result['non_2xx']}; cold "
+                  f"non-2xx {result['non_2xx']}, alias moves {result.get('alias_moves', 0)}; cold "
                   + ", ".join(f"{c['seconds']:.2f}" for c in result["cold"]) + " s", flush=True)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -257,6 +330,8 @@ def main() -> None:
         "setup": {**setup, "city": CITY, "resolution": 9, "cells": n_cells, "workers": 1,
                   "uvicorn": http_implementation(), "access_log": args.access_log, "url": url.replace(base, ""),
                   "wrk": {"threads": args.threads, "connections": args.connections, "seconds": args.duration},
+                  "alias_swaps": ({"every_seconds": args.swap_every, "versions": list(versions),
+                                   "service_reload_seconds": 1.0} if versions else None),
                   "path": "key verified (2 s cache), forecast and body from cache, audit row committed per response"},
         "runs": runs,
         "median": median,

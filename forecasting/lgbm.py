@@ -8,6 +8,9 @@ keeps the Poisson likelihood unbiased while the training set fits in memory.
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -18,6 +21,22 @@ import pandas as pd
 from features.matrix import FeatureConfig, build_features, build_targets
 from features.panel import CountPanel
 from forecasting.base import Explanation, Forecaster, NotFittedError
+
+
+# A LightGBM prediction re-initialises state of its booster (iteration count, tree depths for pred_contrib), so
+# calls on one booster must not overlap. Explanations run on a copy of the booster with a lock of its own, made once
+# per fitted booster: explaining a long list of cells never waits for, or holds up, a forecast on the same model.
+_explainers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_explainers_guard = threading.Lock()
+
+
+def _explainer(booster: lgb.Booster, iteration: int | None) -> tuple[lgb.Booster, threading.Lock]:
+    with _explainers_guard:
+        found = _explainers.get(booster)
+        if found is None:
+            found = (lgb.Booster(model_str=booster.model_to_string(num_iteration=iteration)), threading.Lock())
+            _explainers[booster] = found
+        return found
 
 
 @dataclass
@@ -138,7 +157,12 @@ class LightGBMForecaster(Forecaster):
         X = build_features(panel.until(int(origin)), int(origin), self.features).X
         booster, iteration = self.booster_, self.best_iteration_
         expected = np.asarray(booster.predict(X, num_iteration=iteration), dtype=np.float64).reshape(-1)
-        rows = lambda cells: booster.predict(X[np.asarray(cells)], num_iteration=iteration, pred_contrib=True)  # noqa: E731
+
+        def rows(cells: np.ndarray) -> np.ndarray:
+            explainer, lock = _explainer(booster, iteration)
+            with lock:
+                return explainer.predict(X[np.asarray(cells)], num_iteration=iteration, pred_contrib=True)
+
         return expected, Explanation(list(self.columns_) + ["bias"], rows)
 
     def input_columns(self) -> list[str]:

@@ -22,13 +22,15 @@ from features.settings import Settings, get_settings
 from serving.audit import AuditLog
 from serving.db import Database
 from serving.dependencies import Models
+from serving.docs import install_docs
 from serving.errors import install_handlers
 from serving.forecasts import ForecastService
 from serving.keys import KeyStore
+from serving.limits import RequestLimitsMiddleware
 from serving.metrics import MetricsMiddleware, ServiceMetrics
 from serving.metrics import router as metrics_router
 from serving.model_cards import ModelCards
-from serving.models_store import ModelStore
+from serving.models_store import ModelStore, public_message
 from serving.patrols import PatrolLog
 from serving.routers import audit, cities, diagnostics, forecast, hotspots, models, patrols
 from serving.routers import map as map_page
@@ -51,11 +53,13 @@ def readyz(store: Models) -> JSONResponse:
     cities = [
         CityReadiness(city=city, ready=state.ready, status=state.status, model_name=state.registered_name,
                       model_version=state.model and state.model.version, model_source=state.model and state.model.source,
-                      message=state.message)
+                      message=public_message(state))
         for city, state in sorted(store.snapshot().items())
     ]
-    body = Readiness(ready=any(c.ready for c in cities), registry_reachable=store.registry_reachable,
-                     registry_error=store.registry_error, cities=cities)
+    reachable = store.registry_reachable and store.registry_present()  # a registry file removed since the refresh
+    body = Readiness(ready=any(c.ready for c in cities), registry_reachable=reachable,
+                     registry_error=None if reachable else "the model registry cannot be read (details in the "
+                                                           "service log)", cities=cities)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
 
 
@@ -80,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Place-based crime hotspot forecasts per H3 cell and patrol shift (never people, never incidents).",
         lifespan=lifespan,
+        docs_url=None,  # served from the package below, not from a CDN
+        redoc_url=None,
     )
     db = Database.for_settings(settings)
     app.state.settings = settings
@@ -90,9 +96,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics(app.state.models.snapshot)
     app.state.patrols = PatrolLog(db)
     app.state.forecasts = ForecastService(settings.forecast_cache_size, metrics=app.state.metrics)
+    app.state.models.warm = app.state.forecasts.warm  # a new champion is swapped in with its forecasts computed
     app.state.model_cards = ModelCards(app.state.models, ttl_seconds=settings.model_refresh_seconds)
     install_handlers(app)
+    app.add_middleware(RequestLimitsMiddleware, keys=app.state.keys, audit_refusal=app.state.audit.record_refusal)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_docs(app)
 
     app.include_router(probes)
     app.include_router(metrics_router)

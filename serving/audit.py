@@ -13,12 +13,14 @@ import json
 import queue
 import threading
 from concurrent.futures import Future
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
+from serving.chain import chain_insert
 from serving.db import AuditRow, Database, as_utc, utcnow
-from serving.keys import Principal
+from serving.keys import Principal, split_key
 from serving.schemas import AuditEntry
 
 
@@ -47,6 +49,13 @@ class AuditLog:
                 threading.Thread(target=self._write_loop, name="audit-writer", daemon=True).start()
         return done.result(timeout=self.WAIT_SECONDS)
 
+    def record_refusal(self, key: str | None, endpoint: str, status: int, reason: str) -> int:
+        """A refused request (401/403) is audited too: the key id it claimed (never the secret), the reason."""
+        parsed = split_key(key) if key else None
+        key_id = parsed[0][:32] if parsed else ("none" if not key else "malformed")
+        principal = SimpleNamespace(key_id=key_id, role=SimpleNamespace(value="refused"))
+        return self.record(principal, endpoint[:200], {"status": status, "reason": reason}, 0)  # type: ignore[arg-type]
+
     def _write_loop(self) -> None:
         while True:
             try:
@@ -65,15 +74,14 @@ class AuditLog:
             self._write(batch)
 
     def _write(self, batch: list[tuple[dict[str, Any], Future]]) -> None:
-        statement = insert(AuditRow).returning(AuditRow.id, sort_by_parameter_order=True)
         try:
             with self.db.engine.begin() as conn:
-                ids = conn.execute(statement, [values for values, _ in batch]).scalars().all()
+                ids = chain_insert(conn, "audit_log", [values for values, _ in batch])
         except Exception:  # noqa: BLE001 - retry one by one: only the entries that cannot be written fail
             for values, done in batch:
                 try:
                     with self.db.engine.begin() as conn:
-                        done.set_result(int(conn.execute(statement, values).scalar_one()))
+                        done.set_result(chain_insert(conn, "audit_log", [values])[0])
                 except Exception as exc:  # noqa: BLE001
                     done.set_exception(exc)
             return

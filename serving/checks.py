@@ -23,8 +23,27 @@ def resolve_category(model: LoadedModel, requested: str | None, city: str) -> st
                                  f"there is no model for {requested!r}")
 
 
-def check_k(panel: CountPanel, k: int | None, coverage: float | None) -> None:
+# Per-format bounds of a hotspots request (documented in the README and the OpenAPI description). JSON and GeoJSON
+# return up to every cell, but only the first EXPLAINED_CELLS carry top features: LightGBM's pred_contrib costs
+# about 1 ms a cell, and a city-wide request must not cost seconds of CPU. The PNG numbers every cell on an A4
+# map: beyond PNG_MAX_K the ranks are unreadable.
+EXPLAINED_CELLS = 100
+PNG_MAX_K = 200
+
+
+def check_k(panel: CountPanel, k: int | None, coverage: float | None, max_k: int | None = None) -> None:
+    """``max_k``: the format's own bound (the PNG's), below the study area's cells."""
     if k is not None and coverage is not None:
         raise FieldError("coverage", "k and coverage are mutually exclusive: give one of them")
     if k is not None and not 1 <= k <= panel.n_cells:
         raise FieldError("k", f"must be between 1 and {panel.n_cells} (the study area's cells), got {k}")
+    if k is not None and max_k is not None and k > max_k:
+        raise FieldError("k", f"the briefing PNG shows at most {max_k} cells, got {k}: ask for fewer, or use "
+                              f"/v1/hotspots or /v1/hotspots.geojson (up to all {panel.n_cells} cells)")
+
+
+def check_selected(n_cells: int, coverage: float | None, max_k: int | None) -> None:
+    """A coverage may select more cells than the format shows (known only once the forecast ranks them)."""
+    if max_k is not None and n_cells > max_k:
+        raise FieldError("coverage", f"coverage {coverage} selects {n_cells} cells; the briefing PNG shows at most "
+                                     f"{max_k}: ask for a smaller coverage, or use /v1/hotspots.geojson")

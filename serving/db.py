@@ -68,6 +68,7 @@ class AuditRow(Base):
     city: Mapped[str | None] = mapped_column(String(100), nullable=True)
     model_version: Mapped[str | None] = mapped_column(String(40), nullable=True)
     response_bytes: Mapped[int] = mapped_column(Integer)
+    row_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # see serving.chain
 
 
 class PatrolRow(Base):
@@ -84,6 +85,20 @@ class PatrolRow(Base):
     dose_minutes: Mapped[float] = mapped_column(Double)
     key_id: Mapped[str] = mapped_column(String(32), index=True)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    row_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # see serving.chain
+
+
+class IdempotencyRow(Base):
+    """The first answer to a patrol post sent with an Idempotency-Key: a retry gets it back, nothing is stored twice."""
+
+    __tablename__ = "idempotency_keys"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 APPEND_ONLY_TABLES = ("audit_log", "patrol_log")

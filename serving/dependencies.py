@@ -63,17 +63,25 @@ async def get_now() -> datetime:
 def require(permission: Permission) -> Callable[..., Principal]:
     """Dependency: the caller's key must be valid (else 401) and its role must allow ``permission`` (else 403)."""
 
-    def _check(key: Annotated[str | None, Security(api_key_header)],
-               keys: Annotated[KeyStore, Depends(get_keys)]) -> Principal:
+    def _check(request: Request, key: Annotated[str | None, Security(api_key_header)],
+               keys: Annotated[KeyStore, Depends(get_keys)], audit: Annotated[AuditLog, Depends(get_audit)]) -> Principal:
+        def refuse(status: int, reason: str):
+            try:  # refused requests are audited too; a failing log must not turn a 401 into a 500
+                audit.record_refusal(key, request.url.path, status, reason)
+            except Exception:  # noqa: BLE001
+                pass
+            return ApiError(status, reason)
+
         if not key:
-            raise ApiError(401, f"missing API key: send it in the {API_KEY_HEADER} header")
+            raise refuse(401, f"missing API key: send it in the {API_KEY_HEADER} header")
         found = keys.verify(key)
         if found is None:
-            raise ApiError(401, "invalid or revoked API key")
+            raise refuse(401, "invalid or revoked API key")
         principal = Principal(*found)
         if not principal.can(permission):
             allowed = ", ".join(role.value for role in roles_with(permission))
-            raise ApiError(403, f"role {principal.role.value!r} may not access {permission.value}; this needs one of: {allowed}")
+            raise refuse(403, f"role {principal.role.value!r} may not access {permission.value}; this needs one of: "
+                              f"{allowed}")
         return principal
 
     return _check

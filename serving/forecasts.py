@@ -11,6 +11,7 @@ serialises nothing. Each worker process has its own caches.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,12 @@ from serving.predictor import predict_shift
 
 if TYPE_CHECKING:
     from serving.metrics import ServiceMetrics
+
+
+log = logging.getLogger("hotspots.serving")
+WARM_FORECASTS = 8  # per city: the recently asked forecasts a new champion computes before it is swapped in
+WARM_EXPLAINED = 20  # and the cells it explains in each (the default k)
+RANKED_ENTRIES = 8  # whole rankings kept serialised (JSON ~1.5 MB, GeoJSON ~4 MB for 6,000 cells)
 
 
 @dataclass(frozen=True)
@@ -51,9 +58,12 @@ class ForecastService:
                  body_cache_bytes: int = 64 * 2**20):
         self.cache: ComputeOnceCache[Forecast] = ComputeOnceCache(cache_size)
         self.bodies = BodyCache(body_cache_bytes, max_item_bytes=body_cache_bytes // 16)
+        # a forecast's whole ranking as JSON items per format (a few MB each): city-wide selections are slices
+        self.ranked: ComputeOnceCache[tuple[bytes, np.ndarray]] = ComputeOnceCache(RANKED_ENTRIES)
         self.metrics = metrics  # cache hits/misses and cold compute seconds, when the app measures them
         self._model_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._recent: dict[str, dict[tuple[int, str], None]] = {}  # city -> recently asked (shift, category), in order
 
     def _model_lock(self, model: LoadedModel) -> threading.Lock:
         with self._locks_guard:
@@ -64,9 +74,33 @@ class ForecastService:
         model = state.model
         key = (state.city, shift_id, category, model.version, state.panel_token)
         forecast, hit = self.cache.get_or_compute(key, lambda: self._compute(state, shift_id, category, key))
+        self._remember(state.city, shift_id, category)
         if self.metrics is not None:
             self.metrics.forecast_lookup(state.city, hit)
         return forecast, hit
+
+    def _remember(self, city: str, shift_id: int, category: str) -> None:
+        with self._locks_guard:
+            recent = self._recent.setdefault(city, {})
+            recent.pop((shift_id, category), None)
+            recent[(shift_id, category)] = None
+            while len(recent) > WARM_FORECASTS:
+                del recent[next(iter(recent))]
+
+    def warm(self, state: CityState) -> None:
+        """Compute, with ``state``'s model and panel, the forecasts recently asked of its city and the
+        explanations of their first cells: called by the model store before it swaps ``state`` in."""
+        with self._locks_guard:
+            recent = list(self._recent.get(state.city, {}))
+        for shift_id, category in reversed(recent):  # the most recent first
+            if category != state.model.target or not state.panel.first_shift <= shift_id <= state.panel.end_shift:
+                continue  # the new model forecasts another category, or the panel changed
+            key = (state.city, shift_id, category, state.model.version, state.panel_token)
+            try:
+                forecast, _ = self.cache.get_or_compute(key, lambda: self._compute(state, shift_id, category, key))
+                forecast.top_features(forecast.order[:WARM_EXPLAINED])
+            except Exception:  # noqa: BLE001 - the request will compute it (and report the failure) itself
+                log.exception("warming %s shift %s with version %s failed", state.city, shift_id, state.model.version)
 
     def body(self, forecast: Forecast, variant: Hashable, make: Callable[[], bytes]) -> bytes:
         """The response body ``variant`` (endpoint, parameters as asked) of a forecast, made once and kept."""
@@ -77,7 +111,7 @@ class ForecastService:
         lock = self._model_lock(model)
         with lock:  # one LightGBM call per model at a time
             started = time.perf_counter()  # the work, not the wait for the lock
-            expected, explain_rows = predict_shift(model.forecaster, panel, shift_id, lock)
+            expected, explain_rows = predict_shift(model.forecaster, panel, shift_id)
         order = rank_cells(expected, shift_id)[0]
         percentile = 100.0 * np.searchsorted(np.sort(expected), expected, side="right") / expected.size
         if self.metrics is not None:

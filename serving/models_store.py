@@ -9,8 +9,10 @@ local copy and says so (``source == "local_fallback"``).
 
 :meth:`ModelStore.refresh` re-reads the panels folder (new, changed or removed panels) and the registry
 (champion moved, removed or new) and swaps in a new snapshot under a lock; requests call
-:meth:`ModelStore.maybe_refresh`, which does so at most every ``refresh_seconds`` and never makes a request wait
-for a refresh another thread is already doing. Readers only ever see whole snapshots.
+:meth:`ModelStore.maybe_refresh`, which starts such a refresh in a background thread at most every
+``refresh_seconds`` and returns at once: a moved champion is downloaded, unpickled and warmed (``warm``: the
+forecasts recently asked of the city, computed with the new model) off the request path, and swapped in when
+ready, so no request waits for a model load. Readers only ever see whole snapshots.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import forecasting.registry  # noqa: F401  (every forecaster's module imported before a model is unpickled: never the model's code copy)
 from features.panel import CountPanel
@@ -38,6 +41,9 @@ log = logging.getLogger("hotspots.serving")
 ModelSource = Literal["registry", "local_fallback"]
 KEEP_COPIES = 3  # model versions kept on disk per city (the champion included)
 NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+# Background refreshes start at least this long after the previous one ended, even with refresh_seconds 0: a
+# registry read is tens of ms of Python, and back-to-back reads would take the GIL from the requests.
+MIN_REFRESH_GAP = 0.25
 
 
 class RegistryUnreachable(RuntimeError):
@@ -97,6 +103,8 @@ class ModelStore:
         self._states: dict[str, CityState] = {}
         self._lock = threading.Lock()
         self._last_refresh: float | None = None
+        # called with a city's next state when its model or panel changed, before that state is swapped in
+        self.warm: Callable[[CityState], None] | None = None
 
     # --- reading -----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, CityState]:
@@ -110,26 +118,57 @@ class ModelStore:
 
     # --- refreshing --------------------------------------------------------------------------------
     def maybe_refresh(self) -> None:
+        """Never waits for a load: before the first snapshot (start-up) it refreshes in line (there is nothing to
+        serve yet); afterwards, when one is due and none is running, a background thread refreshes."""
         if self._last_refresh is None:
             self.refresh()
             return
-        if time.monotonic() - self._last_refresh < self.refresh_seconds:
+        if time.monotonic() - self._last_refresh < max(self.refresh_seconds, MIN_REFRESH_GAP):
             return
         if self._lock.acquire(blocking=False):  # someone else refreshing: serve the current snapshot
             try:
-                self._refresh_locked()
-            except Exception:  # noqa: BLE001 - a failed refresh must not fail the request: keep the snapshot
-                log.exception("model refresh failed; still serving the previous snapshot")
-            finally:
+                threading.Thread(target=self._refresh_in_background, name="model-refresh", daemon=True).start()
+            except BaseException:
                 self._lock.release()
+                raise
+
+    def _refresh_in_background(self) -> None:
+        """Runs with ``_lock`` held (taken by :meth:`maybe_refresh`), releases it when done."""
+        try:
+            self._refresh_locked()
+        except Exception:  # noqa: BLE001 - a failed refresh must not fail anything: keep the snapshot
+            log.exception("model refresh failed; still serving the previous snapshot")
+        finally:
+            self._lock.release()
 
     def refresh(self) -> dict[str, CityState]:
         with self._lock:
             return self._refresh_locked()
 
+    def registry_file(self) -> Path | None:
+        """The SQLite file of an embedded registry (None for a server or another store)."""
+        uri = self.settings.tracking_uri
+        return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+    def registry_present(self) -> bool:
+        """Cheap check for /readyz: an embedded registry's file still exists."""
+        path = self.registry_file()
+        return path is None or path.is_file()
+
     def client(self):
+        """A client on the registry; never creates one: MLflow makes an empty SQLite registry on connect, so a
+        missing file, or one without the registry's tables, counts as unreachable (the local copy is served)."""
         from mlflow.tracking import MlflowClient
 
+        path = self.registry_file()
+        if path is not None:
+            if not path.is_file():
+                raise RegistryUnreachable(f"the registry file {path.name} is missing")
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as raw:
+                found = raw.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                    "AND name = 'registered_models'").fetchone()
+            if found is None:
+                raise RegistryUnreachable(f"the registry file {path.name} holds no model registry")
         uri = self.settings.tracking_uri
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -158,6 +197,12 @@ class ModelStore:
                 status, message = "panel_error", f"panel at {folder} could not be read ({panel_error}): run `hotspots panel {city}`"
             states[city] = CityState(city, registered_name(city), folder, panel, token, model, status, message,
                                      reachable, _now())
+            if old is not None and self.warm is not None and states[city].ready and (
+                    old.model is None or old.model.version != model.version or old.panel_token != token):
+                try:  # before the swap: the first requests on the new model find its forecasts computed
+                    self.warm(states[city])
+                except Exception:  # noqa: BLE001 - a cold cache is slower, not wrong
+                    log.exception("warming %s version %s failed", city, model.version)
         self._states = states
         self.registry_reachable, self.registry_error = reachable, error
         self._last_refresh = time.monotonic()
@@ -305,6 +350,21 @@ class ModelStore:
             raise RegistryUnreachable(_redact(f"{type(exc).__name__}: {exc}")) from exc
         aliases = {alias: str(version) for alias, version in (registered.aliases or {}).items()}
         return True, aliases, sorted(versions, key=lambda v: -int(v.version))
+
+
+def public_message(state: CityState) -> str | None:
+    """What /readyz (unauthenticated) may say about a city: versions and what to do, never error text or paths."""
+    if state.status == "registry_unreachable":
+        return "the model registry cannot be read and there is no local copy of a champion (details in the service log)"
+    if state.status == "load_failed" and state.message:
+        head = state.message.split(" failed to load", 1)[0]
+        still = re.search(r"; still serving version \S+$", state.message)
+        return f"{head} failed to load (details in the service log)" + (still.group(0) if still else "")
+    if state.status == "ready" and state.model is not None and state.model.source == "local_fallback":
+        return "the model registry cannot be read; serving the last-good local copy"
+    if state.status == "ready" and state.message:
+        return "the model registry cannot be read; serving the model loaded before"
+    return state.message
 
 
 def _redact(text: str) -> str:

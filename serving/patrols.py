@@ -21,10 +21,11 @@ import h3
 import numpy as np
 import polars as pl
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from features.panel import CountPanel
-from serving.db import AuditRow, Database, PatrolRow, as_utc
+from serving.chain import chain_insert
+from serving.db import Database, IdempotencyRow, PatrolRow, as_utc
 from serving.errors import FieldError
 from serving.keys import Principal
 from serving.schemas import PatrolRequest
@@ -151,25 +152,54 @@ def check_patrols(panel: CountPanel, request: PatrolRequest, now: datetime) -> P
 # --- storing and reading ------------------------------------------------------------------------------
 
 
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key reused for a different report."""
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    key: str  # the client's Idempotency-Key
+    request_hash: str  # sha256 of the report as parsed
+    response: bytes  # the answer to store with it
+
+
 class PatrolLog:
     def __init__(self, db: Database):
         self.db = db
 
+    def replay(self, key_id: str, idempotency: Idempotency) -> bytes | None:
+        """The stored first answer for this key and Idempotency-Key, None when there is none (a conflict when the
+        key came with another report)."""
+        with self.db.session() as session:
+            row = session.get(IdempotencyRow, (key_id, idempotency.key))
+        if row is None:
+            return None
+        if row.request_hash != idempotency.request_hash:
+            raise IdempotencyConflict(idempotency.key)
+        return bytes(row.body)
+
     def record(self, batch: PatrolBatch, principal: Principal, recorded_at: datetime,
-               audit: dict[str, Any] | None = None) -> int:
-        """Insert one row per cell and, in the same transaction, the audit entry
-        (``audit`` = endpoint, params, response_bytes). Returns the rows stored."""
+               audit: dict[str, Any] | None = None, idempotency: Idempotency | None = None) -> int:
+        """Insert one row per cell and, in the same transaction, the audit entry (``audit`` = endpoint, params,
+        response_bytes) and the idempotency key with its answer. Returns the rows stored; raises IntegrityError
+        when another request stored the same idempotency key first (nothing of this one is stored)."""
         rows = [
             {"city": batch.city, "shift_id": batch.shift_id, "shift_start": batch.start_utc, "h3": cell,
              "dose_minutes": dose, "key_id": principal.key_id, "recorded_at": recorded_at}
             for cell, dose in zip(batch.h3_ids, batch.doses.tolist())
         ]
-        with self.db.session.begin() as session:
-            session.execute(insert(PatrolRow), rows)
+        with self.db.engine.begin() as conn:
+            if idempotency is not None:  # first: a concurrent duplicate fails here, before any log row
+                conn.execute(IdempotencyRow.__table__.insert(), {
+                    "key_id": principal.key_id, "idempotency_key": idempotency.key,
+                    "request_hash": idempotency.request_hash, "status": 201, "body": idempotency.response,
+                    "created_at": recorded_at})
+            chain_insert(conn, "patrol_log", rows)
             if audit is not None:
-                session.add(AuditRow(at=recorded_at, key_id=principal.key_id, role=principal.role.value,
-                                     endpoint=audit["endpoint"], params=json.dumps(audit["params"], sort_keys=True, default=str),
-                                     city=batch.city, model_version=None, response_bytes=int(audit["response_bytes"])))
+                chain_insert(conn, "audit_log", [dict(
+                    at=recorded_at, key_id=principal.key_id, role=principal.role.value, endpoint=audit["endpoint"],
+                    params=json.dumps(audit["params"], sort_keys=True, default=str), city=batch.city,
+                    model_version=None, response_bytes=int(audit["response_bytes"]))])
         return len(rows)
 
     def totals(self, city: str, start: datetime | None = None, end: datetime | None = None,

@@ -3,12 +3,12 @@
 Every forecaster answers through its contract, ``predict_explained(panel, shift)``: the expected counts (from
 the panel's history before the shift only) and an explanation whose rows are computed on demand, or None for
 forecasters without explanations (count maps), whose cells then carry no drivers. Nothing here reads a
-forecaster's internals, so any registered forecaster can be the champion.
+forecaster's internals, so any registered forecaster can be the champion. The caller serialises forecasts per
+model; an explanation is safe to call from any thread (a forecaster that needs a lock for it keeps its own), so
+explaining a long list of cells never holds up the cold forecasts of other shifts.
 """
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 
@@ -16,17 +16,11 @@ from features.panel import CountPanel
 from serving.explanations import RowsExplainer
 
 
-def predict_shift(forecaster, panel: CountPanel, shift_id: int,
-                  lock: threading.Lock) -> tuple[np.ndarray, RowsExplainer]:
-    """Expected counts of every cell, and a function explaining given cells (under ``lock``: one model call
-    per model at a time)."""
+def predict_shift(forecaster, panel: CountPanel, shift_id: int) -> tuple[np.ndarray, RowsExplainer]:
+    """Expected counts of every cell, and a function explaining given cells."""
     expected, explanation = forecaster.predict_explained(panel, shift_id)
     expected = np.asarray(expected, dtype=np.float64).reshape(-1)
     if explanation is None:
         return expected, lambda cells: (np.zeros((np.asarray(cells).size, 0)), [])
-
-    def explain_rows(cells: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        with lock:
-            return explanation.rows(cells), list(explanation.names)
-
-    return expected, explain_rows
+    names = list(explanation.names)
+    return expected, lambda cells: (explanation.rows(cells), names)

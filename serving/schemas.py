@@ -58,7 +58,9 @@ class ForecastQuery(_Query):
 
 
 class HotspotsQuery(_Query):
-    k: int | None = Field(None, ge=1, description="Number of top cells (1..number of study-area cells); default 20.")
+    k: int | None = Field(None, ge=1, description="Number of top cells; default 20. JSON and GeoJSON: up to every "
+                                                  "study-area cell, the first 100 with top features (the rest carry "
+                                                  "an empty list); PNG: up to 200 (a printable map).")
     coverage: float | None = Field(
         None, gt=0, le=1,
         description="Share of the study area's area to flag (0 < coverage <= 1): the top cells whose cumulative "
@@ -164,13 +166,16 @@ class Hotspot(BaseModel):
     centroid: LatLon
     area_km2: float
     cumulative_area_share: float = Field(..., description="Area of the cells ranked 1..rank over the study area.")
-    top_features: list[Contribution] = Field(..., description="The 3 largest feature contributions (by size).")
+    top_features: list[Contribution] = Field(..., description="The 3 largest feature contributions (by size); "
+                                                              "empty after the first 100 ranks.")
 
 
 class Selection(BaseModel):
     k: int | None = Field(None, description="k as asked (or the default).")
     coverage: float | None = Field(None, description="coverage as asked.")
     n_cells: int = Field(..., description="Cells returned.")
+    explained_cells: int = Field(..., description="The first cells that carry top features (at most 100); later "
+                                                  "cells have an empty top_features list.")
     area_km2: float
     area_share: float = Field(..., description="Their area over the study area's (>= coverage when coverage is asked).")
     expected_share: float = Field(..., description="Their expected count over the study area's.")

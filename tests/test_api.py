@@ -248,7 +248,19 @@ def test_audit_log_records_forecasts_and_is_append_only(svc):
     assert get(svc, "/v1/hotspots", city="atlantis").status_code == 404  # no forecast, no entry
     get(svc, "/v1/cities")
     latest = entries(limit=3)
-    assert len(entries(limit=1000)) == len(before) + 3
+    everything = entries(limit=1000)
+    new = everything[:len(everything) - len(before)]
+    assert everything[len(new):] == before
+    # the three forecasts, between the two audit reads before them and after them (a read is audited after it
+    # is made, so it is not in its own page); the 404 and /v1/cities leave no entry
+    assert [e["endpoint"] for e in new] == ["/v1/audit", "/v1/forecast", "/v1/hotspots.geojson", "/v1/hotspots",
+                                            "/v1/audit"]
+    auditor_id = svc.keys[Role.auditor].split("_")[1]
+    assert [(e["key_id"], e["role"], e["params"], e["city"], e["model_version"], e["response_bytes"])
+            for e in (new[0], new[4])] == [
+        (auditor_id, "auditor", {"limit": 3, "before_id": None, "rows": 3}, None, None, 0),
+        (auditor_id, "auditor", {"limit": 1000, "before_id": None, "rows": len(before)}, None, None, 0)]
+    assert new[1:4] == latest
     assert [e["endpoint"] for e in latest] == ["/v1/forecast", "/v1/hotspots.geojson", "/v1/hotspots"]
     assert latest[0]["id"] > latest[1]["id"] > latest[2]["id"]
     planner_id = svc.keys[Role.planner].split("_")[1]
@@ -319,7 +331,10 @@ def test_new_champion_is_picked_up_after_refresh(svc):
         ready = {c["city"]: c for c in svc.client.get("/readyz").json()["cities"]}[CITY]
         assert ready["model_version"] == v2 and ready["model_source"] == "registry"
         response = get(svc, "/v1/hotspots", city=CITY, k=3)
-        assert response.json()["model"]["version"] == v2 and response.headers["x-cache"] == "miss"
+        # computed with v2 by the refresh, before the swap (the shift was asked just before): a cache hit
+        assert response.json()["model"]["version"] == v2 and response.headers["x-cache"] == "hit"
+        computed = svc.app.state.forecasts.cache
+        assert any(key[0] == CITY and key[3] == v2 for key in computed._data)
         local = svc.settings.data_dir / "serving" / CITY
         # the new champion is the last-good copy; the previous one stays (swapping back needs no download)
         assert (local / f"v{v2}" / "MLmodel").is_file() and (local / f"v{svc.version}").exists()

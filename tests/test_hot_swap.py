@@ -14,6 +14,7 @@ champion, or an old one after the swap was confirmed) is an error.
 from __future__ import annotations
 
 import shutil
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -121,9 +122,13 @@ def test_moving_the_champion_under_load_loses_no_request(swap):
     assert readiness(base)["model_version"] == swap.v1 and swap.v1 != swap.v2
     periods = [(swap.v1, float("-inf"))]  # (version, alias moved to it at)
     confirmed: list[float] = []  # when /readyz reported each move
+    for shift in SHIFTS:  # computed once, so the baseline below is cached traffic like the rest
+        assert requests.get(f"{base}/v1/hotspots", params={"city": CITY, "k": 10, "shift": shift},
+                            headers={"X-API-Key": swap.key}, timeout=60).status_code == 200
     with Hammer(base, swap.key) as hammer:
-        while hammer.count() < 20:  # traffic is flowing before the first move
+        while hammer.count() < 150:  # traffic is flowing before the first move: the latency baseline
             time.sleep(0.05)
+        first_move = time.monotonic()
         for move in range(6):
             version = swap.v2 if move % 2 == 0 else swap.v1
             moved, seen = move_champion(swap.settings, base, version)
@@ -137,6 +142,22 @@ def test_moving_the_champion_under_load_loses_no_request(swap):
     failed = [a for a in answers if a.status != 200]
     assert not failed, f"{len(failed)} of {len(answers)} requests failed, e.g. {failed[:3]}"
     assert len(answers) >= 100
+    # the new champion is loaded and warmed in the background: no request waits for it. A swap (registry read,
+    # download, load, warm) takes the time between the move and /readyz reporting it; had requests waited for
+    # it, the ~4 in flight at each of the 6 moves (about 5% of the answers) would have taken up to that long.
+    # (The absolute p99 <= 50 ms is asserted in process below; on a shared, loaded 2-core machine this server's
+    # p99 is already 50-100 ms without any swap.)
+    def p50_p99(seconds: list[float]) -> tuple[float, float]:
+        seconds = sorted(seconds)
+        return seconds[len(seconds) // 2], seconds[int(0.99 * (len(seconds) - 1))]
+
+    swap_seconds = [seen - moved for (_, moved), seen in zip(periods[1:], confirmed)]
+    before = p50_p99([a.finished - a.started for a in answers if a.finished < first_move])
+    during = p50_p99([a.finished - a.started for a in answers if a.started >= first_move])
+    print(f"swaps took {min(swap_seconds):.2f}-{max(swap_seconds):.2f} s; p50/p99 before the moves "
+          f"{before[0] * 1000:.1f}/{before[1] * 1000:.1f} ms, during the 6 swaps {during[0] * 1000:.1f}/"
+          f"{during[1] * 1000:.1f} ms")
+    assert during[1] < statistics.median(swap_seconds), f"p99 {during[1]:.2f} s during swaps of {swap_seconds}"
     assert {a.version for a in answers} == {swap.v1, swap.v2}
     assert all(a.version == a.header_version for a in answers)
 
@@ -180,3 +201,79 @@ def test_a_champion_that_fails_to_load_keeps_the_old_one_serving(swap):
 
     move_champion(swap.settings, base, swap.v2)  # a loadable champion is picked up again
     assert readiness(base)["status"] == "ready"
+
+
+LOAD_SECONDS = 1.5  # an artificially slow model load: any request that waited for one would take at least this
+
+
+def test_a_new_champion_loads_in_the_background_and_no_request_waits_for_it(swap, monkeypatch):
+    """In-process: the store re-reads the registry on every request (refresh_seconds=0), every model load takes
+    LOAD_SECONDS, and threads ask for forecasts back to back while the alias moves. Each swap takes at least the
+    load time, yet no request takes that long: the load runs in the background and the new champion is swapped
+    in with the recently asked forecasts already computed (every request is a cache hit)."""
+    import numpy as np
+
+    import serving.models_store as models_store
+    from serving.forecasts import ForecastService
+    from serving.models_store import ModelStore
+
+    real_load = models_store._load_forecaster
+
+    def slow_load(path):
+        time.sleep(LOAD_SECONDS)
+        return real_load(path)
+
+    monkeypatch.setattr(models_store, "_load_forecaster", slow_load)
+    move_champion(swap.settings, swap.server.base_url, swap.v1)  # the live server follows too; it is not asked
+    store, forecasts = ModelStore(swap.settings, refresh_seconds=0), ForecastService(16)
+    store.warm = forecasts.warm
+    store.refresh()
+    shifts = [swap.panel.end_shift - 1, swap.panel.end_shift - 5, swap.panel.end_shift - 9]
+    for shift in shifts:  # traffic before the moves: these are the forecasts a new champion warms
+        forecasts.forecast(store.get(CITY), shift, "all")
+
+    answers: list[tuple[float, str, bool]] = []  # (seconds, version, cache hit)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def client(worker: int) -> None:
+        n = worker
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                store.maybe_refresh()  # what every request's dependency does
+                state = store.get(CITY)
+                forecast, hit = forecasts.forecast(state, shifts[n % len(shifts)], "all")
+                forecast.top_features(forecast.order[:10])
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+            answers.append((time.perf_counter() - started, forecast.model.version, hit))
+            n += 1
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    swaps = []
+    try:
+        for version in (swap.v2, swap.v1, swap.v2):
+            moved = time.monotonic()
+            set_champion(swap.settings, version)
+            while store.get(CITY).model.version != version:
+                assert time.monotonic() - moved < 60, f"version {version} was not swapped in within 60 s"
+                time.sleep(0.01)
+            swaps.append(time.monotonic() - moved)
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+
+    assert not errors, errors[:3]
+    assert min(swaps) >= LOAD_SECONDS  # each swap really waited for a (slow) load ...
+    seconds = np.array([s for s, _, _ in answers])
+    assert len(answers) >= 200 and {v for _, v, _ in answers} == {swap.v1, swap.v2}
+    assert seconds.max() < LOAD_SECONDS / 3, f"a request took {seconds.max():.2f} s: it waited for a model load"
+    assert np.percentile(seconds, 99) <= 0.050, f"p99 {np.percentile(seconds, 99) * 1000:.0f} ms"
+    assert all(hit for _, _, hit in answers), "a new champion was swapped in before its forecasts were computed"

@@ -59,7 +59,7 @@ def test_map_page_is_self_contained_and_needs_no_key(svc):
                     'id="key-form"', 'id="after-data"'):
         assert element in html, element
     config = page_config(html)
-    assert config == {"api": "/v1", "key_header": "X-API-Key", "default_k": 20, "shift_window": 9, "tile_url": None,
+    assert config == {"api": "/v1", "key_header": "X-API-Key", "default_k": 20, "png_max_k": 200, "shift_window": 9, "tile_url": None,
                       "tile_attribution": None}
     # no CDN, no external anything: not in the page, its script or its styles, and the browser is told so
     bodies = {"/map": html}
@@ -210,7 +210,12 @@ def test_briefing_png_is_audited(svc):
     entry = get(svc, "/v1/audit", Role.auditor, limit=1).json()["entries"][0]
     again = get(svc, "/v1/hotspots.png", city=CITY, k=5, shift="2020-02-28T14:00:00-05:00")
     assert again.content == response.content  # drawn once, served again: still one audit entry per request
-    assert get(svc, "/v1/audit", Role.auditor, limit=1).json()["entries"][0]["id"] == entry["id"] + 1
+    # the second drawing is the next forecast entry; between them, the auditor's read of the first
+    between, second = reversed(get(svc, "/v1/audit", Role.auditor, limit=2).json()["entries"])
+    assert (second["id"], second["endpoint"], second["response_bytes"]) == (entry["id"] + 2, "/v1/hotspots.png",
+                                                                          len(response.content))
+    assert (between["id"], between["endpoint"], between["role"], between["params"]) == (
+        entry["id"] + 1, "/v1/audit", "auditor", {"limit": 1, "before_id": None, "rows": 1})
     assert entry["endpoint"] == "/v1/hotspots.png" and entry["role"] == "planner" and entry["city"] == CITY
     assert entry["model_version"] == svc.version and entry["response_bytes"] == len(response.content)
     assert entry["params"]["format"] == "png" and entry["params"]["k"] == 5
@@ -233,7 +238,14 @@ def test_briefing_png_errors_are_json_and_not_audited(svc):
     assert get(svc, "/v1/hotspots.png", city="atlantis").status_code == 404
     unready = get(svc, "/v1/hotspots.png", city=BARE)
     assert unready.status_code == 503 and f"hotspots backtest {BARE}" in unready.json()["detail"]
-    assert get(svc, "/v1/audit", Role.auditor, limit=1).json()["entries"][0]["id"] == before
+    # no forecast entry: only the auditor's read and the two refused keys (401s are audited, with the key id
+    # claimed and never the secret); the 422s, the 404 and the 503 leave nothing
+    after = get(svc, "/v1/audit", Role.auditor, limit=3).json()["entries"]
+    assert [e["id"] for e in after] == [before + 3, before + 2, before + 1]
+    assert [(e["endpoint"], e["role"], e["key_id"]) for e in after] == [
+        ("/v1/hotspots.png", "refused", "0000"), ("/v1/hotspots.png", "refused", "none"),
+        ("/v1/audit", "auditor", svc.keys[Role.auditor].split("_")[1])]
+    assert [e["params"]["status"] for e in after[:2]] == [401, 401] and "nope" not in str(after)
 
 
 def test_openapi_documents_the_new_endpoints(svc):

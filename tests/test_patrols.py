@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 from service_support import CITY, isolated_mlflow_env, panel_only_service, start_databases_together
 
+from serving.chain import verify as verify_chain
 from serving.dependencies import get_now
 from serving.keys import Role
 from serving.patrols import patrol_log
@@ -105,7 +106,11 @@ def test_record_read_back_and_sum(svc):
     with sqlite3.connect(svc.settings.data_dir / "serving.db") as raw:
         columns = [r[1] for r in raw.execute("pragma table_info(patrol_log)")]
         stored = raw.execute("select h3, dose_minutes, shift_start from patrol_log where h3 = ? order by id", (a,)).fetchall()
-    assert columns == ["id", "city", "shift_id", "shift_start", "h3", "dose_minutes", "key_id", "recorded_at"]
+        hashes = raw.execute("select row_hash from patrol_log order by id").fetchall()
+    assert columns == ["id", "city", "shift_id", "shift_start", "h3", "dose_minutes", "key_id", "recorded_at", "row_hash"]
+    # row_hash is the hash chain's sha256 (serving.chain), one per row, and the chain verifies
+    assert len({h for (h,) in hashes}) == len(hashes) and all(len(h) == 64 and int(h, 16) >= 0 for (h,) in hashes)
+    assert verify_chain(svc.app.state.db.engine) == []
     assert [(h, d) for h, d, _ in stored[:3]] == [(a, 30.0), (a, 15.0), (a, 60.0)]
     assert stored[0][2].startswith("2020-02-10 19:00:00")  # UTC
 
@@ -260,10 +265,14 @@ def test_posts_are_audited_without_cell_lists(svc):
     read(svc, Role.analyst, city=CITY, start="2020-02-10T14:00", end="2020-02-10T22:00")
     entry = svc.client.get("/v1/audit", params={"limit": 1}, headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"][0]
     assert entry["endpoint"] == "/v1/patrols" and entry["role"] == "analyst" and entry["params"]["rows"] > 0
-    # a refused report leaves no audit entry
+    # an invalid report (422) leaves no audit entry: the one new entry is the audit read before it
     count = len(svc.client.get("/v1/audit", params={"limit": 1000}, headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"])
-    post(svc, {"city": CITY, "shift": "tomorrow", "patrols": [{"h3": svc.cells[0], "dose_minutes": 1}]})
-    assert len(svc.client.get("/v1/audit", params={"limit": 1000}, headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"]) == count
+    assert post(svc, {"city": CITY, "shift": "tomorrow", "patrols": [{"h3": svc.cells[0], "dose_minutes": 1}]}).status_code == 422
+    after = svc.client.get("/v1/audit", params={"limit": 1000}, headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"]
+    auditor_id = svc.keys[Role.auditor].split("_")[1]
+    assert len(after) == count + 1
+    assert (after[0]["endpoint"], after[0]["key_id"], after[0]["role"], after[0]["params"]) == (
+        "/v1/audit", auditor_id, "auditor", {"limit": 1000, "before_id": None, "rows": count})
 
 
 def test_patrol_and_audit_tables_are_append_only(svc):
@@ -287,4 +296,8 @@ def test_workers_starting_together_on_a_fresh_sqlite_file(tmp_path):
     assert not errors and len(databases) == 4
     with sqlite3.connect(tmp_path / "fresh" / "serving.db") as raw:
         triggers = sorted(r[0] for r in raw.execute("select name from sqlite_master where type = 'trigger'"))
-    assert triggers == ["audit_log_no_delete", "audit_log_no_update", "patrol_log_no_delete", "patrol_log_no_update"]
+    assert triggers == ["audit_log_no_delete", "audit_log_no_replace", "audit_log_no_update",
+                        "patrol_log_no_delete", "patrol_log_no_replace", "patrol_log_no_update"]
+    with sqlite3.connect(tmp_path / "fresh" / "serving.db") as raw:  # one chain head per log, not one per worker
+        assert raw.execute("select table_name, last_id, last_hash from log_chain order by 1").fetchall() == [
+            ("audit_log", 0, ""), ("patrol_log", 0, "")]

@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from serving.audit import AuditLog
+from serving.chain import verify as verify_chain
 from serving.db import APPEND_ONLY_TABLES, AuditRow, Database
 from serving.keys import KeyStore, Principal, Role
 from serving.patrols import patrol_log
@@ -112,7 +113,7 @@ def test_schema_and_triggers_are_created_once_by_concurrent_workers(pg):
             {"s": schema}).all()
         functions = conn.execute(text("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
                                       "WHERE n.nspname = :s AND p.proname = 'hotspots_append_only'"), {"s": schema}).scalar()
-    assert tables == {"alembic_version", "api_keys", "audit_log", "patrol_log"}
+    assert tables == {"alembic_version", "api_keys", "audit_log", "idempotency_keys", "log_chain", "patrol_log"}
     assert [tuple(t) for t in triggers] == [(table, f"{table}_{kind}") for table in sorted(APPEND_ONLY_TABLES)
                                             for kind in ("append_only", "no_truncate")]
     assert functions == 1
@@ -190,15 +191,29 @@ def test_patrol_log_through_the_api_on_postgres(svc, pg):
     assert sorted(log.rows()) == sorted([(sid, a, 45.0), (sid, b, 20.0)])
     assert log.schema == pl.Schema({"shift_id": pl.Int64, "h3": pl.String, "dose_minutes": pl.Float64})
 
-    entry = svc.client.get("/v1/audit", params={"limit": 2}, headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"][1]
-    assert entry["endpoint"] == "/v1/patrols" and entry["params"]["n_cells"] == 1 and entry["role"] == "planner"
+    # newest first: the analyst's read, the two refused requests (401 without a key, 403 for the planner's
+    # read; the 422 leaves no entry), then the second report
+    latest = svc.client.get("/v1/audit", params={"limit": 4}, headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"]
+    planner_id = svc.keys[Role.planner].split("_")[1]
+    assert [(e["endpoint"], e["role"]) for e in latest] == [("/v1/patrols", "analyst"), ("/v1/patrols", "refused"),
+                                                           ("/v1/patrols", "refused"), ("/v1/patrols", "planner")]
+    assert latest[0]["params"]["rows"] == 2
+    assert latest[1]["key_id"] == "none" and latest[1]["params"]["status"] == 401
+    assert "missing API key" in latest[1]["params"]["reason"]
+    assert latest[2]["key_id"] == planner_id and latest[2]["params"]["status"] == 403
+    assert "may not access" in latest[2]["params"]["reason"]
+    assert latest[3]["key_id"] == planner_id and latest[3]["params"]["n_cells"] == 1
 
     # it is all in PostgreSQL, in this run's schema: nothing went to SQLite
     assert not (svc.settings.data_dir / "serving.db").exists()
     with pg.admin.connect() as conn:
         stored = conn.execute(text(f'SELECT h3, dose_minutes, shift_start FROM "{svc.schema}".patrol_log ORDER BY id')).all()
+        hashes = conn.execute(text(f'SELECT row_hash FROM "{svc.schema}".patrol_log ORDER BY id')).scalars().all()
     assert [(h, d) for h, d, _ in stored] == [(a, 30.0), (b, 20.0), (a, 15.0)]
     assert stored[0][2] == datetime(2020, 2, 10, 19, tzinfo=timezone.utc)
+    # every row is in the hash chain, and the chain (audit and patrol logs) verifies on PostgreSQL
+    assert len(set(hashes)) == 3 and all(len(h) == 64 and int(h, 16) >= 0 for h in hashes)
+    assert verify_chain(svc.app.state.db.engine) == []
     for statement in ("UPDATE patrol_log SET dose_minutes = 0", "DELETE FROM patrol_log", "TRUNCATE patrol_log"):
         with pytest.raises(DBAPIError, match="patrol_log is append-only"):
             with svc.app.state.db.engine.begin() as conn:

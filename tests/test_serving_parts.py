@@ -8,6 +8,7 @@ import sqlite3
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 import h3
 import pytest
@@ -15,6 +16,8 @@ import shapely
 from sqlalchemy import create_engine
 
 from serving.caches import BodyCache, ComputeOnceCache
+from serving.chain import chain_insert
+from serving.chain import verify as verify_chain
 from serving.db import Base, Database, MissingDriver
 from serving.geometry import hexagon_ring
 from serving.migrate import head
@@ -91,27 +94,38 @@ def test_a_fresh_sqlite_database_is_migrated_to_head(tmp_path):
     objects, version = _schema(tmp_path / "serving.db")
     assert version == head()
     tables = {name for kind, name in objects if kind == "table"}
-    assert tables == {"alembic_version", "api_keys", "audit_log", "patrol_log"}
+    assert tables == {"alembic_version", "api_keys", "audit_log", "idempotency_keys", "log_chain", "patrol_log"}
     assert {"audit_log_no_update", "audit_log_no_delete", "patrol_log_no_update", "patrol_log_no_delete"} <= {
         name for kind, name in objects if kind == "trigger"}
 
 
-def test_a_database_made_before_migrations_is_adopted_with_its_rows(tmp_path):
-    """A serving.db made by the old create_all (no alembic_version, no triggers yet) keeps its rows and gains
-    the migrations' schema."""
+@pytest.mark.parametrize("with_row_hash", [True, False], ids=["today's models", "before the hash chain"])
+def test_a_database_made_before_migrations_is_adopted_with_its_rows(tmp_path, with_row_hash):
+    """A serving.db made by create_all (no alembic_version, no triggers yet), from today's models (row_hash
+    already there) or older ones (no row_hash), keeps its rows, gains the migrations' schema, and its chain starts
+    after the old rows."""
     path = tmp_path / "serving.db"
     engine = create_engine(f"sqlite:///{path}")
     Base.metadata.tables["api_keys"].create(engine)
     Base.metadata.tables["audit_log"].create(engine)
     engine.dispose()
     with sqlite3.connect(path) as raw:
+        if not with_row_hash:
+            raw.execute("alter table audit_log drop column row_hash")
         raw.execute("insert into audit_log (at, key_id, role, endpoint, params, response_bytes) "
                     "values ('2020-01-01 00:00:00', 'k', 'planner', '/v1/hotspots', '{}', 10)")
-    Database(f"sqlite:///{path}").dispose()
+    db = Database(f"sqlite:///{path}")
     objects, version = _schema(path)
     assert version == head() and ("table", "patrol_log") in objects and ("trigger", "audit_log_no_delete") in objects
+    with db.engine.begin() as conn:
+        assert chain_insert(conn, "audit_log", [{"at": datetime(2021, 1, 1, tzinfo=timezone.utc), "key_id": "k2",
+                                                 "role": "planner", "endpoint": "/v1/audit", "params": "{}",
+                                                 "city": None, "model_version": None, "response_bytes": 5}]) == [2]
+    assert verify_chain(db.engine) == []
+    db.dispose()
     with sqlite3.connect(path) as raw:
-        assert raw.execute("select key_id, endpoint from audit_log").fetchall() == [("k", "/v1/hotspots")]
+        assert raw.execute("select key_id, endpoint, row_hash is null from audit_log order by id").fetchall() == [
+            ("k", "/v1/hotspots", 1), ("k2", "/v1/audit", 0)]
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             raw.execute("delete from audit_log")
 

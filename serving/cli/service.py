@@ -37,6 +37,8 @@ def serve_forever(settings: Settings, host: str, port: int, workers: int, reload
 
     import uvicorn
 
+    from serving.limits import LimitedHttpToolsProtocol
+
     from features.settings import get_settings
 
     os.environ["HOTSPOTS_DATA_DIR"] = str(Path(settings.data_dir).resolve())
@@ -58,7 +60,7 @@ def serve_forever(settings: Settings, host: str, port: int, workers: int, reload
     # place before it started; a no-op one here makes a graceful stop exit 0, as service managers expect
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run("serving.app:create_app", factory=True, host=host, port=port, workers=workers,
-                access_log=access_log, timeout_graceful_shutdown=10)
+                access_log=access_log, timeout_graceful_shutdown=10, http=LimitedHttpToolsProtocol)
 
 
 @app.command()

@@ -42,14 +42,14 @@ class Prepared:
 
 
 def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
-            k: int | None = None, coverage: float | None = None) -> Prepared:
+            k: int | None = None, coverage: float | None = None, max_k: int | None = None) -> Prepared:
     """Checks in the order a caller can act on: city (404), parameters against the panel (422), a champion
     (503), the category against the model (422). Then the (cached) forecast."""
     state = city_state(models, query.city)
     if state.panel is None:
         ready_state(state)
     shift = resolve_shift(state.panel, query.shift, now)
-    check_k(state.panel, k, coverage)
+    check_k(state.panel, k, coverage, max_k)
     check_category(state.panel, query.category, state.city)
     ready_state(state)
     category = resolve_category(state.model, query.category, state.city)
@@ -63,9 +63,9 @@ def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: 
 
 
 async def prepare_off_loop(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
-                           k: int | None = None, coverage: float | None = None) -> Prepared:
+                           k: int | None = None, coverage: float | None = None, max_k: int | None = None) -> Prepared:
     """:func:`prepare` in the thread pool (a cache miss builds features and runs the model: seconds of CPU)."""
-    return await run_in_threadpool(prepare, models, forecasts, query, now, k, coverage)
+    return await run_in_threadpool(prepare, models, forecasts, query, now, k, coverage, max_k)
 
 
 async def respond(request: Request, forecasts: ForecastService, audit: AuditLog, principal: Principal, p: Prepared,

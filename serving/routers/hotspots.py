@@ -5,14 +5,17 @@ selected) and differ only in their renderer."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from serving.briefing import render_briefing
+from serving.checks import EXPLAINED_CELLS, PNG_MAX_K, check_selected
 from serving.audit import AuditLog
 from serving.dependencies import Audit, Forecasts, Models, Now, Planner, Settings_
 from serving.forecasts import ForecastService
@@ -27,6 +30,7 @@ from serving.schemas import (
 )
 
 router = APIRouter(tags=["hotspots"])
+T = TypeVar("T")
 
 ERRORS = {
     401: {"model": ErrorMessage, "description": "Missing, invalid or revoked API key."},
@@ -39,34 +43,52 @@ GEOJSON = "application/geo+json"
 PNG = "image/png"
 
 
-def _hotspots(p: Prepared, query: HotspotsQuery, default_k: int) -> tuple[list[Hotspot], Selection]:
+def yielding(items: Iterable[T], every: int = 200) -> Iterator[T]:
+    """``items``, with the GIL released after every ``every``: another thread's cold forecast (many short
+    numpy/polars calls, each giving the GIL up) would otherwise wait a switch interval for it each time."""
+    for i, item in enumerate(items, start=1):
+        yield item
+        if i % every == 0:
+            time.sleep(0)
+
+
+def _cells(p: Prepared, n: int) -> list[Hotspot]:
+    """The first ``n`` ranked cells, the first EXPLAINED_CELLS with their top features. Built without validation
+    (the values are typed floats already) and yielding the GIL now and then: a city-wide selection is thousands
+    of rows, and must not hold up a cold forecast running beside it."""
     panel, f = p.state.panel, p.forecast
-    n = select_cells(panel, f, query.k, query.coverage, default_k)
     top = f.order[:n]
     try:
-        explained = f.top_features(top)
+        explained = f.top_features(top[:EXPLAINED_CELLS]) + [[]] * max(0, n - EXPLAINED_CELLS)
     except Exception as exc:  # noqa: BLE001 - as a failing forecast (prepare): say so, never a bare 500
         raise ApiError(503, f"the champion model of {p.state.city} (version {f.model.version}) could not explain "
                             f"shift {f.shift_id}: {type(exc).__name__}: {exc}") from exc
     areas = panel.study_area.areas_km2
-    total_area, total_expected = float(areas.sum()), float(f.expected.sum())
     lat, lon = panel.study_area.centroids
     h3_ids = panel.study_area.h3_ids
-    cum_area = np.cumsum(areas[top]) / total_area
-    hotspots = [
-        Hotspot(rank=rank, h3=h3_ids[i], expected_count=float(f.expected[i]),
-                risk_percentile=round(float(f.percentile[i]), 3), centroid=LatLon(lat=float(lat[i]), lon=float(lon[i])),
-                area_km2=float(areas[i]), cumulative_area_share=float(cum_area[rank - 1]),
-                top_features=[Contribution(feature=name, contribution=value) for name, value in why])
-        for rank, (i, why) in enumerate(zip(top.tolist(), explained), start=1)
+    cum_area = np.cumsum(areas[top]) / float(areas.sum())
+    columns = zip(top.tolist(), f.expected[top].tolist(), np.round(f.percentile[top], 3).tolist(), lat[top].tolist(),
+                  lon[top].tolist(), areas[top].tolist(), cum_area.tolist(), explained)
+    return [
+        Hotspot.model_construct(
+            rank=rank, h3=h3_ids[i], expected_count=expected, risk_percentile=percentile,
+            centroid=LatLon.model_construct(lat=y, lon=x), area_km2=area, cumulative_area_share=share,
+            top_features=[Contribution.model_construct(feature=name, contribution=value) for name, value in why])
+        for rank, (i, expected, percentile, y, x, area, share, why) in enumerate(yielding(columns), start=1)
     ]
-    selection = Selection(
+
+
+def _selection(p: Prepared, query: HotspotsQuery, n: int) -> Selection:
+    panel, f = p.state.panel, p.forecast
+    areas, top = panel.study_area.areas_km2, f.order[:n]
+    total_area, total_expected = float(areas.sum()), float(f.expected.sum())
+    return Selection(
         k=None if query.coverage is not None else (query.k if query.k is not None else n), coverage=query.coverage,
-        n_cells=n, area_km2=float(areas[top].sum()), area_share=float(cum_area[-1]),
+        n_cells=n, explained_cells=min(n, EXPLAINED_CELLS), area_km2=float(areas[top].sum()),
+        area_share=float(np.cumsum(areas[top])[-1] / total_area),  # as the ranked cells' cumulative share
         expected_share=float(f.expected[top].sum() / total_expected) if total_expected > 0 else 0.0,
         study_area_cells=panel.n_cells, study_area_km2=total_area,
     )
-    return hotspots, selection
 
 
 @dataclass(frozen=True)
@@ -88,7 +110,10 @@ class HotspotsRequest:
         return None if self.query.coverage is not None else self.n
 
     def hotspots(self) -> tuple[list[Hotspot], Selection]:
-        return _hotspots(self.p, self.query, self.default_k)
+        return _cells(self.p, self.n), self.selection()
+
+    def selection(self) -> Selection:
+        return _selection(self.p, self.query, self.n)
 
     async def respond(self, kind: str, render: Callable[["HotspotsRequest"], bytes], media_type: str,
                       **params: Any) -> Response:
@@ -103,29 +128,68 @@ class HotspotsRequest:
 async def prepared_hotspots(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()],
                             models: Models, forecasts: Forecasts, audit: Audit, service: Settings_,
                             now: Now) -> HotspotsRequest:
-    p = await prepare_off_loop(models, forecasts, query, now, query.k, query.coverage)
+    max_k = PNG_MAX_K if request.url.path.endswith(".png") else None
+    p = await prepare_off_loop(models, forecasts, query, now, query.k, query.coverage, max_k)
     n = select_cells(p.state.panel, p.forecast, query.k, query.coverage, service.default_k)
+    check_selected(n, query.coverage, max_k)
     return HotspotsRequest(request, principal, query, forecasts, audit, service.default_k, p, n)
 
 
 PreparedHotspots = Annotated[HotspotsRequest, Depends(prepared_hotspots)]
 
 
+def _features(cells: list[Hotspot], ctx: dict[str, Any]) -> list[HotspotFeature]:
+    version, start, end = ctx["model"]["version"], ctx["shift"]["start"], ctx["shift"]["end"]
+    return [
+        HotspotFeature.model_construct(
+            id=cell.h3, geometry=Polygon.model_construct(coordinates=[hexagon_ring(cell.h3)]),
+            properties=HotspotProperties.model_construct(**vars(cell), model_version=version, shift_start=start,
+                                                         shift_end=end))
+        for cell in yielding(cells)
+    ]
+
+
+_ITEM = {"hotspots": Hotspot.__pydantic_serializer__, "geojson": HotspotFeature.__pydantic_serializer__}
+
+
+def _items(r: HotspotsRequest, kind: str, n: int) -> list:
+    cells = _cells(r.p, n)
+    return cells if kind == "hotspots" else _features(cells, context(r.p))
+
+
+def _ranked(r: HotspotsRequest, kind: str) -> tuple[bytes, np.ndarray]:
+    """The whole ranking of the request's forecast as JSON items (``kind``), joined, and where each item ends:
+    made once per forecast and format, by its first selection above EXPLAINED_CELLS; any such k is then a slice."""
+    f = r.p.forecast
+
+    def make() -> tuple[bytes, np.ndarray]:
+        parts = [_ITEM[kind].to_json(item) for item in yielding(_items(r, kind, f.order.size))]
+        return b",".join(parts), np.cumsum([len(part) + 1 for part in parts]) - 1
+
+    return r.forecasts.ranked.get_or_compute((f.key, kind), make)[0]
+
+
+def _body(r: HotspotsRequest, kind: str, envelope: BaseModel, field: str) -> bytes:
+    """``envelope``'s JSON with its (empty) list ``field`` holding the first r.n items: the same bytes as one
+    model_dump_json of the whole response."""
+    head = envelope.model_dump_json().encode()
+    marker = f'"{field}":[]'.encode()
+    at = head.index(marker) + len(marker) - 1  # the list's closing bracket
+    if r.n <= EXPLAINED_CELLS:
+        items = b",".join(_ITEM[kind].to_json(item) for item in _items(r, kind, r.n))
+    else:
+        joined, ends = _ranked(r, kind)
+        items = joined[: int(ends[r.n - 1])]
+    return head[:at] + items + head[at:]
+
+
 def render_json(r: HotspotsRequest) -> bytes:
-    cells, selection = r.hotspots()
-    return HotspotsResponse(**context(r.p), selection=selection, hotspots=cells).model_dump_json().encode()
+    return _body(r, "hotspots", HotspotsResponse(**context(r.p), selection=r.selection(), hotspots=[]), "hotspots")
 
 
 def render_geojson(r: HotspotsRequest) -> bytes:
-    cells, selection = r.hotspots()
-    ctx = context(r.p)
-    features = [
-        HotspotFeature(id=cell.h3, geometry=Polygon(coordinates=[hexagon_ring(cell.h3)]),
-                       properties=HotspotProperties(**cell.model_dump(), model_version=ctx["model"]["version"],
-                                                    shift_start=ctx["shift"]["start"], shift_end=ctx["shift"]["end"]))
-        for cell in cells
-    ]
-    return HotspotCollection(features=features, hotspots=HotspotsMeta(**ctx, selection=selection)).model_dump_json().encode()
+    meta = HotspotsMeta(**context(r.p), selection=r.selection())
+    return _body(r, "geojson", HotspotCollection(features=[], hotspots=meta), "features")
 
 
 def render_png(r: HotspotsRequest) -> bytes:

@@ -19,6 +19,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
 from features.settings import Settings
+from serving.checks import PNG_MAX_K
 from serving.dependencies import API_KEY_HEADER, Settings_
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -47,7 +48,8 @@ def page_config(service: Settings) -> dict:
     attribution = None
     if host:
         attribution = "Base map © OpenStreetMap contributors" if "openstreetmap" in host else f"Base map: {host}"
-    return {"api": "/v1", "key_header": API_KEY_HEADER, "default_k": service.default_k, "shift_window": SHIFT_WINDOW,
+    return {"api": "/v1", "key_header": API_KEY_HEADER, "default_k": service.default_k, "png_max_k": PNG_MAX_K,
+            "shift_window": SHIFT_WINDOW,
             "tile_url": tiles, "tile_attribution": attribution}
 
 

@@ -3,19 +3,21 @@ totals back. Only cells, minutes and shifts: no free text, no people."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Annotated
 from zoneinfo import ZoneInfo
 
 import polars as pl
-from fastapi import APIRouter, Query, Request
+from sqlalchemy.exc import IntegrityError
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 
 from serving.db import utcnow
 from serving.dependencies import Audit, Metrics, Models, Now, PatrolReader, PatrolRecorder, Patrols, city_state
 from serving.errors import ApiError, FieldError
 from serving.models_store import CityState, ModelStore
-from serving.patrols import check_patrols, utc_instant
+from serving.patrols import Idempotency, IdempotencyConflict, PatrolLog, check_patrols, utc_instant
 from serving.routers.hotspots import ERRORS
 from serving.schemas import PatrolQuery, PatrolReceipt, PatrolRequest, PatrolShift, PatrolTotal, PatrolTotals
 
@@ -44,9 +46,19 @@ def _panel_state(models: ModelStore, city: str) -> CityState:
 @router.post("/patrols", status_code=201, response_model=PatrolReceipt, responses=POST_ERRORS,
              summary="Record the patrol minutes spent in cells during a shift (append-only)")
 def record_patrols(request: Request, body: PatrolRequest, principal: PatrolRecorder, models: Models,
-                   patrols: Patrols, metrics: Metrics, now: Now) -> Response:
+                   patrols: Patrols, metrics: Metrics, now: Now,
+                   idempotency_key: Annotated[str | None, Header(max_length=200, description=(
+                       "Any unique string per report (e.g. a UUID): a retry with the same key returns the first "
+                       "answer and stores nothing again."))] = None) -> Response:
     state = _panel_state(models, body.city)
     batch = check_patrols(state.panel, body, now)
+    pending = None
+    if idempotency_key:
+        request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+        pending = Idempotency(idempotency_key, request_hash, b"")
+        first = _replay(patrols, principal.key_id, pending)
+        if first is not None:
+            return first
     recorded_at = utcnow()
     receipt = PatrolReceipt(
         city=batch.city, count=len(batch.h3_ids), total_minutes=batch.total_minutes, recorded_at=recorded_at,
@@ -57,14 +69,34 @@ def record_patrols(request: Request, body: PatrolRequest, principal: PatrolRecor
     params = {"city": batch.city, "shift": body.shift.isoformat(), "shift_id": batch.shift_id,
               "shift_start": batch.start_local.isoformat(), "n_cells": len(batch.h3_ids),
               "total_minutes": batch.total_minutes}  # no cell list: a count is enough for the audit trail
+    if pending is not None:
+        pending = Idempotency(pending.key, pending.request_hash, content)
     try:
-        rows = patrols.record(batch, principal, recorded_at,
+        rows = patrols.record(batch, principal, recorded_at, idempotency=pending,
                               audit={"endpoint": request.url.path, "params": params, "response_bytes": len(content)})
+    except IntegrityError:  # the same Idempotency-Key stored by a concurrent request first
+        first = _replay(patrols, principal.key_id, pending) if pending is not None else None
+        if first is None:
+            raise ApiError(503, "the patrol log cannot be written; nothing was stored, try again") from None
+        return first
     except Exception as exc:  # noqa: BLE001 - a database problem is the operator's: say so, never a bare 500
         raise ApiError(503, "the patrol log cannot be written; nothing was stored, try again") from exc
     metrics.patrols_recorded(batch.city, rows)
     return Response(content=content, status_code=201, media_type="application/json",
                     headers={"Cache-Control": "no-store"})
+
+
+def _replay(patrols: PatrolLog, key_id: str, pending: Idempotency) -> Response | None:
+    """The first answer to this Idempotency-Key (marked as a replay), None when there is none."""
+    try:
+        first = patrols.replay(key_id, pending)
+    except IdempotencyConflict:
+        raise FieldError("Idempotency-Key", f"{pending.key!r} was already used for another report: send a new key "
+                                            f"for a new report", location="header") from None
+    if first is None:
+        return None
+    return Response(content=first, status_code=201, media_type="application/json",
+                    headers={"Cache-Control": "no-store", "Idempotent-Replayed": "true"})
 
 
 def _bound(field: str, moment: datetime | None, tz: str) -> datetime | None:

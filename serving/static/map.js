@@ -554,7 +554,9 @@
   $("change-key").addEventListener("click", () => askKey(""));
   $("download").addEventListener("click", async () => {
     try {
-      const blob = await api("/hotspots.png", selection(), "blob");
+      const params = selection();  // the briefing PNG numbers at most png_max_k cells
+      params.k = String(Math.min(Number(params.k), CONFIG.png_max_k));
+      const blob = await api("/hotspots.png", params, "blob");
       const link = document.createElement("a");
       link.href = URL.createObjectURL(blob);
       const meta = state.data && state.data.hotspots;

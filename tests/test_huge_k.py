@@ -1,0 +1,124 @@
+"""The bounds of a hotspots request per format, and what a huge one costs the others.
+
+JSON and GeoJSON return up to every study-area cell but explain (top features) only the first EXPLAINED_CELLS;
+the PNG numbers at most PNG_MAX_K cells. Explanations run on the model's own explanation booster and lock, so a
+city-wide request does not hold up a cold forecast of another shift on the same model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import threading
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+from conftest import toronto_box_panel
+from service_support import CITY, PANEL_END, asgi_service, get, problem
+
+from features.paths import DataPaths
+
+from serving.checks import EXPLAINED_CELLS, PNG_MAX_K
+from serving.predictor import _explainer
+
+
+@pytest.fixture(scope="module")
+def svc(toronto_incidents, tmp_path_factory):
+    """The test champion served on the whole of Toronto (about 6,000 cells, six months): city-sized requests."""
+
+    def whole_city(city):
+        _, panel = toronto_box_panel(toronto_incidents, (43.57, 43.86), (-79.65, -79.10),
+                                     datetime(2019, 9, 1, tzinfo=timezone.utc), PANEL_END)
+        shutil.rmtree(DataPaths(city.settings).panel(CITY))
+        panel.save(DataPaths(city.settings).panel(CITY))
+        city.panel = panel
+
+    with asgi_service(toronto_incidents, tmp_path_factory.mktemp("huge_k"), before_start=whole_city) as service:
+        assert service.app.state.models.get(CITY).panel.n_cells == service.panel.n_cells > 5000
+        yield service
+
+
+def test_every_cell_as_json_and_geojson_with_the_first_ones_explained(svc):
+    n = svc.panel.n_cells
+    shift = "2020-02-27T22:00:00-05:00"
+    body = get(svc, "/v1/hotspots", city=CITY, k=n, shift=shift).json()
+    assert body["selection"]["n_cells"] == n == len(body["hotspots"]) and body["selection"]["explained_cells"] == EXPLAINED_CELLS
+    assert [h["rank"] for h in body["hotspots"]] == list(range(1, n + 1))
+    assert all(len(h["top_features"]) == 3 for h in body["hotspots"][:EXPLAINED_CELLS])
+    assert all(h["top_features"] == [] for h in body["hotspots"][EXPLAINED_CELLS:])
+    small = get(svc, "/v1/hotspots", city=CITY, k=7, shift=shift).json()
+    assert small["selection"]["explained_cells"] == 7 and small["hotspots"] == body["hotspots"][:7]
+    geo = get(svc, "/v1/hotspots.geojson", city=CITY, coverage=1.0, shift=shift).json()
+    assert len(geo["features"]) == n and geo["hotspots"]["selection"]["explained_cells"] == EXPLAINED_CELLS
+    assert [f["properties"]["top_features"] for f in geo["features"]] == [h["top_features"] for h in body["hotspots"]]
+
+
+def test_the_png_is_bounded_to_a_printable_number_of_cells(svc):
+    shift = "2020-02-27T22:00:00-05:00"
+    assert get(svc, "/v1/hotspots.png", city=CITY, k=PNG_MAX_K, shift=shift).headers["content-type"] == "image/png"
+    message = problem(get(svc, "/v1/hotspots.png", city=CITY, k=PNG_MAX_K + 1, shift=shift), "k")
+    assert f"at most {PNG_MAX_K}" in message and "/v1/hotspots.geojson" in message
+    message = problem(get(svc, "/v1/hotspots.png", city=CITY, coverage=0.9, shift=shift), "coverage")
+    assert f"at most {PNG_MAX_K}" in message and "smaller coverage" in message
+    # documented where clients look: the OpenAPI description of k, and the README
+    k = {p["name"]: p for p in svc.client.get("/openapi.json").json()["paths"]["/v1/hotspots"]["get"]["parameters"]}["k"]
+    assert f"first {EXPLAINED_CELLS} with top features" in k["description"] and f"up to {PNG_MAX_K}" in k["description"]
+
+
+def test_explanations_come_from_a_copy_of_the_booster_with_the_same_contributions(svc):
+    model = svc.app.state.models.get(CITY).model.forecaster
+    explainer, lock = _explainer(model.booster_, model.best_iteration_)
+    assert explainer is not model.booster_ and _explainer(model.booster_, model.best_iteration_)[0] is explainer
+    X = np.random.default_rng(0).random((5, len(model.columns_)))
+    assert np.allclose(explainer.predict(X, num_iteration=model.best_iteration_, pred_contrib=True),
+                       model.booster_.predict(X, num_iteration=model.best_iteration_, pred_contrib=True))
+
+
+def test_a_huge_k_request_does_not_slow_a_concurrent_cold_forecast(svc):
+    """Cold forecasts of fresh shifts, timed alone, then while city-wide requests (every cell but a few, a body
+    made anew each time) run back to back on an already computed forecast of the same model: at most 1.5x
+    slower."""
+    n = svc.panel.n_cells
+    warm_shift = "2020-02-26T14:00:00-05:00"
+    # the forecast the city-wide requests select from is computed and its ranking serialised once per format
+    # (the first city-wide request of a forecast does it); later city-wide requests are slices of it
+    for path in ("/v1/hotspots", "/v1/hotspots.geojson"):
+        assert get(svc, path, city=CITY, k=n, shift=warm_shift).status_code == 200
+    days = iter(range(1, 29))  # 11 used  # same shift of day, a fresh day each time: every forecast below is cold
+
+    def cold() -> float:
+        shift = f"2020-01-{next(days):02d}T14:00:00-05:00"
+        started = time.perf_counter()
+        response = get(svc, "/v1/hotspots", city=CITY, k=10, shift=shift)
+        assert response.status_code == 200 and response.headers["x-cache"] == "miss"
+        return time.perf_counter() - started
+
+    cold()  # the first cold forecast of the process pays one-off costs
+    stop, huge = threading.Event(), []
+
+    def city_wide() -> None:
+        i = 0
+        while not stop.is_set():
+            path = ("/v1/hotspots", "/v1/hotspots.geojson")[i % 2]
+            started = time.perf_counter()
+            response = get(svc, path, city=CITY, k=n - 1 - len(huge) // 2, shift=warm_shift)  # a new body each time
+            huge.append((response.status_code, time.perf_counter() - started))
+            i += 1
+
+    alone, together = [], []
+    for _ in range(5):  # interleaved, so a change in the shared machine's load hits both alike
+        alone.append(cold())
+        stop.clear()
+        thread = threading.Thread(target=city_wide, daemon=True)
+        thread.start()
+        time.sleep(0.05)  # the huge request is under way
+        together.append(cold())
+        stop.set()
+        thread.join(60)
+    assert huge and all(status == 200 for status, _ in huge), huge
+    ratio = statistics.median(together) / statistics.median(alone)
+    print(f"cold forecast alone {alone}, with city-wide requests {together}; ratio {ratio:.2f}; "
+          f"city-wide requests {len(huge)}, median {statistics.median(s for _, s in huge):.3f} s")
+    assert ratio <= 1.5, f"alone {alone}, with a huge-k request running {together}"
