@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import fields
 from datetime import date, datetime
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -155,6 +155,10 @@ def backtest(
                                                "cells; such a backtest registers nothing (the service serves the "
                                                "saved panel's shifts)."),
     data_dir: Optional[Path] = DataDir,
+    cluster: Annotated[Optional[str], typer.Option(
+        "--cluster", help="Run the refits as tasks on this Dask scheduler, e.g. tcp://10.0.0.5:8786 (extra `dask`; "
+                          "default: setting dask_scheduler, env HOTSPOTS_DASK_SCHEDULER; unset: in this process). "
+                          "Results are identical to a local run.")] = None,
 ) -> None:
     """Rolling-origin backtest (monthly refits) of every registered forecaster: the strongest traditional baseline
     chosen on the weeks before the test period, the claim test against it (and every other), per-cell forecasts
@@ -185,6 +189,7 @@ def backtest(
             tracked = run_tracked_backtest(
                 built, source, settings, start, end, forecasters=available, claimed_ratio=ratio, n_boot=n_boot,
                 register=register and not other_shifts, progress=step, audit_layer=layer, out_dir=out_dir,
+                cluster=cluster or settings.dask_scheduler,
             )
         except ValueError as exc:
             fail(str(exc))
