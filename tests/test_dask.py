@@ -8,7 +8,6 @@ import sys
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from functools import partial
-from pathlib import Path
 
 import cloudpickle
 import h3
@@ -25,6 +24,7 @@ from features.synthetic import SyntheticCity, simulate, smooth_background
 from forecasting import registry
 from forecasting.backtest import run_backtest
 from forecasting.baselines import Naive
+from forecasting.cluster import connect
 from forecasting.refits import plan_groups
 from forecasting.reporting.runs import run_tracked_backtest
 
@@ -51,10 +51,15 @@ def client():
         yield c
 
 
+@pytest.fixture(scope="module")
+def local(panel):
+    return run_backtest(panel, START, END, forecasters())
+
+
 def forecasters(**replace) -> dict:
     made = registry.factories(["naive", "sepp", "lightgbm"], params={
         "sepp": {"fit_days": 120},
-        "lightgbm": {"train_days": 200, "valid_days": 28, "n_estimators": 40, "zero_rate": 0.2, "num_threads": 1},
+        "lightgbm": {"train_days": 150, "valid_days": 28, "n_estimators": 25, "zero_rate": 0.2, "num_threads": 1},
     })
     return {**made, **replace}
 
@@ -66,8 +71,7 @@ def test_plan_keeps_warm_started_series_whole_and_cuts_the_others():
     assert len({g.key for g in groups}) == len(groups)
 
 
-def test_backtest_on_the_cluster_equals_the_local_run(panel, client):
-    local = run_backtest(panel, START, END, forecasters())
+def test_backtest_on_the_cluster_equals_the_local_run(panel, client, local):
     messages: list[str] = []
     remote = run_backtest(panel, START, END, forecasters(), cluster=client, pieces=2, progress=messages.append)
     assert list(remote.predictions) == list(local.predictions) == ["naive", "sepp", "lightgbm"]
@@ -89,9 +93,15 @@ class KillsItsWorkerOnce(Naive):
     marker: str = ""
 
     def _fit(self, panel, until):
-        if on_a_worker() and not os.path.exists(self.marker):
-            Path(self.marker).write_text(str(os.getpid()))
-            os._exit(1)
+        if on_a_worker():
+            try:  # O_EXCL: exactly one fit, on one worker, ever wins the marker and dies
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                fd = None
+            if fd is not None:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os._exit(1)
         super()._fit(panel, until)
 
 
@@ -103,7 +113,7 @@ def on_a_worker() -> bool:
     return True
 
 
-def test_a_worker_killed_mid_batch_is_recomputed_without_duplicates(panel, client, tmp_path):
+def test_a_worker_killed_mid_batch_is_recomputed_without_duplicates(panel, client, local, tmp_path):
     marker = tmp_path / "killed"
     chosen = {"naive": partial(KillsItsWorkerOnce, window_days=28, marker=str(marker)),
               "sepp": forecasters()["sepp"]}
@@ -114,7 +124,6 @@ def test_a_worker_killed_mid_batch_is_recomputed_without_duplicates(panel, clien
     assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker died, not this process
     client.wait_for_workers(2, timeout=30)
     assert set(client.scheduler_info()["workers"]) != workers_before  # the nanny replaced the lost worker
-    local = run_backtest(panel, START, END, forecasters())
     for name in chosen:
         assert np.array_equal(tracked.result.predictions[name], local.predictions[name]), name
     # one MLflow run, one row per (forecaster, shift, coverage) in the saved results
@@ -125,6 +134,24 @@ def test_a_worker_killed_mid_batch_is_recomputed_without_duplicates(panel, clien
     assert tidy.group_by("forecaster").len()["len"].to_list() == [tidy.height // 2] * 2
 
 
-def test_an_unreachable_scheduler_is_one_line_naming_the_fix(panel):
-    with pytest.raises(ValueError, match=r"cannot reach the Dask scheduler at 'tcp://127\.0\.0\.1:1'.*dask scheduler"):
-        run_backtest(panel, START, END, forecasters(), cluster="tcp://127.0.0.1:1")
+def test_an_unreachable_scheduler_is_one_line_naming_the_fix():
+    with pytest.raises(ValueError, match=r"cannot reach the Dask scheduler at 'tcp://127\.0\.0\.1:1'.*dask scheduler") as err:
+        with connect("tcp://127.0.0.1:1", timeout="1s"):
+            pass
+    assert "\n" not in str(err.value)
+
+
+def test_the_backtest_command_runs_on_the_scheduler_named_by_the_setting(panel, client, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from features.paths import DataPaths
+    from serving.cli import app
+
+    panel.save(DataPaths(Settings(data_dir=tmp_path, h3_resolution=8)).panel("synthetic"))
+    monkeypatch.setenv("HOTSPOTS_DASK_SCHEDULER", client.scheduler.address)
+    monkeypatch.delenv("HOTSPOTS_MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(app, [
+        "backtest", "synthetic", "--resolution", "8", "--test-start", "2020-03-01", "--test-end", "2020-04-01",
+        "--forecaster", "naive", "--n-boot", "20", "--no-register", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "task 1/1: naive refits 1-1 of 1" in result.output and "refit 1/1" not in result.output  # ran as a task

@@ -164,7 +164,10 @@ def backtest(
     chosen on the weeks before the test period, the claim test against it (and every other), per-cell forecasts
     in forecasts.parquet, the feedback-loop diagnostics and (with --audit-preset) the bias audit, all logged to
     MLflow; the winner against the strongest baseline is registered and promoted."""
+    from contextlib import nullcontext
+
     from forecasting import registry
+    from forecasting.cluster import connect
     from forecasting.reporting.runs import run_tracked_backtest
 
     layer = audit_layer(audit_preset, source)
@@ -184,13 +187,15 @@ def backtest(
                 "-" + label.replace(":", "") for label in built.calendar.labels))
         console.print(f"shifts {', '.join(built.calendar.labels)} differ from the saved panel's: nothing will be "
                       f"registered; results in {out_dir}")
+    address = cluster or settings.dask_scheduler
     with stage(f"backtest {source} {start} to {end}") as step:
-        try:
-            tracked = run_tracked_backtest(
-                built, source, settings, start, end, forecasters=available, claimed_ratio=ratio, n_boot=n_boot,
-                register=register and not other_shifts, progress=step, audit_layer=layer, out_dir=out_dir,
-                cluster=cluster or settings.dask_scheduler,
-            )
+        try:  # connect before any work: a wrong address fails in seconds, not after the baseline choice
+            with connect(address) if address else nullcontext() as client:
+                tracked = run_tracked_backtest(
+                    built, source, settings, start, end, forecasters=available, claimed_ratio=ratio, n_boot=n_boot,
+                    register=register and not other_shifts, progress=step, audit_layer=layer, out_dir=out_dir,
+                    cluster=client,
+                )
         except ValueError as exc:
             fail(str(exc))
     print_backtest(tracked)
