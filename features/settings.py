@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         None, description="MLflow tracking URI; default is an embedded SQLite store in data_dir."
     )
 
+    # --- scale-out ------------------------------------------------------------------------------------------
+    dask_scheduler: str | None = Field(
+        None, description="Address of a Dask scheduler (e.g. tcp://10.0.0.5:8786; env HOTSPOTS_DASK_SCHEDULER): "
+                          "long commands run their tasks on that cluster (extra `dask`). Unset: everything runs "
+                          "in this process.",
+    )
+
     # --- the service ---------------------------------------------------------------------------------------
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the service's database (API keys, audit log, patrol log), e.g. "

@@ -7,10 +7,10 @@ is touched once, here, after the forecasters' settings are fixed.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Callable
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -20,7 +20,9 @@ from features.matrix import build_targets
 from features.panel import CountPanel
 from forecasting import registry
 from forecasting.base import Forecaster
+from forecasting.cluster import connect, run_groups, worker_threads
 from forecasting.metrics import DEFAULT_COVERAGES, HEADLINE_COVERAGES, MetricSummary, shift_hits, summarise
+from forecasting.refits import plan_groups, refit_step
 
 
 def default_forecasters(seed: int = 0, lightgbm: dict | None = None) -> dict[str, Callable[[], Forecaster]]:
@@ -86,8 +88,16 @@ def run_backtest(
     forecasters: dict[str, Callable[[], Forecaster]] | None = None,
     category: str | None = None,
     progress: Callable[[str], None] | None = None,
+    *,
+    cluster: Any = None,
+    pieces: int | None = None,
+    retries: int = 3,
 ) -> BacktestResult:
-    """Forecast every shift starting in [test_start, test_end) (local dates), refitting monthly."""
+    """Forecast every shift starting in [test_start, test_end) (local dates), refitting monthly.
+
+    ``cluster`` (a Dask scheduler address or ``distributed.Client``) runs the refit series as tasks
+    (``forecasting.cluster``): warm-started series whole, the others cut into up to ``pieces`` runs (default: the
+    cluster's threads); the result is identical to the local run. Without it everything runs in this process."""
     forecasters = forecasters or default_forecasters()
     zone = ZoneInfo(panel.calendar.timezone)
     to_dt = lambda d: datetime(d.year, d.month, d.day, tzinfo=zone)  # noqa: E731
@@ -99,31 +109,52 @@ def run_backtest(
     predictions = {name: np.zeros((origins.size, panel.n_cells)) for name in forecasters}
     fit_seconds = {name: 0.0 for name in forecasters}
     predict_seconds = {name: 0.0 for name in forecasters}
-    models = {name: make() for name, make in forecasters.items()}  # refitted in place: caches and warm starts carry over
-    for refit, (cutoff, stop) in enumerate(zip(blocks[:-1], blocks[1:]), start=1):
-        block = origins[(origins >= cutoff) & (origins < stop)]
-        rows = np.searchsorted(origins, block)
-        took = {}
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            if category is not None:
-                model.category = category
-            model.fit(panel, cutoff)
-            t1 = time.perf_counter()
-            predictions[name][rows] = model.predict(panel, block)
-            fit_seconds[name] += t1 - t0
-            predict_seconds[name] += time.perf_counter() - t1
-            took[name] = time.perf_counter() - t0
-        if progress:
-            times = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in took.items())
-            progress(f"refit {refit}/{len(blocks) - 1} at {panel.calendar.local_date(cutoff)}: "
-                     f"{block.size} shifts forecast ({times})")
+    if cluster is not None:
+        models = _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, predictions, fit_seconds,
+                                 predict_seconds, pieces, retries, progress)
+    else:
+        models = {name: make() for name, make in forecasters.items()}  # refitted in place: caches and warm starts carry over
+        for refit, (cutoff, stop) in enumerate(zip(blocks[:-1], blocks[1:]), start=1):
+            block = origins[(origins >= cutoff) & (origins < stop)]
+            rows = np.searchsorted(origins, block)
+            took = {}
+            for name, model in models.items():
+                step = refit_step(model, panel, cutoff, block, category)
+                predictions[name][rows] = step.predictions
+                fit_seconds[name] += step.fit_seconds
+                predict_seconds[name] += step.predict_seconds
+                took[name] = step.fit_seconds + step.predict_seconds
+            if progress:
+                times = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in took.items())
+                progress(f"refit {refit}/{len(blocks) - 1} at {panel.calendar.local_date(cutoff)}: "
+                         f"{block.size} shifts forecast ({times})")
     observed = build_targets(panel, origins, category).reshape(origins.size, panel.n_cells).astype(np.float64)
     return BacktestResult(
         origins=origins, observed=observed, predictions=predictions, areas=panel.study_area.areas_km2,
         per_day=panel.calendar.per_day, cutoffs=blocks[:-1], fit_seconds=fit_seconds,
         predict_seconds=predict_seconds, last_models=models,
     )
+
+
+def _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, predictions, fit_seconds,
+                    predict_seconds, pieces, retries, progress) -> dict[str, Forecaster]:
+    """The refit groups as Dask tasks, written into ``predictions`` in the plan's fixed order; returns the model
+    of each forecaster's last group (as the local run's last refit)."""
+    models: dict[str, Forecaster] = {}
+    with connect(cluster) as client:
+        groups = plan_groups(forecasters, len(blocks) - 1, pieces or worker_threads(client))
+        results = run_groups(client, panel, origins, blocks, groups, forecasters, category, retries, progress)
+    missing = [g for g in groups if g.key not in results]
+    if missing or len(results) != len(groups):
+        raise RuntimeError(f"the cluster returned {len(results)} results for {len(groups)} tasks (missing {missing})")
+    for group in groups:
+        result = results[group.key]
+        rows = np.flatnonzero((origins >= blocks[group.first]) & (origins < blocks[group.stop]))
+        predictions[group.forecaster][rows] = result.predictions
+        fit_seconds[group.forecaster] += result.fit_seconds
+        predict_seconds[group.forecaster] += result.predict_seconds
+        models[group.forecaster] = result.model
+    return models
 
 
 def per_category_hit_rates(result: BacktestResult, panel: CountPanel, coverages=HEADLINE_COVERAGES) -> pl.DataFrame:

@@ -4,11 +4,12 @@ gate, and a training run; each is one MLflow run."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
-from typing import Callable
 
 import mlflow
 import numpy as np
@@ -19,6 +20,7 @@ from features.settings import Settings
 from forecasting.backtest import BacktestResult, default_forecasters, per_category_hit_rates, run_backtest
 from forecasting.base import Forecaster
 from forecasting.claim import against_every_baseline, claim_test
+from forecasting.cluster import address_of
 from forecasting.metrics import HEADLINE_COVERAGES, MetricSummary
 from forecasting.promotion import GATE_COVERAGES, PromotionDecision, promotion_decision
 from forecasting.reporting.assess import assess, assess_training
@@ -102,13 +104,15 @@ def run_tracked_backtest(
     progress: Progress | None = None,
     audit_layer=None,
     strongest_days: int = VALIDATION_DAYS,
+    cluster: Any = None,
 ) -> TrackedBacktest:
     """The whole researcher's run, tracked in MLflow: choose the strongest traditional baseline on the validation
     window before the test period, backtest every forecaster, claim test against that baseline (and every
     other), report, then fit the backtest's winner on all data, register it and make it the champion: a
     challenger wins only by beating the strongest baseline at every gate coverage, else that baseline wins.
     The feedback-loop diagnostics (and, given ``audit_layer``, the bias audit) are logged into the same run.
-    ``final_model`` replaces the candidate's factory for the final fit when the candidate wins."""
+    ``final_model`` replaces the candidate's factory for the final fit when the candidate wins. ``cluster`` (a
+    Dask scheduler address or Client) runs the refits as tasks there; this run still logs once, after gathering."""
     forecasters = forecasters or default_forecasters()
     learned = {name for name, make in forecasters.items() if make().learned}
     baselines = {name: make for name, make in forecasters.items() if name not in learned}
@@ -135,7 +139,9 @@ def run_tracked_backtest(
         mlflow.log_params({k: v for k, v in params.items() if v is not None})
         if strongest is not None:
             _log_strongest(strongest, out_dir)
-        result = run_backtest(panel, test_start, test_end, forecasters, progress=say)
+        if cluster is not None:
+            mlflow.set_tag("dask_scheduler", address_of(cluster))
+        result = run_backtest(panel, test_start, test_end, forecasters, progress=say, cluster=cluster)
         say("metrics and intervals")
         summaries = result.summaries(n_boot=n_boot)
         claims, others = [], []

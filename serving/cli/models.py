@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import fields
 from datetime import date, datetime
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -155,12 +155,19 @@ def backtest(
                                                "cells; such a backtest registers nothing (the service serves the "
                                                "saved panel's shifts)."),
     data_dir: Optional[Path] = DataDir,
+    cluster: Annotated[Optional[str], typer.Option(
+        "--cluster", help="Run the refits as tasks on this Dask scheduler, e.g. tcp://10.0.0.5:8786 (extra `dask`; "
+                          "default: setting dask_scheduler, env HOTSPOTS_DASK_SCHEDULER; unset: in this process). "
+                          "Results are identical to a local run.")] = None,
 ) -> None:
     """Rolling-origin backtest (monthly refits) of every registered forecaster: the strongest traditional baseline
     chosen on the weeks before the test period, the claim test against it (and every other), per-cell forecasts
     in forecasts.parquet, the feedback-loop diagnostics and (with --audit-preset) the bias audit, all logged to
     MLflow; the winner against the strongest baseline is registered and promoted."""
+    from contextlib import nullcontext
+
     from forecasting import registry
+    from forecasting.cluster import connect
     from forecasting.reporting.runs import run_tracked_backtest
 
     layer = audit_layer(audit_preset, source)
@@ -180,12 +187,15 @@ def backtest(
                 "-" + label.replace(":", "") for label in built.calendar.labels))
         console.print(f"shifts {', '.join(built.calendar.labels)} differ from the saved panel's: nothing will be "
                       f"registered; results in {out_dir}")
+    address = cluster or settings.dask_scheduler
     with stage(f"backtest {source} {start} to {end}") as step:
-        try:
-            tracked = run_tracked_backtest(
-                built, source, settings, start, end, forecasters=available, claimed_ratio=ratio, n_boot=n_boot,
-                register=register and not other_shifts, progress=step, audit_layer=layer, out_dir=out_dir,
-            )
+        try:  # connect before any work: a wrong address fails in seconds, not after the baseline choice
+            with connect(address) if address else nullcontext() as client:
+                tracked = run_tracked_backtest(
+                    built, source, settings, start, end, forecasters=available, claimed_ratio=ratio, n_boot=n_boot,
+                    register=register and not other_shifts, progress=step, audit_layer=layer, out_dir=out_dir,
+                    cluster=client,
+                )
         except ValueError as exc:
             fail(str(exc))
     print_backtest(tracked)
