@@ -61,9 +61,11 @@ class ForecastService:
 
     def forecast(self, state: CityState, shift_id: int, category: str) -> tuple[Forecast, bool]:
         """(forecast, cache hit)."""
-        model = state.model
+        panel, model = state.panel, state.model
+        if panel is None or model is None:  # callers check readiness first (a 503): this is a programming error
+            raise ValueError(f"{state.city} cannot be forecast ({state.status}): no panel or no model")
         key = (state.city, shift_id, category, model.version, state.panel_token)
-        forecast, hit = self.cache.get_or_compute(key, lambda: self._compute(state, shift_id, category, key))
+        forecast, hit = self.cache.get_or_compute(key, lambda: self._compute(state, panel, model, shift_id, category, key))
         if self.metrics is not None:
             self.metrics.forecast_lookup(state.city, hit)
         return forecast, hit
@@ -72,8 +74,8 @@ class ForecastService:
         """The response body ``variant`` (endpoint, parameters as asked) of a forecast, made once and kept."""
         return self.bodies.get_or_make((forecast.key, forecast.model.source, variant), make)
 
-    def _compute(self, state: CityState, shift_id: int, category: str, key: Hashable = None) -> Forecast:
-        panel, model = state.panel, state.model
+    def _compute(self, state: CityState, panel: CountPanel, model: LoadedModel, shift_id: int, category: str,
+                 key: Hashable = None) -> Forecast:
         lock = self._model_lock(model)
         with lock:  # one LightGBM call per model at a time
             started = time.perf_counter()  # the work, not the wait for the lock

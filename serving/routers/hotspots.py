@@ -28,7 +28,7 @@ from serving.schemas import (
 
 router = APIRouter(tags=["hotspots"])
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorMessage, "description": "Missing, invalid or revoked API key."},
     403: {"model": ErrorMessage, "description": "The key's role may not read forecasts."},
     404: {"model": ErrorMessage, "description": "Unknown city."},
@@ -40,7 +40,7 @@ PNG = "image/png"
 
 
 def _hotspots(p: Prepared, query: HotspotsQuery, default_k: int) -> tuple[list[Hotspot], Selection]:
-    panel, f = p.state.panel, p.forecast
+    panel, f = p.panel, p.forecast
     n = select_cells(panel, f, query.k, query.coverage, default_k)
     top = f.order[:n]
     try:
@@ -104,7 +104,7 @@ async def prepared_hotspots(request: Request, principal: Planner, query: Annotat
                             models: Models, forecasts: Forecasts, audit: Audit, service: Settings_,
                             now: Now) -> HotspotsRequest:
     p = await prepare_off_loop(models, forecasts, query, now, query.k, query.coverage)
-    n = select_cells(p.state.panel, p.forecast, query.k, query.coverage, service.default_k)
+    n = select_cells(p.panel, p.forecast, query.k, query.coverage, service.default_k)
     return HotspotsRequest(request, principal, query, forecasts, audit, service.default_k, p, n)
 
 
@@ -131,7 +131,7 @@ def render_geojson(r: HotspotsRequest) -> bytes:
 def render_png(r: HotspotsRequest) -> bytes:
     """About half a second of matplotlib: drawn once per forecast and selection."""
     cells, selection = r.hotspots()
-    return render_briefing(r.p.state.panel.study_area.cells,
+    return render_briefing(r.p.panel.study_area.cells,
                            HotspotsResponse(**context(r.p), selection=selection, hotspots=cells))
 
 

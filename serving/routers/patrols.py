@@ -4,7 +4,7 @@ totals back. Only cells, minutes and shifts: no free text, no people."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from serving.db import utcnow
-from serving.dependencies import Audit, Metrics, Models, Now, PatrolReader, PatrolRecorder, Patrols, city_state
+from serving.dependencies import Audit, Metrics, Models, Now, PatrolReader, PatrolRecorder, Patrols, city_state, ready_panel
 from serving.errors import ApiError, FieldError
 from serving.models_store import CityState, ModelStore
 from serving.patrols import check_patrols, utc_instant
@@ -21,7 +21,7 @@ from serving.schemas import PatrolQuery, PatrolReceipt, PatrolRequest, PatrolShi
 
 router = APIRouter(tags=["patrols"])
 
-POST_ERRORS = {
+POST_ERRORS: dict[int | str, dict[str, Any]] = {
     401: ERRORS[401],
     403: {**ERRORS[403], "description": "The key's role may not record patrols."},
     404: ERRORS[404],
@@ -46,7 +46,7 @@ def _panel_state(models: ModelStore, city: str) -> CityState:
 def record_patrols(request: Request, body: PatrolRequest, principal: PatrolRecorder, models: Models,
                    patrols: Patrols, metrics: Metrics, now: Now) -> Response:
     state = _panel_state(models, body.city)
-    batch = check_patrols(state.panel, body, now)
+    batch = check_patrols(ready_panel(state), body, now)
     recorded_at = utcnow()
     receipt = PatrolReceipt(
         city=batch.city, count=len(batch.h3_ids), total_minutes=batch.total_minutes, recorded_at=recorded_at,
@@ -80,7 +80,7 @@ def _bound(field: str, moment: datetime | None, tz: str) -> datetime | None:
 def patrol_totals(request: Request, principal: PatrolReader, query: Annotated[PatrolQuery, Query()], models: Models,
                   patrols: Patrols, audit: Audit) -> Response:
     state = _panel_state(models, query.city)
-    tz = state.panel.calendar.timezone
+    tz = ready_panel(state).calendar.timezone
     start, end = _bound("start", query.start, tz), _bound("end", query.end, tz)
     if start is not None and end is not None and end <= start:
         raise FieldError("end", f"{end.isoformat()} is not after start ({start.isoformat()})")
