@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from features.calendar import localize
 from features.profile import SourceProfile
+
+if TYPE_CHECKING:
+    from polars.expr.whenthen import ChainedThen, Then
 
 CANONICAL_SCHEMA: dict[str, pl.DataType] = {
     "incident_id": pl.String(),
@@ -73,7 +77,7 @@ def reason_counts(quarantine: pl.DataFrame) -> dict[str, int]:
     return {r: int(counts[r]) for r in REASONS if r in counts}
 
 
-def _blank_to_null(expr: pl.Expr) -> pl.Expr:
+def _blank_to_null(expr: pl.Expr | pl.Series) -> pl.Expr:
     text = expr.cast(pl.String).str.strip_chars()
     return pl.when(text == "").then(None).otherwise(text)
 
@@ -82,8 +86,8 @@ def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
     spec = profile.time
     column = frame.get_column(spec.column)
     tz = profile.timezone
-    if column.dtype == pl.Datetime:
-        if column.dtype.time_zone:  # type: ignore[union-attr]
+    if isinstance(column.dtype, pl.Datetime):
+        if column.dtype.time_zone:
             return column.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
         return frame.select(localize(pl.col(spec.column).dt.cast_time_unit("us"), tz)).to_series()
     text = _blank_to_null(pl.col(spec.column))
@@ -91,6 +95,8 @@ def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
         parsed = pl.coalesce([text.str.strptime(pl.Datetime("us"), fmt, strict=False) for fmt in spec.formats])
         return frame.select(localize(parsed, tz)).to_series()
     # date_hour: a date (possibly local midnight written in UTC) plus a local hour column
+    if spec.hour_column is None:  # the profile refuses date_hour without one
+        raise ValueError("time.kind = 'date_hour' needs time.hour_column")
     dtype = pl.Datetime("us", "UTC") if spec.date_is_utc else pl.Datetime("us")
     day = pl.coalesce([text.str.strptime(dtype, fmt, strict=False) for fmt in spec.formats])
     if spec.date_is_utc:
@@ -129,8 +135,7 @@ def _stable_ids(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
     """Ids for sources that publish none: a digest of the row's content plus its ordinal among identical rows,
     so re-ingesting the same file yields the same ids and genuine repeats stay distinct."""
     cols = [c for c in profile.required_columns()]
-    content = frame.select(pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in cols], separator="|"))
-    content = content.to_series()
+    content = frame.select(pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in cols], separator="|")).to_series()
     uniques = content.unique()
     digests = pl.DataFrame(
         {"content": uniques, "digest": [hashlib.blake2b(s.encode(), digest_size=8).hexdigest() for s in uniques]}
@@ -222,7 +227,7 @@ def validate(
     checks.append(("excluded_category", category.is_in(excluded) if excluded else pl.lit(False)))
     checks.append(("unknown_category", pl.col("category").is_null()))
 
-    reason = pl.when(checks[0][1]).then(pl.lit(checks[0][0]))
+    reason: Then | ChainedThen = pl.when(checks[0][1]).then(pl.lit(checks[0][0]))
     for name, failed in checks[1:]:
         reason = reason.when(failed).then(pl.lit(name))
     work = work.with_columns(reason.otherwise(None).alias("reason"))
@@ -247,7 +252,8 @@ def validate(
         pl.col("source_row").cast(pl.UInt32), "reason", pl.col("incident_id").alias("raw_id"),
         "raw_time", "raw_category", "raw_x", "raw_y",
     )
-    return ValidationResult(incidents=incidents.cast(CANONICAL_SCHEMA), quarantine=quarantine.cast(QUARANTINE_SCHEMA))
+    return ValidationResult(incidents=incidents.cast(CANONICAL_SCHEMA),  # type: ignore[arg-type]  # polars#14468: dict keys
+                            quarantine=quarantine.cast(QUARANTINE_SCHEMA))  # type: ignore[arg-type]  # polars#14468
 
 
 def _inside_boundary(work: pl.DataFrame, boundary) -> pl.Series:
