@@ -155,7 +155,8 @@ def _rejected_row(row: int, reason: str, fields: list[str], header: list[str], p
         value = values.get(column) if column else None
         return value.strip() or None if value is not None else None
 
-    return {"source_row": row, "reason": reason, "raw_id": raw(profile.columns.id), "raw_time": raw(profile.time.column),
+    times = [v for v in (raw(c) for c in profile.time.columns()) if v]
+    return {"source_row": row, "reason": reason, "raw_id": raw(profile.columns.id), "raw_time": " ".join(times) or None,
             "raw_category": raw(profile.columns.category), "raw_x": raw(profile.coordinates.x),
             "raw_y": raw(profile.coordinates.y)}
 

@@ -3,6 +3,7 @@
 Layout (``data_dir``)::
 
     incidents/ quarantine/ reports/ingest/      the store (features.store)
+    profiles/<source>.toml                      the profile each source was last ingested with
     revisions/                                  replaced versions of revised incidents (features.store)
     .hotspots.lock                              the writers' lock (features.storelock)
     panels/<source>-r<resolution>/              saved count panels
@@ -49,6 +50,11 @@ class DataPaths:
 
     def _res(self, resolution: int | None) -> int:
         return self.settings.h3_resolution if resolution is None else int(resolution)
+
+    @property
+    def profiles_root(self) -> Path:
+        """Remembered profiles: later commands find a source's profile here by its name."""
+        return self.root / "profiles"
 
     @property
     def panels_root(self) -> Path:

@@ -21,7 +21,8 @@ from features.panel import BinningReport, CountPanel, build_panel, with_cells
 from features.profile import SourceProfile
 from features.settings import Settings
 from features.store import IncidentStore
-from features.storelock import cannot_write
+from features.hints import nothing_stored_hint
+from features.storelock import atomic_write_text, cannot_write
 from features.validation import reason_counts, validate
 
 
@@ -41,6 +42,13 @@ class IngestSummary:
     seconds: float = 0.0
     report_path: str | None = None
     notes: list[str] = field(default_factory=list)  # what was wrong with the file, in plain words
+    unmapped: dict[str, int] = field(default_factory=dict)  # category values no map entry or rule matched (top 20)
+    hint: str | None = None  # set when nothing was stored: the most common reason and the profile field to fix
+    profile_path: str | None = None  # where the profile was remembered for later commands
+
+    @property
+    def stored_any(self) -> bool:
+        return self.stored_new + self.updated + self.already_stored > 0
 
     @property
     def quarantined_total(self) -> int:
@@ -61,6 +69,9 @@ class IngestSummary:
         ]
         out += [f"    {reason:<16} {n:>10,}" for reason, n in self.quarantined.items()]
         out.append(f"  balanced: {self.balanced} ({self.seconds:.1f} s)")
+        if self.unmapped:
+            out.append("  unmapped category values (value: rows):")
+            out += [f"    {value!r}: {n:,}" for value, n in self.unmapped.items()]
         out += [f"note: {note}" for note in self.notes]
         return out
 
@@ -75,7 +86,10 @@ def ingest_file(
     now: datetime | None = None,
     future_tolerance: timedelta = timedelta(hours=1),
     write_report: bool = True,
+    remember_profile: bool = True,
 ) -> IngestSummary:
+    """Read, validate and store one export. A profile that is not built in is remembered beside the store
+    (``profiles/<name>.toml``) so later commands find it by the source name."""
     started = time.perf_counter()
     now = now or datetime.now(timezone.utc)
     batch = read_raw(path, profile, encoding=encoding)
@@ -93,10 +107,19 @@ def ingest_file(
             updated=added.updated,
             quarantined=reason_counts(quarantine),
             seconds=time.perf_counter() - started,
-            notes=list(batch.notes),
+            notes=list(batch.notes) + result.notes,
+            unmapped=result.unmapped,
         )
         if not summary.balanced:
             raise AccountingError(f"row accounting does not add up: {asdict(summary)}")
+        if not summary.stored_any:
+            summary.hint = nothing_stored_hint(profile, batch.path.name, summary.input_rows, summary.quarantined,
+                                               quarantine, summary.unmapped)
+        elif remember_profile and not profile.is_builtin:
+            target = store.data_dir / "profiles" / f"{profile.name}.toml"
+            atomic_write_text(f"# profile of source {profile.name!r}, remembered from {profile.where} at its last "
+                              f"ingest\n" + profile.to_toml(), target)
+            summary.profile_path = str(target)
         if write_report:
             report_dir = store.data_dir / "reports" / "ingest"
             report = report_dir / f"{profile.name}-{now.strftime('%Y%m%dT%H%M%S%fZ')}-{os.getpid()}.json"

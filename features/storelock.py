@@ -156,7 +156,7 @@ def _claim(folder: Path, what: str) -> None:
 
 def stale_temp_files(folder: Path) -> list[Path]:
     """Temporary files left by interrupted writes (``.<name>.<random>.tmp`` beside their target)."""
-    patterns = ("incidents/.*.tmp", "revisions/.*.tmp", "quarantine/*/.*.tmp")
+    patterns = ("incidents/.*.tmp", "revisions/.*.tmp", "quarantine/*/.*.tmp", "profiles/.*.tmp")
     return sorted(p for pattern in patterns for p in folder.glob(pattern))
 
 
@@ -215,6 +215,29 @@ def atomic_write_parquet(frame: pl.DataFrame, path: Path) -> None:
         if back.height != frame.height or back.schema != frame.schema:
             raise StoreError(f"the new version of {path} did not read back as written ({back.height:,} of "
                              f"{frame.height:,} rows): the old version is kept; check the disk and run it again.")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise cannot_write(path, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """The text-file twin of :func:`atomic_write_parquet` (remembered profiles): temp file, fsync, replace."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:

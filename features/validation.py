@@ -7,15 +7,16 @@ The checks run as vectorised polars expressions. A row failing several checks ge
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
+from features.area_rule import far_from_bulk, span_note
 from features.calendar import localize
-from features.profile import SourceProfile
+from features.profile import RowRule, SourceProfile, expand_formats, is_aware_format
 
 if TYPE_CHECKING:
     from polars.expr.whenthen import ChainedThen, Then
@@ -50,6 +51,13 @@ READ_REASONS: tuple[str, ...] = (
     "malformed_row",  # a line with an unmatched quote: its fields cannot be told apart
 )
 REASONS: tuple[str, ...] = VALIDATION_REASONS + READ_REASONS
+# rows left out by a profile's row rule: ``excluded_row:<rule name>`` (checked before every other reason)
+ROW_RULE_PREFIX = "excluded_row:"
+UNMAPPED_SHOWN = 20
+
+
+def is_known_reason(reason: str) -> bool:
+    return reason in REASONS or (reason.startswith(ROW_RULE_PREFIX) and len(reason) > len(ROW_RULE_PREFIX))
 
 QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "source_row": pl.UInt32(),
@@ -66,15 +74,19 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
 class ValidationResult:
     incidents: pl.DataFrame  # CANONICAL_SCHEMA
     quarantine: pl.DataFrame  # QUARANTINE_SCHEMA
+    notes: list[str] = field(default_factory=list)  # warnings in plain words (points far from the bulk, ...)
+    unmapped: dict[str, int] = field(default_factory=dict)  # category values no map entry or rule matched
 
     def reason_counts(self) -> dict[str, int]:
         return reason_counts(self.quarantine)
 
 
 def reason_counts(quarantine: pl.DataFrame) -> dict[str, int]:
-    """Rows per reason, in REASONS order (the order the summary prints)."""
+    """Rows per reason: row rules first (as they are checked first), then REASONS order (the order the summary
+    prints)."""
     counts = dict(quarantine.group_by("reason").len().iter_rows()) if quarantine.height else {}
-    return {r: int(counts[r]) for r in REASONS if r in counts}
+    rules = sorted(r for r in counts if r.startswith(ROW_RULE_PREFIX))
+    return {r: int(counts[r]) for r in (*rules, *REASONS) if r in counts}
 
 
 def _blank_to_null(expr: pl.Expr | pl.Series) -> pl.Expr:
@@ -82,29 +94,89 @@ def _blank_to_null(expr: pl.Expr | pl.Series) -> pl.Expr:
     return pl.when(text == "").then(None).otherwise(text)
 
 
+def _strptime_any(text: pl.Expr, formats: list[str], tz: str) -> pl.Expr:
+    """Instants (UTC) from text tried against every format: formats with an offset (``%z``, ``%#z`` ...) give
+    instants; the others give local wall-clock times in ``tz``."""
+    formats = expand_formats(formats)
+    aware = [text.str.strptime(pl.Datetime("us", "UTC"), f, strict=False) for f in formats if is_aware_format(f)]
+    naive = [text.str.strptime(pl.Datetime("us"), f, strict=False) for f in formats if not is_aware_format(f)]
+    parsed = aware + ([localize(pl.coalesce(naive), tz)] if naive else [])
+    return pl.coalesce(parsed)
+
+
+def _local_day(text: pl.Expr, formats: list[str]) -> pl.Expr:
+    """A local calendar day (naive midnight) from a date column, whatever time or offset the text carries."""
+    formats = expand_formats(formats)
+    tries = [text.str.strptime(pl.Datetime("us", "UTC"), f, strict=False).dt.replace_time_zone(None)
+             if is_aware_format(f) else text.str.strptime(pl.Datetime("us"), f, strict=False) for f in formats]
+    return pl.coalesce(tries).dt.truncate("1d")
+
+
+def _whole_number(expr: pl.Expr, low: int, high: int) -> pl.Expr:
+    """An integer column (text such as '7' or '7.0') within [low, high], else null."""
+    value = _blank_to_null(expr).cast(pl.Float64, strict=False)
+    return pl.when(value.is_between(low, high) & (value == value.floor())).then(value.cast(pl.Int64))
+
+
 def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
     spec = profile.time
-    column = frame.get_column(spec.column)
     tz = profile.timezone
-    if isinstance(column.dtype, pl.Datetime):
-        if column.dtype.time_zone:
-            return column.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
-        return frame.select(localize(pl.col(spec.column).dt.cast_time_unit("us"), tz)).to_series()
+    if spec.column is not None and spec.kind in ("datetime", "epoch"):
+        column = frame.get_column(spec.column)
+        if isinstance(column.dtype, pl.Datetime):
+            if column.dtype.time_zone:
+                return column.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+            return frame.select(localize(pl.col(spec.column).dt.cast_time_unit("us"), tz)).to_series()
+    if spec.kind == "parts":
+        parts = spec.parts
+        assert parts is not None
+        year = _whole_number(pl.col(parts.year), 1000, 9999)
+        month = _whole_number(pl.col(parts.month), 1, 12)
+        day = _whole_number(pl.col(parts.day), 1, 31)
+        hour = _whole_number(pl.col(parts.hour), 0, 23) if parts.hour else pl.lit(0, pl.Int64)
+        minute = _whole_number(pl.col(parts.minute), 0, 59) if parts.minute else pl.lit(0, pl.Int64)
+        second = _whole_number(pl.col(parts.second), 0, 59) if parts.second else pl.lit(0, pl.Int64)
+        pad = [e.cast(pl.String).str.zfill(2) for e in (month, day, hour, minute, second)]
+        text = pl.format("{}-{}-{} {}:{}:{}", year.cast(pl.String), *pad)
+        naive = text.str.strptime(pl.Datetime("us"), "%Y-%m-%d %H:%M:%S", strict=False)  # 30 Feb -> null
+        return frame.select(localize(naive, tz)).to_series()
+    if spec.kind == "epoch":
+        number = pl.col(spec.column).cast(pl.Float64, strict=False) if frame.schema[spec.column] != pl.String \
+            else _blank_to_null(pl.col(spec.column)).cast(pl.Float64, strict=False)
+        micros = (number * (1_000_000 if spec.epoch_unit == "s" else 1_000)).round(0).cast(pl.Int64, strict=False)
+        return frame.select(pl.from_epoch(micros, time_unit="us").dt.replace_time_zone("UTC")).to_series()
     text = _blank_to_null(pl.col(spec.column))
     if spec.kind == "datetime":
-        parsed = pl.coalesce([text.str.strptime(pl.Datetime("us"), fmt, strict=False) for fmt in spec.formats])
-        return frame.select(localize(parsed, tz)).to_series()
+        return frame.select(_strptime_any(text, spec.formats, tz)).to_series()
+    if spec.kind == "date_time":
+        day = _local_day(text, spec.formats)
+        clock = _blank_to_null(pl.col(spec.time_column))
+        time_of_day = pl.coalesce([clock.str.strptime(pl.Time, f, strict=False) for f in spec.time_formats])
+        return frame.select(localize(day.dt.combine(time_of_day), tz)).to_series()
     # date_hour: a date (possibly local midnight written in UTC) plus a local hour column
     if spec.hour_column is None:  # the profile refuses date_hour without one
         raise ValueError("time.kind = 'date_hour' needs time.hour_column")
     dtype = pl.Datetime("us", "UTC") if spec.date_is_utc else pl.Datetime("us")
-    day = pl.coalesce([text.str.strptime(dtype, fmt, strict=False) for fmt in spec.formats])
+    day = pl.coalesce([text.str.strptime(dtype, fmt, strict=False) for fmt in expand_formats(spec.formats)])
     if spec.date_is_utc:
         day = day.dt.convert_time_zone(tz).dt.replace_time_zone(None)
     hour = _blank_to_null(pl.col(spec.hour_column)).cast(pl.Float64, strict=False)
     hour_ok = hour.is_between(0, 23) & (hour == hour.floor())
     naive = pl.when(hour_ok).then(day.dt.truncate("1d") + pl.duration(hours=hour.cast(pl.Int64)))
     return frame.select(localize(naive, tz)).to_series()
+
+
+def raw_time_expr(profile: SourceProfile) -> pl.Expr:
+    """The time as the file wrote it, for the quarantine: one column, or the time columns joined."""
+    spec = profile.time
+    if spec.kind == "date_hour":
+        return pl.concat_str([_blank_to_null(pl.col(spec.column)), _blank_to_null(pl.col(spec.hour_column))],
+                             separator=" h", ignore_nulls=True)
+    columns = spec.columns()
+    if len(columns) == 1:
+        return _blank_to_null(pl.col(columns[0]))
+    joined = pl.concat_str([_blank_to_null(pl.col(c)) for c in columns], separator=" ", ignore_nulls=True)
+    return pl.when(joined == "").then(None).otherwise(joined)
 
 
 def _coordinates(frame: pl.DataFrame, profile: SourceProfile) -> tuple[pl.Series, pl.Series]:
@@ -146,8 +218,73 @@ def _stable_ids(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
     ).to_series()
 
 
-def _normalise_category(expr: pl.Expr) -> pl.Expr:
-    return expr.cast(pl.String).str.strip_chars().str.to_uppercase()
+def _normalise_category(expr: pl.Expr, case_sensitive: bool = False, collapse: bool = True) -> pl.Expr:
+    text = expr.cast(pl.String).str.strip_chars()
+    if collapse:
+        text = text.str.replace_all(r"\s+", " ")
+    return text if case_sensitive else text.str.to_uppercase()
+
+
+def _normalise_value(value: str, case_sensitive: bool, collapse: bool) -> str:
+    text = " ".join(value.split()) if collapse else value.strip()
+    return text if case_sensitive else text.upper()
+
+
+EXCLUDE = "\x00exclude"
+
+
+def _categorise(raw: pl.Expr, profile: SourceProfile) -> tuple[pl.Expr, pl.Expr, pl.Expr, pl.Expr]:
+    """(normalised value, canonical category or null, excluded?, unmapped?) for the raw category column: exact
+    map first, then the pattern rules in order, then the default."""
+    cats = profile.categories
+    cs, collapse = cats.case_sensitive, cats.collapse_whitespace
+    norm = _normalise_category(raw, cs, collapse)
+    mapping = {_normalise_value(k, cs, collapse): v for k, v in cats.map.items()}
+    matched = norm.replace_strict(mapping, default=None, return_dtype=pl.String) if mapping else pl.lit(None, pl.String)
+    if cats.rules:
+        first, *rest = cats.rules
+        chain = pl.when(norm.str.contains(first.pattern(cs))).then(pl.lit(first.category or EXCLUDE))
+        for rule in rest:
+            chain = chain.when(norm.str.contains(rule.pattern(cs))).then(pl.lit(rule.category or EXCLUDE))
+        matched = pl.coalesce(matched, chain.otherwise(None))
+    listed = [_normalise_value(c, cs, collapse) for c in cats.exclude]
+    excluded = (norm.is_in(listed) if listed else pl.lit(False)) | (matched == EXCLUDE).fill_null(False)
+    unmapped = norm.is_not_null() & matched.is_null() & ~excluded
+    category = pl.when(excluded).then(None).otherwise(pl.coalesce(matched, pl.lit(cats.default, pl.String)))
+    return norm, category, excluded, unmapped
+
+
+def _row_rule(frame: pl.DataFrame, rule: RowRule) -> pl.Expr:
+    """True where the rule says the row is left out. A missing value never matches (except op is_null)."""
+    column = pl.col(rule.column)
+    text = _blank_to_null(column) if frame.schema[rule.column] == pl.String else column.cast(pl.String)
+    number = text.cast(pl.Float64, strict=False)
+
+    def side(value):
+        if isinstance(value, bool):
+            return text.str.to_lowercase(), pl.lit(str(value).lower())
+        if isinstance(value, (int, float)):
+            return number, pl.lit(float(value))
+        return text, pl.lit(str(value))
+
+    if rule.op == "is_null":
+        match = text.is_null()
+    elif rule.op == "not_null":
+        match = text.is_not_null()
+    elif rule.op in ("in", "not_in"):
+        values = list(rule.value)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            inside = number.is_in([float(v) for v in values])
+        else:
+            inside = text.is_in([str(v) for v in values])
+        match = (inside if rule.op == "in" else ~inside) & text.is_not_null()
+    else:
+        left, right = side(rule.value)
+        ops = {"==": left == right, "!=": left != right, "<": left < right, "<=": left <= right, ">": left > right,
+               ">=": left >= right}
+        match = ops[rule.op]
+    match = match.fill_null(False)
+    return match if rule.action == "exclude" else ~match
 
 
 def validate(
@@ -172,44 +309,39 @@ def validate(
     work = frame.select(
         "source_row",
         raw_id,
-        _blank_to_null(pl.col(profile.time.column)).alias("raw_time"),
+        raw_time_expr(profile).alias("raw_time"),
         _blank_to_null(pl.col(spec.category)).alias("raw_category"),
         _blank_to_null(pl.col(profile.coordinates.x)).alias("raw_x"),
         _blank_to_null(pl.col(profile.coordinates.y)).alias("raw_y"),
+        *[_row_rule(frame, rule).alias(f"_rule{i}") for i, rule in enumerate(profile.rows)],
     )
-    if profile.time.hour_column:
-        work = work.with_columns(
-            pl.concat_str(
-                [pl.col("raw_time"), _blank_to_null(frame.get_column(profile.time.hour_column)).alias("h")],
-                separator=" h",
-                ignore_nulls=True,
-            ).alias("raw_time")
-        )
     if not spec.id:
         work = work.with_columns(_stable_ids(frame, profile))
     lon, lat = _coordinates(frame, profile)
     work = work.with_columns(_parse_time(frame, profile).alias("occurred_at"), lon, lat)
 
-    cats = profile.categories
-    mapping = {k.strip().upper(): v for k, v in cats.map.items()}
-    excluded = [c.strip().upper() for c in cats.exclude]
-    category = _normalise_category(pl.col("raw_category"))
-    work = work.with_columns(category.replace_strict(mapping, default=None, return_dtype=pl.String).alias("category"))
+    norm, category, excluded, unmapped = _categorise(pl.col("raw_category"), profile)
+    work = work.with_columns(category.alias("category"), excluded.alias("_excluded"), unmapped.alias("_unmapped"),
+                             norm.alias("_norm"))
 
     earliest = profile.time.earliest
     local_date = pl.col("occurred_at").dt.convert_time_zone(profile.timezone).dt.date()
     lat_c, lon_c = pl.col("latitude"), pl.col("longitude")
     coords_finite = lat_c.is_finite() & lon_c.is_finite()
-    checks: list[tuple[str, pl.Expr]] = [
+    # placeholders for "no location": (0, 0) as written (any CRS) or after transformation
+    raw_zero = (pl.col("raw_x").cast(pl.Float64, strict=False) == 0) & (pl.col("raw_y").cast(pl.Float64, strict=False) == 0)
+    placeholder = raw_zero.fill_null(False) | ((lat_c == 0) & (lon_c == 0)).fill_null(False)
+    checks: list[tuple[str, pl.Expr]] = [(rule.reason, pl.col(f"_rule{i}")) for i, rule in enumerate(profile.rows)]
+    checks += [
         ("missing_id", pl.col("incident_id").is_null()),
         ("missing_time", pl.col("raw_time").is_null()),
         ("unparseable_time", pl.col("occurred_at").is_null()),
         ("future_time", pl.col("occurred_at") > pl.lit(now + future_tolerance).dt.convert_time_zone("UTC")),
         ("before_coverage", local_date < earliest if earliest else pl.lit(False)),
-        ("missing_coordinates", pl.col("raw_x").is_null() | pl.col("raw_y").is_null()),
+        ("missing_coordinates", pl.col("raw_x").is_null() | pl.col("raw_y").is_null() | placeholder),
         (
             "invalid_coordinates",
-            lat_c.is_null() | lon_c.is_null() | ~coords_finite | ~lat_c.is_between(-90, 90) | ~lon_c.is_between(-180, 180) | ((lat_c == 0) & (lon_c == 0)),
+            lat_c.is_null() | lon_c.is_null() | ~coords_finite | ~lat_c.is_between(-90, 90) | ~lon_c.is_between(-180, 180),
         ),
     ]
     tol = profile.area.sentinel_tolerance_deg
@@ -217,14 +349,24 @@ def validate(
     for s_lat, s_lon in profile.area.sentinels:
         sentinel = sentinel | (((lat_c - s_lat).abs() < tol) & ((lon_c - s_lon).abs() < tol))
     checks.append(("sentinel_point", sentinel))
+    notes: list[str] = []
     outside = pl.lit(False)
     if profile.area.bbox:
         x0, y0, x1, y1 = profile.area.bbox
         outside = ~(lon_c.is_between(x0, x1) & lat_c.is_between(y0, y1))
     if boundary is not None:
         outside = outside | ~pl.lit(_inside_boundary(work, boundary))
+    if profile.area.bbox is None and boundary is None and profile.area.outliers == "auto":
+        # the robust default area: judged on the points every earlier check lets through
+        earlier = pl.any_horizontal([failed for _, failed in checks]).fill_null(True)
+        usable = work.select(~earlier).to_series().to_numpy()
+        rule = far_from_bulk(work["latitude"].fill_null(np.nan).to_numpy(), work["longitude"].fill_null(np.nan).to_numpy(),
+                             usable, profile.area.outlier_factor)
+        if rule.note():
+            notes.append(rule.note())  # type: ignore[arg-type]
+        outside = outside | pl.lit(pl.Series("far", rule.far))
     checks.append(("out_of_area", outside))
-    checks.append(("excluded_category", category.is_in(excluded) if excluded else pl.lit(False)))
+    checks.append(("excluded_category", pl.col("_excluded")))
     checks.append(("unknown_category", pl.col("category").is_null()))
 
     reason: Then | ChainedThen = pl.when(checks[0][1]).then(pl.lit(checks[0][0]))
@@ -252,8 +394,14 @@ def validate(
         pl.col("source_row").cast(pl.UInt32), "reason", pl.col("incident_id").alias("raw_id"),
         "raw_time", "raw_category", "raw_x", "raw_y",
     )
+    unmapped = (work.filter(pl.col("_unmapped")).group_by("_norm").len()
+                .sort(["len", "_norm"], descending=[True, False]).head(UNMAPPED_SHOWN))
+    note = span_note(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy())
+    if note:
+        notes.append(note)
     return ValidationResult(incidents=incidents.cast(CANONICAL_SCHEMA),  # type: ignore[arg-type]  # polars#14468: dict keys
-                            quarantine=quarantine.cast(QUARANTINE_SCHEMA))  # type: ignore[arg-type]  # polars#14468
+                            quarantine=quarantine.cast(QUARANTINE_SCHEMA),  # type: ignore[arg-type]  # polars#14468
+                            notes=notes, unmapped={str(k): int(v) for k, v in unmapped.iter_rows()})
 
 
 def _inside_boundary(work: pl.DataFrame, boundary) -> pl.Series:

@@ -16,7 +16,7 @@ from typing import Literal
 import polars as pl
 
 from features.storelock import stale_temp_files
-from features.validation import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, REASONS
+from features.validation import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, is_known_reason
 
 Level = Literal["ok", "warning", "error"]
 
@@ -113,7 +113,7 @@ def _check_quarantine(root: Path, findings: list[Finding]) -> None:
             bad += 1
             continue
         missing = [c for c in QUARANTINE_SCHEMA if c not in frame.columns]
-        unknown = sorted(set(frame["reason"].unique().to_list()) - set(REASONS)) if not missing else []
+        unknown = sorted(r for r in set(frame["reason"].unique().to_list()) if not is_known_reason(r)) if not missing else []
         if missing or unknown:
             bad += 1
             findings.append(Finding("error", f"{path}: " + (f"lacks {missing}" if missing else f"unknown reasons {unknown}"),

@@ -18,21 +18,14 @@ import polars as pl
 
 from features.matrix import build_targets
 from features.panel import CountPanel
+from forecasting import registry
 from forecasting.base import Forecaster
-from forecasting.baselines import KDE, SEPP, Naive, ProspectiveHotspot
-from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import DEFAULT_COVERAGES, HEADLINE_COVERAGES, MetricSummary, shift_hits, summarise
 
 
 def default_forecasters(seed: int = 0, lightgbm: dict | None = None) -> dict[str, Callable[[], Forecaster]]:
-    """Every forecaster a backtest compares, as factories (a refit series builds its own instance)."""
-    return {
-        "lightgbm": lambda: LightGBMForecaster(seed=seed, **(lightgbm or {})),
-        "naive": lambda: Naive(window_days=28),
-        "kde": lambda: KDE(),
-        "prospective": lambda: ProspectiveHotspot(),
-        "sepp": lambda: SEPP(warm_start=True),
-    }
+    """Every registered forecaster a backtest compares, as factories (a refit series builds its own instance)."""
+    return registry.factories(seed=seed, params={"lightgbm": lightgbm or {}})
 
 
 def month_starts(start: date, end: date) -> list[date]:

@@ -5,6 +5,10 @@
 * ``ProspectiveHotspot``: Bowers, Johnson & Pease (2004) space-time weighting 1/(1+d) * 1/(1+w).
 * ``SEPP``: the grid self-exciting point process of Mohler et al. (2015), background rate per cell plus
   exponential (geometric, in shifts) triggering, fitted by expectation-maximisation.
+* ``HistoryCounts``: the long-history count map a sceptical analyst starts from: every past incident per cell
+  (all history), or the trailing year.
+* ``ExpWeighted``: exponentially weighted counts, the half-life chosen inside ``fit`` on the validation
+  window just before the cutoff (never on the period being forecast).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from scipy.spatial import cKDTree
 
 from features.panel import CountPanel
 from forecasting.base import Forecaster, window_counts
+from forecasting.metrics import HEADLINE_COVERAGES, shift_hits
 
 
 @dataclass
@@ -170,3 +175,99 @@ class SEPP(Forecaster):
         n = panel.dense(lo, hi + 1, category=self.category, dtype=np.float64)  # row hi is empty (cut panel)
         a, _ = self._excitation(n, self.g_)
         return self.mu_[None, :] + self.theta_ * (1 - self.g_) * a[origins - lo]
+
+
+def _history_totals(panel: CountPanel, origins: np.ndarray, category) -> np.ndarray:
+    """Counts over [first_shift, o) per origin and cell: the sparse total before the first origin plus a
+    cumulative sum over the (short) span of the origins."""
+    first = int(origins[0])
+    base = panel.cell_totals(panel.first_shift, first, category)
+    dense = panel.dense(first, int(origins[-1]), category=category, dtype=np.float64)
+    cum = np.zeros((dense.shape[0] + 1, dense.shape[1]))
+    np.cumsum(dense, axis=0, out=cum[1:])
+    return base[None, :] + cum[origins - first]
+
+
+@dataclass
+class HistoryCounts(Forecaster):
+    """Mean count per shift over all history before the origin (``window_days=None``) or its last
+    ``window_days``: where crime has been recorded for a long time, the strongest static map in most cities."""
+
+    window_days: int | None = None
+    name: str = field(default="all_history", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.window_days is not None:
+            self.name = "last_year" if self.window_days == 365 else f"last_{self.window_days}_days"
+
+    def _fit(self, panel: CountPanel, until: int) -> None:
+        pass  # nothing to learn: the map is the recorded past
+
+    def _predict(self, panel: CountPanel, origins: np.ndarray) -> np.ndarray:
+        if self.window_days is None:
+            counts = _history_totals(panel, origins, self.category)
+            shifts = (origins - panel.first_shift).astype(np.float64)
+        else:
+            span = self.window_days * panel.calendar.per_day
+            counts = window_counts(panel, origins, span, self.category)
+            shifts = np.minimum(origins - panel.first_shift, span).astype(np.float64)
+        return np.divide(counts, shifts[:, None], out=np.zeros_like(counts), where=shifts[:, None] > 0)
+
+
+@dataclass
+class ExpWeighted(Forecaster):
+    """Exponentially weighted mean count per shift: sum over past shifts s of n(s) d^(t-1-s), normalised by the
+    weights' sum, with d = 0.5^(1 / half-life in shifts).
+
+    With ``half_life_days=None`` the half-life is chosen in ``fit`` from ``half_lives`` by the mean hit rate at
+    the headline coverages over the ``select_days`` before the cutoff (the forecasts there use only history
+    before each of those shifts, and the cutoff's panel holds nothing later), so the test period never picks it."""
+
+    half_life_days: float | None = None
+    half_lives: tuple[float, ...] = (7.0, 28.0, 91.0, 182.0, 365.0, 730.0)
+    select_days: int = 56
+    name: str = field(default="exp_weighted", init=False, repr=False)
+    half_life_: float = field(default=np.nan, init=False, repr=False)
+    selection_: dict = field(default_factory=dict, init=False, repr=False)
+
+    @staticmethod
+    def _weighted(panel: CountPanel, origins: np.ndarray, half_life_days: float, category) -> np.ndarray:
+        d = 0.5 ** (1.0 / (half_life_days * panel.calendar.per_day))
+        first = int(origins[0])
+        rows = panel.slice(panel.first_shift, first, category)
+        age = first - 1 - rows["shift"].to_numpy()
+        base = np.bincount(rows["cell"].to_numpy(), weights=rows["count"].to_numpy() * d ** age, minlength=panel.n_cells)
+        dense = panel.dense(first, int(origins[-1]), category=category, dtype=np.float64)
+        recent = lfilter([1.0], [1.0, -d], dense, axis=0) if dense.shape[0] else dense
+        steps = origins - first
+        total = d ** steps[:, None] * base[None, :]
+        later = steps > 0
+        total[later] += recent[steps[later] - 1]
+        weight = (1.0 - d ** (origins - panel.first_shift)) / (1.0 - d)  # sum of the weights of the past shifts
+        return np.divide(total, weight[:, None], out=np.zeros_like(total), where=weight[:, None] > 0)
+
+    def _fit(self, panel: CountPanel, until: int) -> None:
+        if self.half_life_days is not None:
+            self.half_life_, self.selection_ = float(self.half_life_days), {}
+            return
+        per_day = panel.calendar.per_day
+        origins = np.arange(max(panel.first_shift + 1, until - self.select_days * per_day), until, dtype=np.int64)
+        if origins.size == 0:
+            self.half_life_, self.selection_ = float(self.half_lives[len(self.half_lives) // 2]), {}
+            return
+        observed = panel.dense(int(origins[0]), until, category=self.category, dtype=np.float64)
+        areas = panel.study_area.areas_km2
+        scores = {}
+        for h in self.half_lives:
+            hits = shift_hits(self._weighted(panel, origins, h, self.category), observed, areas, origins,
+                              HEADLINE_COVERAGES)
+            crimes = hits.crimes.sum()
+            scores[float(h)] = float((hits.hits.sum(axis=0) / crimes).mean()) if crimes > 0 else 0.0
+        self.half_life_ = max(scores, key=lambda h: scores[h])  # the first of equals: the grid's order decides
+        self.selection_ = scores
+
+    def _predict(self, panel: CountPanel, origins: np.ndarray) -> np.ndarray:
+        return self._weighted(panel, origins, self.half_life_, self.category)
+
+    def fit_summary(self) -> dict[str, float]:
+        return {"half_life_days": float(self.half_life_)}

@@ -9,13 +9,15 @@ keeps the Poisson likelihood unbiased while the training set fits in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import lightgbm as lgb
 import numpy as np
+import pandas as pd
 
 from features.matrix import FeatureConfig, build_features, build_targets
 from features.panel import CountPanel
-from forecasting.base import Forecaster
+from forecasting.base import Explanation, Forecaster, NotFittedError
 
 
 @dataclass
@@ -42,6 +44,22 @@ class LightGBMForecaster(Forecaster):
     best_iteration_: int = field(default=0, init=False, repr=False)
     train_rows_: int = field(default=0, init=False, repr=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    learned: ClassVar[bool] = True
+    transient: ClassVar[tuple[str, ...]] = ("_cache",)
+
+    def __getstate__(self) -> dict:
+        """The booster travels as LightGBM's own text model (portable across versions, inspectable), the
+        training-row cache not at all."""
+        state = super().__getstate__()
+        if self.booster_ is not None:
+            state["booster_"] = self.booster_.model_to_string()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        booster = state.get("booster_")
+        if isinstance(booster, str):
+            state = {**state, "booster_": lgb.Booster(model_str=booster)}
+        super().__setstate__(state)
 
     def _chunk(self, panel: CountPanel, lo: int, hi: int, sample: bool):
         """Rows for origins [lo, hi). Chunks only depend on data before ``hi``, so they are cached per panel
@@ -111,6 +129,35 @@ class LightGBMForecaster(Forecaster):
     def _predict(self, panel: CountPanel, origins: np.ndarray) -> np.ndarray:
         matrix = build_features(panel, origins, self.features)
         return self.booster_.predict(matrix.X, num_iteration=self.best_iteration_)
+
+    def predict_explained(self, panel: CountPanel, origin: int) -> tuple[np.ndarray, Explanation]:
+        """The forecast and its ``pred_contrib`` explanation from one feature matrix: the booster predicts every
+        cell now, the contributions run later on the cells a response shows."""
+        if self.booster_ is None:
+            raise NotFittedError(f"{type(self).__name__} must be fitted before predict")
+        X = build_features(panel.until(int(origin)), int(origin), self.features).X
+        booster, iteration = self.booster_, self.best_iteration_
+        expected = np.asarray(booster.predict(X, num_iteration=iteration), dtype=np.float64).reshape(-1)
+        rows = lambda cells: booster.predict(X[np.asarray(cells)], num_iteration=iteration, pred_contrib=True)  # noqa: E731
+        return expected, Explanation(list(self.columns_) + ["bias"], rows)
+
+    def input_columns(self) -> list[str]:
+        return list(self.columns_)
+
+    def model_inputs(self, panel: CountPanel, origin: int) -> pd.DataFrame:
+        return build_features(panel.until(int(origin)), int(origin), self.features).frame().drop("origin", "cell").to_pandas()
+
+    def predict_inputs(self, frame: pd.DataFrame) -> np.ndarray:
+        missing = [c for c in self.columns_ if c not in frame.columns]
+        if missing:
+            raise ValueError(f"model input lacks feature columns {missing}")
+        X = frame[self.columns_].to_numpy(dtype=np.float32)
+        return self.booster_.predict(X, num_iteration=self.best_iteration_)
+
+    def fit_summary(self) -> dict[str, float]:
+        score = self.booster_.best_score.get("valid_0", {}) if self.booster_ is not None else {}
+        return {"best_iteration": float(self.best_iteration_), "train_rows": float(self.train_rows_),
+                "valid_poisson": float(score.get("poisson", np.nan))}
 
     def contributions(self, panel: CountPanel, origin: int) -> tuple[np.ndarray, list[str]]:
         """Per-cell feature contributions (LightGBM pred_contrib, log scale) for explaining a forecast."""

@@ -18,6 +18,7 @@ from features.panel import CountPanel
 
 PREDICTIONS = "predictions.npz"
 PROTOCOL = "backtest.json"
+FORECASTS = "forecasts.parquet"
 
 
 def protocol_of(panel: CountPanel, source: str, **extra: Any) -> dict[str, Any]:
@@ -35,6 +36,34 @@ def save_backtest(out_dir: Path, origins: np.ndarray, observed: np.ndarray, area
                         **{f"pred_{name}": pred for name, pred in predictions.items()})
     (out_dir / PROTOCOL).write_text(json.dumps(protocol, indent=2, default=str))
     return out_dir
+
+
+def write_forecasts(out_dir: Path, panel: CountPanel, origins: np.ndarray, observed: np.ndarray,
+                    predictions: dict[str, np.ndarray]) -> Path:
+    """Every forecaster's score for every cell and test shift, in a format any scorer reads: one row per
+    (cell, shift, forecaster) with the H3 id, the shift's start in UTC, the score and the observed count.
+    Written a forecaster at a time (one row group each), so memory stays at one forecaster's rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n_shifts, n_cells = observed.shape
+    cells = pa.DictionaryArray.from_arrays(pa.array(np.tile(np.arange(n_cells, dtype=np.int32), n_shifts)),
+                                           pa.array(panel.study_area.h3_ids))
+    starts = panel.calendar.bounds(origins)["start_utc"].to_numpy().astype("datetime64[us]")
+    shift_start = pa.array(np.repeat(starts, n_cells), type=pa.timestamp("us", tz="UTC"))
+    shift_id = pa.array(np.repeat(np.asarray(origins, dtype=np.int64), n_cells))
+    obs = pa.array(observed.astype(np.int32).ravel())
+    path = Path(out_dir) / FORECASTS
+    schema = pa.schema([("cell", pa.dictionary(pa.int32(), pa.string())), ("shift_start_utc", pa.timestamp("us", tz="UTC")),
+                        ("shift_id", pa.int64()), ("forecaster", pa.dictionary(pa.int32(), pa.string())),
+                        ("score", pa.float64()), ("observed", pa.int32())])
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for name, pred in predictions.items():
+            forecaster = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n_shifts * n_cells, dtype=np.int32)),
+                                                        pa.array([name]))
+            writer.write_table(pa.table([cells, shift_start, shift_id, forecaster,
+                                         pa.array(np.asarray(pred, dtype=np.float64).ravel()), obs], schema=schema))
+    return path
 
 
 @dataclass

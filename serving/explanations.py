@@ -1,4 +1,5 @@
-"""Per-cell explanations of a forecast: the top contributing features of each cell.
+"""Per-cell explanations of a forecast: the top contributing features of each cell (none for forecasters
+without explanations, such as the count maps).
 
 LightGBM's ``pred_contrib`` costs about 1 ms per cell on a city model, so contributions are computed for the
 cells a response shows, on first need, and kept; the input rows are released once every cell is explained.
@@ -35,7 +36,8 @@ class Explanations:
                 if self._explain_rows is None:  # released only once every cell is explained
                     raise RuntimeError("explanations: cells are missing but the input rows were released")
                 contrib, names = self._explain_rows(missing)
-                contrib = np.asarray(contrib, dtype=np.float64).reshape(missing.size, -1)
+                # a forecaster without explanations gives no columns: its cells carry no drivers
+                contrib = np.asarray(contrib, dtype=np.float64).reshape(missing.size, len(names))
                 if names and names[-1] == "bias":
                     contrib, names = contrib[:, :-1], list(names[:-1])
                 top = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :TOP_FEATURES]

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import forecasting.lgbm  # noqa: F401  (imported before any model is unpickled: never the model's code copy)
+import forecasting.registry  # noqa: F401  (every forecaster's module imported before a model is unpickled: never the model's code copy)
 from features.panel import CountPanel
 from features.settings import Settings
 from forecasting.reporting.tracking import CHAMPION, registered_name
@@ -48,7 +48,7 @@ class RegistryUnreachable(RuntimeError):
 class LoadedModel:
     name: str
     version: str
-    forecaster: Any  # a fitted LightGBMForecaster
+    forecaster: Any  # any fitted registered forecaster
     source: ModelSource
     run_id: str | None
     loaded_at: datetime
@@ -218,8 +218,8 @@ class ModelStore:
                 f"{self.local_root / city}: check HOTSPOTS_MLFLOW_TRACKING_URI / the registry server")
         if champion is None:
             return None, "no_champion", (
-                f"no champion model for {city!r}: run `hotspots backtest {city}`, which registers a model and "
-                f"promotes it to champion when it beats the naive baseline")
+                f"no champion model for {city!r}: run `hotspots backtest {city}`, which registers the backtest's "
+                f"winner against the strongest baseline and makes it the champion")
         version, run_id = champion
         if current is not None and current.version == version:
             return (current if current.source == "registry" else replace(current, source="registry")), "ready", None
@@ -350,9 +350,8 @@ def _load_forecaster(path: Path):
 
     pyfunc = mlflow.pyfunc.load_model(str(path))
     forecaster = pyfunc.unwrap_python_model().forecaster
-    if hasattr(forecaster, "_cache"):
-        forecaster._cache = {}  # training rows pickled with the model: not needed to predict
-    for needed in ("predict", "contributions"):
+    for needed in ("predict", "predict_explained"):
         if not callable(getattr(forecaster, needed, None)):
-            raise TypeError(f"the model's forecaster ({type(forecaster).__name__}) has no {needed}()")
+            raise TypeError(f"the model's forecaster ({type(forecaster).__name__}) has no {needed}(): re-register it "
+                            f"with this version of hotspots (`hotspots backtest`)")
     return forecaster

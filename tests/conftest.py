@@ -105,6 +105,7 @@ BROWSER_MODULES = {"test_browser"}
 SLOW_MODULES = {"test_cli_forecasting", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
                 "test_browser", "test_store_concurrency"}
 SLOW_TESTS = {
+    "test_any_city.py::test_new_city_walkthrough_runs_end_to_end",
     "test_metrics_endpoint.py::test_worker_processes_are_summed_with_a_multiprocess_dir",
     "test_diagnostics.py::test_logs_into_mlflow_where_the_model_card_reads",
     "test_diagnostics.py::test_result_exports",

@@ -49,6 +49,12 @@ def test_backtest_then_claim(data_dir, backtested):
     assert re.search(r"done  backtest toronto-mci 2021-11-01 to 2022-01-01 \([\d.]+ s\)$", result.output, re.M)
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["forecasters"]) == {"naive", "kde", "sepp"}
+    # the strongest baseline is named, and without a learned forecaster that baseline is the champion
+    protocol = json.loads((folder / "backtest.json").read_text())
+    assert protocol["strongest_baseline"] in {"naive", "kde", "sepp"}
+    assert f"Strongest baseline: {protocol['strongest_baseline']}" in result.output
+    promotion = json.loads((folder / "promotion.json").read_text())
+    assert promotion["promote"] and promotion["baseline"] == protocol["strongest_baseline"]
     assert (folder / "report.html").stat().st_size > 10_000
 
     claim = runner.invoke(app, ["claim", "toronto-mci", "--candidate", "sepp", "--baseline", "naive", "--ratio", "1.1",
@@ -59,6 +65,45 @@ def test_backtest_then_claim(data_dir, backtested):
 
     missing = runner.invoke(app, ["claim", "toronto-mci", "--candidate", "lightgbm", "--data-dir", str(data_dir)])
     assert missing.exit_code == 2 and "no forecasts of ['lightgbm']" in missing.output
+
+
+def test_backtest_takes_shift_starts_and_writes_per_cell_forecasts(data_dir, monkeypatch):
+    """One 24-hour shift a day, re-binned from the store on the saved panel's cells: a protocol anyone can
+    re-score from forecasts.parquet; nothing is registered (the service serves the saved panel's shifts)."""
+    import h3
+    import numpy as np
+    import polars as pl
+
+    from forecasting.metrics import HEADLINE_COVERAGES, pooled, shift_hits
+
+    monkeypatch.delenv("HOTSPOTS_MLFLOW_TRACKING_URI", raising=False)
+    result = runner.invoke(app, [
+        "backtest", "toronto-mci", "--resolution", "8", "--shift-starts", "00:00", "--test-start", "2021-12-01",
+        "--test-end", "2022-01-01", "--forecaster", "naive", "--forecaster", "all_history", "--n-boot", "100",
+        "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "nothing will be registered" in result.output and "model version" not in result.output
+    folder = next((data_dir / "backtests").glob("toronto-mci-r8-20211201-20220101-shifts-0000"))
+    assert json.loads((folder / "backtest.json").read_text())["shift_starts"] == "00:00"
+    forecasts = pl.read_parquet(folder / "forecasts.parquet")
+    assert forecasts["shift_id"].n_unique() == 31
+    assert set(forecasts["forecaster"].cast(pl.Utf8).unique()) == {"naive", "all_history"}
+    # an outside scorer re-computes the summary's hit rates from the Parquet file alone
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = forecasts.filter(pl.col("forecaster") == "all_history").sort("shift_id", maintain_order=True)
+    n_cells = rows["cell"].n_unique()
+    areas = np.array([h3.cell_area(c, "km^2") for c in rows["cell"].cast(pl.Utf8)[:n_cells]])
+    score = rows["score"].to_numpy().reshape(31, n_cells)
+    observed = rows["observed"].to_numpy().reshape(31, n_cells)
+    shifts = rows["shift_id"].unique(maintain_order=True).to_numpy()
+    rescored = pooled(shift_hits(score, observed, areas, shifts, HEADLINE_COVERAGES))["hit_rate"]
+    reported = [c["hit_rate"]["point"] for c in summary["forecasters"]["all_history"]["coverages"]
+                if c["coverage"] in HEADLINE_COVERAGES]
+    np.testing.assert_allclose(rescored, reported, rtol=1e-9)
+
+    bad = runner.invoke(app, ["backtest", "toronto-mci", "--resolution", "8", "--shift-starts", "25:00",
+                              "--data-dir", str(data_dir)])
+    assert bad.exit_code == 2 and "--shift-starts '25:00'" in bad.output and "HH:MM" in bad.output
 
 
 def test_backtest_rejects_unknown_forecaster(data_dir):

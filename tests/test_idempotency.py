@@ -30,7 +30,7 @@ UTC = timezone.utc
 ALL_REASONS_STORED = {"T-001", "T-002", "T-016", "T-018"}
 ALL_REASONS_QUARANTINED = {
     "missing_id": 2, "missing_time": 1, "unparseable_time": 1, "future_time": 2, "before_coverage": 1,
-    "missing_coordinates": 2, "invalid_coordinates": 2, "sentinel_point": 1, "out_of_area": 1,
+    "missing_coordinates": 3, "invalid_coordinates": 1, "sentinel_point": 1, "out_of_area": 1,  # row 10, (0, 0), is a placeholder
     "excluded_category": 1, "unknown_category": 1, "duplicate_id": 1,
 }
 

@@ -190,6 +190,9 @@ def test_data_dir_pointing_at_a_file(tmp_path):
     assert_one_line_error(code, out, f"the data folder {not_a_folder} is a file, not a folder",
                           "pass --data-dir with a folder")
     assert not_a_folder.read_text() == "x"
+    # the built-in Toronto source writes its export into the data folder first: the same message
+    code, out = run("ingest", "toronto-mci", "--data-dir", not_a_folder)
+    assert_one_line_error(code, out, f"the data folder {not_a_folder} is a file, not a folder")
 
 
 def test_read_only_data_folder(tmp_path):

@@ -39,7 +39,7 @@ ALL_REASONS_QUARANTINE = {
     7: "before_coverage",
     8: "missing_coordinates",
     9: "invalid_coordinates",
-    10: "invalid_coordinates",
+    10: "missing_coordinates",  # (0, 0) is a placeholder for "no location" (issue 10)
     11: "sentinel_point",
     12: "out_of_area",
     13: "excluded_category",

@@ -329,6 +329,7 @@ def _metric_rows(summaries: dict[str, MetricSummary], j_of: dict[str, int]) -> l
         rows.append([
             name,
             fmt_interval(s.point["hit_rate"][j], s.low["hit_rate"][j], s.high["hit_rate"][j]),
+            fmt_rate(s.pessimistic["hit_rate"][j]) if "hit_rate" in s.pessimistic else "",
             fmt_interval(s.point["pai"][j], s.low["pai"][j], s.high["pai"][j], fmt_ratio),
             fmt_rate(s.point["pei"][j]),
             fmt_ratio(s.point["rri"][j]),
@@ -366,6 +367,9 @@ def summary_dict(summaries: dict[str, MetricSummary], claims: list[ClaimResult],
                 for j, c in enumerate(np.asarray(s.coverages, dtype=float))
             ],
         }
+    for name, s in summaries.items():
+        if s.pessimistic:
+            forecasters[name]["pessimistic"] = {m: [float(v) for v in values] for m, values in s.pessimistic.items()}
     return jsonable({"title": title, "meta": meta, "forecasters": forecasters,
                       "claims": [c.as_dict() for c in claims], "best_by_hit_rate": best, "map": map_info})
 
@@ -374,7 +378,7 @@ def summary_dict(summaries: dict[str, MetricSummary], claims: list[ClaimResult],
 def write_report(result: BacktestResult, panel: CountPanel, out_dir: Path, *, title: str,
                  summaries: dict[str, MetricSummary], claims: list[ClaimResult],
                  per_category: pl.DataFrame | None = None, meta: dict | None = None,
-                 map_forecaster: str = "lightgbm", map_coverage: float = 0.05) -> dict[str, Path]:
+                 map_forecaster: str = "lightgbm", map_coverage: float = 0.05, strongest=None) -> dict[str, Path]:
     """Write the figures, report.md, report.html and summary.json into ``out_dir``; returns paths by key
     (``hit_rate_curves``, ``pai_bars``, ``calibration``, ``hotspot_map``, ``report_md``, ``report_html``,
     ``summary_json``)."""
@@ -406,6 +410,18 @@ def write_report(result: BacktestResult, panel: CountPanel, out_dir: Path, *, ti
                Block("table", header=["item", "value"],
                      items=[[str(k).replace("_", " "), _fmt_meta(v)] for k, v in meta_all.items()])]
 
+    if strongest is not None:
+        blocks.append(Block("h2", "Strongest baseline"))
+        blocks.append(Block("p", strongest.sentence() + ". Chosen among every non-learned forecaster on the "
+                                 "validation window before the test period; the claim tests and the promotion gate "
+                                 "compare with it first."))
+        covs = list(strongest.hit_rates[strongest.name])
+        blocks.append(Block("table", header=["baseline"] + [f"validation hit rate {float(c):.0%}" for c in covs]
+                            + [f"pessimistic {float(c):.0%}" for c in covs],
+                            items=[[n + (" (strongest)" if n == strongest.name else "")]
+                                   + [fmt_rate(r[c]) for c in covs] + [fmt_rate(strongest.pessimistic[n][c]) for c in covs]
+                                   for n, r in strongest.hit_rates.items()]))
+
     blocks.append(Block("h2", "Claim tests"))
     if claims:
         blocks.append(Block("p", "Paired day-block bootstrap of the ratio of pooled hit rates; the claim is supported "
@@ -435,8 +451,10 @@ def write_report(result: BacktestResult, panel: CountPanel, out_dir: Path, *, ti
     blocks.append(Block("p", "Pooled over all test shifts; brackets are 95% day-block bootstrap intervals. "
                              "PAI = hit rate / area share; PEI* = hits / best possible hits with the same number "
                              "of cells; RRI = forecast share in the flagged cells / observed share there (1 is "
-                             "ideal). Coverage is by area, so the realised area share can exceed the target."))
-    header = ["forecaster", "hit rate [CI]", "PAI [CI]", "PEI*", "RRI", "area share"]
+                             "ideal). Coverage is by area, so the realised area share can exceed the target. "
+                             "Ties are ordered at random per shift; the pessimistic column ranks tied cells with "
+                             "fewer actual incidents first (the worst a tie order can do)."))
+    header = ["forecaster", "hit rate [CI]", "hit rate, pessimistic ties", "PAI [CI]", "PEI*", "RRI", "area share"]
     for j, c in enumerate(coverages):
         j_of = {n: (_cov_index(s, c) if _cov_index(s, c) is not None else j) for n, s in summaries.items()}
         blocks += [Block("h3", f"{fmt_coverage(c)} of the area"), Block("table", header=header,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 from typing import Callable
 
 import mlflow
 import numpy as np
 
-from features.matrix import build_features
 from features.panel import CountPanel
 from features.paths import DataPaths
 from features.settings import Settings
@@ -20,11 +20,12 @@ from forecasting.backtest import BacktestResult, default_forecasters, per_catego
 from forecasting.base import Forecaster
 from forecasting.claim import against_every_baseline, claim_test
 from forecasting.metrics import HEADLINE_COVERAGES, MetricSummary
-from forecasting.promotion import PromotionDecision, promotion_decision
+from forecasting.promotion import GATE_COVERAGES, PromotionDecision, promotion_decision
 from forecasting.reporting.assess import assess, assess_training
 from forecasting.reporting.report import write_report
 from forecasting.reporting.tracking import apply_promotion, code_version, configure, log_model
-from forecasting.saved import protocol_of, save_backtest
+from forecasting.saved import protocol_of, save_backtest, write_forecasts
+from forecasting.strongest import VALIDATION_DAYS, StrongestChoice, choose_strongest
 
 Progress = Callable[[str], None]
 
@@ -38,17 +39,36 @@ class TrackedBacktest:
     model_version: str | None
     run_id: str
     out_dir: Path
+    strongest: StrongestChoice | None = None
+    candidate: str | None = None
 
 
 def _flat_params(name: str, model: Forecaster) -> dict[str, object]:
-    return {f"{name}.{key}": value for key, value in model.params().items()
-            if key != "category" and not hasattr(value, "__dict__")}
+    """Every parameter, nested ones (the feature configuration) included, as MLflow params."""
+    return {f"{name}.{key}": (value if isinstance(value, (int, float, str, bool)) else str(value))
+            for key, value in model.get_params(deep=True).items()
+            if key != "category" and not hasattr(value, "__dataclass_fields__")}
 
 
 def _register(model: Forecaster, panel: CountPanel, source: str):
-    """Log a fitted forecaster as the registered pyfunc model of the city, with a feature sample as signature."""
-    sample = build_features(panel, panel.end_shift - 1, model.features).frame().drop("origin", "cell").head(200)
-    return log_model(model, sample.to_pandas(), source)
+    """Log a fitted forecaster as the registered pyfunc model of the city, with its input rows as signature."""
+    sample = model.model_inputs(panel, panel.end_shift - 1).head(200)
+    return log_model(model, sample, source)
+
+
+def _first_test_shift(panel: CountPanel, test_start: date) -> int:
+    zone = ZoneInfo(panel.calendar.timezone)
+    start = datetime(test_start.year, test_start.month, test_start.day, tzinfo=zone)
+    return int(panel.calendar.shift_range(start, start + timedelta(days=2))[0])
+
+
+def _log_strongest(choice: StrongestChoice, out_dir: Path) -> None:
+    mlflow.set_tags({"strongest_baseline": choice.name, "claim.baseline": choice.name})
+    mlflow.log_params({"strongest.window_start": choice.window_start, "strongest.window_end": choice.window_end})
+    for name, rates in choice.hit_rates.items():
+        for cov, rate in rates.items():
+            mlflow.log_metric(f"validation.{name}.hit_rate.{float(cov) * 100:g}pct", rate)
+    (out_dir / "strongest.json").write_text(json.dumps(choice.as_dict(), indent=2))
 
 
 def _log_summaries(summaries: dict[str, MetricSummary], result: BacktestResult) -> None:
@@ -59,6 +79,8 @@ def _log_summaries(summaries: dict[str, MetricSummary], result: BacktestResult) 
                 mlflow.log_metric(f"{name}.{metric}.{tag}", float(summary.point[metric][j]))
             mlflow.log_metric(f"{name}.hit_rate_low.{tag}", float(summary.low["hit_rate"][j]))
             mlflow.log_metric(f"{name}.hit_rate_high.{tag}", float(summary.high["hit_rate"][j]))
+            if summary.pessimistic:
+                mlflow.log_metric(f"{name}.hit_rate_pessimistic.{tag}", float(summary.pessimistic["hit_rate"][j]))
         mlflow.log_metric(f"{name}.poisson_deviance", summary.deviance)
         mlflow.log_metric(f"{name}.fit_seconds", result.fit_seconds[name])
 
@@ -79,11 +101,18 @@ def run_tracked_backtest(
     final_model: Callable[[], Forecaster] | None = None,
     progress: Progress | None = None,
     audit_layer=None,
+    strongest_days: int = VALIDATION_DAYS,
 ) -> TrackedBacktest:
-    """The whole researcher's run, tracked in MLflow: backtest every forecaster, claim test, report, then fit
-    the candidate on all data, register it, and move ``champion`` only if the backtest passes the gate.
-    The feedback-loop diagnostics (and, given ``audit_layer``, the bias audit) are logged into the same run."""
+    """The whole researcher's run, tracked in MLflow: choose the strongest traditional baseline on the validation
+    window before the test period, backtest every forecaster, claim test against that baseline (and every
+    other), report, then fit the backtest's winner on all data, register it and make it the champion: a
+    challenger wins only by beating the strongest baseline at every gate coverage, else that baseline wins.
+    The feedback-loop diagnostics (and, given ``audit_layer``, the bias audit) are logged into the same run.
+    ``final_model`` replaces the candidate's factory for the final fit when the candidate wins."""
     forecasters = forecasters or default_forecasters()
+    learned = {name for name, make in forecasters.items() if make().learned}
+    baselines = {name: make for name, make in forecasters.items() if name not in learned}
+    candidate = next((name for name in forecasters if name in learned), None)
     resolution = panel.study_area.resolution
     out_dir = Path(out_dir or DataPaths(settings).backtest(source, test_start, test_end, resolution))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,59 +120,77 @@ def run_tracked_backtest(
     say = progress or (lambda message: None)
     with mlflow.start_run(run_name=f"backtest-{source}-{test_start:%Y%m%d}-{test_end:%Y%m%d}") as run:
         mlflow.set_tags({"kind": "backtest", "city": source})
+        strongest = None
+        if baselines:
+            say(f"choose the strongest baseline on the {strongest_days} days before the test period")
+            strongest = choose_strongest(panel, _first_test_shift(panel, test_start), baselines, strongest_days)
+            say(strongest.sentence())
         meta = protocol_of(panel, source, test_start=str(test_start), test_end=str(test_end), refit="monthly",
-                           code_version=code_version())
-        params: dict[str, object] = {**meta, "claimed_ratio": claimed_ratio, "n_boot": n_boot}
+                           code_version=code_version(),
+                           strongest_baseline=strongest.name if strongest else None)
+        params: dict[str, object] = {**meta, "claimed_ratio": claimed_ratio, "n_boot": n_boot,
+                                     "strongest_validation_days": strongest_days}
         for name, make in forecasters.items():
             params.update(_flat_params(name, make()))
-        mlflow.log_params(params)
+        mlflow.log_params({k: v for k, v in params.items() if v is not None})
+        if strongest is not None:
+            _log_strongest(strongest, out_dir)
         result = run_backtest(panel, test_start, test_end, forecasters, progress=say)
         say("metrics and intervals")
         summaries = result.summaries(n_boot=n_boot)
-        claims = []
-        if "lightgbm" in result.predictions and "naive" in result.predictions:
-            claims = claim_test(
-                result.predictions["lightgbm"], result.predictions["naive"], result.observed, result.areas,
+        claims, others = [], []
+        if candidate is not None and strongest is not None:
+            claim_of = lambda baseline: claim_test(  # noqa: E731
+                result.predictions[candidate], result.predictions[baseline], result.observed, result.areas,
                 result.origins, result.per_day, coverages=claim_coverages, claimed_ratio=claimed_ratio,
-                n_boot=max(n_boot, 2000), names=("lightgbm", "naive"),
-            )
+                n_boot=max(n_boot, 2000), names=(candidate, baseline))
+            claims = claim_of(strongest.name)
+            others = [c for name in baselines if name != strongest.name for c in claim_of(name)]
         _log_summaries(summaries, result)
         for claim in claims:
             mlflow.log_metric(f"claim.ratio.{claim.coverage * 100:g}pct", claim.ratio)
             mlflow.set_tag(f"claim.verdict.{claim.coverage * 100:g}pct", claim.verdict)
+        for claim in others:
+            mlflow.log_metric(f"claim.{claim.baseline}.ratio.{claim.coverage * 100:g}pct", claim.ratio)
+            mlflow.set_tag(f"claim.{claim.baseline}.verdict.{claim.coverage * 100:g}pct", claim.verdict)
         pairwise = []
-        if "lightgbm" in result.predictions:
+        if candidate is not None:
             pairwise = against_every_baseline(result.predictions, result.observed, result.areas, result.origins,
-                                              result.per_day, coverages=claim_coverages, n_boot=max(n_boot, 2000))
+                                              result.per_day, candidate=candidate, coverages=claim_coverages,
+                                              n_boot=max(n_boot, 2000))
             for p in pairwise:
-                mlflow.log_metric(f"lightgbm_minus_{p.baseline}.hit_rate_low.{p.coverage * 100:g}pct", p.difference_low)
+                mlflow.log_metric(f"{candidate}_minus_{p.baseline}.hit_rate_low.{p.coverage * 100:g}pct", p.difference_low)
             (out_dir / "pairwise.json").write_text(json.dumps([p.as_dict() for p in pairwise], indent=2))
         result.tidy().write_parquet(out_dir / "results.parquet")
+        write_forecasts(out_dir, panel, result.origins, result.observed, result.predictions)
         save_backtest(out_dir, result.origins, result.observed, result.areas, result.predictions, meta)
         write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
-                     summaries=summaries, claims=claims + pairwise, per_category=per_category_hit_rates(result, panel),
-                     meta=meta)
-        if "lightgbm" in result.last_models:
-            importance = result.last_models["lightgbm"].feature_importance()
+                     summaries=summaries, claims=claims + others + pairwise,
+                     per_category=per_category_hit_rates(result, panel), meta=meta,
+                     map_forecaster=candidate or "lightgbm", strongest=strongest)
+        importance = result.last_models[candidate].feature_importance() if candidate is not None else None
+        if importance is not None:
             (out_dir / "feature_importance.json").write_text(json.dumps(importance, indent=2))
         (out_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "city": source}, indent=2))
         mlflow.log_artifacts(str(out_dir), artifact_path="backtest")
-        if "lightgbm" in result.predictions:
+        if "lightgbm" in result.predictions and "naive" in result.predictions:
             say("feedback-loop diagnostics" + (" and bias audit" if audit_layer is not None else ""))
             assess(result, panel, out_dir, audit_layer=audit_layer, n_boot=n_boot)
 
         decision, version = None, None
-        if register and "lightgbm" in forecasters:
-            say("fit the candidate on all data and register it")
-            make = final_model or forecasters["lightgbm"]
+        if register and strongest is not None:
+            decision = promotion_decision(summaries, strongest.name, GATE_COVERAGES)
+            winner = decision.winner
+            say(f"fit the winner, {winner}, on all data and register it")
+            make = final_model if (final_model is not None and winner == candidate) else forecasters[winner]
             info = _register(make().fit(panel, panel.end_shift), panel, source)
             version = str(info.registered_model_version)
-            decision = promotion_decision(summaries)
             apply_promotion(source, version, decision, run.info.run_id)
             mlflow.log_dict(decision.as_dict(), "promotion.json")
-            mlflow.set_tags({"promotion": "promoted" if decision.promote else "rejected", "model_version": version})
+            mlflow.set_tags({"promotion": "promoted" if decision.promote else "rejected", "model_version": version,
+                             "champion_forecaster": winner})
             (out_dir / "promotion.json").write_text(json.dumps({**decision.as_dict(), "version": version}, indent=2))
-    return TrackedBacktest(result, summaries, claims, decision, version, run.info.run_id, out_dir)
+    return TrackedBacktest(result, summaries, claims, decision, version, run.info.run_id, out_dir, strongest, candidate)
 
 
 @dataclass
@@ -166,11 +213,10 @@ def run_training(panel: CountPanel, source: str, settings: Settings, model: Fore
                            **{k: v for k, v in _flat_params(model.name, model).items()}})
         say(f"fit {model.name}")
         model.fit(panel, cutoff)
-        if hasattr(model, "booster_"):
-            score = model.booster_.best_score.get("valid_0", {})
-            mlflow.log_metrics({"best_iteration": model.best_iteration_, "train_rows": model.train_rows_,
-                                "valid_poisson": float(score.get("poisson", np.nan))})
-            mlflow.log_dict(model.feature_importance(), "feature_importance.json")
+        mlflow.log_metrics({k: v for k, v in model.fit_summary().items() if np.isfinite(v)})
+        importance = model.feature_importance()
+        if importance is not None:
+            mlflow.log_dict(importance, "feature_importance.json")
         info = _register(model, panel, source)
         say("diagnostics" + (" and bias audit" if audit_layer is not None else "") + " on the validation window")
         assess_training(model, panel, cutoff, audit_layer=audit_layer)

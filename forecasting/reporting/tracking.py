@@ -56,24 +56,20 @@ def registered_name(city: str) -> str:
 
 
 class HotspotModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: feature rows in (the columns of features.matrix.build_features), expected counts out.
-    The wrapped forecaster (``.forecaster``) also builds the features itself from a panel for the API."""
+    """The one pyfunc flavour of every forecaster: its ``model_inputs`` rows in (feature rows for LightGBM, the
+    count map for a baseline), expected counts out, through the forecaster's own ``predict_inputs``. The
+    wrapped forecaster (``.forecaster``) also forecasts from a panel for the API (``predict_explained``)."""
 
     def __init__(self, forecaster):
         self.forecaster = forecaster
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        f = self.forecaster
-        missing = [c for c in f.columns_ if c not in model_input.columns]
-        if missing:
-            raise ValueError(f"model input lacks feature columns {missing}")
-        X = model_input[f.columns_].to_numpy(dtype=np.float32)
-        return f.booster_.predict(X, num_iteration=f.best_iteration_)
+        return np.asarray(self.forecaster.predict_inputs(model_input), dtype=np.float64)
 
 
 def log_model(forecaster, sample: pd.DataFrame, city: str):
-    """Log the fitted LightGBM forecaster as a pyfunc with a signature and register it for the city."""
-    forecaster._cache = {}  # cached training rows are for refits, not for the registry
+    """Log a fitted forecaster (any registered one) as a pyfunc with a signature and register it for the
+    city. Training caches are not pickled (``Forecaster.__getstate__``)."""
     model = HotspotModel(forecaster)
     signature = infer_signature(sample, model.predict(None, sample))
     return mlflow.pyfunc.log_model(

@@ -5,17 +5,19 @@
 - ``assess``: diagnose, audit
 - ``service``: serve, keys
 - ``store``: verify
+- ``profiles``: the ``profile`` sub-app (init, check): the profile assistant
 """
 
 from __future__ import annotations
 
 import typer
 
-from serving.cli import assess, data, models, service, store
+from serving.cli import assess, data, models, profiles, service, store
 
 app = typer.Typer(help="Place-based crime hotspot forecasting on H3 cells and patrol shifts.", no_args_is_help=True)
 for group in (data, models, assess, service, store):
     app.add_typer(group.app)
+app.add_typer(profiles.app, name="profile")
 
 __all__ = ["app"]
 

@@ -63,9 +63,12 @@ def stage(label: str) -> Iterator[Callable[[str], None]]:
     _log_line(f"done  {label} ({time.perf_counter() - started:.1f} s)")
 
 
-def source_profile(source: str, profile: Optional[str] = None) -> SourceProfile:
+def source_profile(source: str, profile: Optional[str] = None, settings: Optional[Settings] = None) -> SourceProfile:
+    """``--profile``, else SOURCE as a built-in name or a profile file, else the profile remembered for a source
+    of that name at its last ingest (``<data>/profiles/<source>.toml``)."""
+    remembered = DataPaths(settings or Settings()).profiles_root
     try:
-        return load_profile(profile or source)
+        return load_profile(profile or source, remembered=remembered)
     except ProfileError as exc:
         fail(str(exc))
 

@@ -36,8 +36,18 @@ def input_path(source: str, path: Optional[Path], settings: Settings) -> Path:
         return path
     if source == "toronto-mci":
         from features.sources.toronto import materialise
+        from features.storelock import StoreError, cannot_write, data_folder
 
-        return materialise(settings.data_dir / "raw" / "toronto-mci.csv")
+        target = settings.data_dir / "raw" / "toronto-mci.csv"
+        try:
+            data_folder(settings.data_dir)
+            return materialise(target)
+        except FileNotFoundError as exc:  # the toronto extra is not installed
+            fail(str(exc))
+        except StoreError as exc:
+            fail(str(exc))
+        except OSError as exc:  # read-only or full
+            fail(str(cannot_write(target.parent, exc)))
     fail(f"give the input file for source {source!r} (CSV, CSV.gz or Parquet)")
 
 
@@ -53,7 +63,8 @@ def profiles() -> None:
 
 @app.command()
 def ingest(
-    source: str = typer.Argument(..., help="Profile name (chicago, toronto-mci) or a profile file for any city."),
+    source: str = typer.Argument(..., help="Profile name (chicago, toronto-mci), a profile file for any city, or "
+                                 "a source ingested before (its profile is remembered)."),
     path: Optional[Path] = typer.Argument(None, help="Input CSV/CSV.gz/Parquet (toronto-mci: read from its wheel)."),
     profile: Optional[str] = typer.Option(None, help="Profile name or file, if not the source name."),
     encoding: Optional[str] = typer.Option(None, help="Input text encoding (default: the profile's, utf-8)."),
@@ -68,8 +79,8 @@ def ingest(
     from features.storelock import StoreError
 
     settings = project_settings(data_dir)
-    prof = source_profile(source, profile)
-    file = input_path(source, path, settings)
+    prof = source_profile(source, profile, settings)
+    file = input_path(prof.name, path, settings)
     shape = read_boundary(boundary) if boundary else None
     try:
         with stage(f"ingest {file.name}"):
@@ -80,8 +91,13 @@ def ingest(
     except (IngestError, StoreError) as exc:
         fail(str(exc))
     for line in summary.lines():
-        console.print(line)
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
     console.print(f"summary written to {summary.report_path}")
+    if summary.profile_path:
+        console.print(f"profile remembered as {summary.profile_path}: later commands take the source name "
+                      f"{prof.name!r}", soft_wrap=True)
+    if summary.hint:
+        fail(summary.hint)
 
 
 @app.command()
@@ -101,12 +117,16 @@ def fetch(
             n = fetch_to_csv(out, since=since, until=until, app_token=settings.socrata_app_token, page_size=page_size)
     except SocrataError as exc:
         fail(str(exc))
+    except ValueError as exc:  # a page the portal sent in an unexpected shape
+        fail(f"the portal's rows could not be read ({exc}); nothing was written to {out}: rerun later, or report it")
+    except OSError as exc:
+        fail(f"cannot write {out} ({exc.strerror}): give --out a writable path")
     console.print(f"wrote {n:,} rows to {out}")
 
 
 @app.command()
 def panel(
-    source: str = typer.Argument(..., help="Source name in the store."),
+    source: str = typer.Argument(..., help="Source name in the store (or its profile file)."),
     resolution: Optional[int] = Resolution,
     boundary: Optional[Path] = typer.Option(None, help="Study-area polygon file (default: derived from the data)."),
     layer: Optional[str] = typer.Option(None, help="Layer of the boundary GeoPackage."),
@@ -118,7 +138,8 @@ def panel(
     from features.storelock import StoreError
 
     settings = project_settings(data_dir, resolution)
-    prof = source_profile(source, profile)
+    prof = source_profile(source, profile, settings)
+    source = prof.name
     store = IncidentStore(settings.data_dir)
     try:
         incidents = store.read(source)
@@ -177,7 +198,7 @@ def features(
 
 @app.command()
 def prepare(
-    source: str = typer.Argument("toronto-mci", help="Source to prepare end to end."),
+    source: str = typer.Argument("toronto-mci", help="Source to prepare end to end: a built-in name or a profile file."),
     path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
     feature_year: Optional[int] = typer.Option(None, help="Year of origins to build features for (default: last full year)."),
     resolution: Optional[int] = Resolution,
@@ -185,6 +206,7 @@ def prepare(
 ) -> None:
     """Ingest, validate, bin and build features in one go: the analyst's first run."""
     ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir, no_wait=False)
+    source = source_profile(source, None, project_settings(data_dir)).name  # a profile file's source name
     panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
     settings = project_settings(data_dir, resolution)
     year = feature_year or last_full_year(load_panel(settings, source))

@@ -23,6 +23,7 @@ from serving.cli.common import (
     last_full_year,
     load_panel,
     project_settings,
+    source_profile,
     stage,
 )
 from serving.cli.data import ingest, panel
@@ -64,7 +65,7 @@ def train(
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """Train the LightGBM forecaster and log it to MLflow as a registered model version (not promoted: only
-    a backtest that beats the naive baseline moves the champion alias). The run also logs the diagnostics of
+    a backtest's winner against the strongest baseline moves the champion alias). The run also logs the diagnostics of
     the model's flags over its validation window (and, with --audit-preset, the bias audit)."""
     from zoneinfo import ZoneInfo
 
@@ -87,13 +88,18 @@ def train(
 
 
 def print_backtest(tracked) -> None:
-    table = Table("forecaster", "coverage", "hit rate [95% CI]", "PAI [95% CI]", "PEI*", "fit s")
+    if tracked.strongest is not None:
+        console.print(tracked.strongest.sentence())
+    table = Table("forecaster", "coverage", "hit rate [95% CI]", "pessimistic ties", "PAI [95% CI]", "PEI*", "fit s")
     for name, summary in tracked.summaries.items():
         for j, cov in enumerate(summary.coverages):
             if cov not in HEADLINE_COVERAGES:
                 continue
             p, lo, hi = summary.point, summary.low, summary.high
-            table.add_row(name, f"{cov:.0%}", f"{p['hit_rate'][j]:.3f} [{lo['hit_rate'][j]:.3f}, {hi['hit_rate'][j]:.3f}]",
+            worst = summary.pessimistic.get("hit_rate")
+            label = name + (" (strongest baseline)" if tracked.strongest and name == tracked.strongest.name else "")
+            table.add_row(label, f"{cov:.0%}", f"{p['hit_rate'][j]:.3f} [{lo['hit_rate'][j]:.3f}, {hi['hit_rate'][j]:.3f}]",
+                          "" if worst is None else f"{worst[j]:.3f}",
                           f"{p['pai'][j]:.1f} [{lo['pai'][j]:.1f}, {hi['pai'][j]:.1f}]", f"{p['pei'][j]:.2f}",
                           f"{tracked.result.fit_seconds[name]:.0f}")
     console.print(table)
@@ -101,8 +107,32 @@ def print_backtest(tracked) -> None:
         console.print(claim.sentence())
     if tracked.decision is not None:
         state = "PROMOTED to champion" if tracked.decision.promote else "not promoted"
-        console.print(f"model version {tracked.model_version}: {state} ({tracked.decision.reason})")
-    console.print(f"report: {tracked.out_dir / 'report.html'}  (MLflow run {tracked.run_id})")
+        console.print(f"model version {tracked.model_version} ({tracked.decision.winner}): {state} ({tracked.decision.reason})")
+    console.print(f"report: {tracked.out_dir / 'report.html'}; per-cell forecasts: {tracked.out_dir / 'forecasts.parquet'}"
+                  f"  (MLflow run {tracked.run_id})")
+
+
+def panel_with_shifts(settings, source: str, built, shift_starts: Optional[str]):
+    """The saved panel, or (when ``--shift-starts`` names other shifts) the same study area re-binned from the
+    incident store with those shifts, in memory. Returns (panel, shifts differ)."""
+    if shift_starts is None:
+        return built, False
+    wanted = [part.strip() for part in shift_starts.split(",") if part.strip()]
+    if wanted == list(built.calendar.labels):
+        return built, False
+    from features.pipeline import build_city_panel
+    from features.store import IncidentStore
+    from serving.cli.common import source_profile
+
+    try:
+        incidents = IncidentStore(settings.data_dir).read(source)
+        rebuilt = build_city_panel(incidents, source_profile(source), settings, shift_starts=wanted,
+                                   study_area=built.study_area, name=source)
+    except FileNotFoundError as exc:
+        fail(f"{exc}: --shift-starts re-bins the stored incidents; run `hotspots ingest {source}` first")
+    except ValueError as exc:
+        fail(f"--shift-starts {shift_starts!r}: {exc} (give local HH:MM starts separated by commas, e.g. 07:00,15:00,23:00)")
+    return rebuilt.panel, True
 
 
 @app.command()
@@ -110,38 +140,51 @@ def backtest(
     source: str = typer.Argument(...),
     test_start: Optional[datetime] = typer.Option(None, help="First local day of the test period (default: last full year)."),
     test_end: Optional[datetime] = typer.Option(None, help="End of the test period, exclusive."),
-    forecaster: Optional[list[str]] = typer.Option(None, help="Forecasters to compare (default: all)."),
-    ratio: float = typer.Option(1.5, help="The claim to test: candidate hit rate >= ratio x naive."),
+    forecaster: Optional[list[str]] = typer.Option(None, help="Forecasters to compare, by registry name (default: all)."),
+    ratio: float = typer.Option(1.5, help="The claim to test: candidate hit rate >= ratio x the strongest baseline."),
     n_boot: int = typer.Option(1000),
-    register: bool = typer.Option(True, help="Fit on all data, register, and apply the promotion gate."),
+    register: bool = typer.Option(True, help="Fit the backtest's winner on all data, register it, apply the gate."),
     audit_preset: Optional[str] = typer.Option(None, help="Run the bias audit on this shipped area layer "
                                                "(chicago-community-areas, toronto-neighbourhoods; default: the "
                                                "source's own, when HOTSPOTS_SHARED_DATA has it); see `hotspots audit`."),
     param: Optional[list[str]] = Params,
     resolution: Optional[int] = Resolution,
+    shift_starts: Optional[str] = typer.Option(None, "--shift-starts", help="Local shift starts, e.g. "
+                                               "'00:00' (one 24-hour shift) or '07:00,15:00,23:00'. Default: the "
+                                               "saved panel's. Other shifts re-bin the stored incidents on the same "
+                                               "cells; such a backtest registers nothing (the service serves the "
+                                               "saved panel's shifts)."),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
-    """Rolling-origin backtest (monthly refits) of LightGBM against every baseline, with the claim test, the
-    feedback-loop diagnostics and (with --audit-preset) the bias audit, all logged to MLflow."""
-    from forecasting.backtest import default_forecasters
-    from forecasting.lgbm import LightGBMForecaster
+    """Rolling-origin backtest (monthly refits) of every registered forecaster: the strongest traditional baseline
+    chosen on the weeks before the test period, the claim test against it (and every other), per-cell forecasts
+    in forecasts.parquet, the feedback-loop diagnostics and (with --audit-preset) the bias audit, all logged to
+    MLflow; the winner against the strongest baseline is registered and promoted."""
+    from forecasting import registry
     from forecasting.reporting.runs import run_tracked_backtest
 
     layer = audit_layer(audit_preset, source)
     settings = project_settings(data_dir, resolution)
-    built = load_panel(settings, source)
+    built, other_shifts = panel_with_shifts(settings, source, load_panel(settings, source), shift_starts)
     start = test_start.date() if test_start else date(last_full_year(built), 1, 1)
     end = test_end.date() if test_end else date(start.year + 1, start.month, start.day)
-    available = default_forecasters(lightgbm=parse_params(param, LightGBMForecaster))
-    chosen = forecaster or list(available)
-    unknown = [f for f in chosen if f not in available]
+    chosen = forecaster or registry.names()
+    unknown = [f for f in chosen if f not in registry.names()]
     if unknown:
-        fail(f"unknown forecaster(s) {unknown}; choose from {list(available)}")
+        fail(f"unknown forecaster(s) {unknown}; choose from {registry.names()}")
+    available = registry.factories(chosen, params={"lightgbm": parse_params(param, registry.forecaster_type("lightgbm"))})
+    out_dir = None
+    if other_shifts:
+        out_dir = DataPaths(settings).backtest(source, start, end).with_name(
+            DataPaths(settings).backtest(source, start, end).name + "-shifts" + "".join(
+                "-" + label.replace(":", "") for label in built.calendar.labels))
+        console.print(f"shifts {', '.join(built.calendar.labels)} differ from the saved panel's: nothing will be "
+                      f"registered; results in {out_dir}")
     with stage(f"backtest {source} {start} to {end}") as step:
         try:
             tracked = run_tracked_backtest(
-                built, source, settings, start, end, forecasters={k: available[k] for k in chosen}, claimed_ratio=ratio,
-                n_boot=n_boot, register=register and "lightgbm" in chosen, progress=step, audit_layer=layer,
+                built, source, settings, start, end, forecasters=available, claimed_ratio=ratio, n_boot=n_boot,
+                register=register and not other_shifts, progress=step, audit_layer=layer, out_dir=out_dir,
             )
         except ValueError as exc:
             fail(str(exc))
@@ -153,7 +196,8 @@ def claim(
     source: str = typer.Argument(...),
     backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the source)."),
     candidate: str = typer.Option("lightgbm"),
-    baseline: str = typer.Option("naive"),
+    baseline: Optional[str] = typer.Option(None, help="Baseline to compare with (default: the strongest baseline "
+                                           "the backtest chose on its validation window)."),
     ratio: float = typer.Option(1.5, help="Claimed ratio of hit rates (1.5 = '50% more effective')."),
     coverage: list[float] = typer.Option(list(HEADLINE_COVERAGES), help="Area coverages to test."),
     n_boot: int = typer.Option(2000),
@@ -167,6 +211,7 @@ def claim(
     settings = project_settings(data_dir)
     try:
         saved = SavedBacktest.load(backtest_dir or DataPaths(settings).latest_backtest(source, resolution))
+        baseline = baseline or saved.protocol.get("strongest_baseline") or "naive"
         pair = saved.pair(candidate, baseline)
         per_day = saved.per_day
     except (FileNotFoundError, KeyError, ValueError) as exc:
@@ -183,12 +228,12 @@ QUICK_LIGHTGBM = {"train_days": 365, "learning_rate": 0.1, "n_estimators": 400}
 
 @app.command()
 def run(
-    source: str = typer.Argument("toronto-mci", help="Source to run end to end."),
+    source: str = typer.Argument("toronto-mci", help="Source to run end to end: a built-in name or a profile file."),
     path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
     resolution: Optional[int] = Resolution,
     ratio: float = typer.Option(1.5),
     quick: bool = typer.Option(False, "--quick", help="A first look in a few minutes: the last month as the test "
-                               "period, LightGBM (a year of training shifts) against the naive and SEPP maps, no "
+                               "period, LightGBM (a year of training shifts) against the naive, SEPP and all-history maps, no "
                                "bias audit. The full run stays the default."),
     serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Start the service on the new champion afterwards."),
     host: str = typer.Option("127.0.0.1", help="Address the service listens on (with --serve)."),
@@ -202,17 +247,19 @@ def run(
     from serving.keys import Role
 
     ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir, no_wait=False)
+    source = source_profile(source, None, project_settings(data_dir)).name  # a profile file's source name
     panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
     if quick:
         settings = project_settings(data_dir, resolution)
         start, end = last_full_month(load_panel(settings, source))
         backtest(source=source, test_start=datetime(start.year, start.month, 1), test_end=datetime(end.year, end.month, 1),
-                 forecaster=["lightgbm", "naive", "sepp"], ratio=ratio, n_boot=300, register=True,
+                 forecaster=["lightgbm", "naive", "sepp", "all_history"], ratio=ratio, n_boot=300, register=True,
                  audit_preset=None, param=[f"{k}={v}" for k, v in QUICK_LIGHTGBM.items()], resolution=resolution,
-                 data_dir=data_dir)
+                 shift_starts=None, data_dir=data_dir)
     else:
         backtest(source=source, test_start=None, test_end=None, forecaster=None, ratio=ratio, n_boot=1000,
-                 register=True, audit_preset=None, param=None, resolution=resolution, data_dir=data_dir)
+                 register=True, audit_preset=None, param=None, resolution=resolution, shift_starts=None,
+                 data_dir=data_dir)
     if not serve_after:
         return
     settings = project_settings(data_dir, resolution)
