@@ -140,6 +140,8 @@ def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
         text = pl.format("{}-{}-{} {}:{}:{}", year.cast(pl.String), *pad)
         naive = text.str.strptime(pl.Datetime("us"), "%Y-%m-%d %H:%M:%S", strict=False)  # 30 Feb -> null
         return frame.select(localize(naive, tz)).to_series()
+    if spec.column is None:  # the profile refuses every other kind without one
+        raise ValueError(f"time.kind = {spec.kind!r} needs time.column")
     if spec.kind == "epoch":
         number = pl.col(spec.column).cast(pl.Float64, strict=False) if frame.schema[spec.column] != pl.String \
             else _blank_to_null(pl.col(spec.column)).cast(pl.Float64, strict=False)
@@ -149,6 +151,8 @@ def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
     if spec.kind == "datetime":
         return frame.select(_strptime_any(text, spec.formats, tz)).to_series()
     if spec.kind == "date_time":
+        if spec.time_column is None:  # the profile refuses date_time without one
+            raise ValueError("time.kind = 'date_time' needs time.time_column")
         day = _local_day(text, spec.formats)
         clock = _blank_to_null(pl.col(spec.time_column))
         time_of_day = pl.coalesce([clock.str.strptime(pl.Time, f, strict=False) for f in spec.time_formats])
@@ -169,7 +173,7 @@ def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
 def raw_time_expr(profile: SourceProfile) -> pl.Expr:
     """The time as the file wrote it, for the quarantine: one column, or the time columns joined."""
     spec = profile.time
-    if spec.kind == "date_hour":
+    if spec.kind == "date_hour" and spec.column is not None and spec.hour_column is not None:  # as the profile checks
         return pl.concat_str([_blank_to_null(pl.col(spec.column)), _blank_to_null(pl.col(spec.hour_column))],
                              separator=" h", ignore_nulls=True)
     columns = spec.columns()
@@ -243,7 +247,7 @@ def _categorise(raw: pl.Expr, profile: SourceProfile) -> tuple[pl.Expr, pl.Expr,
     matched = norm.replace_strict(mapping, default=None, return_dtype=pl.String) if mapping else pl.lit(None, pl.String)
     if cats.rules:
         first, *rest = cats.rules
-        chain = pl.when(norm.str.contains(first.pattern(cs))).then(pl.lit(first.category or EXCLUDE))
+        chain: Then | ChainedThen = pl.when(norm.str.contains(first.pattern(cs))).then(pl.lit(first.category or EXCLUDE))
         for rule in rest:
             chain = chain.when(norm.str.contains(rule.pattern(cs))).then(pl.lit(rule.category or EXCLUDE))
         matched = pl.coalesce(matched, chain.otherwise(None))
@@ -394,14 +398,14 @@ def validate(
         pl.col("source_row").cast(pl.UInt32), "reason", pl.col("incident_id").alias("raw_id"),
         "raw_time", "raw_category", "raw_x", "raw_y",
     )
-    unmapped = (work.filter(pl.col("_unmapped")).group_by("_norm").len()
-                .sort(["len", "_norm"], descending=[True, False]).head(UNMAPPED_SHOWN))
+    unmapped_top = (work.filter(pl.col("_unmapped")).group_by("_norm").len()
+                    .sort(["len", "_norm"], descending=[True, False]).head(UNMAPPED_SHOWN))
     note = span_note(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy())
     if note:
         notes.append(note)
     return ValidationResult(incidents=incidents.cast(CANONICAL_SCHEMA),  # type: ignore[arg-type]  # polars#14468: dict keys
                             quarantine=quarantine.cast(QUARANTINE_SCHEMA),  # type: ignore[arg-type]  # polars#14468
-                            notes=notes, unmapped={str(k): int(v) for k, v in unmapped.iter_rows()})
+                            notes=notes, unmapped={str(k): int(v) for k, v in unmapped_top.iter_rows()})
 
 
 def _inside_boundary(work: pl.DataFrame, boundary) -> pl.Series:
