@@ -126,9 +126,14 @@ class LightGBMForecaster(Forecaster):
         self.best_iteration_ = self.booster_.best_iteration or self.n_estimators
         self.train_rows_ = int(y.size)
 
+    def _fitted_booster(self) -> lgb.Booster:
+        if self.booster_ is None:
+            raise NotFittedError(f"{type(self).__name__} must be fitted before predict")
+        return self.booster_
+
     def _predict(self, panel: CountPanel, origins: np.ndarray) -> np.ndarray:
         matrix = build_features(panel, origins, self.features)
-        return self.booster_.predict(matrix.X, num_iteration=self.best_iteration_)
+        return np.asarray(self._fitted_booster().predict(matrix.X, num_iteration=self.best_iteration_))  # dense in, dense out
 
     def predict_explained(self, panel: CountPanel, origin: int) -> tuple[np.ndarray, Explanation]:
         """The forecast and its ``pred_contrib`` explanation from one feature matrix: the booster predicts every
@@ -138,7 +143,8 @@ class LightGBMForecaster(Forecaster):
         X = build_features(panel.until(int(origin)), int(origin), self.features).X
         booster, iteration = self.booster_, self.best_iteration_
         expected = np.asarray(booster.predict(X, num_iteration=iteration), dtype=np.float64).reshape(-1)
-        rows = lambda cells: booster.predict(X[np.asarray(cells)], num_iteration=iteration, pred_contrib=True)  # noqa: E731
+        rows = lambda cells: np.asarray(  # noqa: E731
+            booster.predict(X[np.asarray(cells)], num_iteration=iteration, pred_contrib=True))
         return expected, Explanation(list(self.columns_) + ["bias"], rows)
 
     def input_columns(self) -> list[str]:
@@ -152,7 +158,7 @@ class LightGBMForecaster(Forecaster):
         if missing:
             raise ValueError(f"model input lacks feature columns {missing}")
         X = frame[self.columns_].to_numpy(dtype=np.float32)
-        return self.booster_.predict(X, num_iteration=self.best_iteration_)
+        return np.asarray(self._fitted_booster().predict(X, num_iteration=self.best_iteration_))
 
     def fit_summary(self) -> dict[str, float]:
         score = self.booster_.best_score.get("valid_0", {}) if self.booster_ is not None else {}
@@ -162,9 +168,9 @@ class LightGBMForecaster(Forecaster):
     def contributions(self, panel: CountPanel, origin: int) -> tuple[np.ndarray, list[str]]:
         """Per-cell feature contributions (LightGBM pred_contrib, log scale) for explaining a forecast."""
         matrix = build_features(panel.until(origin), origin, self.features)
-        contrib = self.booster_.predict(matrix.X, num_iteration=self.best_iteration_, pred_contrib=True)
+        contrib = np.asarray(self._fitted_booster().predict(matrix.X, num_iteration=self.best_iteration_, pred_contrib=True))
         return contrib, self.columns_ + ["bias"]
 
     def feature_importance(self) -> dict[str, float]:
-        gains = self.booster_.feature_importance("gain", iteration=self.best_iteration_)
+        gains = self._fitted_booster().feature_importance("gain", iteration=self.best_iteration_)
         return dict(sorted(zip(self.columns_, gains.tolist()), key=lambda kv: -kv[1]))
