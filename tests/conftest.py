@@ -12,9 +12,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# Notebook kernels and CLI subprocesses import the checkout, experiments/ included (it is not installed)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-
 
 def shared_data_path() -> Path:
     configured = os.environ.get("HOTSPOTS_SHARED_DATA")
