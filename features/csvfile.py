@@ -15,6 +15,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -220,9 +221,10 @@ def _cut_shape(fields: list[str] | None, header: list[str], before: bytes, delim
     others = pl.Series(before.split(b"\n")[1:], dtype=pl.Binary).cast(pl.String, strict=False).drop_nulls()
     lengths = others.str.strip_chars_end("\r").str.split(delimiter).list.last().str.len_chars()
     lengths = lengths.filter(lengths > 0)
-    if lengths.len() >= MIN_ROWS_FOR_LENGTH_CHECK and len(fields[-1]) < lengths.min():
+    shortest = cast("int | None", lengths.min())  # string lengths; None when there are none
+    if lengths.len() >= MIN_ROWS_FOR_LENGTH_CHECK and shortest is not None and len(fields[-1]) < shortest:
         return (f"its last value {fields[-1]!r} is shorter than that column in every other row, "
-                f"{lengths.min()} characters or more")
+                f"{shortest} characters or more")
     return None
 
 

@@ -151,9 +151,9 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
         own = history.window(origins, days * per_day) if own is None else own
         blocks[f"ring1_mean_{days}d"] = _neighbour_mean(own, panel.study_area.ring1)
         blocks[f"ring2_mean_{days}d"] = _neighbour_mean(own, panel.study_area.ring2)
-    for days in config.decay_days:
-        decayed = history.decayed(origins, days * per_day, horizon)
-        label = f"{days:g}d"
+    for tau_days in config.decay_days:  # floats, unlike the day counts above
+        decayed = history.decayed(origins, tau_days * per_day, horizon)
+        label = f"{tau_days:g}d"
         blocks[f"near_repeat_{label}"] = decayed
         blocks[f"near_repeat_ring1_{label}"] = _neighbour_mean(decayed, panel.study_area.ring1)
 

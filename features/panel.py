@@ -6,6 +6,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import h3
 import numpy as np
@@ -180,9 +181,9 @@ def build_panel(
     profile, not the data, so adding an incident never changes a matrix's columns)."""
     binned = bin_incidents(incidents, study_area, calendar)
     if first_shift is None:
-        first_shift = int(binned["shift"].min()) if binned.height else 0
+        first_shift = cast(int, binned["shift"].min()) if binned.height else 0  # an Int64 column's min
     if end_shift is None:
-        end_shift = int(binned["shift"].max()) + 1 if binned.height else first_shift
+        end_shift = cast(int, binned["shift"].max()) + 1 if binned.height else first_shift
     cat_lookup = {c: i for i, c in enumerate(categories)}
     unknown = set(binned["category"].unique().to_list()) - set(cat_lookup)
     if unknown:
@@ -195,7 +196,7 @@ def build_panel(
         .group_by("shift", "cell", "category")
         .len("count")
         .sort("shift", "cell", "category")
-        .cast(COUNTS_SCHEMA)
+        .cast(COUNTS_SCHEMA)  # type: ignore[arg-type]  # polars#14468: dict[str, ...] keys
     )
     report = BinningReport(
         incidents=incidents.height,

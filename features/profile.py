@@ -208,9 +208,11 @@ class CategoryRule(BaseModel):
             rx = "^" + re.escape(self.prefix if case_sensitive else self.prefix.upper())
         elif self.glob is not None:
             rx = glob_to_regex(self.glob if case_sensitive else self.glob.upper())
-        else:
+        elif self.regex is not None:
             rx = self.regex if case_sensitive else f"(?i){self.regex}"
-        return rx  # type: ignore[return-value]
+        else:  # the validator refuses a rule without one
+            raise ValueError("a category rule needs exactly one of prefix, glob or regex")
+        return rx
 
 
 class CategoriesSpec(BaseModel):

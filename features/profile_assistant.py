@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -117,7 +118,7 @@ def _format_set(values: pl.Series, formats: tuple[str, ...]) -> list[str] | None
             return chosen
 
 
-def _datetime_dtype(fmt: str) -> pl.DataType:
+def _datetime_dtype(fmt: str) -> pl.Datetime:
     return pl.Datetime("us", "UTC") if "%#z" in fmt or "%z" in fmt else pl.Datetime("us")
 
 
@@ -365,11 +366,12 @@ def guess_coordinates(frame: pl.DataFrame, shapes: dict[str, ColumnShape], used:
             if real.height < 2 or real["x"].std() == 0 or real["y"].std() == 0:
                 continue
             mx, my = float(real["x"].median()), float(real["y"].median())  # type: ignore[arg-type]
-            geographic = real["x"].abs().max() <= 180 and real["y"].abs().max() <= 90 and not (sx.whole and sy.whole)
+            geographic = (cast(float, real["x"].abs().max()) <= 180 and cast(float, real["y"].abs().max()) <= 90
+                          and not (sx.whole and sy.whole))  # both columns have values: real.height >= 2
             projected = abs(mx) > 1000 and abs(my) > 1000
             hinted = bool(X_HINT.search(sx.name)) + bool(Y_HINT.search(sy.name))
             if geographic or projected:
-                pairs.append((geographic, hinted, sx.name, sy.name, mx, my, float(zero.mean())))
+                pairs.append((geographic, hinted, sx.name, sy.name, mx, my, float(cast(float, zero.mean()))))
     if not pairs:
         return None
     geographic, _, x, y, mx, my, zero_share = max(pairs, key=lambda p: (p[1], p[0]))
@@ -390,7 +392,7 @@ def guess_id(shapes: dict[str, ColumnShape], rows: int, used: set[str]) -> str |
     unique = [s for s in shapes.values() if s.name not in used and s.non_null >= 0.99 * rows and s.distinct == s.non_null
               and not s.datetime_formats]
     hinted = [s for s in unique if ID_HINT.search(s.name)]
-    return (hinted or [None])[0] and hinted[0].name  # type: ignore[return-value]
+    return hinted[0].name if hinted else None
 
 
 def guess_category(frame: pl.DataFrame, shapes: dict[str, ColumnShape], used: set[str]) -> str | None:

@@ -105,7 +105,7 @@ class IncidentStore:
     def add(self, incidents: pl.DataFrame, source: str, file_name: str = "", now: datetime | None = None) -> Added:
         """Store incidents whose id is new; replace stored ones whose content changed (the replaced version goes
         to the revision history); leave the rest. Never rewrites when nothing is new or changed."""
-        incidents = incidents.cast(CANONICAL_SCHEMA)
+        incidents = incidents.cast(CANONICAL_SCHEMA)  # type: ignore[arg-type]  # polars#14468: dict[str, ...] keys
         path = self.path(source)
         with self.writing(f"ingest of {file_name or 'a batch'} into {source}"):
             existing = read_parquet_or_explain(path, "the incident store") if path.is_file() else None
@@ -131,7 +131,7 @@ class IncidentStore:
                         pl.lit(now or datetime.now(timezone.utc)).dt.convert_time_zone("UTC").alias("replaced_at"),
                         pl.lit(file_name).alias("replaced_by_file"),
                         pl.col("_fields").alias("changed"),
-                    ).cast(REVISION_SCHEMA)
+                    ).cast(REVISION_SCHEMA)  # type: ignore[arg-type]  # polars#14468: dict[str, ...] keys
                     # history first: a crash between the two writes leaves a spare history row, never a lost version
                     self._append_revisions(replaced, source)
                 kept = existing.join(changed.select("incident_id"), on="incident_id", how="anti")

@@ -394,7 +394,7 @@ def simulate(
             pl.lit("synthetic", dtype=pl.String).alias("source"),
         )
         .select(list(CANONICAL_SCHEMA))
-        .cast(CANONICAL_SCHEMA)
+        .cast(CANONICAL_SCHEMA)  # type: ignore[arg-type]  # polars#14468: dict[str, ...] keys
     )
     keep = slice(burn_in_shifts, None)
     return SyntheticResult(

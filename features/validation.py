@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -16,6 +17,9 @@ import polars as pl
 from features.area_rule import far_from_bulk, span_note
 from features.calendar import localize
 from features.profile import RowRule, SourceProfile, expand_formats, is_aware_format
+
+if TYPE_CHECKING:
+    from polars.expr.whenthen import ChainedThen, Then
 
 CANONICAL_SCHEMA: dict[str, pl.DataType] = {
     "incident_id": pl.String(),
@@ -85,7 +89,7 @@ def reason_counts(quarantine: pl.DataFrame) -> dict[str, int]:
     return {r: int(counts[r]) for r in (*rules, *REASONS) if r in counts}
 
 
-def _blank_to_null(expr: pl.Expr) -> pl.Expr:
+def _blank_to_null(expr: pl.Expr | pl.Series) -> pl.Expr:
     text = expr.cast(pl.String).str.strip_chars()
     return pl.when(text == "").then(None).otherwise(text)
 
@@ -119,8 +123,8 @@ def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
     tz = profile.timezone
     if spec.column is not None and spec.kind in ("datetime", "epoch"):
         column = frame.get_column(spec.column)
-        if column.dtype == pl.Datetime:
-            if column.dtype.time_zone:  # type: ignore[union-attr]
+        if isinstance(column.dtype, pl.Datetime):
+            if column.dtype.time_zone:
                 return column.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
             return frame.select(localize(pl.col(spec.column).dt.cast_time_unit("us"), tz)).to_series()
     if spec.kind == "parts":
@@ -136,6 +140,8 @@ def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
         text = pl.format("{}-{}-{} {}:{}:{}", year.cast(pl.String), *pad)
         naive = text.str.strptime(pl.Datetime("us"), "%Y-%m-%d %H:%M:%S", strict=False)  # 30 Feb -> null
         return frame.select(localize(naive, tz)).to_series()
+    if spec.column is None:  # the profile refuses every other kind without one
+        raise ValueError(f"time.kind = {spec.kind!r} needs time.column")
     if spec.kind == "epoch":
         number = pl.col(spec.column).cast(pl.Float64, strict=False) if frame.schema[spec.column] != pl.String \
             else _blank_to_null(pl.col(spec.column)).cast(pl.Float64, strict=False)
@@ -145,11 +151,15 @@ def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
     if spec.kind == "datetime":
         return frame.select(_strptime_any(text, spec.formats, tz)).to_series()
     if spec.kind == "date_time":
+        if spec.time_column is None:  # the profile refuses date_time without one
+            raise ValueError("time.kind = 'date_time' needs time.time_column")
         day = _local_day(text, spec.formats)
         clock = _blank_to_null(pl.col(spec.time_column))
         time_of_day = pl.coalesce([clock.str.strptime(pl.Time, f, strict=False) for f in spec.time_formats])
         return frame.select(localize(day.dt.combine(time_of_day), tz)).to_series()
     # date_hour: a date (possibly local midnight written in UTC) plus a local hour column
+    if spec.hour_column is None:  # the profile refuses date_hour without one
+        raise ValueError("time.kind = 'date_hour' needs time.hour_column")
     dtype = pl.Datetime("us", "UTC") if spec.date_is_utc else pl.Datetime("us")
     day = pl.coalesce([text.str.strptime(dtype, fmt, strict=False) for fmt in expand_formats(spec.formats)])
     if spec.date_is_utc:
@@ -163,7 +173,7 @@ def _parse_time(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
 def raw_time_expr(profile: SourceProfile) -> pl.Expr:
     """The time as the file wrote it, for the quarantine: one column, or the time columns joined."""
     spec = profile.time
-    if spec.kind == "date_hour":
+    if spec.kind == "date_hour" and spec.column is not None and spec.hour_column is not None:  # as the profile checks
         return pl.concat_str([_blank_to_null(pl.col(spec.column)), _blank_to_null(pl.col(spec.hour_column))],
                              separator=" h", ignore_nulls=True)
     columns = spec.columns()
@@ -201,8 +211,7 @@ def _stable_ids(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
     """Ids for sources that publish none: a digest of the row's content plus its ordinal among identical rows,
     so re-ingesting the same file yields the same ids and genuine repeats stay distinct."""
     cols = [c for c in profile.required_columns()]
-    content = frame.select(pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in cols], separator="|"))
-    content = content.to_series()
+    content = frame.select(pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in cols], separator="|")).to_series()
     uniques = content.unique()
     digests = pl.DataFrame(
         {"content": uniques, "digest": [hashlib.blake2b(s.encode(), digest_size=8).hexdigest() for s in uniques]}
@@ -238,7 +247,7 @@ def _categorise(raw: pl.Expr, profile: SourceProfile) -> tuple[pl.Expr, pl.Expr,
     matched = norm.replace_strict(mapping, default=None, return_dtype=pl.String) if mapping else pl.lit(None, pl.String)
     if cats.rules:
         first, *rest = cats.rules
-        chain = pl.when(norm.str.contains(first.pattern(cs))).then(pl.lit(first.category or EXCLUDE))
+        chain: Then | ChainedThen = pl.when(norm.str.contains(first.pattern(cs))).then(pl.lit(first.category or EXCLUDE))
         for rule in rest:
             chain = chain.when(norm.str.contains(rule.pattern(cs))).then(pl.lit(rule.category or EXCLUDE))
         matched = pl.coalesce(matched, chain.otherwise(None))
@@ -364,7 +373,7 @@ def validate(
     checks.append(("excluded_category", pl.col("_excluded")))
     checks.append(("unknown_category", pl.col("category").is_null()))
 
-    reason = pl.when(checks[0][1]).then(pl.lit(checks[0][0]))
+    reason: Then | ChainedThen = pl.when(checks[0][1]).then(pl.lit(checks[0][0]))
     for name, failed in checks[1:]:
         reason = reason.when(failed).then(pl.lit(name))
     work = work.with_columns(reason.otherwise(None).alias("reason"))
@@ -389,13 +398,14 @@ def validate(
         pl.col("source_row").cast(pl.UInt32), "reason", pl.col("incident_id").alias("raw_id"),
         "raw_time", "raw_category", "raw_x", "raw_y",
     )
-    unmapped = (work.filter(pl.col("_unmapped")).group_by("_norm").len()
-                .sort(["len", "_norm"], descending=[True, False]).head(UNMAPPED_SHOWN))
+    unmapped_top = (work.filter(pl.col("_unmapped")).group_by("_norm").len()
+                    .sort(["len", "_norm"], descending=[True, False]).head(UNMAPPED_SHOWN))
     note = span_note(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy())
     if note:
         notes.append(note)
-    return ValidationResult(incidents=incidents.cast(CANONICAL_SCHEMA), quarantine=quarantine.cast(QUARANTINE_SCHEMA),
-                            notes=notes, unmapped={str(k): int(v) for k, v in unmapped.iter_rows()})
+    return ValidationResult(incidents=incidents.cast(CANONICAL_SCHEMA),  # type: ignore[arg-type]  # polars#14468: dict keys
+                            quarantine=quarantine.cast(QUARANTINE_SCHEMA),  # type: ignore[arg-type]  # polars#14468
+                            notes=notes, unmapped={str(k): int(v) for k, v in unmapped_top.iter_rows()})
 
 
 def _inside_boundary(work: pl.DataFrame, boundary) -> pl.Series:

@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from features.grid import StudyArea
 from features.settings import Settings
@@ -55,6 +56,10 @@ class AreaLayerSpec:
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
+    @overload
+    def resolve(self, relative: str, base: Path | None) -> Path: ...
+    @overload
+    def resolve(self, relative: str | None, base: Path | None) -> Path | None: ...
     def resolve(self, relative: str | None, base: Path | None) -> Path | None:
         if relative is None:
             return None

@@ -97,8 +97,8 @@ class Forecaster(ABC):
                 nested.setdefault(outer, {})[inner] = value
             else:
                 setattr(self, outer, value)
-        for outer, inner in nested.items():
-            setattr(self, outer, replace(getattr(self, outer), **inner))
+        for outer, values in nested.items():
+            setattr(self, outer, replace(getattr(self, outer), **values))
         return self
 
     def __getstate__(self) -> dict:

@@ -21,7 +21,7 @@ from scipy.signal import lfilter
 from scipy.spatial import cKDTree
 
 from features.panel import CountPanel
-from forecasting.base import Forecaster, window_counts
+from forecasting.base import Forecaster, NotFittedError, window_counts
 from forecasting.metrics import HEADLINE_COVERAGES, shift_hits
 
 
@@ -67,6 +67,8 @@ class KDE(Forecaster):
     def _predict(self, panel: CountPanel, origins: np.ndarray) -> np.ndarray:
         shifts = self.window_days * panel.calendar.per_day
         counts = window_counts(panel, origins, shifts, self.category) / shifts
+        if self.kernel_ is None:  # predict() checks fit first
+            raise NotFittedError(f"{type(self).__name__} must be fitted before predict")
         return (self.kernel_ @ counts.T).T
 
 
@@ -174,6 +176,8 @@ class SEPP(Forecaster):
         hi = int(origins[-1])
         n = panel.dense(lo, hi + 1, category=self.category, dtype=np.float64)  # row hi is empty (cut panel)
         a, _ = self._excitation(n, self.g_)
+        if self.mu_ is None:  # predict() checks fit first
+            raise NotFittedError(f"{type(self).__name__} must be fitted before predict")
         return self.mu_[None, :] + self.theta_ * (1 - self.g_) * a[origins - lo]
 
 

@@ -227,9 +227,9 @@ def flag_diagnostics(expected: np.ndarray, areas: np.ndarray, origins: np.ndarra
     tied = flags & (expected == boundary[:, None]) & (k < n_cells)[:, None]
 
     i, j = _pairs(origins, 1)
-    series_shift = (origins[j], jaccard(flags[i], flags[j]))
+    series_shift = (origins[j], np.asarray(jaccard(flags[i], flags[j])))  # rows in, an array out
     i, j = _pairs(origins, per_day)
-    series_day = (origins[j], jaccard(flags[i], flags[j]))
+    series_day = (origins[j], np.asarray(jaccard(flags[i], flags[j])))
 
     runs_shift = run_lengths(_timeline(flags, origins, int(origins[0]), int(origins[-1]) + 1))
     d0, d1 = int(origins[0]) // per_day, int(origins[-1]) // per_day + 1
@@ -239,8 +239,8 @@ def flag_diagnostics(expected: np.ndarray, areas: np.ndarray, origins: np.ndarra
     mean_k = float(k.mean())
     return FlagDiagnostics(
         model=model, rule=rule, n_shifts=n_shifts, n_cells=n_cells, mean_flagged=mean_k,
-        gini=gini(counts), gini_static=1.0 - mean_k / n_cells,
-        top1_share=top_share(counts, 0.01), top5_share=top_share(counts, 0.05),
+        gini=float(gini(counts)), gini_static=1.0 - mean_k / n_cells,  # 1-d counts: floats
+        top1_share=float(top_share(counts, 0.01)), top5_share=float(top_share(counts, 0.05)),
         cells_ever_flagged=int((counts > 0).sum()), share_ever_flagged=float((counts > 0).mean()),
         tie_share=float(tied.sum() / max(flags.sum(), 1)),
         jaccard_shift=float(series_shift[1].mean()) if series_shift[1].size else float("nan"),
@@ -255,7 +255,7 @@ def flag_diagnostics(expected: np.ndarray, areas: np.ndarray, origins: np.ndarra
 def _probe_groups(calendar: ShiftCalendar, categories: tuple[str, ...], config: FeatureConfig) -> tuple[tuple[str, str], ...]:
     per_day = calendar.per_day
     centre = h3.latlng_to_cell(0.0, 0.0, 9)
-    area = StudyArea([h3.str_to_int(c) for c in h3.grid_disk(centre, 2)], 9)
+    area = StudyArea(np.array([h3.str_to_int(c) for c in h3.grid_disk(centre, 2)], dtype=np.uint64), 9)
     c = int(area.index_of(np.array([h3.str_to_int(centre)], dtype=np.uint64))[0])
     first = calendar.local_day(date(2020, 1, 1)) * per_day
     lookback = config.lookback(per_day)
@@ -265,7 +265,7 @@ def _probe_groups(calendar: ShiftCalendar, categories: tuple[str, ...], config: 
     shifts = np.arange(first, end - 1)
     cats = np.arange(len(categories))
     filled = pl.DataFrame({"shift": np.repeat(shifts, cats.size), "cell": c, "category": np.tile(cats, shifts.size),
-                           "count": 1}).cast(COUNTS_SCHEMA)
+                           "count": 1}).cast(COUNTS_SCHEMA)  # type: ignore[arg-type]  # polars#14468: dict[str, ...] keys
     empty = filled.clear()
     shape = (origins.size, len(area), -1)
     base = build_features(CountPanel(area, calendar, categories, first, end, empty), origins, config)

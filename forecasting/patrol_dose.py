@@ -9,7 +9,7 @@ discovered/reported split is used only where the data defines it. Part of :mod:`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import polars as pl
@@ -118,7 +118,7 @@ def _outcomes(panel: CountPanel, origins: np.ndarray, observed: np.ndarray,
         return out, False, ("not available: the panel has no discovered/reported flag and its profile defines no "
                             "discovered categories (panel.meta['discovered_categories']), so only all recorded crime "
                             "is analysed; the split is not inferred from category names")
-    known = panel.category_index(names)  # raises naming any unknown category
+    known = cast(list[int], panel.category_index(names))  # a list for a list of names; raises naming any unknown one
     rest = [c for i, c in enumerate(panel.categories) if i not in known]
     lo, hi = int(origins[0]), int(origins[-1]) + 1
     rows = origins - lo
@@ -231,8 +231,8 @@ def patrol_diagnostics(
         raise ValueError(f"dose lags must be >= 0 shifts, got {list(lags)}")
     if patrols.height == 0 and (start_shift is None or end_shift is None):
         raise ValueError("the patrol log is empty: give start_shift and end_shift to analyse a period with no patrols")
-    log_start = int(patrols["shift_id"].min()) if start_shift is None else int(start_shift)
-    log_end = int(patrols["shift_id"].max()) + 1 if end_shift is None else int(end_shift)
+    log_start = cast(int, patrols["shift_id"].min()) if start_shift is None else int(start_shift)
+    log_end = cast(int, patrols["shift_id"].max()) + 1 if end_shift is None else int(end_shift)
     max_lag = max(lag_shifts + [0])
     t0 = int(origins[0]) - max_lag
     dose, dropped = _dose_matrix(patrols, panel.study_area, t0, int(origins[-1]) + 1)

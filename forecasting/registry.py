@@ -52,7 +52,7 @@ def factories(chosen: list[str] | None = None, seed: int = 0,
     """Factories (a refit series builds its own instance) for ``chosen`` names (default: all); ``params`` per
     name; ``seed`` goes to every forecaster that has one."""
     params = params or {}
-    out = {}
+    out: dict[str, Callable[[], Forecaster]] = {}
     for name in chosen or names():
         extra = dict(params.get(name, {}))
         if "seed" in make(name).get_params(deep=False):

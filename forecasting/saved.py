@@ -33,7 +33,7 @@ def save_backtest(out_dir: Path, origins: np.ndarray, observed: np.ndarray, area
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / PREDICTIONS, origins=origins, observed=observed, areas=areas,
-                        **{f"pred_{name}": pred for name, pred in predictions.items()})
+                        **{f"pred_{name}": pred for name, pred in predictions.items()})  # type: ignore[arg-type]  # numpy stubs: **arrays could fill allow_pickle
     (out_dir / PROTOCOL).write_text(json.dumps(protocol, indent=2, default=str))
     return out_dir
 

@@ -59,7 +59,8 @@ def choose_strongest(panel: CountPanel, test_start: int, baselines: dict[str, Ca
                          f"the test period at {test_start}; give the panel at least {valid_days} more days before it")
     observed = known.dense(int(origins[0]), int(origins[-1]) + 1, dtype=np.float64)
     areas = known.study_area.areas_km2
-    rates, worst = {}, {}
+    rates: dict[str, dict[str, float]] = {}
+    worst: dict[str, dict[str, float]] = {}
     for name, make in baselines.items():
         pred = make().fit(known, int(origins[0])).predict(known, origins)
         for ties, out in (("random", rates), ("pessimistic", worst)):

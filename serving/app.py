@@ -52,7 +52,8 @@ def healthz() -> Health:
 def readyz(store: Models) -> JSONResponse:
     cities = [
         CityReadiness(city=city, ready=state.ready, status=state.status, model_name=state.registered_name,
-                      model_version=state.model and state.model.version, model_source=state.model and state.model.source,
+                      model_version=state.model.version if state.model else None,
+                      model_source=state.model.source if state.model else None,
                       message=public_message(state))
         for city, state in sorted(store.snapshot().items())
     ]

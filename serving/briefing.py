@@ -25,6 +25,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.transforms import Bbox
 
 from serving.schemas import HotspotsResponse
 
@@ -222,7 +223,7 @@ def _render(area_cells: np.ndarray, body: HotspotsResponse, dpi: int) -> bytes:
     header = ["#", "H3 cell", "expected", "pctl", "main drivers"]
     height = min(1.0, 0.032 * (len(rows) + 1))
     table = tax.table(cellText=rows, colLabels=header, colWidths=[0.055, 0.225, 0.115, 0.085, 0.52], cellLoc="left",
-                      loc="upper left", bbox=(0.0, 1.0 - height, 1.0, height))
+                      loc="upper left", bbox=Bbox.from_bounds(0.0, 1.0 - height, 1.0, height))
     table.auto_set_font_size(False)
     table.set_fontsize(6.5 if len(rows) <= 20 else 5.8)
     for (row, col), cell in table.get_celld().items():

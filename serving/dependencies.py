@@ -11,13 +11,14 @@ from typing import Annotated, Callable
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
+from features.panel import CountPanel
 from features.settings import Settings
 from serving.audit import AuditLog
 from serving.errors import ApiError
 from serving.forecasts import ForecastService
 from serving.keys import KeyStore, Permission, Principal, roles_with
 from serving.metrics import ServiceMetrics
-from serving.models_store import CityState, ModelStore
+from serving.models_store import CityState, LoadedModel, ModelStore
 from serving.patrols import PatrolLog
 
 API_KEY_HEADER = "X-API-Key"
@@ -99,8 +100,26 @@ def city_state(models: ModelStore, city: str) -> CityState:
 def ready_state(state: CityState) -> CityState:
     """503 with what to run when the city has no usable model or panel."""
     if not state.ready:
-        raise ApiError(503, state.message or f"{state.city} cannot be served ({state.status})", headers={"Retry-After": "60"})
+        raise _not_ready(state)
     return state
+
+
+def ready_panel(state: CityState) -> CountPanel:
+    """The city's panel; 503 as :func:`ready_state` when it cannot be read (no model needed)."""
+    if state.panel is None:
+        raise _not_ready(state)
+    return state.panel
+
+
+def ready_model(state: CityState) -> LoadedModel:
+    """The city's champion; 503 as :func:`ready_state` when the city cannot be served."""
+    if state.model is None or not state.ready:
+        raise _not_ready(state)
+    return state.model
+
+
+def _not_ready(state: CityState) -> ApiError:
+    return ApiError(503, state.message or f"{state.city} cannot be served ({state.status})", headers={"Retry-After": "60"})
 
 
 Settings_ = Annotated[Settings, Depends(get_settings)]

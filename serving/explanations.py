@@ -33,6 +33,8 @@ class Explanations:
         with self._lock:
             missing = np.unique(cells[~self._done[cells]])
             if missing.size:
+                if self._explain_rows is None:  # released only once every cell is explained
+                    raise RuntimeError("explanations: cells are missing but the input rows were released")
                 contrib, names = self._explain_rows(missing)
                 # a forecaster without explanations gives no columns: its cells carry no drivers
                 contrib = np.asarray(contrib, dtype=np.float64).reshape(missing.size, len(names))

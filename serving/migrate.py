@@ -26,7 +26,10 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def head() -> str:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    revision = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if revision is None:  # the migrations ship with the package: a broken install
+        raise RuntimeError(f"no migration scripts in {MIGRATIONS}: reinstall the package")
+    return revision
 
 
 def current(connection: Connection) -> str | None:

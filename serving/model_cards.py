@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from forecasting.reporting.tracking import ASSESSMENTS, assessment_run_id
 from serving.card_schemas import Assessment, BacktestRecord, ClaimVerdict, ForecasterScore, ModelCard
@@ -47,7 +48,7 @@ def backtest_record(run_id: str, metrics: dict[str, float], tags: dict[str, str]
     for cov in sorted({s.coverage for s in scores}):
         ranked = [s for s in scores if s.coverage == cov and s.hit_rate is not None]
         if ranked:
-            best[f"{cov:g}"] = max(ranked, key=lambda s: s.hit_rate).forecaster
+            best[f"{cov:g}"] = max(ranked, key=lambda s: cast(float, s.hit_rate)).forecaster  # None filtered out above
     n_cells = params.get("n_cells")
     return BacktestRecord(run_id=run_id, test_start=params.get("test_start"), test_end=params.get("test_end"),
                           n_cells=int(n_cells) if n_cells else None, scores=scores,

@@ -140,7 +140,7 @@ def check_patrols(panel: CountPanel, request: PatrolRequest, now: datetime) -> P
             problems.append({"loc": ("body", "patrols", i, "dose_minutes"),
                              "msg": f"dose_minutes: {doses[i]:g} is more than the shift's length ({minutes:g} minutes)",
                              "type": "value_error"})
-    if problems:
+    if problems or shift_id is None or window is None:  # a bad shift is one of the problems
         raise RequestValidationError(problems[:MAX_PROBLEMS])
 
     ids = panel.study_area.h3_ids

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def busiest_shift(observed: np.ndarray) -> int:
     return int(np.argmax(np.asarray(observed).sum(axis=1)))
 
 
-def fmt_rate(x: float) -> str:
+def fmt_rate(x: float | None) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
 
@@ -127,8 +127,8 @@ def default_meta(result: BacktestResult, panel: CountPanel) -> dict[str, Any]:
 class Block:
     kind: str  # h1 | h2 | h3 | p | ul | table | img
     text: str = ""
-    items: list | None = None  # ul items, or table rows
-    header: list | None = None
+    items: list = field(default_factory=list)  # ul items, or table rows
+    header: list = field(default_factory=list)
 
 
 def _md_cell(text: Any) -> str:
@@ -300,6 +300,8 @@ def _cov_index(summary: MetricSummary, coverage: float) -> int | None:
 def best_sentence(summaries: dict[str, MetricSummary], coverage: float, candidates: set[str]) -> str:
     names = list(summaries)
     j = _cov_index(summaries[names[0]], coverage)
+    if j is None:  # x[None] would be a new axis, not a value
+        raise ValueError(f"coverage {coverage:g} is not among the backtest's coverages")
     rates = np.array([summaries[n].point["hit_rate"][j] for n in names], dtype=float)
     if not np.isfinite(rates).any():
         return f"At {fmt_coverage(coverage)} of the area no forecaster has a hit rate (no crimes)."
@@ -456,7 +458,7 @@ def write_report(result: BacktestResult, panel: CountPanel, out_dir: Path, *, ti
                              "fewer actual incidents first (the worst a tie order can do)."))
     header = ["forecaster", "hit rate [CI]", "hit rate, pessimistic ties", "PAI [CI]", "PEI*", "RRI", "area share"]
     for j, c in enumerate(coverages):
-        j_of = {n: (_cov_index(s, c) if _cov_index(s, c) is not None else j) for n, s in summaries.items()}
+        j_of = {n: (i if (i := _cov_index(s, c)) is not None else j) for n, s in summaries.items()}
         blocks += [Block("h3", f"{fmt_coverage(c)} of the area"), Block("table", header=header,
                                                                        items=_metric_rows(summaries, j_of))]
 

@@ -187,6 +187,8 @@ def run_tracked_backtest(
         if register and strongest is not None:
             decision = promotion_decision(summaries, strongest.name, GATE_COVERAGES)
             winner = decision.winner
+            if winner is None:  # promotion_decision always names one (None only in older records)
+                raise RuntimeError("the promotion decision names no winner")
             say(f"fit the winner, {winner}, on all data and register it")
             make = final_model if (final_model is not None and winner == candidate) else forecasters[winner]
             info = _register(make().fit(panel, panel.end_shift), panel, source)

@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import infer_signature
+from mlflow.pyfunc.model import PythonModel  # mypy does not see mlflow.pyfunc's re-export
 from mlflow.tracking import MlflowClient
 
 from features.settings import Settings
@@ -55,7 +56,7 @@ def registered_name(city: str) -> str:
     return f"hotspots-{city}"
 
 
-class HotspotModel(mlflow.pyfunc.PythonModel):
+class HotspotModel(PythonModel):
     """The one pyfunc flavour of every forecaster: its ``model_inputs`` rows in (feature rows for LightGBM, the
     count map for a baseline), expected counts out, through the forecaster's own ``predict_inputs``. The
     wrapped forecaster (``.forecaster``) also forecasts from a panel for the API (``predict_explained``)."""

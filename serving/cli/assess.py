@@ -4,7 +4,7 @@ its MLflow run, where the model card and ``/v1/diagnostics`` read them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import typer
 
@@ -48,7 +48,10 @@ def _run_id(settings, city: str, saved) -> str:
         fail(f"{saved.out_dir} names no MLflow run and {city} has no champion: run `hotspots backtest {city}`")
 
     console.print(f"[yellow]{saved.out_dir} names no run: logging into champion version {version}'s record[/]")
-    return assessment_run_id(client, city, str(version))
+    run_id = assessment_run_id(client, city, str(version))
+    if run_id is None:
+        fail(f"champion version {version} of {city} has no MLflow run to log into: run `hotspots backtest {city}`")
+    return run_id
 
 
 def _patrol_forecasts(settings, city: str, panel, patrols, saved, model: str):
@@ -183,7 +186,7 @@ def audit(
         fail("give exactly one of --preset NAME or --layer-config FILE.toml")
     settings = project_settings(data_dir)
     try:
-        layer = get_preset(preset) if preset else AreaLayerSpec.from_toml(layer_file)
+        layer = get_preset(preset) if preset is not None else AreaLayerSpec.from_toml(cast(Path, layer_file))
     except AreaJoinError as exc:
         fail(str(exc))
     saved, panel = _backtest(settings, city, backtest_dir, resolution)

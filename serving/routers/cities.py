@@ -9,7 +9,7 @@ import h3
 import numpy as np
 from fastapi import APIRouter, Path, Query
 
-from serving.dependencies import Models, Now, Planner, city_state, ready_state
+from serving.dependencies import Models, Now, Planner, city_state, ready_panel, ready_state
 from serving.errors import FieldError
 from serving.caches import ComputeOnceCache
 from serving.shifts import resolve_shift, shift_start_local
@@ -29,7 +29,8 @@ def cities(principal: Planner, models: Models) -> CityList:
         if panel is None:
             continue
         out.append(City(
-            city=city, ready=state.ready, model_version=model and model.version, model_target=model and model.target,
+            city=city, ready=state.ready, model_version=model.version if model else None,
+            model_target=model.target if model else None,
             timezone=panel.calendar.timezone, shift_starts=panel.calendar.labels, categories=list(panel.categories),
             h3_resolution=panel.study_area.resolution, n_cells=panel.n_cells,
             area_km2=float(panel.study_area.areas_km2.sum()),
@@ -53,7 +54,7 @@ def _panel_state(models: Models, city: str) -> CityState:
 def city_shifts(principal: Planner, models: Models, city: CityPath, query: Annotated[ShiftsQuery, Query()],
                 now: Now) -> ShiftList:
     state = _panel_state(models, city)
-    panel = state.panel
+    panel = ready_panel(state)
     try:
         centre = resolve_shift(panel, query.around, now)
     except FieldError as exc:
@@ -75,7 +76,7 @@ def city_shifts(principal: Planner, models: Models, city: CityPath, query: Annot
 
 
 def _outline(state: CityState) -> StudyAreaOutline:
-    area = state.panel.study_area
+    area = ready_panel(state).study_area
     geo = h3.cells_to_geo(area.h3_ids)  # the union of the cells, computed by H3 itself
     polygons = geo["coordinates"] if geo["type"] == "MultiPolygon" else [geo["coordinates"]]
     polygons = [[[(round(lon, 6), round(lat, 6)) for lon, lat in ring] for ring in polygon] for polygon in polygons]

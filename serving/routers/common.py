@@ -18,8 +18,9 @@ from fastapi import Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from features.panel import CountPanel
 from serving.audit import AuditLog
-from serving.dependencies import city_state, ready_state
+from serving.dependencies import city_state, ready_model, ready_panel
 from serving.errors import ApiError
 from serving.checks import check_category, check_k, resolve_category
 from serving.forecasts import Forecast, ForecastService
@@ -40,24 +41,28 @@ class Prepared:
     forecast: Forecast
     cache_hit: bool
 
+    @property
+    def panel(self) -> CountPanel:
+        """The city's panel (:func:`prepare` checked there is one)."""
+        return ready_panel(self.state)
+
 
 def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
             k: int | None = None, coverage: float | None = None, max_k: int | None = None) -> Prepared:
     """Checks in the order a caller can act on: city (404), parameters against the panel (422), a champion
     (503), the category against the model (422). Then the (cached) forecast."""
     state = city_state(models, query.city)
-    if state.panel is None:
-        ready_state(state)
-    shift = resolve_shift(state.panel, query.shift, now)
-    check_k(state.panel, k, coverage, max_k)
-    check_category(state.panel, query.category, state.city)
-    ready_state(state)
-    category = resolve_category(state.model, query.category, state.city)
+    panel = ready_panel(state)
+    shift = resolve_shift(panel, query.shift, now)
+    check_k(panel, k, coverage, max_k)
+    check_category(panel, query.category, state.city)
+    model = ready_model(state)
+    category = resolve_category(model, query.category, state.city)
     try:
         forecast, hit = forecasts.forecast(state, shift.shift_id, category)
     except Exception as exc:  # noqa: BLE001 - a model that cannot run on this panel: say so, never a bare 500
         log.exception("forecast failed for %s at shift %s", state.city, shift.shift_id)
-        raise ApiError(503, f"the champion model of {state.city} (version {state.model.version}) failed on shift "
+        raise ApiError(503, f"the champion model of {state.city} (version {model.version}) failed on shift "
                             f"{shift.shift_id}: {type(exc).__name__}: {exc}") from exc
     return Prepared(state, shift, category, forecast, hit)
 
@@ -77,7 +82,7 @@ async def respond(request: Request, forecasts: ForecastService, audit: AuditLog,
 
 
 def context(p: Prepared) -> dict[str, Any]:
-    panel, model = p.state.panel, p.forecast.model
+    panel, model = p.panel, p.forecast.model
     window = shift_times(panel.calendar, p.shift.shift_id)
     return ForecastContext(
         city=p.state.city,
@@ -92,7 +97,7 @@ def context(p: Prepared) -> dict[str, Any]:
 
 def audit_params(p: Prepared, query: _Query, **extra: Any) -> dict[str, Any]:
     params = {"city": query.city, "shift": query.shift, "shift_id": p.shift.shift_id,
-              "shift_start": shift_start_local(p.state.panel, p.shift.shift_id).isoformat(), "category": p.category,
+              "shift_start": shift_start_local(p.panel, p.shift.shift_id).isoformat(), "category": p.category,
               "model_source": p.forecast.model.source}
     params.update({k: v for k, v in extra.items() if v is not None})
     return params

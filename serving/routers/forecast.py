@@ -22,7 +22,7 @@ async def forecast(request: Request, principal: Planner, query: Annotated[Foreca
     p = await prepare_off_loop(models, forecasts, query, now)
 
     def make() -> bytes:
-        h3_ids = p.state.panel.study_area.h3_ids
+        h3_ids = p.panel.study_area.h3_ids
         expected = p.forecast.expected
         return ForecastResponse(
             **context(p), n_cells=len(h3_ids), expected_total=float(expected.sum()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from typing import Annotated
+from typing import Annotated, overload
 
 from fastapi import APIRouter, Depends, Path, Request
 
@@ -29,6 +29,10 @@ async def get_cards(request: Request) -> ModelCards:
 Cards = Annotated[ModelCards, Depends(get_cards)]
 
 
+@overload
+def champion_card(models: ModelStore, cards: ModelCards, city: str, version: str) -> ModelCard: ...
+@overload
+def champion_card(models: ModelStore, cards: ModelCards, city: str, version: str | None) -> ModelCard | None: ...
 def champion_card(models: ModelStore, cards: ModelCards, city: str, version: str | None) -> ModelCard | None:
     """The card of ``version`` (None when there is none); 503 when the registry cannot be read."""
     if version is None:
@@ -63,12 +67,13 @@ def models_overview(principal: Analyst, models: Models, cards: Cards) -> ModelsO
         headline = [s for s in (card.backtest.scores if card and card.backtest else [])
                     if s.forecaster in HEADLINE and s.coverage in HEADLINE_COVERAGES]
         cities.append(CityModelSummary(city=city, registered_name=state.registered_name, champion_version=champion,
-                                       loaded_version=state.model and state.model.version, headline=headline))
+                                       loaded_version=state.model.version if state.model else None,
+                                       headline=headline))
     return ModelsOverview(cities=cities, generated_at=datetime.now(timezone.utc))
 
 
 @router.get("/models/{city}", response_model=ModelsResponse,
-            responses={k: ERRORS[k] for k in (401, 403, 404)} | {503: {"description": "Registry unreachable."}},
+            responses={**{k: ERRORS[k] for k in (401, 403, 404)}, 503: {"description": "Registry unreachable."}},
             summary="Registered model versions of a city with their promotion decisions, and the champion")
 def models(principal: Analyst, models: Models, cards: Cards,
            city: str = Path(..., min_length=1, max_length=100, description="City (source) name.")) -> ModelsResponse:
@@ -94,6 +99,6 @@ def models(principal: Analyst, models: Models, cards: Cards,
     if champion is None:
         hint = f"no champion: run `hotspots backtest {city}`, which promotes a model that beats the naive baseline"
     return ModelsResponse(city=city, registered_name=state.registered_name, registered=registered,
-                          champion_version=champion, loaded_version=state.model and state.model.version,
-                          loaded_source=state.model and state.model.source, versions=infos, hint=hint,
+                          champion_version=champion, loaded_version=state.model.version if state.model else None,
+                          loaded_source=state.model.source if state.model else None, versions=infos, hint=hint,
                           card=champion_card(models, cards, city, champion))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 
 from serving.db import utcnow
-from serving.dependencies import Audit, Metrics, Models, Now, PatrolReader, PatrolRecorder, Patrols, city_state
+from serving.dependencies import Audit, Metrics, Models, Now, PatrolReader, PatrolRecorder, Patrols, city_state, ready_panel
 from serving.errors import ApiError, FieldError
 from serving.models_store import CityState, ModelStore
 from serving.patrols import Idempotency, IdempotencyConflict, PatrolLog, check_patrols, utc_instant
@@ -23,7 +23,7 @@ from serving.schemas import PatrolQuery, PatrolReceipt, PatrolRequest, PatrolShi
 
 router = APIRouter(tags=["patrols"])
 
-POST_ERRORS = {
+POST_ERRORS: dict[int | str, dict[str, Any]] = {
     401: ERRORS[401],
     403: {**ERRORS[403], "description": "The key's role may not record patrols."},
     404: ERRORS[404],
@@ -51,7 +51,7 @@ def record_patrols(request: Request, body: PatrolRequest, principal: PatrolRecor
                        "Any unique string per report (e.g. a UUID): a retry with the same key returns the first "
                        "answer and stores nothing again."))] = None) -> Response:
     state = _panel_state(models, body.city)
-    batch = check_patrols(state.panel, body, now)
+    batch = check_patrols(ready_panel(state), body, now)
     pending = None
     if idempotency_key:
         request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
@@ -112,7 +112,7 @@ def _bound(field: str, moment: datetime | None, tz: str) -> datetime | None:
 def patrol_totals(request: Request, principal: PatrolReader, query: Annotated[PatrolQuery, Query()], models: Models,
                   patrols: Patrols, audit: Audit) -> Response:
     state = _panel_state(models, query.city)
-    tz = state.panel.calendar.timezone
+    tz = ready_panel(state).calendar.timezone
     start, end = _bound("start", query.start, tz), _bound("end", query.end, tz)
     if start is not None and end is not None and end <= start:
         raise FieldError("end", f"{end.isoformat()} is not after start ({start.isoformat()})")
