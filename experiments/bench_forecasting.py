@@ -19,18 +19,18 @@ import platform
 import statistics
 import tempfile
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import polars as pl
 import psutil
 
-from forecasting.backtest import run_backtest
 from experiments.bench_foundation import PeakMemory
 from features.pipeline import build_city_panel, ingest_file
 from features.profile import load_profile
 from features.sources.toronto import materialise
 from features.store import IncidentStore
+from forecasting.backtest import run_backtest
 from forecasting.lgbm import LightGBMForecaster
 
 RESULTS = Path(__file__).parent / "results"
@@ -65,7 +65,7 @@ def main() -> None:
         store = IncidentStore(tmp)
         ingest_file(materialise(Path(tmp) / "toronto.csv"), load_profile("toronto-mci"), store, write_report=False)
         toronto = panel_for(store.read("toronto-mci"), "toronto-mci", args.resolution)
-        cutoff = toronto.calendar.shift_of(datetime(2021, 1, 1, 5, tzinfo=timezone.utc))
+        cutoff = toronto.calendar.shift_of(datetime(2021, 1, 1, 5, tzinfo=UTC))
         runs = [timed(lambda: LightGBMForecaster().fit(toronto, cutoff), memory) for _ in range(args.runs)]
         figures["toronto_train"] = {"seconds": [r[0] for r in runs], "median_seconds": statistics.median(r[0] for r in runs),
                                     "peak_rss_gb": max(r[1] for r in runs), "cells": toronto.n_cells, "train_days": 730}
@@ -81,8 +81,8 @@ def main() -> None:
 
         if not args.skip_chicago and args.chicago.is_file():
             ingest_file(args.chicago, load_profile("chicago"), store, write_report=False)
-            incidents = store.read("chicago", start=datetime(2012, 1, 1, 6, tzinfo=timezone.utc),
-                                   end=datetime(2018, 1, 1, 6, tzinfo=timezone.utc))
+            incidents = store.read("chicago", start=datetime(2012, 1, 1, 6, tzinfo=UTC),
+                                   end=datetime(2018, 1, 1, 6, tzinfo=UTC))
             chicago = panel_for(incidents, "chicago", args.resolution)
             del incidents
             years = (chicago.end_shift - chicago.first_shift) // (3 * 365)

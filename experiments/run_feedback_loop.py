@@ -22,15 +22,24 @@ import os
 import platform
 import tempfile
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
 
 from experiments.feedback_loop import (
-    MEASURES, Recording, SimulationConfig, World, default_policies, plot_measures, reference_policies, simulate,
-    summarise, world_from_history, world_from_synthetic,
+    MEASURES,
+    Recording,
+    SimulationConfig,
+    World,
+    default_policies,
+    plot_measures,
+    reference_policies,
+    simulate,
+    summarise,
+    world_from_history,
+    world_from_synthetic,
 )
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
@@ -52,7 +61,7 @@ def chicago_panel(source: Path, boundary: Path, resolution: int, start: date, en
         store = IncidentStore(tmp)
         ingest_file(source, profile, store, write_report=False)
         # the read window only needs to cover the shifts; build_panel cuts at their exact boundaries
-        lo, hi = (datetime(d.year, d.month, d.day, tzinfo=zone).astimezone(timezone.utc) for d in (start, end))
+        lo, hi = (datetime(d.year, d.month, d.day, tzinfo=zone).astimezone(UTC) for d in (start, end))
         incidents = store.read("chicago", lo, hi + timedelta(days=1))
     area = StudyArea.from_file(boundary, resolution, layer="city_boundary_dissolved", name="chicago")
     calendar = ShiftCalendar(profile.timezone)
@@ -78,7 +87,8 @@ def build_world(args: argparse.Namespace, recording: Recording) -> World:
         world = world_from_history(panel, panel.first_shift, panel.end_shift, first, n_shifts, scale=scale,
                                    name=f"chicago-r{args.resolution}-{args.history_year}")
     else:
-        from features.synthetic import SyntheticCity, background_from_rates, simulate as simulate_city
+        from features.synthetic import SyntheticCity, background_from_rates
+        from features.synthetic import simulate as simulate_city
 
         counts = panel.cell_totals(panel.first_shift, panel.end_shift)
         span = panel.calendar.starts_utc([panel.first_shift, panel.end_shift])

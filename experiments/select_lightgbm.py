@@ -13,8 +13,8 @@ import json
 from datetime import date
 from pathlib import Path
 
-from forecasting.backtest import run_backtest
 from features.panel import CountPanel
+from forecasting.backtest import run_backtest
 from forecasting.baselines import SEPP, Naive
 from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import HEADLINE_COVERAGES

@@ -13,17 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
-from forecasting.backtest import default_forecasters, run_backtest
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
 from features.panel import CountPanel, with_cells
 from features.profile import load_profile
 from features.synthetic import SyntheticCity, SyntheticResult, background_from_rates, simulate
+from forecasting.backtest import default_forecasters, run_backtest
 from forecasting.base import Forecaster
 from forecasting.metrics import HEADLINE_COVERAGES
 
@@ -62,7 +62,7 @@ def synthetic_toronto(resolution: int, years: int, seed: int, branching: float, 
     # the real spatial pattern, thinned so the background plus its offspring matches the real volume
     background = background_from_rates(area, counts * (1 - branching), hours)
     city = SyntheticCity(area, calendar, background, branching_ratio=branching, decay_per_hour=1 / 48, spread=spread)
-    first = calendar.shift_of(datetime(2019, 1, 1, 12, tzinfo=timezone.utc))
+    first = calendar.shift_of(datetime(2019, 1, 1, 12, tzinfo=UTC))
     truth = simulate(city, first, first + years * 3 * 365, seed=seed, burn_in_shifts=3 * 60)
     return truth
 

@@ -8,7 +8,7 @@ hours; a boundary that falls in the spring-forward gap starts when the clock rea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -47,7 +47,7 @@ class ShiftCalendar:
     starts: tuple[int, ...] = (6 * 60, 14 * 60, 22 * 60)  # minutes after local midnight
 
     @classmethod
-    def from_strings(cls, tz: str, starts: list[str] | tuple[str, ...]) -> "ShiftCalendar":
+    def from_strings(cls, tz: str, starts: list[str] | tuple[str, ...]) -> ShiftCalendar:
         return cls(tz, parse_starts(starts))
 
     @property
@@ -84,12 +84,12 @@ class ShiftCalendar:
     def shift_of(self, moment: datetime) -> int:
         if moment.tzinfo is None:
             raise ValueError("moment must be timezone-aware")
-        series = pl.Series([moment.astimezone(timezone.utc)]).cast(pl.Datetime("us", "UTC"))
+        series = pl.Series([moment.astimezone(UTC)]).cast(pl.Datetime("us", "UTC"))
         return int(self.shift_ids(series)[0])
 
     def next_shift(self, now: datetime | None = None) -> int:
         """The first shift starting after ``now``: the one a planner prepares for."""
-        return self.shift_of(now or datetime.now(timezone.utc)) + 1
+        return self.shift_of(now or datetime.now(UTC)) + 1
 
     # --- shifts -> times -------------------------------------------------------------------------
     def starts_utc(self, shift_ids: np.ndarray | list[int]) -> np.ndarray:
@@ -115,7 +115,7 @@ class ShiftCalendar:
     def shift_range(self, start: datetime, end: datetime) -> np.ndarray:
         """All shifts whose start lies in [start, end)."""
         first = self.shift_of(start)
-        if self.starts_utc([first])[0] < np.datetime64(start.astimezone(timezone.utc).replace(tzinfo=None), "us"):
+        if self.starts_utc([first])[0] < np.datetime64(start.astimezone(UTC).replace(tzinfo=None), "us"):
             first += 1
         last = self.shift_of(end - timedelta(microseconds=1))
         return np.arange(first, last + 1, dtype=np.int64)

@@ -63,19 +63,19 @@ class StudyArea:
 
     # --- constructors ----------------------------------------------------------------------------
     @classmethod
-    def from_boundary(cls, geometry, resolution: int, name: str = "") -> "StudyArea":
+    def from_boundary(cls, geometry, resolution: int, name: str = "") -> StudyArea:
         """From a user-supplied WGS84 (multi)polygon, e.g. a city boundary read with geopandas."""
         return cls(_polyfill(geometry, resolution), resolution, name, {"method": "boundary"})
 
     @classmethod
-    def from_file(cls, path: str | Path, resolution: int, layer: str | None = None, name: str = "") -> "StudyArea":
+    def from_file(cls, path: str | Path, resolution: int, layer: str | None = None, name: str = "") -> StudyArea:
         return cls.from_boundary(read_boundary(path, layer), resolution, name or Path(path).stem)
 
     @classmethod
     def from_points(
         cls, lat: np.ndarray, lon: np.ndarray, resolution: int, *, buffer_m: float | None = None,
         concave_ratio: float = 0.2, name: str = "",
-    ) -> "StudyArea":
+    ) -> StudyArea:
         """Derived from the data: a concave hull of the occupied cells, buffered by one cell edge and filled,
         so cells with no recorded crime inside the city are part of the area."""
         return cls.from_cells(points_to_cells(lat, lon, resolution), resolution, buffer_m=buffer_m,
@@ -85,7 +85,7 @@ class StudyArea:
     def from_cells(
         cls, cells: np.ndarray, resolution: int, *, buffer_m: float | None = None, concave_ratio: float = 0.2,
         name: str = "",
-    ) -> "StudyArea":
+    ) -> StudyArea:
         """As :meth:`from_points`, from the incidents' cells (when they are already binned)."""
         import geopandas as gpd
 
@@ -158,7 +158,7 @@ class StudyArea:
         atomic_write_bytes(meta.encode(), path.with_suffix(".json"))
 
     @classmethod
-    def load(cls, path: str | Path) -> "StudyArea":
+    def load(cls, path: str | Path) -> StudyArea:
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         return cls(np.load(path.with_suffix(".npy")), meta["resolution"], meta["name"], meta["meta"])

@@ -86,7 +86,7 @@ class CountPanel:
         rows = self.slice(start, stop, category)
         return np.bincount(rows["cell"].to_numpy(), weights=rows["count"].to_numpy(), minlength=self.n_cells)
 
-    def until(self, cutoff: int) -> "CountPanel":
+    def until(self, cutoff: int) -> CountPanel:
         """The panel as it was known at ``cutoff``: only shifts before it. Fitting on this view cannot see
         the future, whatever the forecaster does."""
         end = min(self.end_shift, cutoff)
@@ -126,7 +126,7 @@ class CountPanel:
         atomic_write_bytes(json.dumps(meta, indent=2).encode(), folder / "panel.json")
 
     @classmethod
-    def load(cls, folder: str | Path) -> "CountPanel":
+    def load(cls, folder: str | Path) -> CountPanel:
         folder = Path(folder)
         meta = json.loads((folder / "panel.json").read_text())
         return cls(

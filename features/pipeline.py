@@ -7,21 +7,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Sequence
 
 import polars as pl
 
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
+from features.hints import nothing_stored_hint
 from features.ingest import read_raw
 from features.panel import BinningReport, CountPanel, build_panel, with_cells
 from features.profile import SourceProfile
 from features.settings import Settings
 from features.store import IncidentStore
-from features.hints import nothing_stored_hint
 from features.storelock import atomic_write_text, cannot_write
 from features.validation import reason_counts, validate
 
@@ -91,7 +91,7 @@ def ingest_file(
     """Read, validate and store one export. A profile that is not built in is remembered beside the store
     (``profiles/<name>.toml``) so later commands find it by the source name."""
     started = time.perf_counter()
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     batch = read_raw(path, profile, encoding=encoding)
     result = validate(batch.frame, profile, now=now, future_tolerance=future_tolerance, boundary=boundary)
     quarantine = pl.concat([result.quarantine, batch.rejected]).sort("source_row")

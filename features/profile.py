@@ -84,7 +84,7 @@ class TimeSpec(BaseModel):
     earliest: date | None = Field(None, description="Times before this are outside the source's coverage.")
 
     @model_validator(mode="after")
-    def _columns_for_kind(self) -> "TimeSpec":
+    def _columns_for_kind(self) -> TimeSpec:
         if self.kind == "parts":
             if self.parts is None:
                 raise ValueError("time.kind = 'parts' needs [time.parts] with year, month and day columns")
@@ -187,7 +187,7 @@ class CategoryRule(BaseModel):
     exclude: bool = Field(False, description="Matching values are excluded_category instead.")
 
     @model_validator(mode="after")
-    def _one_pattern(self) -> "CategoryRule":
+    def _one_pattern(self) -> CategoryRule:
         given = [k for k in ("prefix", "glob", "regex") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a category rule needs exactly one of prefix, glob or regex (got {given or 'none'})")
@@ -225,7 +225,7 @@ class CategoriesSpec(BaseModel):
     collapse_whitespace: bool = Field(True, description="Trim and collapse runs of spaces before matching.")
 
     @model_validator(mode="after")
-    def _something_maps(self) -> "CategoriesSpec":
+    def _something_maps(self) -> CategoriesSpec:
         if not self.map and not any(r.category for r in self.rules) and not self.default:
             raise ValueError("no category is defined: give [categories.map], [[categories.rules]] or categories.default")
         return self
@@ -254,7 +254,7 @@ class RowRule(BaseModel):
     action: Literal["exclude", "keep"] = "exclude"
 
     @model_validator(mode="after")
-    def _value_fits_op(self) -> "RowRule":
+    def _value_fits_op(self) -> RowRule:
         if self.op in ("in", "not_in") and not isinstance(self.value, list):
             raise ValueError(f"row rule {self.name!r}: op {self.op!r} needs value = [a list]")
         if self.op in ("is_null", "not_null"):
@@ -306,7 +306,7 @@ class SourceProfile(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _unique_rule_names(self) -> "SourceProfile":
+    def _unique_rule_names(self) -> SourceProfile:
         names = [r.name for r in self.rows]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:

@@ -12,11 +12,11 @@ Every write holds the data folder's writer lock and replaces files atomically (f
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable, Iterator
 
 import polars as pl
 
@@ -128,7 +128,7 @@ class IncidentStore:
                 if changed.height:
                     replaced = changed.select(
                         *[pl.col(f"{c}_old" if c != "incident_id" else c).alias(c) for c in CANONICAL_SCHEMA],
-                        pl.lit(now or datetime.now(timezone.utc)).dt.convert_time_zone("UTC").alias("replaced_at"),
+                        pl.lit(now or datetime.now(UTC)).dt.convert_time_zone("UTC").alias("replaced_at"),
                         pl.lit(file_name).alias("replaced_by_file"),
                         pl.col("_fields").alias("changed"),
                     ).cast(REVISION_SCHEMA)  # type: ignore[arg-type]  # polars#14468: dict[str, ...] keys
@@ -157,7 +157,7 @@ class IncidentStore:
     def delete_older_than(self, max_age: timedelta, now: datetime | None = None) -> dict[str, int]:
         """Retention: delete incidents (and their replaced versions) that occurred before now - max_age, and
         quarantine files as old."""
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         cutoff = now - max_age
         deleted: dict[str, int] = {}
         if not self.data_dir.exists():
@@ -176,7 +176,7 @@ class IncidentStore:
                 if keep.height < history.height:
                     _atomic_write(keep, rpath)
             for qfile in (self.data_dir / "quarantine").glob("*/*.parquet"):
-                if datetime.fromtimestamp(qfile.stat().st_mtime, timezone.utc) < cutoff:
+                if datetime.fromtimestamp(qfile.stat().st_mtime, UTC) < cutoff:
                     qfile.unlink()
         return deleted
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -303,7 +303,7 @@ def validate(
 
     ``boundary`` is an optional shapely (multi)polygon in WGS84: points outside it are out_of_area.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     spec = profile.columns
     raw_id = (
         _blank_to_null(pl.col(spec.id)).alias("incident_id")

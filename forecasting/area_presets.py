@@ -77,7 +77,7 @@ class AreaLayerSpec:
         return result
 
     @classmethod
-    def from_toml(cls, path: str | Path, name: str | None = None) -> "AreaLayerSpec":
+    def from_toml(cls, path: str | Path, name: str | None = None) -> AreaLayerSpec:
         raw = tomllib.loads(Path(path).read_text())
         area = raw.get("area", raw)
         allowed = set(cls.__dataclass_fields__) - {"name"}

@@ -8,8 +8,8 @@ expected count of every study-area cell for each origin shift, using only shifts
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -45,7 +45,7 @@ class Forecaster(ABC):
     # attributes that are training caches, dropped when a fitted forecaster is pickled (registry, pyfunc)
     transient: ClassVar[tuple[str, ...]] = ()
 
-    def fit(self, panel: CountPanel, until: int | None = None) -> "Forecaster":
+    def fit(self, panel: CountPanel, until: int | None = None) -> Forecaster:
         """Learn from shifts [panel.first_shift, until). The panel is cut at ``until`` first, so nothing at or
         after it can reach the model."""
         until = panel.end_shift if until is None else int(until)
@@ -84,7 +84,7 @@ class Forecaster(ABC):
                 out.update({f"{f.name}__{k}": v for k, v in _dataclass_params(value).items()})
         return out
 
-    def set_params(self, **params: Any) -> "Forecaster":
+    def set_params(self, **params: Any) -> Forecaster:
         """Set parameters by name, nested ones as ``outer__inner``; unknown names raise a ValueError naming the
         valid ones."""
         valid = self.get_params(deep=False)

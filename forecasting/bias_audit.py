@@ -50,7 +50,7 @@ import polars as pl
 
 from forecasting.area_join import TOTAL, AreaJoin
 from forecasting.jsonable import jsonable
-from forecasting.metrics import TIE_SEED, bootstrap_weights, day_blocks, rank_cells, shift_hits, HEADLINE_COVERAGES
+from forecasting.metrics import HEADLINE_COVERAGES, TIE_SEED, bootstrap_weights, day_blocks, rank_cells, shift_hits
 
 ALL = "all"
 MEASURES = ("flagged_share", "exposure_ratio", "exposure_to_crime_ratio", "hit_rate", "pai", "calibration")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from forecasting.metrics import bootstrap_weights, day_blocks, shift_hits, HEADLINE_COVERAGES
+from forecasting.metrics import HEADLINE_COVERAGES, bootstrap_weights, day_blocks, shift_hits
 
 
 @dataclass

@@ -26,10 +26,11 @@ This module only computes (dataclasses, numbers, ``payload()`` / ``to_dict()``);
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import h3
 import numpy as np
@@ -41,7 +42,7 @@ from features.matrix import FeatureConfig, build_features
 from features.panel import COUNTS_SCHEMA, CountPanel
 from forecasting.jsonable import jsonable
 from forecasting.measures import gini, jaccard, lorenz, top_share
-from forecasting.metrics import TIE_SEED, rank_cells, HEADLINE_COVERAGES
+from forecasting.metrics import HEADLINE_COVERAGES, TIE_SEED, rank_cells
 from forecasting.patrol_dose import PatrolDiagnostics, patrol_diagnostics
 
 GROUPS = ("own_lagged", "neighbour_lagged", "calendar", "static")
@@ -131,7 +132,7 @@ class RunStats:
     counts: np.ndarray  # runs of each length
 
     @classmethod
-    def of(cls, lengths: np.ndarray, censored: np.ndarray) -> "RunStats":
+    def of(cls, lengths: np.ndarray, censored: np.ndarray) -> RunStats:
         if lengths.size == 0:
             return cls(float("nan"), float("nan"), float("nan"), 0, 0, float("nan"), np.array([], int), np.array([], int))
         values, counts = np.unique(lengths, return_counts=True)

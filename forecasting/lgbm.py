@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -21,7 +20,6 @@ import pandas as pd
 from features.matrix import FeatureConfig, build_features, build_targets
 from features.panel import CountPanel
 from forecasting.base import Explanation, Forecaster, NotFittedError
-
 
 # A LightGBM prediction re-initialises state of its booster (iteration count, tree depths for pred_contrib), so
 # calls on one booster must not overlap. Explanations run on a copy of the booster with a lock of its own, made once
@@ -145,9 +143,14 @@ class LightGBMForecaster(Forecaster):
         self.best_iteration_ = self.booster_.best_iteration or self.n_estimators
         self.train_rows_ = int(y.size)
 
+    def _fitted_booster(self) -> lgb.Booster:
+        if self.booster_ is None:
+            raise NotFittedError(f"{type(self).__name__} must be fitted before predict")
+        return self.booster_
+
     def _predict(self, panel: CountPanel, origins: np.ndarray) -> np.ndarray:
         matrix = build_features(panel, origins, self.features)
-        return self.booster_.predict(matrix.X, num_iteration=self.best_iteration_)
+        return np.asarray(self._fitted_booster().predict(matrix.X, num_iteration=self.best_iteration_))  # dense in, dense out
 
     def predict_explained(self, panel: CountPanel, origin: int) -> tuple[np.ndarray, Explanation]:
         """The forecast and its ``pred_contrib`` explanation from one feature matrix: the booster predicts every
@@ -161,7 +164,7 @@ class LightGBMForecaster(Forecaster):
         def rows(cells: np.ndarray) -> np.ndarray:
             explainer, lock = _explainer(booster, iteration)
             with lock:
-                return explainer.predict(X[np.asarray(cells)], num_iteration=iteration, pred_contrib=True)
+                return np.asarray(explainer.predict(X[np.asarray(cells)], num_iteration=iteration, pred_contrib=True))
 
         return expected, Explanation(list(self.columns_) + ["bias"], rows)
 
@@ -176,7 +179,7 @@ class LightGBMForecaster(Forecaster):
         if missing:
             raise ValueError(f"model input lacks feature columns {missing}")
         X = frame[self.columns_].to_numpy(dtype=np.float32)
-        return self.booster_.predict(X, num_iteration=self.best_iteration_)
+        return np.asarray(self._fitted_booster().predict(X, num_iteration=self.best_iteration_))
 
     def fit_summary(self) -> dict[str, float]:
         score = self.booster_.best_score.get("valid_0", {}) if self.booster_ is not None else {}
@@ -186,9 +189,9 @@ class LightGBMForecaster(Forecaster):
     def contributions(self, panel: CountPanel, origin: int) -> tuple[np.ndarray, list[str]]:
         """Per-cell feature contributions (LightGBM pred_contrib, log scale) for explaining a forecast."""
         matrix = build_features(panel.until(origin), origin, self.features)
-        contrib = self.booster_.predict(matrix.X, num_iteration=self.best_iteration_, pred_contrib=True)
+        contrib = np.asarray(self._fitted_booster().predict(matrix.X, num_iteration=self.best_iteration_, pred_contrib=True))
         return contrib, self.columns_ + ["bias"]
 
     def feature_importance(self) -> dict[str, float]:
-        gains = self.booster_.feature_importance("gain", iteration=self.best_iteration_)
+        gains = self._fitted_booster().feature_importance("gain", iteration=self.best_iteration_)
         return dict(sorted(zip(self.columns_, gains.tolist()), key=lambda kv: -kv[1]))

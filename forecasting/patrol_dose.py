@@ -8,8 +8,9 @@ discovered/reported split is used only where the data defines it. Part of :mod:`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, cast
+from typing import Any, cast
 
 import numpy as np
 import polars as pl

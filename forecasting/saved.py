@@ -95,7 +95,7 @@ class SavedBacktest:
         return None if value is None else int(value)
 
     @classmethod
-    def load(cls, out_dir: Path) -> "SavedBacktest":
+    def load(cls, out_dir: Path) -> SavedBacktest:
         out_dir = Path(out_dir)
         path = out_dir / PREDICTIONS
         if not path.is_file():

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Column, MetaData, String, Table, select, text, update
+from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
 from serving.db import AuditRow, PatrolRow, as_utc
@@ -24,7 +25,8 @@ from serving.db import AuditRow, PatrolRow, as_utc
 _meta = MetaData()
 log_chain = Table("log_chain", _meta, Column("table_name", String(40), primary_key=True),
                   Column("last_id", BigInteger), Column("last_hash", String(64)))
-TABLES = {"audit_log": AuditRow.__table__, "patrol_log": PatrolRow.__table__}
+# the mapped classes' tables (declarative __table__ is typed as a FromClause; it is a Table)
+TABLES: dict[str, Table] = {"audit_log": cast(Table, AuditRow.__table__), "patrol_log": cast(Table, PatrolRow.__table__)}
 FIELDS = {
     "audit_log": ("at", "key_id", "role", "endpoint", "params", "city", "model_version", "response_bytes"),
     "patrol_log": ("city", "shift_id", "shift_start", "h3", "dose_minutes", "key_id", "recorded_at"),
@@ -48,7 +50,7 @@ def row_hash(table: str, row_id: int, row: dict[str, Any], previous: str) -> str
 
 def _utc(value: Any) -> Any:
     """Datetimes in UTC before they are stored: SQLite keeps no offset, and the hash must survive the trip."""
-    return value.astimezone(timezone.utc) if isinstance(value, datetime) and value.tzinfo is not None else value
+    return value.astimezone(UTC) if isinstance(value, datetime) and value.tzinfo is not None else value
 
 
 def chain_insert(conn: Connection, table: str, rows: list[dict[str, Any]]) -> list[int]:
@@ -64,7 +66,7 @@ def chain_insert(conn: Connection, table: str, rows: list[dict[str, Any]]) -> li
         values = {name: _utc(value) for name, value in row.items()}
         last_hash = row_hash(table, last_id, values, last_hash)
         stored.append({**values, "id": last_id, "row_hash": last_hash})
-    conn.execute(TABLES[table].insert(), stored)
+    conn.execute(insert(TABLES[table]), stored)
     conn.execute(update(log_chain).where(head).values(last_id=last_id, last_hash=last_hash))
     return [r["id"] for r in stored]
 

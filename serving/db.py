@@ -13,13 +13,23 @@ from __future__ import annotations
 
 import fcntl
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from sqlalchemy import (
-    BigInteger, DateTime, Double, Index, Integer, LargeBinary, String, Text, create_engine, event, text,
+    BigInteger,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
@@ -32,12 +42,12 @@ log = logging.getLogger("hotspots.serving")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(moment: datetime) -> datetime:
     """SQLite keeps no offset: values are written in UTC and read back naive."""
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -184,7 +194,7 @@ class Database:
         return make_url(self.url).render_as_string(hide_password=True)
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> "Database":
+    def for_settings(cls, settings: Settings) -> Database:
         return cls(database_url(settings))
 
     def dispose(self) -> None:

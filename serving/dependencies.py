@@ -5,8 +5,9 @@ thread-pool round trip each. Those that may block (the model refresh, key verifi
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Annotated, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
@@ -58,7 +59,7 @@ async def get_metrics(request: Request) -> ServiceMetrics:
 
 async def get_now() -> datetime:
     """The clock ('next' shift); tests override it with app.dependency_overrides."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def require(permission: Permission) -> Callable[..., Principal]:

@@ -8,7 +8,7 @@ cells a response shows, on first need, and kept; the input rows are released onc
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

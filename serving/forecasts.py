@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Hashable
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,7 +56,7 @@ class Forecast:
 
 
 class ForecastService:
-    def __init__(self, cache_size: int = 256, metrics: "ServiceMetrics | None" = None,
+    def __init__(self, cache_size: int = 256, metrics: ServiceMetrics | None = None,
                  body_cache_bytes: int = 64 * 2**20):
         self.cache: ComputeOnceCache[Forecast] = ComputeOnceCache(cache_size)
         self.bodies = BodyCache(body_cache_bytes, max_item_bytes=body_cache_bytes // 16)
@@ -71,7 +73,7 @@ class ForecastService:
 
     def forecast(self, state: CityState, shift_id: int, category: str) -> tuple[Forecast, bool]:
         """(forecast, cache hit)."""
-        model = state.model
+        _, model = _ready(state)
         key = (state.city, shift_id, category, model.version, state.panel_token)
         forecast, hit = self.cache.get_or_compute(key, lambda: self._compute(state, shift_id, category, key))
         self._remember(state.city, shift_id, category)
@@ -92,22 +94,23 @@ class ForecastService:
         explanations of their first cells: called by the model store before it swaps ``state`` in."""
         with self._locks_guard:
             recent = list(self._recent.get(state.city, {}))
+        panel, model = _ready(state)
         for shift_id, category in reversed(recent):  # the most recent first
-            if category != state.model.target or not state.panel.first_shift <= shift_id <= state.panel.end_shift:
+            if category != model.target or not panel.first_shift <= shift_id <= panel.end_shift:
                 continue  # the new model forecasts another category, or the panel changed
-            key = (state.city, shift_id, category, state.model.version, state.panel_token)
+            key = (state.city, shift_id, category, model.version, state.panel_token)
             try:
-                forecast, _ = self.cache.get_or_compute(key, lambda: self._compute(state, shift_id, category, key))
+                forecast, _ = self.cache.get_or_compute(key, partial(self._compute, state, shift_id, category, key))
                 forecast.top_features(forecast.order[:WARM_EXPLAINED])
             except Exception:  # noqa: BLE001 - the request will compute it (and report the failure) itself
-                log.exception("warming %s shift %s with version %s failed", state.city, shift_id, state.model.version)
+                log.exception("warming %s shift %s with version %s failed", state.city, shift_id, model.version)
 
     def body(self, forecast: Forecast, variant: Hashable, make: Callable[[], bytes]) -> bytes:
         """The response body ``variant`` (endpoint, parameters as asked) of a forecast, made once and kept."""
         return self.bodies.get_or_make((forecast.key, forecast.model.source, variant), make)
 
     def _compute(self, state: CityState, shift_id: int, category: str, key: Hashable = None) -> Forecast:
-        panel, model = state.panel, state.model
+        panel, model = _ready(state)
         lock = self._model_lock(model)
         with lock:  # one LightGBM call per model at a time
             started = time.perf_counter()  # the work, not the wait for the lock
@@ -118,6 +121,13 @@ class ForecastService:
             self.metrics.forecast_computed(state.city, time.perf_counter() - started)
         return Forecast(state.city, shift_id, category, model, expected, order, percentile,
                         Explanations(expected.size, explain_rows), key)
+
+
+def _ready(state: CityState) -> tuple[CountPanel, LoadedModel]:
+    """The panel and model of a city the routes checked as ready (ready_panel, ready_model) before asking."""
+    if state.panel is None or state.model is None:
+        raise ValueError(f"{state.city} has no panel or no model to forecast with ({state.status})")
+    return state.panel, state.model
 
 
 def select_cells(panel: CountPanel, forecast: Forecast, k: int | None, coverage: float | None, default_k: int) -> int:

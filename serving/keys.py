@@ -126,7 +126,7 @@ class KeyStore:
         if parsed is None:
             return None
         key_id, secret = parsed
-        token, now = hashlib.sha256(f"{key_id}_{secret}".encode("utf-8")).digest(), time.monotonic()
+        token, now = hashlib.sha256(f"{key_id}_{secret}".encode()).digest(), time.monotonic()
         hit = self._verified.get(token)
         if hit is not None and hit[0] > now:
             return hit[1], hit[2]

@@ -26,10 +26,11 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import forecasting.registry  # noqa: F401  (every forecaster's module imported before a model is unpickled: never the model's code copy)
 from features.panel import CountPanel
@@ -89,7 +90,7 @@ class CityState:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class ModelStore:

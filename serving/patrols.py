@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -21,7 +21,7 @@ import h3
 import numpy as np
 import polars as pl
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from features.panel import CountPanel
 from serving.chain import chain_insert
@@ -64,7 +64,7 @@ def utc_instant(field: str, moment: datetime, tz: str, location: str = "body") -
     """``moment`` in UTC (naive: in the city's time zone); a 422 on ``field`` when it cannot be."""
     local = moment if moment.tzinfo is not None else moment.replace(tzinfo=ZoneInfo(tz))
     try:
-        return local.astimezone(timezone.utc)
+        return local.astimezone(UTC)
     except (OverflowError, ValueError):
         raise FieldError(field, f"{moment.isoformat()} cannot be converted to UTC", location=location) from None
 
@@ -190,7 +190,7 @@ class PatrolLog:
         ]
         with self.db.engine.begin() as conn:
             if idempotency is not None:  # first: a concurrent duplicate fails here, before any log row
-                conn.execute(IdempotencyRow.__table__.insert(), {
+                conn.execute(insert(IdempotencyRow), {
                     "key_id": principal.key_id, "idempotency_key": idempotency.key,
                     "request_hash": idempotency.request_hash, "status": 201, "body": idempotency.response,
                     "created_at": recorded_at})
@@ -213,9 +213,9 @@ class PatrolLog:
                  .group_by(PatrolRow.shift_id, PatrolRow.h3)
                  .order_by(PatrolRow.shift_id, PatrolRow.h3))
         if start is not None:
-            query = query.where(PatrolRow.shift_start >= start.astimezone(timezone.utc))
+            query = query.where(PatrolRow.shift_start >= start.astimezone(UTC))
         if end is not None:
-            query = query.where(PatrolRow.shift_start < end.astimezone(timezone.utc))
+            query = query.where(PatrolRow.shift_start < end.astimezone(UTC))
         if start_shift is not None:
             query = query.where(PatrolRow.shift_id >= start_shift)
         if end_shift is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
@@ -86,7 +86,7 @@ def resolve_shift(panel: CountPanel, requested: str, now: datetime) -> ResolvedS
         moment = datetime.fromisoformat(text)
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=ZoneInfo(cal.timezone))
-        moment_utc = moment.astimezone(timezone.utc)
+        moment_utc = moment.astimezone(UTC)
     except (ValueError, OverflowError):
         raise FieldError("shift", f"{requested!r} is neither 'next' nor an ISO 8601 shift start such as "
                                   f"{_iso(shift_start_local(panel, hi))}") from None

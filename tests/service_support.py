@@ -8,11 +8,11 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import mlflow
 import pytest
@@ -20,9 +20,9 @@ from conftest import toronto_box_panel
 from mlflow.tracking import MlflowClient
 
 from features.matrix import build_features
+from features.paths import DataPaths
 from features.settings import Settings
 from forecasting.lgbm import LightGBMForecaster
-from features.paths import DataPaths
 from forecasting.promotion import PromotionDecision
 from forecasting.reporting.tracking import apply_promotion, configure, log_model, registered_name
 from serving.keys import Role
@@ -32,8 +32,8 @@ BARE = "bare-city"  # a panel with no registered model
 PASS = PromotionDecision(True, "beats naive at 1% and 5%", {"0.01": 0.2, "0.05": 0.4}, {"0.01": 0.1, "0.05": 0.3})
 # the test panel: central Toronto, 2019-01-01 .. 2020-03-01 (UTC)
 BOX = ((43.64, 43.67), (-79.41, -79.37))
-PANEL_START = datetime(2019, 1, 1, tzinfo=timezone.utc)
-PANEL_END = datetime(2020, 3, 1, tzinfo=timezone.utc)
+PANEL_START = datetime(2019, 1, 1, tzinfo=UTC)
+PANEL_END = datetime(2020, 3, 1, tzinfo=UTC)
 
 
 def quick_lgbm(seed: int = 0) -> LightGBMForecaster:

@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import city_corpus as cc
@@ -22,7 +22,7 @@ from features.store import IncidentStore
 from serving.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-NOW = datetime(2024, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,23 @@ LightGBM registered in an embedded MLflow registry and promoted to champion."""
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 import shapely
-from service_support import (
-    BARE, CITY, asgi_service, closed_port, get, problem, quick_lgbm, register, set_champion,
-)
 from fastapi.testclient import TestClient
+from service_support import (
+    BARE,
+    CITY,
+    asgi_service,
+    closed_port,
+    get,
+    problem,
+    quick_lgbm,
+    register,
+    set_champion,
+)
 
 from features.settings import Settings
 from forecasting.metrics import rank_cells
@@ -21,6 +29,7 @@ from serving.app import create_app
 from serving.dependencies import get_now
 from serving.keys import KeyStore, Role
 from serving.models_store import KEEP_COPIES
+
 
 @pytest.fixture(scope="module")
 def svc(toronto_incidents, tmp_path_factory):
@@ -162,7 +171,7 @@ def test_hotspots_with_coverage_reach_the_area_share(svc):
 
 
 def test_next_shift_follows_the_clock_and_iso_shifts(svc):
-    svc.app.dependency_overrides[get_now] = lambda: datetime(2020, 2, 10, 17, 30, tzinfo=timezone.utc)  # 12:30 local
+    svc.app.dependency_overrides[get_now] = lambda: datetime(2020, 2, 10, 17, 30, tzinfo=UTC)  # 12:30 local
     try:
         body = get(svc, "/v1/hotspots", city=CITY, k=5).json()
     finally:

@@ -2,7 +2,7 @@
 all-history count map is the true model's estimator), the gate promotes that baseline and the service serves
 it: hotspots, GeoJSON, the briefing PNG and the model card, with explanations absent but not failing."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from types import SimpleNamespace
 
 import h3
@@ -22,7 +22,7 @@ from serving.keys import Role
 
 CITY = "static-city"
 CAL = ShiftCalendar.from_strings("UTC", ["00:00", "08:00", "16:00"])
-FIRST = CAL.shift_of(datetime(2020, 1, 1, tzinfo=timezone.utc))
+FIRST = CAL.shift_of(datetime(2020, 1, 1, tzinfo=UTC))
 
 
 def static_city(days: int = 480, per_shift: float = 3.0, shape: float = 1.5, seed: int = 5):

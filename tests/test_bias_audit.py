@@ -12,6 +12,7 @@ import pandas as pd
 import polars as pl
 import pytest
 import shapely
+from conftest import require_shared
 
 from features.grid import StudyArea, read_boundary
 from forecasting.area_join import TOTAL, AreaJoin, AreaJoinError, join_to_cells, population_quantiles, read_layer
@@ -20,8 +21,6 @@ from forecasting.bias_audit import audit, flag_masks, population_split, quantile
 from forecasting.metrics import summarise
 from forecasting.reporting.assess import log_audit
 from forecasting.reporting.bias_audit_view import bias_audit_figure, bias_audit_page, bias_audit_section
-from conftest import require_shared
-
 
 # --- the toy city ------------------------------------------------------------------------------------
 # Four cells of equal area. Cell 3 is a park: nobody lives there.

@@ -1,6 +1,6 @@
 """Shift calendar: numbering, boundaries and daylight-saving transitions."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -15,7 +15,7 @@ CHICAGO = ZoneInfo("America/Chicago")
 
 
 def utc_series(moments):
-    return pl.Series([m.astimezone(timezone.utc) for m in moments]).cast(pl.Datetime("us", "UTC"))
+    return pl.Series([m.astimezone(UTC) for m in moments]).cast(pl.Datetime("us", "UTC"))
 
 
 def test_parse_starts_validates():
@@ -55,8 +55,8 @@ def test_fall_back_night_shift_is_nine_hours_and_both_1_30s_land_in_it():
     cal = ShiftCalendar("America/Chicago")
     night = cal.shift_of(datetime(2018, 11, 3, 23, 0, tzinfo=CHICAGO))
     assert cal.bounds([night])["hours"][0] == 9.0
-    first = datetime(2018, 11, 4, 6, 30, tzinfo=timezone.utc)  # 01:30 CDT
-    second = datetime(2018, 11, 4, 7, 30, tzinfo=timezone.utc)  # 01:30 CST
+    first = datetime(2018, 11, 4, 6, 30, tzinfo=UTC)  # 01:30 CDT
+    second = datetime(2018, 11, 4, 7, 30, tzinfo=UTC)  # 01:30 CST
     assert cal.shift_of(first) == cal.shift_of(second) == night
 
 
@@ -78,7 +78,7 @@ def test_shift_starting_inside_the_gap_starts_when_clock_resumes():
 )
 def test_every_instant_lies_inside_its_shift(naive, zone, starts):
     cal = ShiftCalendar.from_strings(zone, starts)
-    moment = naive.replace(tzinfo=timezone.utc)
+    moment = naive.replace(tzinfo=UTC)
     sid = cal.shift_of(moment)
     b = cal.bounds([sid]).row(0, named=True)
     assert b["start_utc"] <= moment < b["end_utc"]

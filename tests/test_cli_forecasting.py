@@ -3,6 +3,7 @@ assessments (diagnose, audit) logged into the backtest's MLflow run."""
 
 import json
 import re
+from datetime import UTC
 
 import pytest
 from conftest import require_shared
@@ -10,7 +11,6 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from features.settings import Settings
-
 from serving.cli import app
 
 runner = CliRunner()
@@ -185,7 +185,7 @@ def test_train_rejects_unknown_or_mistyped_params(data_dir):
 def test_diagnose_analyses_recorded_patrols(data_dir, backtested):
     """Patrols recorded through the service's patrol log during the backtest's test period are analysed
     against the backtested forecasts and logged as the patrol_diagnostics assessment."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import numpy as np
 
@@ -201,14 +201,14 @@ def test_diagnose_analyses_recorded_patrols(data_dir, backtested):
     cal, rng = panel.calendar, np.random.default_rng(3)
     db = Database.for_settings(settings)
     log = PatrolLog(db)
-    december = cal.shift_range(datetime(2021, 12, 1, tzinfo=timezone.utc), datetime(2021, 12, 29, tzinfo=timezone.utc))
+    december = cal.shift_range(datetime(2021, 12, 1, tzinfo=UTC), datetime(2021, 12, 29, tzinfo=UTC))
     for shift in december:
         start = cal.bounds([shift])["start_local"][0]
         cells = rng.choice(panel.study_area.h3_ids, size=12, replace=False).tolist()
         request = PatrolRequest(city="toronto-mci", shift=start,
                                 patrols=[{"h3": c, "dose_minutes": float(rng.integers(10, 120))} for c in cells])
-        batch = check_patrols(panel, request, now=datetime(2022, 1, 1, tzinfo=timezone.utc))
-        log.record(batch, Principal("k1", Role.planner), recorded_at=datetime.now(timezone.utc))
+        batch = check_patrols(panel, request, now=datetime(2022, 1, 1, tzinfo=UTC))
+        log.record(batch, Principal("k1", Role.planner), recorded_at=datetime.now(UTC))
     db.dispose()
 
     result = runner.invoke(app, ["diagnose", "toronto-mci", "--resolution", "8", "--model", "sepp",

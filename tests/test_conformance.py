@@ -3,7 +3,7 @@ contract, pickle and MLflow pyfunc round trips, and the scikit-learn parameter r
 
 import pickle
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import mlflow
 import numpy as np
@@ -28,8 +28,8 @@ def make(name):
 
 @pytest.fixture(scope="module")
 def panel(toronto_incidents):
-    return toronto_box_panel(toronto_incidents, (43.64, 43.67), (-79.41, -79.37), datetime(2019, 1, 1, tzinfo=timezone.utc),
-                             datetime(2020, 3, 1, tzinfo=timezone.utc))[1]
+    return toronto_box_panel(toronto_incidents, (43.64, 43.67), (-79.41, -79.37), datetime(2019, 1, 1, tzinfo=UTC),
+                             datetime(2020, 3, 1, tzinfo=UTC))[1]
 
 
 @pytest.fixture(scope="module")

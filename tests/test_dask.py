@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from functools import partial
 
 import cloudpickle
@@ -39,8 +39,8 @@ def panel():
     area = StudyArea([h3.str_to_int(c) for c in h3.grid_disk(h3.latlng_to_cell(43.65, -79.38, 8), 5)], 8)
     cal = ShiftCalendar("America/Toronto")
     city = SyntheticCity(study_area=area, calendar=cal, background=smooth_background(area, total_per_day=40, seed=1))
-    first = cal.shift_of(datetime(2019, 1, 1, 12, tzinfo=timezone.utc))
-    end = cal.shift_of(datetime(2020, 4, 2, 12, tzinfo=timezone.utc))
+    first = cal.shift_of(datetime(2019, 1, 1, 12, tzinfo=UTC))
+    end = cal.shift_of(datetime(2020, 4, 2, 12, tzinfo=UTC))
     return simulate(city, first, end, seed=5, burn_in_shifts=30).panel()
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
-
 from throwaway_postgres import REFUSED, closed_ancestor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ the dose regression against a known truth (simulated patrols: a known rate ratio
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import h3
 import mlflow
@@ -21,14 +21,20 @@ from features.matrix import FeatureConfig, build_targets
 from features.panel import COUNTS_SCHEMA, CountPanel
 from forecasting.baselines import Naive
 from forecasting.diagnostics import (
-    FlagRule, diagnose, feature_groups, flag_diagnostics, flag_matrix, gain_share, run_lengths,
+    FlagRule,
+    diagnose,
+    feature_groups,
+    flag_diagnostics,
+    flag_matrix,
+    gain_share,
+    run_lengths,
 )
+from forecasting.lgbm import LightGBMForecaster
 from forecasting.measures import gini, jaccard, top_share
+from forecasting.metrics import shift_hits
+from forecasting.patrol_dose import dose_bin_edges, patrol_diagnostics
 from forecasting.reporting.assess import log_diagnostics
 from forecasting.reporting.diagnostics_view import diagnostics_figure, diagnostics_page, diagnostics_section
-from forecasting.patrol_dose import dose_bin_edges, patrol_diagnostics
-from forecasting.lgbm import LightGBMForecaster
-from forecasting.metrics import shift_hits
 
 # --- hand-computed toy cases -------------------------------------------------------------------------
 
@@ -154,7 +160,7 @@ def test_coverage_rule_and_ties_follow_the_metrics_module():
 
 @pytest.fixture(scope="module")
 def toronto_panel(toronto_incidents):
-    return toronto_box_panel(toronto_incidents, (43.63, 43.69), (-79.43, -79.35), datetime(2018, 1, 1, tzinfo=timezone.utc))[1]
+    return toronto_box_panel(toronto_incidents, (43.63, 43.69), (-79.43, -79.35), datetime(2018, 1, 1, tzinfo=UTC))[1]
 
 
 def test_gain_share_groups_a_real_lightgbm_fit(toronto_panel):

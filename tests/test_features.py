@@ -1,6 +1,6 @@
 """Feature matrices: hand-computed values, batch/single consistency, and the leakage property."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import h3
 import numpy as np
@@ -40,7 +40,7 @@ def incidents_at(rows):
 def toy():
     cal = ShiftCalendar.from_strings("UTC", ["00:00", "08:00", "16:00"])
     area = StudyArea([h3.str_to_int(c) for c in h3.grid_disk(CENTER, 2)], 9)
-    first = cal.shift_of(datetime(2020, 1, 1, tzinfo=timezone.utc))
+    first = cal.shift_of(datetime(2020, 1, 1, tzinfo=UTC))
     origin = first + 30
     start = lambda s: cal.bounds([s])["start_utc"][0] + timedelta(minutes=5)  # noqa: E731
     neighbour = sorted(h3.grid_ring(CENTER, 1))[0]
@@ -100,7 +100,7 @@ def test_origin_before_panel_is_rejected(toy):
 def toronto_panel(toronto_incidents):
     """Downtown Toronto 2018-2020 at resolution 9, with a fixed study area and span."""
     box, panel = toronto_box_panel(toronto_incidents, (43.63, 43.68), (-79.42, -79.36),
-                                   datetime(2018, 1, 1, tzinfo=timezone.utc), datetime(2021, 1, 1, tzinfo=timezone.utc))
+                                   datetime(2018, 1, 1, tzinfo=UTC), datetime(2021, 1, 1, tzinfo=UTC))
     return box, panel.study_area, panel.calendar, list(panel.categories), panel
 
 

@@ -5,7 +5,7 @@ by discovered incidents runs away, the inverse-probability (thinning) correction
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import h3
 import numpy as np
@@ -14,9 +14,21 @@ import pytest
 from conftest import toronto_box_panel
 
 from experiments.feedback_loop import (
-    Policy, Recording, SimulationConfig, World, _record, draw_incidents,
-    intensity_from_history, light_lightgbm, plot_measures, refit_shifts, run_policy, simulate,
-    summarise, total_variation, trailing_sum,
+    Policy,
+    Recording,
+    SimulationConfig,
+    World,
+    _record,
+    draw_incidents,
+    intensity_from_history,
+    light_lightgbm,
+    plot_measures,
+    refit_shifts,
+    run_policy,
+    simulate,
+    summarise,
+    total_variation,
+    trailing_sum,
 )
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
@@ -153,7 +165,7 @@ def test_forecasts_see_only_shifts_before_the_one_they_forecast():
 # --- the truth from real history ------------------------------------------------------------------
 def test_history_truth_keeps_each_cells_real_total(toronto_incidents):
     _, panel = toronto_box_panel(toronto_incidents, (43.64, 43.67), (-79.40, -79.37),
-                                 datetime(2019, 1, 1, tzinfo=timezone.utc), datetime(2020, 1, 1, tzinfo=timezone.utc))
+                                 datetime(2019, 1, 1, tzinfo=UTC), datetime(2020, 1, 1, tzinfo=UTC))
     shifts = np.arange(panel.first_shift, panel.end_shift)
     lam = intensity_from_history(panel, panel.first_shift, panel.end_shift, shifts)
     assert lam.shape == (shifts.size, panel.n_cells) and np.all(lam >= 0)

@@ -1,6 +1,6 @@
 """Every forecaster: a hand-computed case, the shared contract, and no test-period data reaching fit."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import h3
 import numpy as np
@@ -18,7 +18,7 @@ from forecasting.lgbm import LightGBMForecaster
 
 CENTER = h3.latlng_to_cell(43.6532, -79.3832, 9)
 CAL = ShiftCalendar.from_strings("UTC", ["00:00", "08:00", "16:00"])
-FIRST = CAL.shift_of(datetime(2020, 1, 1, tzinfo=timezone.utc))
+FIRST = CAL.shift_of(datetime(2020, 1, 1, tzinfo=UTC))
 
 
 def toy_panel(events: dict[tuple[str, int], int], span: int = 200) -> tuple[CountPanel, StudyArea]:
@@ -98,7 +98,7 @@ def test_sepp_recovers_known_parameters_on_the_synthetic_city():
         shift_profile=(1.0, 1.0, 1.0), weekday_profile=(1.0,) * 7,
         branching_ratio=0.4, decay_per_hour=1 / 72, spread=0.0,
     )
-    first = cal.shift_of(datetime(2019, 1, 1, tzinfo=timezone.utc))
+    first = cal.shift_of(datetime(2019, 1, 1, tzinfo=UTC))
     result = simulate(city, first, first + 3 * 730, seed=11, burn_in_shifts=300)
     panel = result.panel()
     f = SEPP(fit_days=730).fit(panel, panel.end_shift)
@@ -115,7 +115,7 @@ def test_sepp_recovers_known_parameters_on_the_synthetic_city():
 
 @pytest.fixture(scope="module")
 def toronto_panel(toronto_incidents):
-    return toronto_box_panel(toronto_incidents, (43.63, 43.69), (-79.43, -79.35), datetime(2018, 1, 1, tzinfo=timezone.utc))[1]
+    return toronto_box_panel(toronto_incidents, (43.63, 43.69), (-79.43, -79.35), datetime(2018, 1, 1, tzinfo=UTC))[1]
 
 
 def small_lgbm(**kw):

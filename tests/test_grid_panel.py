@@ -1,6 +1,6 @@
 """H3 grid (bulk binning, study areas at resolutions 8 and 9) and the sparse count panel."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import h3
 import numpy as np
@@ -18,8 +18,8 @@ CATS = ["assault", "auto_theft", "break_and_enter", "robbery", "theft_over"]
 @pytest.fixture(scope="module")
 def toronto_2020(toronto_incidents):
     return toronto_incidents.filter(
-        (pl.col("occurred_at") >= datetime(2020, 1, 1, tzinfo=timezone.utc))
-        & (pl.col("occurred_at") < datetime(2021, 1, 1, tzinfo=timezone.utc))
+        (pl.col("occurred_at") >= datetime(2020, 1, 1, tzinfo=UTC))
+        & (pl.col("occurred_at") < datetime(2021, 1, 1, tzinfo=UTC))
     )
 
 
@@ -101,7 +101,7 @@ def test_panel_counts_and_roundtrip(toronto_2020, tmp_path):
 def test_panel_reports_incidents_outside_area_and_period(toronto_2020):
     cal = ShiftCalendar("America/Toronto")
     area = StudyArea.from_boundary(shapely.box(-79.40, 43.64, -79.37, 43.66), 9)
-    first = cal.shift_of(datetime(2020, 6, 1, tzinfo=timezone.utc))
+    first = cal.shift_of(datetime(2020, 6, 1, tzinfo=UTC))
     panel, report = build_panel(toronto_2020, area, cal, CATS, first_shift=first)
     assert report.balanced
     assert report.outside_study_area > 0 and report.outside_period > 0

@@ -58,7 +58,7 @@ class Hammer:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(CLIENTS)]
 
-    def __enter__(self) -> "Hammer":
+    def __enter__(self) -> Hammer:
         for thread in self._threads:
             thread.start()
         return self

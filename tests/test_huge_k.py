@@ -11,7 +11,7 @@ import shutil
 import statistics
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -19,7 +19,6 @@ from conftest import toronto_box_panel
 from service_support import CITY, PANEL_END, asgi_service, get, problem
 
 from features.paths import DataPaths
-
 from serving.checks import EXPLAINED_CELLS, PNG_MAX_K
 from serving.predictor import _explainer
 
@@ -30,7 +29,7 @@ def svc(toronto_incidents, tmp_path_factory):
 
     def whole_city(city):
         _, panel = toronto_box_panel(toronto_incidents, (43.57, 43.86), (-79.65, -79.10),
-                                     datetime(2019, 9, 1, tzinfo=timezone.utc), PANEL_END)
+                                     datetime(2019, 9, 1, tzinfo=UTC), PANEL_END)
         shutil.rmtree(DataPaths(city.settings).panel(CITY))
         panel.save(DataPaths(city.settings).panel(CITY))
         city.panel = panel

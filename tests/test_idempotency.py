@@ -8,7 +8,7 @@ import json
 import os
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -23,8 +23,8 @@ from serving.cli import app
 FIXTURES = Path(__file__).parent / "fixtures"
 MALFORMED = FIXTURES / "malformed"
 TESTVILLE = FIXTURES / "profiles" / "testville.toml"
-NOW = datetime(2024, 1, 1, tzinfo=timezone.utc)
-UTC = timezone.utc
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
+UTC = UTC
 
 # stored rows of all_reasons.csv (see tests/fixtures/malformed/README.md)
 ALL_REASONS_STORED = {"T-001", "T-002", "T-016", "T-018"}

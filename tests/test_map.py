@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import h3
 import numpy as np
@@ -121,7 +121,7 @@ def test_city_shifts_around_next_after_the_data(svc):
 
 
 def test_city_shifts_follow_the_clock_and_stop_at_the_panel(svc):
-    svc.app.dependency_overrides[get_now] = lambda: datetime(2020, 2, 10, 17, 30, tzinfo=timezone.utc)  # 12:30 local
+    svc.app.dependency_overrides[get_now] = lambda: datetime(2020, 2, 10, 17, 30, tzinfo=UTC)  # 12:30 local
     try:
         body = get(svc, f"/v1/cities/{CITY}/shifts", n=2).json()
     finally:
@@ -266,7 +266,7 @@ def test_briefing_renderer_long_lists_and_labels(svc):
     assert colour_stats(pixels)[0] > 50
     night = "Sat 29 Feb 2020, 22:00 – Sun 1 Mar 06:00 EST"
     assert shift_window(body.shift.start, body.shift.end, body.shift.timezone) == night
-    summer = datetime(2019, 7, 1, 14, tzinfo=timezone.utc)  # read back from JSON: a fixed offset, still named
+    summer = datetime(2019, 7, 1, 14, tzinfo=UTC)  # read back from JSON: a fixed offset, still named
     assert shift_window(summer, summer.replace(hour=22), "America/Toronto") == "Mon 1 Jul 2019, 10:00 – 18:00 EDT"
     assert feature_label("count_prev_shift") == "previous shift" and feature_label("count_28d") == "last 28 days"
     assert feature_label("same_weekday_shift_8w") == "same weekday+shift 8 wk"

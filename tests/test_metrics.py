@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 
 from forecasting.metrics import (
-    bootstrap_weights, calibration, cells_for_coverage, hit_rate_curve, poisson_deviance, pooled, rank_cells,
-    shift_hits, summarise,
+    bootstrap_weights,
+    calibration,
+    cells_for_coverage,
+    hit_rate_curve,
+    poisson_deviance,
+    pooled,
+    rank_cells,
+    shift_hits,
+    summarise,
 )
 
 EXPECTED = np.array([[3.0, 2.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import h3
 import polars as pl
@@ -20,7 +20,7 @@ from serving.keys import Role
 from serving.patrols import patrol_log
 
 SHIFT = "2020-02-10T14:00:00-05:00"  # a day shift inside the panel
-NOW = datetime(2020, 2, 12, 17, 30, tzinfo=timezone.utc)  # 12:30 Toronto: the next shift starts 14:00
+NOW = datetime(2020, 2, 12, 17, 30, tzinfo=UTC)  # 12:30 Toronto: the next shift starts 14:00
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_shift_window_first_shift_to_next_shift(svc):
         response = post(svc, {"city": CITY, "shift": shift, "patrols": [{"h3": cell, "dose_minutes": 10}]})
         assert response.status_code == 201, (shift, response.text)
     # after the panel's data (it ends 2020-03-01): patrols go on while the panel waits for an update
-    svc.app.dependency_overrides[get_now] = lambda: datetime(2020, 3, 5, 10, 0, tzinfo=timezone.utc)  # 05:00 local
+    svc.app.dependency_overrides[get_now] = lambda: datetime(2020, 3, 5, 10, 0, tzinfo=UTC)  # 05:00 local
     try:
         late = post(svc, {"city": CITY, "shift": "2020-03-05T06:00:00-05:00", "patrols": [{"h3": cell, "dose_minutes": 10}]})
         assert late.status_code == 201 and late.json()["shift"]["shift_id"] > svc.panel.end_shift

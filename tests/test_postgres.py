@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import os
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import polars as pl
 import pytest
 from service_support import (
-    CITY, closed_port, isolated_mlflow_env, panel_only_service, start_databases_together,
+    CITY,
+    closed_port,
+    isolated_mlflow_env,
+    panel_only_service,
+    start_databases_together,
 )
 from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
@@ -29,7 +33,7 @@ from serving.patrols import patrol_log
 
 DEFAULT_URL = "postgresql+psycopg://hotspots:hotspots@127.0.0.1:5432/hotspots_test"
 URL = os.environ.get("HOTSPOTS_TEST_DATABASE_URL", DEFAULT_URL)
-NOW = datetime(2020, 2, 12, 17, 30, tzinfo=timezone.utc)
+NOW = datetime(2020, 2, 12, 17, 30, tzinfo=UTC)
 
 
 def connect_or_fail(url: str):
@@ -210,7 +214,7 @@ def test_patrol_log_through_the_api_on_postgres(svc, pg):
         stored = conn.execute(text(f'SELECT h3, dose_minutes, shift_start FROM "{svc.schema}".patrol_log ORDER BY id')).all()
         hashes = conn.execute(text(f'SELECT row_hash FROM "{svc.schema}".patrol_log ORDER BY id')).scalars().all()
     assert [(h, d) for h, d, _ in stored] == [(a, 30.0), (b, 20.0), (a, 15.0)]
-    assert stored[0][2] == datetime(2020, 2, 10, 19, tzinfo=timezone.utc)
+    assert stored[0][2] == datetime(2020, 2, 10, 19, tzinfo=UTC)
     # every row is in the hash chain, and the chain (audit and patrol logs) verifies on PostgreSQL
     assert len(set(hashes)) == 3 and all(len(h) == 64 and int(h, 16) >= 0 for h in hashes)
     assert verify_chain(svc.app.state.db.engine) == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -26,9 +26,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MALFORMED = FIXTURES / "malformed"
 TESTVILLE = FIXTURES / "profiles" / "testville.toml"
 TESTVILLE_PROJECTED = FIXTURES / "profiles" / "testville_projected.toml"
-NOW = datetime(2024, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
 NY = ZoneInfo("America/New_York")
-UTC = timezone.utc
+UTC = UTC
 
 # all_reasons.csv, designed row by row (1-based data rows)
 ALL_REASONS_QUARANTINE = {

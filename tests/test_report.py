@@ -12,16 +12,23 @@ import polars as pl
 import pytest
 from matplotlib.image import imread
 
-from forecasting.backtest import BacktestResult, per_category_hit_rates
-from forecasting.reporting.report import (
-    Block, best_sentence, busiest_shift, fmt_interval, fmt_ratio, fmt_rate, to_html, write_report,
-)
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
 from features.matrix import build_targets
 from features.panel import build_panel
 from features.validation import CANONICAL_SCHEMA
+from forecasting.backtest import BacktestResult, per_category_hit_rates
 from forecasting.claim import claim_test
+from forecasting.reporting.report import (
+    Block,
+    best_sentence,
+    busiest_shift,
+    fmt_interval,
+    fmt_rate,
+    fmt_ratio,
+    to_html,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMAGE_KEYS = ("hit_rate_curves", "pai_bars", "calibration", "hotspot_map")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -19,7 +19,7 @@ from features.validation import CANONICAL_SCHEMA
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TESTVILLE = FIXTURES / "profiles" / "testville.toml"
-NOW = datetime(2024, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
 LATER = NOW + timedelta(days=3)
 HEADER = "incident_no,occurred,offence,lat,lon,notes\n"
 V1 = (
@@ -102,7 +102,7 @@ def test_retention_deletes_replaced_versions_too(testville, tmp_path):
     store = IncidentStore(tmp_path / "data")
     ingest_file(write(tmp_path / "v1.csv", V1), testville, store, now=NOW)
     ingest_file(write(tmp_path / "v2.csv", V2), testville, store, now=LATER)
-    cutoff = datetime(2021, 6, 3, tzinfo=timezone.utc)  # R-2 (2 June) is older, R-3 (3 June 14:00Z) is not
+    cutoff = datetime(2021, 6, 3, tzinfo=UTC)  # R-2 (2 June) is older, R-3 (3 June 14:00Z) is not
     deleted = store.delete_older_than(LATER - cutoff, now=LATER)
     assert deleted == {"testville": 2}
     assert store.read_revisions("testville")["incident_id"].to_list() == ["R-3"]

@@ -15,10 +15,10 @@ from live_server import hotspots_serve
 from service_support import CITY, free_port, isolated_mlflow_env, served_city
 from typer.testing import CliRunner
 
-from features.settings import Settings
-from forecasting.reporting.tracking import registered_name
 import serving.cli.models as cli_models
 import serving.cli.service as cli_service
+from features.settings import Settings
+from forecasting.reporting.tracking import registered_name
 from serving.cli import app
 from serving.cli.service import ensure_planner_key
 from serving.keys import KeyStore, list_keys

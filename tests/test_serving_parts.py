@@ -8,7 +8,7 @@ import sqlite3
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import h3
 import pytest
@@ -118,7 +118,7 @@ def test_a_database_made_before_migrations_is_adopted_with_its_rows(tmp_path, wi
     objects, version = _schema(path)
     assert version == head() and ("table", "patrol_log") in objects and ("trigger", "audit_log_no_delete") in objects
     with db.engine.begin() as conn:
-        assert chain_insert(conn, "audit_log", [{"at": datetime(2021, 1, 1, tzinfo=timezone.utc), "key_id": "k2",
+        assert chain_insert(conn, "audit_log", [{"at": datetime(2021, 1, 1, tzinfo=UTC), "key_id": "k2",
                                                  "role": "planner", "endpoint": "/v1/audit", "params": "{}",
                                                  "city": None, "model_version": None, "response_bytes": 5}]) == [2]
     assert verify_chain(db.engine) == []

@@ -10,7 +10,7 @@ import socket
 import sqlite3
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from service_support import CITY, asgi_service, panel_only_service
@@ -23,7 +23,7 @@ from serving.cli import app as cli
 from serving.db import Database
 from serving.keys import Role
 
-NOW = datetime(2020, 2, 12, 17, 30, tzinfo=timezone.utc)
+NOW = datetime(2020, 2, 12, 17, 30, tzinfo=UTC)
 SHIFT = "2020-02-10T14:00:00-05:00"
 
 

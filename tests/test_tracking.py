@@ -1,7 +1,7 @@
 """MLflow tracking (embedded SQLite), the model flavour, the promotion gate, and the tracked backtest."""
 
 import json
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import mlflow
 import numpy as np
@@ -10,12 +10,12 @@ import pytest
 from conftest import toronto_box_panel
 from mlflow.tracking import MlflowClient
 
-from forecasting.reporting.runs import run_tracked_backtest
 from features.settings import Settings
 from forecasting.baselines import SEPP, HistoryCounts, Naive
 from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import MetricSummary
 from forecasting.promotion import promotion_decision
+from forecasting.reporting.runs import run_tracked_backtest
 from forecasting.reporting.tracking import CHAMPION, apply_promotion, champion_version, configure, registered_name
 
 
@@ -51,8 +51,8 @@ def test_gate_compares_with_the_strongest_baseline_and_promotes_the_winner():
 
 @pytest.fixture(scope="module")
 def small_panel(toronto_incidents):
-    return toronto_box_panel(toronto_incidents, (43.64, 43.67), (-79.41, -79.37), datetime(2019, 1, 1, tzinfo=timezone.utc),
-                             datetime(2020, 3, 1, tzinfo=timezone.utc))[1]
+    return toronto_box_panel(toronto_incidents, (43.64, 43.67), (-79.41, -79.37), datetime(2019, 1, 1, tzinfo=UTC),
+                             datetime(2020, 3, 1, tzinfo=UTC))[1]
 
 
 def quick_lgbm():

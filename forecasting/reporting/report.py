@@ -30,11 +30,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from forecasting.backtest import BacktestResult
 from features.panel import CountPanel
+from forecasting.backtest import BacktestResult
 from forecasting.claim import ClaimResult
 from forecasting.jsonable import jsonable
-from forecasting.metrics import MetricSummary, calibration, pooled, rank_cells, shift_hits, HEADLINE_COVERAGES
+from forecasting.metrics import HEADLINE_COVERAGES, MetricSummary, calibration, pooled, rank_cells, shift_hits
 from forecasting.reporting.templating import png_data_uri, render
 
 DPI = 100

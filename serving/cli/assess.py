@@ -4,7 +4,7 @@ its MLflow run, where the model card and ``/v1/diagnostics`` read them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, cast
+from typing import cast
 
 import typer
 
@@ -15,7 +15,7 @@ from serving.cli.common import DataDir, console, fail, load_panel, project_setti
 app = typer.Typer()
 
 
-def _backtest(settings, city: str, backtest_dir: Optional[Path], resolution: Optional[int]):
+def _backtest(settings, city: str, backtest_dir: Path | None, resolution: int | None):
     """The saved backtest (the latest, unless named) and the panel at the resolution it was made with."""
     from forecasting.saved import SavedBacktest
 
@@ -102,20 +102,20 @@ def _print_diagnostics(diag, coverages) -> None:
 @app.command()
 def diagnose(
     city: str = typer.Argument(..., help="City (source) with a backtest."),
-    backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
+    backtest_dir: Path | None = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
     coverage: list[float] = typer.Option(list(HEADLINE_COVERAGES), help="Area coverages whose flags are diagnosed."),
     model: str = typer.Option("lightgbm", help="The backtested forecaster to diagnose."),
     baseline: str = typer.Option("naive", help="The forecaster it is compared with."),
-    resolution: Optional[int] = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
-    data_dir: Optional[Path] = DataDir,
+    resolution: int | None = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Feedback-loop diagnostics of the backtested model (concentration, churn, how long cells stay flagged,
     gain from lagged counts) and, when planners recorded patrols, recorded crime by patrol dose."""
     import mlflow
 
     from forecasting.assessment import run_diagnostics
-    from forecasting.reporting.assess import log_diagnostics
     from forecasting.patrol_dose import patrol_diagnostics
+    from forecasting.reporting.assess import log_diagnostics
     from forecasting.reporting.tracking import configure, log_assessment
     from serving.db import Database
     from serving.patrols import patrol_log
@@ -160,26 +160,26 @@ def diagnose(
 @app.command()
 def audit(
     city: str = typer.Argument(..., help="City (source) with a backtest."),
-    preset: Optional[str] = typer.Option(None, help="A shipped area layer: chicago-community-areas, toronto-neighbourhoods."),
-    layer_file: Optional[Path] = typer.Option(None, "--layer-config", help="TOML describing any city's area layer "
+    preset: str | None = typer.Option(None, help="A shipped area layer: chicago-community-areas, toronto-neighbourhoods."),
+    layer_file: Path | None = typer.Option(None, "--layer-config", help="TOML describing any city's area layer "
                                               "(path, layer, groups, total, table, key, split)."),
-    backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
+    backtest_dir: Path | None = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
     coverage: list[float] = typer.Option(list(HEADLINE_COVERAGES), help="Area coverages whose flags are audited."),
     model: str = typer.Option("lightgbm", help="The backtested forecaster to audit."),
     baseline: str = typer.Option("naive", help="The forecaster it is compared with."),
     n_boot: int = typer.Option(1000, min=100),
-    resolution: Optional[int] = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
-    data_dir: Optional[Path] = DataDir,
+    resolution: int | None = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Bias audit of the backtested model against the naive baseline: exposure of each population group (and
     hardship or low-income quintile) to flagging, against its population and its share of recorded crime,
     with hit rate, PAI and calibration per group; day-block bootstrap intervals."""
     import mlflow
 
-    from forecasting.assessment import run_audit
-    from forecasting.reporting.assess import log_audit
     from forecasting.area_join import AreaJoinError
     from forecasting.area_presets import AreaLayerSpec, get_preset
+    from forecasting.assessment import run_audit
+    from forecasting.reporting.assess import log_audit
     from forecasting.reporting.tracking import configure
 
     if (preset is None) == (layer_file is None):

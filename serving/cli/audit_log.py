@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,7 +15,7 @@ app.add_typer(log_app, name="log")
 
 
 @log_app.command("verify")
-def verify(data_dir: Optional[Path] = DataDir) -> None:
+def verify(data_dir: Path | None = DataDir) -> None:
     """Recompute the hash chain of the audit and patrol logs; name the first break (exit 1) or say intact."""
     from serving.chain import verify as verify_chain
     from serving.db import Database

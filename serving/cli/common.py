@@ -7,10 +7,11 @@ one time-stamped line per stage and per step, so a 10-minute run is never silent
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn, Optional
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -26,7 +27,7 @@ DataDir = typer.Option(None, "--data-dir", help="Data folder (default: settings 
 Resolution = typer.Option(None, "--resolution", help="H3 resolution (default: settings h3_resolution, 9).")
 
 
-def project_settings(data_dir: Optional[Path] = None, resolution: Optional[int] = None) -> Settings:
+def project_settings(data_dir: Path | None = None, resolution: int | None = None) -> Settings:
     """The project's settings with the command line's overrides on top."""
     overrides: dict[str, object] = {}
     if data_dir is not None:
@@ -43,7 +44,7 @@ def fail(message: str) -> NoReturn:
 
 
 def _log_line(message: str) -> None:
-    stamp = datetime.now(timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    stamp = datetime.now(UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
     console.print(f"{stamp} {message}", soft_wrap=True, highlight=False, markup=False)
 
 
@@ -63,7 +64,7 @@ def stage(label: str) -> Iterator[Callable[[str], None]]:
     _log_line(f"done  {label} ({time.perf_counter() - started:.1f} s)")
 
 
-def source_profile(source: str, profile: Optional[str] = None, settings: Optional[Settings] = None) -> SourceProfile:
+def source_profile(source: str, profile: str | None = None, settings: Settings | None = None) -> SourceProfile:
     """``--profile``, else SOURCE as a built-in name or a profile file, else the profile remembered for a source
     of that name at its last ingest (``<data>/profiles/<source>.toml``)."""
     remembered = DataPaths(settings or Settings()).profiles_root
@@ -98,7 +99,7 @@ def last_full_month(panel) -> tuple[date, date]:
     return start, end
 
 
-def audit_layer(preset: Optional[str], source: str):
+def audit_layer(preset: str | None, source: str):
     """The shipped area layer named by --audit-preset, else the source's own when its file is present."""
     from forecasting.area_join import AreaJoinError
     from forecasting.area_presets import default_layer, get_preset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -31,7 +31,7 @@ from serving.cli.common import (
 app = typer.Typer()
 
 
-def input_path(source: str, path: Optional[Path], settings: Settings) -> Path:
+def input_path(source: str, path: Path | None, settings: Settings) -> Path:
     if path is not None:
         return path
     if source == "toronto-mci":
@@ -65,11 +65,11 @@ def profiles() -> None:
 def ingest(
     source: str = typer.Argument(..., help="Profile name (chicago, toronto-mci), a profile file for any city, or "
                                  "a source ingested before (its profile is remembered)."),
-    path: Optional[Path] = typer.Argument(None, help="Input CSV/CSV.gz/Parquet (toronto-mci: read from its wheel)."),
-    profile: Optional[str] = typer.Option(None, help="Profile name or file, if not the source name."),
-    encoding: Optional[str] = typer.Option(None, help="Input text encoding (default: the profile's, utf-8)."),
-    boundary: Optional[Path] = typer.Option(None, help="GeoJSON/GeoPackage polygon: points outside are out_of_area."),
-    data_dir: Optional[Path] = DataDir,
+    path: Path | None = typer.Argument(None, help="Input CSV/CSV.gz/Parquet (toronto-mci: read from its wheel)."),
+    profile: str | None = typer.Option(None, help="Profile name or file, if not the source name."),
+    encoding: str | None = typer.Option(None, help="Input text encoding (default: the profile's, utf-8)."),
+    boundary: Path | None = typer.Option(None, help="GeoJSON/GeoPackage polygon: points outside are out_of_area."),
+    data_dir: Path | None = DataDir,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Refuse (exit 2) instead of waiting when another "
                                           "process is writing the data folder.")] = False,
 ) -> None:
@@ -103,10 +103,10 @@ def ingest(
 @app.command()
 def fetch(
     out: Path = typer.Option(..., help="CSV file to write (portal export columns)."),
-    since: Optional[datetime] = typer.Option(None, help="Local time, inclusive."),
-    until: Optional[datetime] = typer.Option(None, help="Local time, exclusive."),
+    since: datetime | None = typer.Option(None, help="Local time, inclusive."),
+    until: datetime | None = typer.Option(None, help="Local time, exclusive."),
     page_size: int = typer.Option(50_000),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Download Chicago incidents from the city's Socrata API into a CSV ready for `hotspots ingest chicago`."""
     from features.sources.socrata import SocrataError, fetch_to_csv
@@ -127,11 +127,11 @@ def fetch(
 @app.command()
 def panel(
     source: str = typer.Argument(..., help="Source name in the store (or its profile file)."),
-    resolution: Optional[int] = Resolution,
-    boundary: Optional[Path] = typer.Option(None, help="Study-area polygon file (default: derived from the data)."),
-    layer: Optional[str] = typer.Option(None, help="Layer of the boundary GeoPackage."),
-    profile: Optional[str] = typer.Option(None, help="Profile name or file, if not the source name."),
-    data_dir: Optional[Path] = DataDir,
+    resolution: int | None = Resolution,
+    boundary: Path | None = typer.Option(None, help="Study-area polygon file (default: derived from the data)."),
+    layer: str | None = typer.Option(None, help="Layer of the boundary GeoPackage."),
+    profile: str | None = typer.Option(None, help="Profile name or file, if not the source name."),
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Bin stored incidents into the H3 x shift count panel."""
     from features.store import IncidentStore
@@ -171,8 +171,8 @@ def features(
     source: str = typer.Argument(...),
     start: datetime = typer.Option(..., help="First forecast origin (local date or time)."),
     end: datetime = typer.Option(..., help="End of the origin range (exclusive)."),
-    resolution: Optional[int] = Resolution,
-    data_dir: Optional[Path] = DataDir,
+    resolution: int | None = Resolution,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Build the feature matrix for every shift starting in [start, end) and save it as Parquet."""
     from zoneinfo import ZoneInfo
@@ -199,10 +199,10 @@ def features(
 @app.command()
 def prepare(
     source: str = typer.Argument("toronto-mci", help="Source to prepare end to end: a built-in name or a profile file."),
-    path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
-    feature_year: Optional[int] = typer.Option(None, help="Year of origins to build features for (default: last full year)."),
-    resolution: Optional[int] = Resolution,
-    data_dir: Optional[Path] = DataDir,
+    path: Path | None = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
+    feature_year: int | None = typer.Option(None, help="Year of origins to build features for (default: last full year)."),
+    resolution: int | None = Resolution,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Ingest, validate, bin and build features in one go: the analyst's first run."""
     ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir, no_wait=False)
@@ -215,7 +215,7 @@ def prepare(
 
 
 @app.command()
-def quarantine(source: str, data_dir: Optional[Path] = DataDir) -> None:
+def quarantine(source: str, data_dir: Path | None = DataDir) -> None:
     """Show quarantined rows by reason."""
     from features.store import IncidentStore
     from features.storelock import StoreError
@@ -236,7 +236,7 @@ def quarantine(source: str, data_dir: Optional[Path] = DataDir) -> None:
 @app.command()
 def retention(
     max_age_days: int = typer.Option(..., min=1, help="Delete incidents that occurred more than this many days ago."),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Data-protection retention: delete old incidents (and quarantine files) from the store."""
     from features.store import IncidentStore

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import fields
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -34,7 +34,7 @@ Params = typer.Option(None, "--param", help="A forecaster parameter as KEY=VALUE
                                              "--param train_days=365 (repeatable).")
 
 
-def parse_params(pairs: Optional[list[str]], forecaster_type: type) -> dict[str, object]:
+def parse_params(pairs: list[str] | None, forecaster_type: type) -> dict[str, object]:
     """KEY=VALUE pairs typed after the forecaster's own fields, or a message naming the fields it has."""
     allowed = {f.name: f for f in fields(forecaster_type) if f.init and f.name not in ("category", "features")}
     out: dict[str, object] = {}
@@ -54,15 +54,15 @@ def parse_params(pairs: Optional[list[str]], forecaster_type: type) -> dict[str,
 @app.command()
 def train(
     source: str = typer.Argument(...),
-    until: Optional[datetime] = typer.Option(None, help="Train on incidents before this local time (default: all)."),
-    category: Optional[str] = typer.Option(None, help="Target one category (default: all)."),
-    resolution: Optional[int] = Resolution,
+    until: datetime | None = typer.Option(None, help="Train on incidents before this local time (default: all)."),
+    category: str | None = typer.Option(None, help="Target one category (default: all)."),
+    resolution: int | None = Resolution,
     seed: int = typer.Option(0),
-    param: Optional[list[str]] = Params,
-    audit_preset: Optional[str] = typer.Option(None, help="Also audit the validation window's flags on this shipped "
+    param: list[str] | None = Params,
+    audit_preset: str | None = typer.Option(None, help="Also audit the validation window's flags on this shipped "
                                                "area layer (default: the source's own, when HOTSPOTS_SHARED_DATA "
                                                "has it; see `hotspots audit`)."),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Train the LightGBM forecaster and log it to MLflow as a registered model version (not promoted: only
     a backtest's winner against the strongest baseline moves the champion alias). The run also logs the diagnostics of
@@ -112,7 +112,7 @@ def print_backtest(tracked) -> None:
                   f"  (MLflow run {tracked.run_id})")
 
 
-def panel_with_shifts(settings, source: str, built, shift_starts: Optional[str]):
+def panel_with_shifts(settings, source: str, built, shift_starts: str | None):
     """The saved panel, or (when ``--shift-starts`` names other shifts) the same study area re-binned from the
     incident store with those shifts, in memory. Returns (panel, shifts differ)."""
     if shift_starts is None:
@@ -138,24 +138,24 @@ def panel_with_shifts(settings, source: str, built, shift_starts: Optional[str])
 @app.command()
 def backtest(
     source: str = typer.Argument(...),
-    test_start: Optional[datetime] = typer.Option(None, help="First local day of the test period (default: last full year)."),
-    test_end: Optional[datetime] = typer.Option(None, help="End of the test period, exclusive."),
-    forecaster: Optional[list[str]] = typer.Option(None, help="Forecasters to compare, by registry name (default: all)."),
+    test_start: datetime | None = typer.Option(None, help="First local day of the test period (default: last full year)."),
+    test_end: datetime | None = typer.Option(None, help="End of the test period, exclusive."),
+    forecaster: list[str] | None = typer.Option(None, help="Forecasters to compare, by registry name (default: all)."),
     ratio: float = typer.Option(1.5, help="The claim to test: candidate hit rate >= ratio x the strongest baseline."),
     n_boot: int = typer.Option(1000),
     register: bool = typer.Option(True, help="Fit the backtest's winner on all data, register it, apply the gate."),
-    audit_preset: Optional[str] = typer.Option(None, help="Run the bias audit on this shipped area layer "
+    audit_preset: str | None = typer.Option(None, help="Run the bias audit on this shipped area layer "
                                                "(chicago-community-areas, toronto-neighbourhoods; default: the "
                                                "source's own, when HOTSPOTS_SHARED_DATA has it); see `hotspots audit`."),
-    param: Optional[list[str]] = Params,
-    resolution: Optional[int] = Resolution,
-    shift_starts: Optional[str] = typer.Option(None, "--shift-starts", help="Local shift starts, e.g. "
+    param: list[str] | None = Params,
+    resolution: int | None = Resolution,
+    shift_starts: str | None = typer.Option(None, "--shift-starts", help="Local shift starts, e.g. "
                                                "'00:00' (one 24-hour shift) or '07:00,15:00,23:00'. Default: the "
                                                "saved panel's. Other shifts re-bin the stored incidents on the same "
                                                "cells; such a backtest registers nothing (the service serves the "
                                                "saved panel's shifts)."),
-    data_dir: Optional[Path] = DataDir,
-    cluster: Annotated[Optional[str], typer.Option(
+    data_dir: Path | None = DataDir,
+    cluster: Annotated[str | None, typer.Option(
         "--cluster", help="Run the refits as tasks on this Dask scheduler, e.g. tcp://10.0.0.5:8786 (extra `dask`; "
                           "default: setting dask_scheduler, env HOTSPOTS_DASK_SCHEDULER; unset: in this process). "
                           "Results are identical to a local run.")] = None,
@@ -204,15 +204,15 @@ def backtest(
 @app.command()
 def claim(
     source: str = typer.Argument(...),
-    backtest_dir: Optional[Path] = typer.Option(None, help="A backtest folder (default: the latest for the source)."),
+    backtest_dir: Path | None = typer.Option(None, help="A backtest folder (default: the latest for the source)."),
     candidate: str = typer.Option("lightgbm"),
-    baseline: Optional[str] = typer.Option(None, help="Baseline to compare with (default: the strongest baseline "
+    baseline: str | None = typer.Option(None, help="Baseline to compare with (default: the strongest baseline "
                                            "the backtest chose on its validation window)."),
     ratio: float = typer.Option(1.5, help="Claimed ratio of hit rates (1.5 = '50% more effective')."),
     coverage: list[float] = typer.Option(list(HEADLINE_COVERAGES), help="Area coverages to test."),
     n_boot: int = typer.Option(2000),
-    resolution: Optional[int] = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
-    data_dir: Optional[Path] = DataDir,
+    resolution: int | None = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Test 'candidate is at least RATIO times as effective as baseline' on a saved backtest."""
     from forecasting.claim import claim_test
@@ -239,8 +239,8 @@ QUICK_LIGHTGBM = {"train_days": 365, "learning_rate": 0.1, "n_estimators": 400}
 @app.command()
 def run(
     source: str = typer.Argument("toronto-mci", help="Source to run end to end: a built-in name or a profile file."),
-    path: Optional[Path] = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
-    resolution: Optional[int] = Resolution,
+    path: Path | None = typer.Argument(None, help="Input file (toronto-mci: read from its wheel)."),
+    resolution: int | None = Resolution,
     ratio: float = typer.Option(1.5),
     quick: bool = typer.Option(False, "--quick", help="A first look in a few minutes: the last month as the test "
                                "period, LightGBM (a year of training shifts) against the naive, SEPP and all-history maps, no "
@@ -248,7 +248,7 @@ def run(
     serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Start the service on the new champion afterwards."),
     host: str = typer.Option("127.0.0.1", help="Address the service listens on (with --serve)."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port of the service (with --serve)."),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """The whole journey: ingest, panel, backtest of the last full year against every baseline, claim verdict,
     registration and the promotion gate; then (unless --no-serve) a planner key if there is none, and the

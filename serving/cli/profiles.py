@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,9 +17,9 @@ app = typer.Typer(help="Draft and dry-run source profiles for any city's export.
 @app.command("init")
 def init(
     file: Path = typer.Argument(..., help="The export (CSV, CSV.gz or Parquet)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the draft (default: NAME.toml here)."),
-    name: Optional[str] = typer.Option(None, help="Source name (default: from the file name)."),
-    timezone: Optional[str] = typer.Option(None, help="The city's time zone, e.g. America/Vancouver: picks the "
+    out: Path | None = typer.Option(None, "--out", help="Where to write the draft (default: NAME.toml here)."),
+    name: str | None = typer.Option(None, help="Source name (default: from the file name)."),
+    timezone: str | None = typer.Option(None, help="The city's time zone, e.g. America/Vancouver: picks the "
                                            "projected CRS (UTM zone, state plane) near it."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
@@ -58,11 +57,11 @@ def init(
 def check(
     profile: str = typer.Argument(..., help="Profile file or built-in name."),
     file: Path = typer.Argument(..., help="The export to dry-run."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Map of accepted points (default: <data>/reports/"
+    png: Path | None = typer.Option(None, "--png", help="Map of accepted points (default: <data>/reports/"
                                        "profile-check/<name>.png)."),
-    encoding: Optional[str] = typer.Option(None, help="Input text encoding (default: the profile's)."),
-    resolution: Optional[int] = Resolution,
-    data_dir: Optional[Path] = DataDir,
+    encoding: str | None = typer.Option(None, help="Input text encoding (default: the profile's)."),
+    resolution: int | None = Resolution,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Dry run: per-reason counts with sample rows, the time range, the share at exactly midnight, unmapped
     categories, and a PNG map of the accepted points over the derived area. Nothing is stored."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -14,7 +13,7 @@ from serving.cli.common import DataDir, Resolution, console, fail, project_setti
 app = typer.Typer()
 
 
-def ensure_planner_key(settings: Settings) -> Optional[str]:
+def ensure_planner_key(settings: Settings) -> str | None:
     """A new planner key (plaintext, to show once) when the data folder has no active one, else None."""
     from serving.keys import Role, create_key, list_keys
 
@@ -28,7 +27,7 @@ def public_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
 
 
-def serve_forever(settings: Settings, host: str, port: int, workers: int, reload_seconds: Optional[float],
+def serve_forever(settings: Settings, host: str, port: int, workers: int, reload_seconds: float | None,
            access_log: bool) -> None:
     """Run uvicorn on the app factory. Settings travel as HOTSPOTS_* variables so that every worker process
     (which imports the app afresh) builds the same service."""
@@ -37,9 +36,8 @@ def serve_forever(settings: Settings, host: str, port: int, workers: int, reload
 
     import uvicorn
 
-    from serving.limits import LimitedHttpToolsProtocol
-
     from features.settings import get_settings
+    from serving.limits import LimitedHttpToolsProtocol
 
     os.environ["HOTSPOTS_DATA_DIR"] = str(Path(settings.data_dir).resolve())
     os.environ["HOTSPOTS_H3_RESOLUTION"] = str(settings.h3_resolution)
@@ -68,13 +66,13 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, min=1, max=65535),
     workers: int = typer.Option(1, min=1, help="Worker processes; each keeps its own forecast cache."),
-    reload_seconds: Optional[float] = typer.Option(
+    reload_seconds: float | None = typer.Option(
         None, min=0, help="How often at most the registry is re-read for a moved champion (default: setting "
                           "model_refresh_seconds, 60; 0: on every request)."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="uvicorn's per-request log line "
                                     "(the audit log is kept either way)."),
-    resolution: Optional[int] = Resolution,
-    data_dir: Optional[Path] = DataDir,
+    resolution: int | None = Resolution,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Start the hotspot service (FastAPI on uvicorn): the API under /v1, the planner map at /map."""
     serve_forever(project_settings(data_dir, resolution), host, port, workers, reload_seconds, access_log)
@@ -97,7 +95,7 @@ def keys_create(
     role: str = typer.Option(..., help="planner (forecasts), analyst (+ models), auditor (+ audit log) or admin."),
     name: str = typer.Option(..., help="A label for the key's use, e.g. 'night desk' or 'dispatch GIS': never a "
                                        "person's name (the service keeps no personal data)."),
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Create an API key and print it once."""
     from serving.keys import Role, create_key
@@ -116,7 +114,7 @@ def keys_create(
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (the part after hsk_, see `hotspots keys list`)."),
-                data_dir: Optional[Path] = DataDir) -> None:
+                data_dir: Path | None = DataDir) -> None:
     """Revoke a key: requests with it get 401 from then on (the row stays for the audit trail)."""
     from serving.keys import revoke_key
 
@@ -126,7 +124,7 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (the part a
 
 
 @keys_app.command("list")
-def keys_list(data_dir: Optional[Path] = DataDir) -> None:
+def keys_list(data_dir: Path | None = DataDir) -> None:
     """Keys with their ids, names, roles and dates (never the secrets)."""
     from serving.keys import list_keys
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -15,7 +15,7 @@ app = typer.Typer()
 
 @app.command()
 def verify(
-    data_dir: Optional[Path] = DataDir,
+    data_dir: Path | None = DataDir,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only problems.")] = False,
 ) -> None:
     """Check that the store, revisions, quarantine, ingest summaries and panels are readable and consistent;

@@ -6,9 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from serving.errors import ApiError
-
 from serving.dependencies import Audit, Auditor
+from serving.errors import ApiError
 from serving.routers.hotspots import ERRORS
 from serving.schemas import AuditList, AuditQuery
 

@@ -9,13 +9,13 @@ import h3
 import numpy as np
 from fastapi import APIRouter, Path, Query
 
+from serving.caches import ComputeOnceCache
 from serving.dependencies import Models, Now, Planner, city_state, ready_panel, ready_state
 from serving.errors import FieldError
-from serving.caches import ComputeOnceCache
-from serving.shifts import resolve_shift, shift_start_local
 from serving.models_store import CityState
 from serving.routers.hotspots import ERRORS
 from serving.schemas import City, CityList, MultiPolygon, ShiftList, ShiftOption, ShiftsQuery, StudyAreaOutline
+from serving.shifts import resolve_shift, shift_start_local
 
 router = APIRouter(tags=["cities"])
 

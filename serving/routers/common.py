@@ -8,11 +8,10 @@ slow forecast does not hold up the other requests (``/healthz`` included)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-
-from typing import Callable, Hashable
 
 from fastapi import Request, Response
 from pydantic import BaseModel
@@ -20,9 +19,9 @@ from starlette.concurrency import run_in_threadpool
 
 from features.panel import CountPanel
 from serving.audit import AuditLog
+from serving.checks import check_category, check_k, resolve_category
 from serving.dependencies import city_state, ready_model, ready_panel
 from serving.errors import ApiError
-from serving.checks import check_category, check_k, resolve_category
 from serving.forecasts import Forecast, ForecastService
 from serving.keys import Principal
 from serving.models_store import CityState, ModelStore

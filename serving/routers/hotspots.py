@@ -6,33 +6,44 @@ selected) and differ only in their renderer."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Iterable, Iterator, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from serving.audit import AuditLog
 from serving.briefing import render_briefing
 from serving.checks import EXPLAINED_CELLS, PNG_MAX_K, check_selected
-from serving.audit import AuditLog
 from serving.dependencies import Audit, Forecasts, Models, Now, Planner, Settings_
-from serving.forecasts import ForecastService
-from serving.keys import Principal
 from serving.errors import ApiError
-from serving.forecasts import select_cells
+from serving.forecasts import ForecastService, select_cells
 from serving.geometry import hexagon_ring
+from serving.keys import Principal
 from serving.routers.common import Prepared, audit_params, context, prepare_off_loop, respond
 from serving.schemas import (
-    Contribution, ErrorMessage, Hotspot, HotspotCollection, HotspotFeature, HotspotProperties, HotspotsMeta,
-    HotspotsQuery, HotspotsResponse, LatLon, Polygon, Selection, ValidationErrorMessage,
+    Contribution,
+    ErrorMessage,
+    Hotspot,
+    HotspotCollection,
+    HotspotFeature,
+    HotspotProperties,
+    HotspotsMeta,
+    HotspotsQuery,
+    HotspotsResponse,
+    LatLon,
+    Polygon,
+    Selection,
+    ValidationErrorMessage,
 )
 
 router = APIRouter(tags=["hotspots"])
 T = TypeVar("T")
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorMessage, "description": "Missing, invalid or revoked API key."},
     403: {"model": ErrorMessage, "description": "The key's role may not read forecasts."},
     404: {"model": ErrorMessage, "description": "Unknown city."},
@@ -56,7 +67,7 @@ def _cells(p: Prepared, n: int) -> list[Hotspot]:
     """The first ``n`` ranked cells, the first EXPLAINED_CELLS with their top features. Built without validation
     (the values are typed floats already) and yielding the GIL now and then: a city-wide selection is thousands
     of rows, and must not hold up a cold forecast running beside it."""
-    panel, f = p.state.panel, p.forecast
+    panel, f = p.panel, p.forecast
     top = f.order[:n]
     try:
         explained = f.top_features(top[:EXPLAINED_CELLS]) + [[]] * max(0, n - EXPLAINED_CELLS)
@@ -79,7 +90,7 @@ def _cells(p: Prepared, n: int) -> list[Hotspot]:
 
 
 def _selection(p: Prepared, query: HotspotsQuery, n: int) -> Selection:
-    panel, f = p.state.panel, p.forecast
+    panel, f = p.panel, p.forecast
     areas, top = panel.study_area.areas_km2, f.order[:n]
     total_area, total_expected = float(areas.sum()), float(f.expected.sum())
     return Selection(
@@ -115,7 +126,7 @@ class HotspotsRequest:
     def selection(self) -> Selection:
         return _selection(self.p, self.query, self.n)
 
-    async def respond(self, kind: str, render: Callable[["HotspotsRequest"], bytes], media_type: str,
+    async def respond(self, kind: str, render: Callable[[HotspotsRequest], bytes], media_type: str,
                       **params: Any) -> Response:
         """The body ``kind`` of this selection, rendered once per forecast and selection, audited, sent."""
         q, p = self.query, self.p
@@ -130,7 +141,7 @@ async def prepared_hotspots(request: Request, principal: Planner, query: Annotat
                             now: Now) -> HotspotsRequest:
     max_k = PNG_MAX_K if request.url.path.endswith(".png") else None
     p = await prepare_off_loop(models, forecasts, query, now, query.k, query.coverage, max_k)
-    n = select_cells(p.state.panel, p.forecast, query.k, query.coverage, service.default_k)
+    n = select_cells(p.panel, p.forecast, query.k, query.coverage, service.default_k)
     check_selected(n, query.coverage, max_k)
     return HotspotsRequest(request, principal, query, forecasts, audit, service.default_k, p, n)
 
@@ -195,7 +206,7 @@ def render_geojson(r: HotspotsRequest) -> bytes:
 def render_png(r: HotspotsRequest) -> bytes:
     """About half a second of matplotlib: drawn once per forecast and selection."""
     cells, selection = r.hotspots()
-    return render_briefing(r.p.state.panel.study_area.cells,
+    return render_briefing(r.p.panel.study_area.cells,
                            HotspotsResponse(**context(r.p), selection=selection, hotspots=cells))
 
 

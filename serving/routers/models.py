@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-
+from datetime import UTC, datetime
 from typing import Annotated, overload
 
 from fastapi import APIRouter, Depends, Path, Request
 
+from forecasting.metrics import HEADLINE_COVERAGES
 from serving.card_schemas import CityModelSummary, ModelCard, ModelsOverview
 from serving.dependencies import Analyst, Models, city_state
 from serving.errors import ApiError
@@ -16,7 +16,6 @@ from serving.model_cards import ModelCards
 from serving.models_store import ModelStore, RegistryUnreachable
 from serving.routers.hotspots import ERRORS
 from serving.schemas import ModelsResponse, ModelVersionInfo, Promotion
-from forecasting.metrics import HEADLINE_COVERAGES
 
 router = APIRouter(tags=["models"])
 HEADLINE = ("lightgbm", "naive")
@@ -69,7 +68,7 @@ def models_overview(principal: Analyst, models: Models, cards: Cards) -> ModelsO
         cities.append(CityModelSummary(city=city, registered_name=state.registered_name, champion_version=champion,
                                        loaded_version=state.model.version if state.model else None,
                                        headline=headline))
-    return ModelsOverview(cities=cities, generated_at=datetime.now(timezone.utc))
+    return ModelsOverview(cities=cities, generated_at=datetime.now(UTC))
 
 
 @router.get("/models/{city}", response_model=ModelsResponse,
@@ -86,7 +85,7 @@ def models(principal: Analyst, models: Models, cards: Cards,
     infos = []
     for v in versions:
         tags = dict(v.tags or {})
-        created = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=timezone.utc) if v.creation_timestamp else None
+        created = datetime.fromtimestamp(v.creation_timestamp / 1000, tz=UTC) if v.creation_timestamp else None
         infos.append(ModelVersionInfo(
             version=str(v.version), status=v.status, created_at=created, run_id=v.run_id,
             aliases=sorted(a for a, ver in aliases.items() if ver == str(v.version)),

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import polars as pl
-from sqlalchemy.exc import IntegrityError
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
+from sqlalchemy.exc import IntegrityError
 
 from serving.db import utcnow
 from serving.dependencies import Audit, Metrics, Models, Now, PatrolReader, PatrolRecorder, Patrols, city_state, ready_panel
