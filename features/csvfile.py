@@ -198,11 +198,13 @@ def read_rows(data: bytes, profile: SourceProfile, name: str) -> CsvRows:
         frame, bad = _python_rows(data, header, required, profile.delimiter)
         for row, fields in bad:
             rejected.append(_rejected_row(row, "malformed_row", fields, header, profile))
-        shown = ", ".join(str(row + 1) for row, _ in bad[:MAX_NOTES]) + (f" and {len(bad) - MAX_NOTES} more" if len(bad) > MAX_NOTES else "")
+        shown = ", ".join(str(row + 1) for row, _ in bad[:MAX_NOTES]) + (
+            f" and {len(bad) - MAX_NOTES} more" if len(bad) > MAX_NOTES else "")
         if bad:
             notes.append(f"line{'s' if len(bad) > 1 else ''} {shown} of {name} ha{'ve' if len(bad) > 1 else 's'} an "
                          f"unmatched quote (\"): quarantined as malformed_row; the other rows were read")
-    rejected_frame = pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA, orient="row") if rejected else pl.DataFrame(schema=QUARANTINE_SCHEMA)
+    rejected_frame = (pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA, orient="row") if rejected
+                      else pl.DataFrame(schema=QUARANTINE_SCHEMA))
     return CsvRows(frame=frame, rejected=rejected_frame, notes=notes)
 
 

@@ -23,7 +23,8 @@ from h3ronpy.vector import cells_to_coordinates, cells_to_wkb_polygons, coordina
 
 def points_to_cells(lat: np.ndarray, lon: np.ndarray, resolution: int) -> np.ndarray:
     """H3 cell (uint64) of every point, in bulk (Rust, no Python loop)."""
-    cells = coordinates_to_cells(np.ascontiguousarray(lat, dtype=np.float64), np.ascontiguousarray(lon, dtype=np.float64), resolution)
+    cells = coordinates_to_cells(np.ascontiguousarray(lat, dtype=np.float64), np.ascontiguousarray(lon, dtype=np.float64),
+                                 resolution)
     return np.asarray(pa.array(cells).to_numpy(zero_copy_only=False), dtype=np.uint64)
 
 

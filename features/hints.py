@@ -37,10 +37,12 @@ def nothing_stored_hint(profile: SourceProfile, file_name: str, input_rows: int,
     if input_rows == 0:
         return f"{file_name} has a header but no rows: nothing to ingest; export the incidents again (check its date filter)"
     reason, n = max(reasons.items(), key=lambda kv: kv[1])
-    hint = f"nothing stored from {file_name}: {n:,} of {input_rows:,} rows are {reason}; fix {field_of(reason)} in {profile.where}"
+    hint = (f"nothing stored from {file_name}: {n:,} of {input_rows:,} rows are {reason}; "
+            f"fix {field_of(reason)} in {profile.where}")
     if reason == "unparseable_time":
         samples = quarantine.filter(pl.col("reason") == reason)["raw_time"].drop_nulls().head(3).to_list()
-        hint += f"; the values look like {', '.join(repr(s) for s in samples)}, tried formats {expand_formats(profile.time.formats)}"
+        hint += (f"; the values look like {', '.join(repr(s) for s in samples)}, "
+                 f"tried formats {expand_formats(profile.time.formats)}")
         from features.profile_assistant import detect_time_format
 
         found = detect_time_format(pl.Series(samples, dtype=pl.String))

@@ -293,7 +293,7 @@ def _integrate_shifts(
         drive = theta * omega * (kernel_t @ m)  # constant inside the shift
         integral = np.zeros_like(x)
 
-        def f(xx: np.ndarray) -> np.ndarray:
+        def f(xx: np.ndarray, drive: np.ndarray = drive) -> np.ndarray:  # this chunk's drive, bound now
             return drive + theta * omega * (kernel_t @ xx) - omega * xx
 
         for _ in range(n_steps):

@@ -71,7 +71,8 @@ def join_table(frame, table: str | Path | pd.DataFrame, *, key: str | None, tabl
     if table_key not in table.columns:
         raise AreaJoinError(f"key column {table_key!r} is not in the table (columns: {sorted(map(str, table.columns))})")
     if table[table_key].duplicated().any():
-        raise AreaJoinError(f"the table's key {table_key!r} repeats: {table[table_key][table[table_key].duplicated()].tolist()[:5]}")
+        repeats = table[table_key][table[table_key].duplicated()].tolist()[:5]
+        raise AreaJoinError(f"the table's key {table_key!r} repeats: {repeats}")
     extra = [c for c in table.columns if c not in frame.columns and c != table_key]
     right = table[[table_key, *extra]].rename(columns={table_key: key})
     if right[key].dtype != frame[key].dtype:

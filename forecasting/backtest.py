@@ -168,7 +168,8 @@ def per_category_hit_rates(result: BacktestResult, panel: CountPanel, coverages=
             h = shift_hits(pred, observed, result.areas, result.origins, coverages)
             rates = h.hits.sum(axis=0) / h.crimes.sum()
             rows += [
-                {"category": category, "forecaster": name, "coverage": float(c), "hit_rate": float(r), "crimes": float(h.crimes.sum())}
+                {"category": category, "forecaster": name, "coverage": float(c), "hit_rate": float(r),
+                 "crimes": float(h.crimes.sum())}
                 for c, r in zip(h.coverages, rates)
             ]
     return pl.DataFrame(rows)

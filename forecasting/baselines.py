@@ -150,8 +150,9 @@ class SEPP(Forecaster):
             theta, g = 0.5, 1.0 - 1.0 / 6.0
         remaining = (T - 1 - np.arange(T))[:, None]  # shifts left in the window after each event's shift
         has = n > 0
-        previous = -np.inf
-        for it in range(1, self.max_iter + 1):
+        previous, n_iter = -np.inf, 0
+        while n_iter < self.max_iter:
+            n_iter += 1
             a, d = self._excitation(n, g)
             trig_rate = theta * (1 - g) * a
             lam = mu[None, :] + trig_rate
@@ -168,7 +169,7 @@ class SEPP(Forecaster):
             if abs(loglik - previous) <= self.tol * max(1.0, abs(loglik)):
                 break
             previous = loglik
-        self.mu_, self.theta_, self.g_, self.n_iter_, self.loglik_ = mu, theta, g, it, loglik
+        self.mu_, self.theta_, self.g_, self.n_iter_, self.loglik_ = mu, theta, g, n_iter, loglik
 
     def _predict(self, panel: CountPanel, origins: np.ndarray) -> np.ndarray:
         horizon = int(np.ceil(np.log(1e-8) / np.log(self.g_))) if 0 < self.g_ < 1 else 1

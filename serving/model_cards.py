@@ -31,10 +31,12 @@ def _scores(metrics: dict[str, float]) -> list[ForecasterScore]:
         if m:
             cov = round(float(m["pct"]) / 100, 6)
             rows.setdefault((m["forecaster"], cov), {})[m["metric"]] = value
-    return [ForecasterScore(forecaster=f, coverage=c, **v) for (f, c), v in sorted(rows.items(), key=lambda r: (r[0][1], r[0][0]))]
+    return [ForecasterScore(forecaster=f, coverage=c, **v)
+            for (f, c), v in sorted(rows.items(), key=lambda r: (r[0][1], r[0][0]))]
 
 
-def backtest_record(run_id: str, metrics: dict[str, float], tags: dict[str, str], params: dict[str, str]) -> BacktestRecord | None:
+def backtest_record(run_id: str, metrics: dict[str, float], tags: dict[str, str],
+                    params: dict[str, str]) -> BacktestRecord | None:
     scores = _scores(metrics)
     if not scores:
         return None

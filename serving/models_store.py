@@ -195,7 +195,8 @@ class ModelStore:
             if mismatch:
                 status, message = "model_mismatch", mismatch
             if panel is None:
-                status, message = "panel_error", f"panel at {folder} could not be read ({panel_error}): run `hotspots panel {city}`"
+                status = "panel_error"
+                message = f"panel at {folder} could not be read ({panel_error}): run `hotspots panel {city}`"
             states[city] = CityState(city, registered_name(city), folder, panel, token, model, status, message,
                                      reachable, _now())
             if old is not None and self.warm is not None and states[city].ready and (

@@ -40,7 +40,8 @@ def cities(principal: Planner, models: Models) -> CityList:
 
 
 CityPath = Annotated[str, Path(min_length=1, max_length=100, description="City (source) name, see /v1/cities.")]
-_OUTLINES: ComputeOnceCache[StudyAreaOutline] = ComputeOnceCache(32)  # (city, panel files) -> outline: a new panel gives a new key
+# (city, panel files) -> outline: a new panel gives a new key
+_OUTLINES: ComputeOnceCache[StudyAreaOutline] = ComputeOnceCache(32)
 
 
 def _panel_state(models: Models, city: str) -> CityState:
@@ -65,7 +66,8 @@ def city_shifts(principal: Planner, models: Models, city: CityPath, query: Annot
     labels, per_day = panel.calendar.labels, panel.calendar.per_day
     is_next = query.around.strip().lower() == "next"
     shifts = [
-        ShiftOption(shift_id=row["shift_id"], shift="next" if is_next and row["shift_id"] == c else row["start_local"].isoformat(),
+        ShiftOption(shift_id=row["shift_id"],
+                    shift="next" if is_next and row["shift_id"] == c else row["start_local"].isoformat(),
                     start=row["start_local"], end=row["end_local"], hours=row["hours"],
                     label=labels[row["shift_id"] % per_day], offset=row["shift_id"] - c)
         for row in bounds.iter_rows(named=True)
