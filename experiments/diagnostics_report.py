@@ -60,11 +60,13 @@ def run_city(city: str, runs: Path, out: Path) -> dict:
 def summary_lines(city: str, m: dict) -> list[str]:
     lines = [f"== {city}: gain from lagged counts {m['diag.gain_lagged_share']:.1%} "
              f"(own {m['diag.gain_share.own_lagged']:.1%}, neighbours {m['diag.gain_share.neighbour_lagged']:.1%})"]
-    head = f"{'':9}{'rule':6}{'Gini':>7}{'static':>8}{'top1%':>7}{'ever':>6}{'rot':>6}{'ties':>6}{'J shift':>8}{'J day':>7}{'run':>6}{'runD':>6}"
+    head = (f"{'':9}{'rule':6}{'Gini':>7}{'static':>8}{'top1%':>7}{'ever':>6}{'rot':>6}{'ties':>6}"
+            f"{'J shift':>8}{'J day':>7}{'run':>6}{'runD':>6}")
     lines.append(head)
     for who, pre in (("lightgbm", "diag."), ("naive", "diag.baseline.")):
         for tag in ("1pct", "5pct"):
-            g = lambda k: m[f"{pre}{k}.{tag}"]  # noqa: E731
+            def g(k: str, pre: str = pre, tag: str = tag) -> float:
+                return m[f"{pre}{k}.{tag}"]
             lines.append(f"{who:9}{tag:6}{g('gini'):7.3f}{g('gini_static'):8.3f}{g('top1pct_share'):7.2f}"
                          f"{g('cells_ever_flagged'):6.0f}{g('rotation'):6.1f}{g('tie_share'):6.2f}"
                          f"{g('jaccard_mean'):8.3f}{g('jaccard_day_mean'):7.3f}{g('run_mean'):6.1f}{g('run_days_mean'):6.1f}")

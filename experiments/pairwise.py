@@ -28,7 +28,8 @@ def main() -> None:
                                      candidate=args.candidate)
     for r in results:
         print(f"{r.candidate} vs {r.baseline} at {r.coverage:.0%}: difference {r.difference:+.4f} "
-              f"(95% CI {r.difference_low:+.4f} to {r.difference_high:+.4f}), ratio {r.ratio:.3f} ({r.ratio_low:.3f}-{r.ratio_high:.3f})")
+              f"(95% CI {r.difference_low:+.4f} to {r.difference_high:+.4f}), "
+              f"ratio {r.ratio:.3f} ({r.ratio_low:.3f}-{r.ratio_high:.3f})")
     out = args.out or args.backtest_dir / "pairwise.json"
     out.write_text(json.dumps([r.as_dict() for r in results], indent=2))
     print(f"written to {out}")

@@ -46,7 +46,8 @@ def main() -> None:
               f"dev {rows[name]['deviance']:.5f}  fit {rows[name]['fit_seconds']:.0f}s")
     out = args.out or Path(__file__).parent / "results" / f"selection-{args.panel.name}-{args.start}-{args.end}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"panel": str(args.panel), "start": str(args.start), "end": str(args.end), "results": rows}, indent=2))
+    out.write_text(json.dumps({"panel": str(args.panel), "start": str(args.start), "end": str(args.end), "results": rows},
+                              indent=2))
     print(f"written to {out}")
 
 
