@@ -30,10 +30,12 @@ class LiveServer:
             self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(f"the server did not stop within {timeout} s of SIGTERM; log:\n{self.log()[-3000:]}")
+            raise AssertionError(
+                f"the server did not stop within {timeout} s of SIGTERM; log:\n{self.log()[-3000:]}"
+            ) from exc
 
 
 @contextmanager

@@ -226,7 +226,8 @@ def test_profile_errors_are_one_line_per_field(tmp_path):
     with pytest.raises(ProfileError, match=r"field rows.0: .*op '<' compares numbers"):
         load_profile(write(tmp_path, REVERSAL.replace("value = 0", 'value = "x"'), "c.toml"))
     with pytest.raises(ProfileError, match=r"field categories.rules.0: .*regex '\(' is not valid"):
-        load_profile(write(tmp_path, ISO.replace('default = "other"', 'default = "o"\n[[categories.rules]]\nregex = "("\ncategory = "x"'), "e.toml"))
+        load_profile(write(tmp_path, ISO.replace('default = "other"',
+                                                 'default = "o"\n[[categories.rules]]\nregex = "("\ncategory = "x"'), "e.toml"))
     with pytest.raises(ProfileError, match=r"field area.bbx: not a profile field"):
         load_profile(write(tmp_path, ISO + "[area]\nbbx = [1, 2, 3, 4]\n", "f.toml"))
 
@@ -293,7 +294,8 @@ def test_cli_profile_init_and_check(rows, tmp_path):
                                  "--data-dir", str(tmp_path / "data")])
     assert result.exit_code == 0, result.output
     assert re.search(r"missing_coordinates\s+120", result.output) and "row 1: " in result.output
-    assert re.search(r"time range \(local\) 2019-\d\d-\d\d \S+ to 2020-12-\d\d", result.output) and "at exactly midnight" in result.output
+    assert re.search(r"time range \(local\) 2019-\d\d-\d\d \S+ to 2020-12-\d\d", result.output)
+    assert "at exactly midnight" in result.output
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "data" / "incidents").exists()  # a dry run stores nothing
     report = check_profile(load_profile(out), path)

@@ -149,7 +149,8 @@ def test_hotspots_next_shift_with_k(svc):
         row = contrib[i, :-1]
         biggest = [names[j] for j in np.argsort(-np.abs(row), kind="stable")[:3]]
         assert [f["feature"] for f in h["top_features"]] == biggest
-        np.testing.assert_allclose([f["contribution"] for f in h["top_features"]], row[np.argsort(-np.abs(row), kind="stable")[:3]])
+        np.testing.assert_allclose([f["contribution"] for f in h["top_features"]],
+                                   row[np.argsort(-np.abs(row), kind="stable")[:3]])
         assert 43.63 < h["centroid"]["lat"] < 43.68 and -79.42 < h["centroid"]["lon"] < -79.36
     # no incident-level content anywhere
     assert not {"incidents", "occurred_at", "latitude", "id"} & set(body) and "occurred" not in response.text

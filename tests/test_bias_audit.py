@@ -191,7 +191,8 @@ def test_intensive_variables_are_area_weighted_and_coverage_reported():
     expected_rate = (10 * a_west + 30 * a_east) / (a_west + a_east)
     assert join.rates["rate"].to_numpy() == pytest.approx(expected_rate, rel=1e-5)
     straddling = (a_west > 0) & (a_east > 0)
-    assert straddling.any() and ((join.rates["rate"].to_numpy()[straddling] > 10) & (join.rates["rate"].to_numpy()[straddling] < 30)).all()
+    straddling_rates = join.rates["rate"].to_numpy()[straddling]
+    assert straddling.any() and ((straddling_rates > 10) & (straddling_rates < 30)).all()
     # extensive: each cell gets the polygon's count in proportion to the polygon area it covers
     expected_x = 1000 * a_west / parts.area.iloc[0] + 3000 * a_east / parts.area.iloc[1]
     assert join.counts["x"].to_numpy() == pytest.approx(expected_x, rel=1e-5)
@@ -282,7 +283,8 @@ def test_toronto_neighbourhoods_conserve_population_and_derive_groups():
     for column, value in join.coverage.items():
         assert abs(value - 1) < 1e-3, column
     counts = join.counts
-    assert counts["visible_minority"].to_numpy() == pytest.approx((counts["black"] + counts["visible_minority_not_black"]).to_numpy())
+    assert counts["visible_minority"].to_numpy() == pytest.approx(
+        (counts["black"] + counts["visible_minority_not_black"]).to_numpy())
     partition = counts[list(spec.partition)].sum(axis=1).to_numpy()
     assert partition == pytest.approx(counts[TOTAL].to_numpy())
     low_income = join.rates[spec.split].to_numpy()

@@ -87,7 +87,8 @@ def test_every_instant_lies_inside_its_shift(naive, zone, starts):
 
 def test_bounds_are_contiguous_over_a_year_with_two_dst_changes():
     cal = ShiftCalendar("America/Toronto")
-    ids = cal.shift_range(datetime(2021, 1, 1, tzinfo=ZoneInfo("America/Toronto")), datetime(2022, 1, 1, tzinfo=ZoneInfo("America/Toronto")))
+    ids = cal.shift_range(datetime(2021, 1, 1, tzinfo=ZoneInfo("America/Toronto")),
+                          datetime(2022, 1, 1, tzinfo=ZoneInfo("America/Toronto")))
     assert ids.size == 365 * 3 and np.all(np.diff(ids) == 1)
     b = cal.bounds(ids)
     assert (b["end_utc"].head(-1) == b["start_utc"].tail(-1)).all()

@@ -107,7 +107,8 @@ def test_backtest_takes_shift_starts_and_writes_per_cell_forecasts(data_dir, mon
 
 
 def test_backtest_rejects_unknown_forecaster(data_dir):
-    result = runner.invoke(app, ["backtest", "toronto-mci", "--resolution", "8", "--forecaster", "oracle", "--data-dir", str(data_dir)])
+    result = runner.invoke(app, ["backtest", "toronto-mci", "--resolution", "8", "--forecaster", "oracle",
+                                 "--data-dir", str(data_dir)])
     assert result.exit_code == 2 and "unknown forecaster" in result.output
 
 

@@ -184,7 +184,8 @@ def test_gain_share_groups_a_real_lightgbm_fit(toronto_panel):
         else:
             assert name in ("cell_lat", "cell_lon") and group == "static", name
     total = sum(importance.values())
-    by_name = sum(v for k, v in importance.items() if k.startswith(("count_", "same_", "near_repeat", "cat_", "long_run", "ring")))
+    lagged = ("count_", "same_", "near_repeat", "cat_", "long_run", "ring")
+    by_name = sum(v for k, v in importance.items() if k.startswith(lagged))
     assert share.lagged_share == pytest.approx(by_name / total)
     assert share.lagged_share > 0.5  # on real data the cell's recorded history carries most of the gain
 
@@ -261,7 +262,8 @@ def test_dose_regression_recovers_the_known_rate_ratios(patrolled_city):
     scaled = patrol_diagnostics(patrols, panel, origins, 2 * mu, observed, n_boot=50)
     s = {(r["outcome"], r["term"]): r for r in scaled.regression.iter_rows(named=True)}
     assert s[("all", "prev_shift")]["coef"] == pytest.approx(reg[("all", "prev_shift")]["coef"], rel=1e-6)
-    assert s[("all", "intercept")]["rate_ratio_per_60min"] == pytest.approx(0.5 * reg[("all", "intercept")]["rate_ratio_per_60min"], rel=1e-6)
+    assert s[("all", "intercept")]["rate_ratio_per_60min"] == pytest.approx(
+        0.5 * reg[("all", "intercept")]["rate_ratio_per_60min"], rel=1e-6)
 
 
 def test_dose_regression_with_the_expected_count_as_covariate(patrolled_city):

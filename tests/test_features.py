@@ -57,7 +57,8 @@ def toy():
     ]
     panel, report = build_panel(incidents_at(rows), area, cal, ["a", "b"], first_shift=first, end_shift=first + 60)
     assert report.binned == len(rows)
-    return panel, origin, area.index_of(np.array([h3.str_to_int(CENTER)]))[0], area.index_of(np.array([h3.str_to_int(neighbour)]))[0]
+    return (panel, origin, area.index_of(np.array([h3.str_to_int(CENTER)]))[0],
+            area.index_of(np.array([h3.str_to_int(neighbour)]))[0])
 
 
 def test_hand_computed_features(toy):

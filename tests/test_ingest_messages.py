@@ -232,7 +232,7 @@ def test_unreadable_store_is_reported_not_overwritten(tmp_path):
     assert_one_line_error(code, out, f"the incident store {store} is unreadable", "hotspots verify",
                           "restore the file from a backup")
     assert store.read_bytes() == damaged  # left for the user to rescue, not replaced by a partial store
-    with pytest.raises(Exception):
+    with pytest.raises(pl.exceptions.ComputeError, match="PAR1"):
         pl.read_parquet(store)
 
 

@@ -288,6 +288,7 @@ def test_briefing_zooms_to_the_hotspots_of_a_large_area(svc):
     window = np.all(np.abs(pixels.astype(int) - (163, 38, 42)) <= 10, axis=2)  # the inset's red window outline
     assert window[: pixels.shape[0] // 2].sum() > 40
     full = decode(render_briefing(svc.panel.study_area.cells, body, dpi=100))
-    assert np.all(np.abs(full.astype(int) - (163, 38, 42)) <= 10, axis=2)[: full.shape[0] // 2, : full.shape[1] // 2].sum() > 0  # the after-data flag, in red
+    red = np.all(np.abs(full.astype(int) - (163, 38, 42)) <= 10, axis=2)
+    assert red[: full.shape[0] // 2, : full.shape[1] // 2].sum() > 0  # the after-data flag, in red
     hot = lambda img: np.all(np.abs(img.astype(int) - (128, 0, 38)) <= 6, axis=2).sum()  # noqa: E731
     assert hot(pixels) > 1.3 * hot(full) > 0  # zoomed in: the top cell is drawn larger than on the whole-area map

@@ -99,7 +99,8 @@ def test_champion_served_per_city_and_patrol_rows(svc):
     samples = scrape(svc.client)
     assert value(samples, "hotspots_champion_model_info", city=CITY, version=svc.version, source="registry",
                  model_name=f"hotspots-{CITY}") == 1
-    assert value(samples, "hotspots_city_ready", city=CITY) == 1 and ("hotspots_city_ready", frozenset({("city", BARE)})) in samples
+    assert value(samples, "hotspots_city_ready", city=CITY) == 1
+    assert ("hotspots_city_ready", frozenset({("city", BARE)})) in samples
     assert value(samples, "hotspots_city_ready", city=BARE) == 0
     assert not any(name == "hotspots_champion_model_info" and ("city", BARE) in labels for name, labels in samples)
 

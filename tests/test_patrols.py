@@ -97,7 +97,8 @@ def test_record_read_back_and_sum(svc):
     log = patrol_log(svc.app.state.db, CITY)
     assert log.schema == pl.Schema({"shift_id": pl.Int64, "h3": pl.String, "dose_minutes": pl.Float64})
     day = shift_id(svc, SHIFT)
-    assert log.filter(pl.col("shift_id") == day).sort("h3").rows() == sorted([(day, a, 45.0), (day, b, 12.5), (day, c, 480.0)], key=lambda r: r[1])
+    assert log.filter(pl.col("shift_id") == day).sort("h3").rows() == sorted(
+        [(day, a, 45.0), (day, b, 12.5), (day, c, 480.0)], key=lambda r: r[1])
     assert patrol_log(svc.app.state.db, CITY, start_shift=day + 1).rows() == [(day + 1, a, 60.0)]
     assert patrol_log(svc.app.state.db, CITY, start_shift=day, end_shift=day + 1)["dose_minutes"].sum() == 537.5
     empty = patrol_log(svc.app.state.db, "atlantis")
@@ -194,7 +195,8 @@ def test_every_bad_input_is_a_422_naming_its_field_and_stores_nothing(svc):
     cell, other = svc.cells[0], svc.cells[1]
 
     def body(shift=SHIFT, patrols=None, **extra):
-        return {"city": CITY, "shift": shift, "patrols": [{"h3": cell, "dose_minutes": 10}] if patrols is None else patrols, **extra}
+        return {"city": CITY, "shift": shift,
+                "patrols": [{"h3": cell, "dose_minutes": 10}] if patrols is None else patrols, **extra}
 
     assert "not the start of a shift" in problems(post(svc, body(shift="2020-02-10T15:00:00-05:00")), "shift")[0]["msg"]
     for garbage in ("tomorrow", "2020-13-45T06:00", "", None, 12.5e30, "0001-01-01T00:00:00+05:00", "9999-12-31T23:59"):
@@ -266,9 +268,14 @@ def test_posts_are_audited_without_cell_lists(svc):
     entry = svc.client.get("/v1/audit", params={"limit": 1}, headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"][0]
     assert entry["endpoint"] == "/v1/patrols" and entry["role"] == "analyst" and entry["params"]["rows"] > 0
     # an invalid report (422) leaves no audit entry: the one new entry is the audit read before it
-    count = len(svc.client.get("/v1/audit", params={"limit": 1000}, headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"])
-    assert post(svc, {"city": CITY, "shift": "tomorrow", "patrols": [{"h3": svc.cells[0], "dose_minutes": 1}]}).status_code == 422
-    after = svc.client.get("/v1/audit", params={"limit": 1000}, headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"]
+    def audit_log() -> list[dict]:
+        return svc.client.get("/v1/audit", params={"limit": 1000},
+                              headers={"X-API-Key": svc.keys[Role.auditor]}).json()["entries"]
+
+    count = len(audit_log())
+    bad = {"city": CITY, "shift": "tomorrow", "patrols": [{"h3": svc.cells[0], "dose_minutes": 1}]}
+    assert post(svc, bad).status_code == 422
+    after = audit_log()
     auditor_id = svc.keys[Role.auditor].split("_")[1]
     assert len(after) == count + 1
     assert (after[0]["endpoint"], after[0]["key_id"], after[0]["role"], after[0]["params"]) == (

@@ -258,7 +258,8 @@ def test_missing_columns_names_columns_and_profile(testville, tmp_path):
 
 def test_missing_columns_parquet(testville, tmp_path):
     path = tmp_path / "export.parquet"
-    pl.DataFrame({"incident_no": ["X-1"], "when": ["2021-06-01 10:00:00"], "offence": ["THEFT"], "lat": [40.75]}).write_parquet(path)
+    pl.DataFrame({"incident_no": ["X-1"], "when": ["2021-06-01 10:00:00"], "offence": ["THEFT"],
+                  "lat": [40.75]}).write_parquet(path)
     with pytest.raises(IngestError) as info:
         ingest(path, testville, tmp_path)
     assert "'occurred', 'lon'" in str(info.value) and str(TESTVILLE) in str(info.value)

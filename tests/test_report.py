@@ -142,14 +142,14 @@ def test_markdown_has_names_verdicts_and_numbers(report, backtest):
         assert c.verdict.upper() in md
         assert fmt_interval(c.ratio, c.ratio_low, c.ratio_high, fmt_ratio) in md
     data = json.loads(paths["summary_json"].read_text())
-    for name, entry in data["forecasters"].items():
+    for entry in data["forecasters"].values():
         for c in entry["coverages"]:
             hr, pai = c["hit_rate"], c["pai"]
             assert fmt_interval(hr["point"], hr["low"], hr["high"]) in md
             assert fmt_interval(pai["point"], pai["low"], pai["high"], fmt_ratio) in md
         assert f"{entry['deviance']:.5f}" in md
     # best forecaster at 1% and 5%, and the plain baseline-wins sentence exactly when a baseline is on top
-    for cov, label in ((0.01, "1%"), (0.05, "5%")):
+    for _cov, label in ((0.01, "1%"), (0.05, "5%")):
         best = data["best_by_hit_rate"][label]
         assert f"At {label} of the area the best forecaster is **{best}**" in md
     assert ("A baseline wins" in md) == any(b != "lightgbm" for b in data["best_by_hit_rate"].values())

@@ -5,7 +5,8 @@ from features.settings import Settings
 
 def test_defaults(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    for var in ("HOTSPOTS_CONFIG", "HOTSPOTS_DATA_DIR", "HOTSPOTS_H3_RESOLUTION", "HOTSPOTS_SHIFT_STARTS", "HOTSPOTS_MLFLOW_TRACKING_URI"):
+    for var in ("HOTSPOTS_CONFIG", "HOTSPOTS_DATA_DIR", "HOTSPOTS_H3_RESOLUTION", "HOTSPOTS_SHIFT_STARTS",
+                "HOTSPOTS_MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
     s = Settings()
     assert s.h3_resolution == 9 and s.shift_starts == ["06:00", "14:00", "22:00"]

@@ -99,7 +99,7 @@ def test_parallel_ingests_never_corrupt_or_lose_a_row(toronto_slices, tmp_path):
             assert all(w.poll() in (None, 0) for w in writers), [w.communicate() for w in writers]
             time.sleep(0.01)
     outputs = [w.communicate(timeout=60) for w in writers]
-    for writer, (out, err) in zip(writers, outputs):
+    for writer, (_out, err) in zip(writers, outputs):
         assert writer.returncode == 0, err
         assert "Traceback" not in err
     summaries = [[json.loads(line) for line in out.splitlines()] for out, _ in outputs]

@@ -210,7 +210,8 @@ def test_a_burst_raises_the_next_shifts_expectation(hawkes):
     starts_h = CAL.starts_utc(np.array([hawkes.first_shift + nxt, hawkes.first_shift + nxt + 1])).astype(np.int64) / US_PER_HOUR
     burst = t_h[(s_idx == t) & (hawkes.cell_index == c)]
     w = city.decay_per_hour
-    bound = city.branching_ratio * (1 - city.spread) * np.sum(np.exp(-w * (starts_h[0] - burst)) - np.exp(-w * (starts_h[1] - burst)))
+    bound = city.branching_ratio * (1 - city.spread) * np.sum(
+        np.exp(-w * (starts_h[0] - burst)) - np.exp(-w * (starts_h[1] - burst)))
     assert hawkes.true_expected[nxt, c] >= hawkes.background_expected[nxt, c] + bound
     assert hawkes.true_expected[nxt, c] > 1.5 * hawkes.background_expected[nxt, c]
     # the excitation spills into the neighbours too
