@@ -59,8 +59,8 @@ def test_map_page_is_self_contained_and_needs_no_key(svc):
                     'id="key-form"', 'id="after-data"'):
         assert element in html, element
     config = page_config(html)
-    assert config == {"api": "/v1", "key_header": "X-API-Key", "default_k": 20, "png_max_k": 200, "shift_window": 9, "tile_url": None,
-                      "tile_attribution": None}
+    assert config == {"api": "/v1", "key_header": "X-API-Key", "default_k": 20, "png_max_k": 200, "shift_window": 9,
+                      "tile_url": None, "tile_attribution": None}
     # no CDN, no external anything: not in the page, its script or its styles, and the browser is told so
     bodies = {"/map": html}
     for asset in assets:
