@@ -3,6 +3,7 @@
 #
 #   ./dev.sh run [ARGS...]    set up .venv, then the main job: hotspots run toronto-mci ARGS (--quick, --no-serve, ...)
 #   ./dev.sh test [ARGS...]   set up .venv, Chromium and a throwaway PostgreSQL, then: python -m pytest -n 2 ARGS
+#                             (without ARGS, ruff and mypy first: ./dev.sh lint)
 #
 # Re-running reuses .venv while pyproject.toml is unchanged (a stamp of its hash in .venv). System packages
 # (Debian: chromium; python3-venv, postgresql only as fallbacks) are installed with apt-get only when missing,
@@ -23,6 +24,7 @@ usage() {  # to stdout when asked for, to stderr after a mistake
   cat <<'USAGE'
 usage: ./dev.sh run [ARGS...]    set up .venv, then: hotspots run toronto-mci ARGS (--quick, --no-serve, --port ...)
        ./dev.sh test [ARGS...]   set up .venv, Chromium and PostgreSQL, then: python -m pytest -n 2 ARGS
+       ./dev.sh lint             ruff and mypy (also the start of ./dev.sh test without ARGS)
 USAGE
   exit "${1:-0}"
 }
@@ -152,7 +154,15 @@ ensure_postgres() {  # the service's PostgreSQL tests read HOTSPOTS_TEST_DATABAS
   esac
 }
 
+cmd_lint() {  # the layer contracts run inside the suite (tests/test_architecture.py); lint and types here
+  ensure_venv dev,toronto
+  say "running: ruff check, mypy"
+  .venv/bin/ruff check features forecasting serving experiments tests
+  .venv/bin/mypy
+}
+
 cmd_test() {
+  [ $# -eq 0 ] && cmd_lint  # the whole suite starts with lint and types; a chosen test file does not
   ensure_venv dev,toronto
   ensure_chromium
   ensure_postgres
@@ -163,6 +173,7 @@ cmd_test() {
 case ${1:-} in
   run) shift; cmd_run "$@" ;;
   test) shift; cmd_test "$@" ;;
+  lint) shift; cmd_lint ;;
   -h|--help|help) usage 0 ;;
   "") usage 2 ;;
   *) printf 'dev.sh: unknown command %q: use run or test\n' "$1" >&2; usage 2 ;;
