@@ -176,7 +176,7 @@ def test_run_passes_every_option_then_serves_with_a_planner_key(monkeypatch, tmp
     assert runner.invoke(app, ["run", "--no-serve", "--data-dir", str(data_dir)]).exit_code == 0
     assert calls == ["ingest", "panel", "backtest"]
 
-    # --quick: the panel's last complete month as the test period, the two strongest forecasters and naive
+    # --quick: the last complete month as the test period; LightGBM, SEPP and the all-history map, and naive
     from features.calendar import ShiftCalendar
 
     calendar = ShiftCalendar("America/Toronto")
@@ -187,7 +187,7 @@ def test_run_passes_every_option_then_serves_with_a_planner_key(monkeypatch, tmp
     quick = arguments["backtest"]
     assert calls == ["ingest", "panel", "backtest"]
     assert (quick["test_start"].date(), quick["test_end"].date()) == (date(2021, 12, 1), date(2022, 1, 1))
-    assert quick["forecaster"] == ["lightgbm", "naive", "sepp"] and "train_days=365" in quick["param"]
+    assert quick["forecaster"] == ["lightgbm", "naive", "sepp", "all_history"] and "train_days=365" in quick["param"]
 
 
 def test_sigterm_stops_the_server_cleanly(live):

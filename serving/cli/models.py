@@ -265,11 +265,11 @@ def run(
         backtest(source=source, test_start=datetime(start.year, start.month, 1), test_end=datetime(end.year, end.month, 1),
                  forecaster=["lightgbm", "naive", "sepp", "all_history"], ratio=ratio, n_boot=300, register=True,
                  audit_preset=None, param=[f"{k}={v}" for k, v in QUICK_LIGHTGBM.items()], resolution=resolution,
-                 shift_starts=None, data_dir=data_dir)
+                 shift_starts=None, cluster=None, data_dir=data_dir)
     else:
         backtest(source=source, test_start=None, test_end=None, forecaster=None, ratio=ratio, n_boot=1000,
                  register=True, audit_preset=None, param=None, resolution=resolution, shift_starts=None,
-                 data_dir=data_dir)
+                 cluster=None, data_dir=data_dir)
     if not serve_after:
         return
     settings = project_settings(data_dir, resolution)
