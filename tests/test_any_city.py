@@ -338,15 +338,18 @@ def test_cli_nothing_stored_exits_non_zero_with_a_hint(rows, tmp_path):
 # --- the README's walkthrough, end to end: hotspots run PROFILE FILE --quick --no-serve -----------------------
 
 
+WALKTHROUGH = REPO / "experiments" / "walkthroughs" / "new_city.sh"
+
+
 def walkthrough_commands() -> list[str]:
-    script = (REPO / "docs" / "new_city.sh").read_text()
+    script = WALKTHROUGH.read_text()
     block = script.split("# --- walkthrough (shown in the README) ---\n")[1].split("# --- end ---")[0]
     return [line for line in block.splitlines() if line.strip()]
 
 
 def test_readme_shows_the_walkthrough_script():
     readme = (REPO / "README.md").read_text()
-    block = readme.split("<!-- walkthrough: docs/new_city.sh -->\n```bash\n")[1].split("```")[0]
+    block = readme.split("<!-- walkthrough: experiments/walkthroughs/new_city.sh -->\n```bash\n")[1].split("```")[0]
     shown = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
     assert shown[: len(walkthrough_commands())] == [
         c.replace('"$EXPORT"', "mycity-export.csv").replace('"$ZONE"', "America/Toronto") for c in walkthrough_commands()]
@@ -362,7 +365,7 @@ def test_new_city_walkthrough_runs_end_to_end(toronto_incidents, tmp_path):
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOTSPOTS_DATA_DIR": str(tmp_path / "data"),
            "HOTSPOTS_H3_RESOLUTION": "8", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
     assert shutil.which("hotspots", path=env["PATH"])
-    done = subprocess.run(["bash", str(REPO / "docs" / "new_city.sh"), export.name, "America/Toronto"], cwd=tmp_path,
+    done = subprocess.run(["bash", str(WALKTHROUGH), export.name, "America/Toronto"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "mycity.toml").is_file() and (tmp_path / "mycity-check.png").is_file()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A new city, from raw export to a served map. The README shows these commands; tests/test_any_city.py runs this
-# script on a generated city. Usage: bash docs/new_city.sh EXPORT.csv TIME_ZONE
+# script on a generated city. Usage: bash experiments/walkthroughs/new_city.sh EXPORT.csv TIME_ZONE
 set -euo pipefail
 EXPORT=${1:?give the export file}
 ZONE=${2:?give the city time zone, e.g. America/Toronto}
