@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.hotspots-install
 FULL_RUN_MINUTES=10   # `hotspots run toronto-mci` on 2 idle cores: 9 min 46 s measured
-QUICK_RUN_MINUTES=1   # --quick: its target (short test window, two forecasters)
+QUICK_RUN_MINUTES=3   # --quick: 2 min 36 s measured from ingest to a serving map (fresh clone, load 1.1)
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'dev.sh: %s\n' "$*" >&2; exit 1; }
