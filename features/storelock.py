@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import polars as pl
 
@@ -168,8 +169,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """The same guarantee for a small file (JSON, .npy): unique temporary file, fsync, atomic replace."""
+@contextmanager
+def _replaced(path: Path, mode: int | None = FILE_MODE) -> Iterator[tuple[Path, int]]:
+    """A unique temporary file beside ``path`` (yielded as (path, fd) for the caller to write, fsync and close),
+    then an atomic replace of ``path`` and an fsync of the folder: a reader or a crash sees the old or the new file,
+    never a torn one. Any failure removes the temporary file; an OSError becomes a StoreError naming the fix."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
@@ -177,11 +181,9 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
         raise cannot_write(path, exc) from None
     tmp = Path(name)
     try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if mode is not None:
+            os.fchmod(fd, mode)
+        yield tmp, fd
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
@@ -192,21 +194,24 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
         raise
 
 
+def _write_synced(fd: int, write: Callable[[IO], object], text: bool = False) -> None:
+    with (os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb")) as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """The same guarantee for a small file (JSON, .npy): unique temporary file, fsync, atomic replace."""
+    with _replaced(path) as (_, fd):
+        _write_synced(fd, lambda fh: fh.write(data))
+
+
 def atomic_write_parquet(frame: pl.DataFrame, path: Path) -> None:
     """Write a unique temporary file beside ``path``, fsync it, read it back, then atomically replace ``path``
     and fsync the folder: a reader or a crash sees the old or the new file, never a torn one."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    except OSError as exc:
-        raise cannot_write(path, exc) from None
-    tmp = Path(name)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            frame.write_parquet(fh, compression="zstd", statistics=True)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with _replaced(path) as (tmp, fd):
+        _write_synced(fd, lambda fh: frame.write_parquet(fh, compression="zstd", statistics=True))
         try:
             back = pl.read_parquet(tmp)
         except pl.exceptions.PolarsError as exc:
@@ -215,34 +220,9 @@ def atomic_write_parquet(frame: pl.DataFrame, path: Path) -> None:
         if back.height != frame.height or back.schema != frame.schema:
             raise StoreError(f"the new version of {path} did not read back as written ({back.height:,} of "
                              f"{frame.height:,} rows): the old version is kept; check the disk and run it again.")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise cannot_write(path, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(text: str, path: Path) -> None:
     """The text-file twin of :func:`atomic_write_parquet` (remembered profiles): temp file, fsync, replace."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    except OSError as exc:
-        raise cannot_write(path, exc) from None
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise cannot_write(path, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _replaced(path, mode=None) as (_, fd):
+        _write_synced(fd, lambda fh: fh.write(text), text=True)
