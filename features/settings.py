@@ -75,8 +75,8 @@ class Settings(BaseSettings):
                           "postgresql+psycopg://user:password@host:5432/db; default: SQLite at data_dir/serving.db.",
     )
     model_refresh_seconds: float = Field(
-        60.0, ge=0, description="How often (at most) a request re-reads the registry for new champions and the "
-                                "panels folder for new or updated panels; 0 checks on every request.",
+        60.0, ge=0, description="How often (at most) the service re-reads, in the background, the registry for new "
+                                "champions and the panels folder for new or updated panels; 0: as often as every 0.25 s.",
     )
     forecast_cache_size: int = Field(256, ge=1, description="Forecasts kept in memory (LRU).")
     default_k: int = Field(20, ge=1, description="Hotspots returned when neither k nor coverage is given.")

@@ -67,8 +67,8 @@ def serve(
     port: int = typer.Option(8000, min=1, max=65535),
     workers: int = typer.Option(1, min=1, help="Worker processes; each keeps its own forecast cache."),
     reload_seconds: float | None = typer.Option(
-        None, min=0, help="How often at most the registry is re-read for a moved champion (default: setting "
-                          "model_refresh_seconds, 60; 0: on every request)."),
+        None, min=0, help="How often at most the registry is re-read, in the background, for a moved champion "
+                          "(default: setting model_refresh_seconds, 60; 0: as often as every 0.25 s)."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="uvicorn's per-request log line "
                                     "(the audit log is kept either way)."),
     resolution: int | None = Resolution,
