@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import forecasting.registry  # noqa: F401  (every forecaster's module imported before a model is unpickled: never the model's code copy)
 from features.panel import CountPanel
+from features.paths import DataPaths, split_run_name
 from features.settings import Settings
 from forecasting.reporting.tracking import CHAMPION, registered_name
 
@@ -97,8 +98,9 @@ class ModelStore:
     def __init__(self, settings: Settings, refresh_seconds: float = 60.0):
         self.settings = settings
         self.refresh_seconds = refresh_seconds
-        self.panels_root = Path(settings.data_dir) / "panels"
-        self.local_root = Path(settings.data_dir) / "serving"
+        paths = DataPaths(settings)
+        self.panels_root = paths.panels_root
+        self.local_root = paths.serving_root
         self.registry_reachable: bool | None = None
         self.registry_error: str | None = None
         self._states: dict[str, CityState] = {}
@@ -211,11 +213,11 @@ class ModelStore:
         return states
 
     def _discover(self) -> dict[str, Path]:
-        suffix = f"-r{self.settings.h3_resolution}"
+        """Cities: the saved panels at the settings' resolution (``<city>-r<resolution>`` folders)."""
         if not self.panels_root.is_dir():
             return {}
-        return {d.name[: -len(suffix)]: d for d in sorted(self.panels_root.iterdir())
-                if d.is_dir() and d.name.endswith(suffix) and len(d.name) > len(suffix) and (d / "panel.json").is_file()}
+        found = ((split_run_name(d.name, self.settings.h3_resolution), d) for d in sorted(self.panels_root.iterdir()))
+        return {city: d for city, d in found if city and d.is_dir() and (d / "panel.json").is_file()}
 
     @staticmethod
     def _panel_token(folder: Path) -> str:

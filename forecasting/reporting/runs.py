@@ -218,7 +218,7 @@ def run_training(panel: CountPanel, source: str, settings: Settings, model: Fore
         mlflow.set_tags({"kind": "train", "city": source})
         mlflow.log_params({**protocol_of(panel, source, cutoff_shift=cutoff, code_version=code_version()),
                            "category": model.category or "all",
-                           **{k: v for k, v in _flat_params(model.name, model).items()}})
+                           **_flat_params(model.name, model)})
         say(f"fit {model.name}")
         model.fit(panel, cutoff)
         mlflow.log_metrics({k: v for k, v in model.fit_summary().items() if np.isfinite(v)})
