@@ -74,7 +74,7 @@ def models_overview(principal: Analyst, models: Models, cards: Cards) -> ModelsO
 @router.get("/models/{city}", response_model=ModelsResponse,
             responses={**{k: ERRORS[k] for k in (401, 403, 404)}, 503: {"description": "Registry unreachable."}},
             summary="Registered model versions of a city with their promotion decisions, and the champion")
-def models(principal: Analyst, models: Models, cards: Cards,
+def models(request: Request, principal: Analyst, models: Models, cards: Cards,
            city: str = Path(..., min_length=1, max_length=100, description="City (source) name.")) -> ModelsResponse:
     state = city_state(models, city)
     try:
@@ -100,4 +100,5 @@ def models(principal: Analyst, models: Models, cards: Cards,
     return ModelsResponse(city=city, registered_name=state.registered_name, registered=registered,
                           champion_version=champion, loaded_version=state.model.version if state.model else None,
                           loaded_source=state.model.source if state.model else None, versions=infos, hint=hint,
-                          card=champion_card(models, cards, city, champion))
+                          card=champion_card(models, cards, city, champion),
+                          accuracy=request.app.state.accuracy.try_record(city))
