@@ -110,7 +110,8 @@ def test_a_normal_stream_is_not_degraded_and_the_gauges_show_the_record(svc):
     assert not record["degraded"] and record["reasons"] == []
     assert {a["kind"]: a["fired"] for a in record["drift"]} == {"hit_rate": False, "volume": False, "category_mix": False}
     ready = svc.client.get("/readyz").json()
-    assert ready["status"] == "ready" and ready["cities"][0]["degraded"] is False
+    city = next(c for c in ready["cities"] if c["city"] == CITY)
+    assert ready["status"] == "ready" and city["degraded"] is False and city["degraded_reasons"] == []
     text = svc.client.get("/metrics").text
     assert f'hotspots_realised_hit_rate{{city="{CITY}",window="rolling"}} {record["rolling"]["hit_rate"]!r}' in text
     assert f'hotspots_drift_alarm{{city="{CITY}",kind="hit_rate"}} 0.0' in text
