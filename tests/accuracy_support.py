@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import numpy as np
 import polars as pl
+from service_support import CITY, asgi_service
 
 from features.panel import CountPanel
 from features.paths import DataPaths
@@ -21,7 +22,6 @@ from forecasting.reporting.report import summary_dict
 from serving.dependencies import get_now
 from serving.keys import Role
 from serving.shifts import shift_times
-from service_support import CITY, asgi_service
 
 SERVED_DAYS = 10  # the replay serves every shift of the panel's last ten days
 COVERAGE = 0.05  # the planners ask for 5% of the area: the backtest band is compared at the same coverage
