@@ -49,7 +49,9 @@ from serving.shifts import shift_start_local, shift_times
 
 log = logging.getLogger("hotspots.serving")
 HOTSPOT_ROUTES = frozenset({"hotspots", "hotspots.geojson", "hotspots.png"})
-MIN_RECHECK_SECONDS = 1.0  # /readyz starts at most one background recomputation per city this often
+# /readyz and scrapes start a background recheck per city at most every model_refresh_seconds, and at least
+# this long apart: a recheck reads the city's flagged audit rows, which must not compete with a busy service
+MIN_RECHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,7 @@ class AccuracyRecords:
         self._lock = threading.Lock()
         self._city_locks: dict[str, threading.Lock] = {}
         self._checked: dict[str, float] = {}
+        self.recheck_seconds = max(settings.model_refresh_seconds, MIN_RECHECK_SECONDS)
 
     def _key(self, state: CityState) -> tuple:
         with self.db.engine.connect() as conn:
@@ -261,10 +264,11 @@ class AccuracyRecords:
             return None
 
     def maybe_refresh(self, city: str) -> None:
-        """Recompute the city's record in a background thread (at most every MIN_RECHECK_SECONDS): for /readyz."""
+        """Recompute the city's record in a background thread (at most every recheck_seconds): for /readyz and
+        the metrics, which only ever read the last record."""
         now = time.monotonic()
         with self._lock:
-            if now - self._checked.get(city, -np.inf) < MIN_RECHECK_SECONDS:
+            if now - self._checked.get(city, -np.inf) < self.recheck_seconds:
                 return
             self._checked[city] = now
         threading.Thread(target=self._refresh_quietly, args=(city,), name="accuracy-refresh", daemon=True).start()
