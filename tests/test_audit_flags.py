@@ -88,3 +88,22 @@ def test_scores_rolling_windows_and_pooling_on_a_small_stream():
     everything = pooled(s)
     assert everything.hit_rate == pytest.approx(12 / 18) and everything.n_shifts == 6
     assert pooled(s, np.zeros(6, dtype=bool)).hit_rate is None
+
+
+def test_the_baseline_flags_as_many_cells_as_were_served_and_from_history_only():
+    from functools import partial
+
+    import h3
+    from test_forecasters import CENTER, FIRST, idx, toy_panel
+
+    from forecasting.baselines import Naive
+    from forecasting.realised import baseline_flags
+
+    hot = h3.grid_disk(CENTER, 1)[1]
+    events = {(hot, offset): 2 for offset in range(0, 150)}
+    events.update({(CENTER, offset): 5 for offset in range(150, 200)})  # after the fit point: must not move flags
+    panel, area = toy_panel(events)
+    shift_ids = np.array([FIRST + 150, FIRST + 151, FIRST + 152])
+    flags = baseline_flags(partial(Naive, window_days=7), panel, shift_ids, np.array([1, 3, 2]))
+    assert flags.shape == (3, len(area)) and flags.sum(axis=1).tolist() == [1, 3, 2]
+    assert flags[0, idx(area, hot)] and not flags[0, idx(area, CENTER)]
