@@ -110,6 +110,9 @@ SLOW_TESTS = {
     "test_feedback_loop.py::test_naive_runs_away_on_discovered_incidents_and_the_ensign_correction_holds",
     "test_bias_audit.py::test_chicago_community_areas_conserve_population_at_res9",
     "test_bias_audit.py::test_audit_logs_metrics_and_html_to_mlflow",
+    "test_references.py::test_backtest_reports_references_apart_from_forecasters",
+    "test_references.py::test_backtest_without_naive_diagnoses_its_winner",
+    "test_references.py::test_train_any_registered_forecaster",
 }
 
 
