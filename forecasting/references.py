@@ -6,7 +6,9 @@ gate, the claim test or ``forecasts.parquet``):
 
 * ``static_clairvoyant``: each cell's mean count over the whole test period (knows *where*);
 * ``shift_of_day_clairvoyant``: each cell's mean count over the test shifts of the same shift of day (knows
-  *where* and *when in the day*): the ceiling the headroom share is measured against.
+  *where* and *when in the day*): the ceiling the headroom share is measured against. Its ties are ordered
+  like any forecaster's (random, and the pessimistic bound), so over a short test period, where many cells tie
+  within a shift of day, it can fall below the static map by tie luck; over a year it does not.
 
 The headroom share of a forecaster, ``(model - strongest) / (ceiling - strongest)`` in hit rate, says how much
 of the distance between the strongest traditional baseline and that ceiling it has covered.
@@ -40,10 +42,6 @@ def clairvoyant_maps(observed: np.ndarray, origins: np.ndarray, per_day: int) ->
     np.add.at(totals, slot, observed)
     per_slot = np.maximum(np.bincount(slot, minlength=int(per_day)), 1).astype(np.float64)
     by_slot = totals / per_slot[:, None]
-    # the ceiling also knows the period's totals: cells tied within a shift of day are ordered by them (a nudge
-    # below half the smallest step between two slot means, so no other order changes); random tie orders would
-    # otherwise let a short test period's ceiling fall below the static map by chance
-    by_slot += static / (static.max() + 1.0) * (0.5 / per_slot.max())
     return {STATIC: np.broadcast_to(static, observed.shape), CEILING: by_slot[slot]}
 
 
