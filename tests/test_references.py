@@ -111,7 +111,7 @@ def test_backtest_reports_references_apart_from_forecasters(tracked):
     result, settings, _ = tracked
     names = {"kde", "last_year", "all_history"}
     assert set(result.references) == {STATIC, CEILING}
-    for name, s in result.references.items():  # scored like a forecaster: bounded by the best possible hits
+    for s in result.references.values():  # scored like a forecaster: bounded by the best possible hits
         assert np.all(s.point["pei"] <= 1 + 1e-12) and s.n_shifts == result.result.origins.size
     summary = json.loads((result.out_dir / "summary.json").read_text())
     assert set(summary["forecasters"]) == names and set(summary["references"]) == {STATIC, CEILING}
