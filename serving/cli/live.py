@@ -20,7 +20,7 @@ from serving.cli.common import (
     source_profile,
     stage,
 )
-from serving.cli.models import Params, parse_params
+from serving.cli.models import Params, chosen_factories
 
 app = typer.Typer()
 
@@ -60,13 +60,13 @@ def update(
     try:
         with stage(f"update {prof.name}") as step:
             if drop_dir is not None:
-                report = update_from_drop_folder(prof, store, panel_dir, drop_dir, log=step, **common)  # type: ignore[arg-type]
+                report = update_from_drop_folder(prof, store, panel_dir, drop_dir, log=step, **common)
             else:
                 def pull(target: Path, since) -> int:
                     return fetch_to_csv(target, since=since, app_token=settings.socrata_app_token)
 
                 report = update_from_fetch(prof, store, panel_dir, pull, overlap=timedelta(days=overlap_days), log=step,
-                                           **common)  # type: ignore[arg-type]
+                                           **common)
     except (UpdateError, StoreError, IngestError) as exc:
         fail(str(exc))
     except SocrataError as exc:
@@ -90,16 +90,11 @@ def retrain(
 ) -> None:
     """Backtest the latest months with every registered forecaster against the strongest baseline; the learned
     candidate is refitted, registered and made champion only when it passes the promotion gate. Logged to MLflow."""
-    from forecasting import registry
     from forecasting.reporting.retrain import retrain as run_retrain
 
+    available = chosen_factories(forecaster, param)
     settings = project_settings(data_dir, resolution)
     built = load_panel(settings, source)
-    chosen = forecaster or registry.names()
-    unknown = [f for f in chosen if f not in registry.names()]
-    if unknown:
-        fail(f"unknown forecaster(s) {unknown}; choose from {registry.names()}")
-    available = registry.factories(chosen, params={"lightgbm": parse_params(param, registry.forecaster_type("lightgbm"))})
     with stage(f"retrain {source} on the latest {months} month(s)" + (" (dry run)" if dry_run else "")) as step:
         try:
             result = run_retrain(built, source, settings, available, months=months, dry_run=dry_run, n_boot=n_boot,
