@@ -105,10 +105,14 @@ _KEY = list(CANONICAL_SCHEMA)
 
 def changed_times(before: pl.DataFrame, after: pl.DataFrame) -> pl.Series:
     """Occurrence times of every incident version in one snapshot of the store and not the other: new rows,
-    both versions of a revised row, removed rows. Their shifts are the ones whose counts may have changed."""
-    before, after = before.select(_KEY), after.select(_KEY)
-    gone = before.join(after, on=_KEY, how="anti", nulls_equal=True)
-    came = after.join(before, on=_KEY, how="anti", nulls_equal=True)
+    both versions of a revised row, removed rows. Their shifts are the ones whose counts may have changed.
+    Rows are compared by a 64-bit hash of every canonical field (a join on all seven is ~9x slower on Toronto)."""
+    def hashed(frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.select("occurred_at").with_columns(frame.select(_KEY).hash_rows().alias("_row"))
+
+    old, new = hashed(before), hashed(after)
+    gone = old.join(new.select("_row"), on="_row", how="anti")
+    came = new.join(old.select("_row"), on="_row", how="anti")
     return pl.concat([gone["occurred_at"], came["occurred_at"]])
 
 

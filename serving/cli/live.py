@@ -31,10 +31,11 @@ def update(
                                  "--drop-dir is given; any other source needs --drop-dir)."),
     drop_dir: Annotated[Path | None, typer.Option(
         "--drop-dir", help="Folder new export files are put in (write elsewhere, then move them in). Each file is "
-                           "ingested once, then moved to done/ (or failed/, with the reason logged).")] = None,
-    overlap_days: Annotated[float, typer.Option(
+                           "ingested once, then moved to done/ (or failed/, with the reason logged). Default: "
+                           "setting update_drop_dir.")] = None,
+    overlap_days: Annotated[float | None, typer.Option(
         "--overlap-days", min=0, help="API pulls start this long before the last stored time, so late and revised "
-                                      "rows are read again.")] = 7.0,
+                                      "rows are read again (default: setting update_overlap_days, 7).")] = None,
     resolution: int | None = Resolution,
     profile: str | None = typer.Option(None, help="Profile name or file, if not the source name."),
     data_dir: Path | None = DataDir,
@@ -54,9 +55,12 @@ def update(
     prof = source_profile(source, profile, settings)
     store = IncidentStore(settings.data_dir, wait=not no_wait, on_wait=console.print)
     panel_dir = DataPaths(settings).panel(prof.name)
+    drop_dir = drop_dir or settings.update_drop_dir
+    overlap = timedelta(days=settings.update_overlap_days if overlap_days is None else overlap_days)
     common = dict(future_tolerance=timedelta(minutes=settings.future_tolerance_minutes))
     if drop_dir is None and prof.name != "chicago":
-        fail(f"{prof.name} has no API to pull from: give --drop-dir, the folder its new export files are put in")
+        fail(f"{prof.name} has no API to pull from: give --drop-dir (or the setting update_drop_dir), the folder "
+             f"its new export files are put in")
     try:
         with stage(f"update {prof.name}") as step:
             if drop_dir is not None:
@@ -65,7 +69,7 @@ def update(
                 def pull(target: Path, since) -> int:
                     return fetch_to_csv(target, since=since, app_token=settings.socrata_app_token)
 
-                report = update_from_fetch(prof, store, panel_dir, pull, overlap=timedelta(days=overlap_days), log=step,
+                report = update_from_fetch(prof, store, panel_dir, pull, overlap=overlap, log=step,
                                            **common)
     except (UpdateError, StoreError, IngestError) as exc:
         fail(str(exc))
