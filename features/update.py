@@ -197,7 +197,7 @@ def update_source(
     with store.writing(f"update of {source}"):
         interrupted = marker.exists()
         if interrupted:
-            log(f"update {source}: the previous update did not finish; recounting the whole panel from the store")
+            log("the previous update did not finish; recounting the whole panel from the store")
         before = _read(store, source)
         atomic_write_text(f"update started {now.isoformat()}\n", marker)
         for path in files:
@@ -206,10 +206,10 @@ def update_source(
                                       boundary=boundary)
             except IngestError as exc:
                 report.files.append(FileOutcome(path.name, error=str(exc)))
-                log(f"update {source}: {path.name}: not ingested: {exc}")
+                log(f"{path.name}: not ingested: {exc}")
                 continue
             report.files.append(FileOutcome(path.name, summary=summary))
-            log(f"update {source}: {path.name}: {summary.input_rows:,} rows, {summary.stored_new:,} new, "
+            log(f"{path.name}: {summary.input_rows:,} rows, {summary.stored_new:,} new, "
                 f"{summary.updated:,} revised, {summary.already_stored:,} already stored, "
                 f"{summary.quarantined_total:,} quarantined")
         after = _read(store, source)
@@ -220,7 +220,7 @@ def update_source(
             extended.save(panel_dir)
         marker.unlink()
         report.panel = change
-        log(f"update {source}: panel {change.appended:,} shifts appended, {change.recounted_shifts:,} shifts "
+        log(f"panel {change.appended:,} shifts appended, {change.recounted_shifts:,} shifts "
             f"recounted ({'whole panel' if change.full_recount else f'{change.changed_incidents:,} incident versions changed'})"
             f"; data through shift {change.new_end - 1} starting {_local_start(panel, change.new_end - 1)}")
     if drop_dir is not None:
@@ -247,7 +247,7 @@ def update_from_drop_folder(profile: SourceProfile, store: IncidentStore, panel_
     _require_panel(panel_dir, profile.name)
     files = pending_files(drop_dir)
     log: Log = kwargs.get("log") or (lambda message: None)
-    log(f"update {profile.name}: {len(files)} new file(s) in {drop_dir}")
+    log(f"{len(files)} new file(s) in {drop_dir}")
     return update_source(profile, store, panel_dir, files, drop_dir=drop_dir, **kwargs)
 
 
@@ -277,7 +277,7 @@ def update_from_fetch(profile: SourceProfile, store: IncidentStore, panel_dir: P
     target = folder / f"{profile.name}-{stamp}.csv"
     try:
         rows = fetch(target, since)
-        log(f"update {profile.name}: fetched {rows:,} rows since {since.isoformat() if since else 'the beginning'}")
+        log(f"fetched {rows:,} rows since {since.isoformat() if since else 'the beginning'}")
         return update_source(profile, store, panel_dir, [target], **kwargs)
     finally:
         target.unlink(missing_ok=True)
