@@ -278,3 +278,33 @@ def test_cli_update_says_what_to_fix(tmp_path):
     result = runner.invoke(app, ["update", "toronto-mci", "--drop-dir", str(tmp_path / "nope"), "--data-dir",
                                  str(tmp_path)])
     assert result.exit_code == 2 and "run `hotspots panel toronto-mci` once first" in result.output
+
+
+def test_cli_update_pulls_chicago_from_the_api_since_the_last_stored_time(tmp_path, monkeypatch):
+    """`hotspots update chicago`: the Socrata client (SODA replies recorded from the portal) from the last stored
+    time minus the overlap; the rows are recognised as already stored and the raw pull is not kept."""
+    import json
+
+    import responses
+    from responses import matchers
+    from test_socrata import EXPORT_CSV, FIXTURES, URL
+
+    from serving.cli import app
+
+    monkeypatch.delenv("HOTSPOTS_H3_RESOLUTION", raising=False)
+    settings = Settings(data_dir=tmp_path / "data")
+    profile = load_profile("chicago")
+    store = IncidentStore(settings.data_dir)
+    (tmp_path / "export.csv").write_text(EXPORT_CSV)
+    assert ingest_file(tmp_path / "export.csv", profile, store).stored_new == 3  # one row has no coordinates
+    build_city_panel(store.read("chicago"), profile, settings).panel.save(DataPaths(settings).panel("chicago"))
+    rows = json.loads((FIXTURES / "page1.json").read_text()) + json.loads((FIXTURES / "page2.json").read_text())
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(URL, json=rows, match=[matchers.query_param_matcher(
+            {"$limit": "50000", "$offset": "0", "$order": ":id", "$where": "date >= '2017-12-25T12:00:00'"})])
+        result = CliRunner().invoke(app, ["update", "chicago", "--data-dir", str(settings.data_dir)])
+        calls = len(mock.calls)
+    assert result.exit_code == 0, result.output
+    assert "fetched 4 rows since 2017-12-25" in result.output
+    assert "4 rows, 0 new, 0 revised, 3 already stored, 1 quarantined" in result.output
+    assert calls == 1 and not list((settings.data_dir / "raw" / "updates").iterdir())
