@@ -51,7 +51,7 @@ class Retrain:
         d = self.decision
         period = f"{self.test_start} to {self.test_end}"
         if self.dry_run:
-            verb = "would promote" if d.promote else "would keep the champion; not promoting"
+            verb = "would promote" if d.promote else "would not promote"
             return f"dry run, {period}: {verb} {d.candidate} ({d.reason}); nothing registered, the champion is unchanged"
         if d.promote:
             return (f"{period}: promoted {d.candidate} as version {self.version} (champion was "
