@@ -51,6 +51,17 @@ def parse_params(pairs: list[str] | None, forecaster_type: type) -> dict[str, ob
     return out
 
 
+def chosen_factories(forecaster: list[str] | None, param: list[str] | None) -> dict:
+    """The factories of the --forecaster names (default: every registered one), --param applied to LightGBM."""
+    from forecasting import registry
+
+    chosen = forecaster or registry.names()
+    unknown = [f for f in chosen if f not in registry.names()]
+    if unknown:
+        fail(f"unknown forecaster(s) {unknown}; choose from {registry.names()}")
+    return registry.factories(chosen, params={"lightgbm": parse_params(param, registry.forecaster_type("lightgbm"))})
+
+
 @app.command()
 def train(
     source: str = typer.Argument(...),
@@ -203,7 +214,6 @@ def backtest(
     MLflow; the winner against the strongest baseline is registered and promoted."""
     from contextlib import nullcontext
 
-    from forecasting import registry
     from forecasting.cluster import connect
     from forecasting.reporting.runs import run_tracked_backtest
 
@@ -212,11 +222,7 @@ def backtest(
     built, other_shifts = panel_with_shifts(settings, source, load_panel(settings, source), shift_starts)
     start = test_start.date() if test_start else date(last_full_year(built), 1, 1)
     end = test_end.date() if test_end else date(start.year + 1, start.month, start.day)
-    chosen = forecaster or registry.names()
-    unknown = [f for f in chosen if f not in registry.names()]
-    if unknown:
-        fail(f"unknown forecaster(s) {unknown}; choose from {registry.names()}")
-    available = registry.factories(chosen, params={"lightgbm": parse_params(param, registry.forecaster_type("lightgbm"))})
+    available = chosen_factories(forecaster, param)
     out_dir = None
     if other_shifts:
         out_dir = DataPaths(settings).backtest(source, start, end).with_name(
