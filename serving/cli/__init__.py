@@ -5,6 +5,7 @@
 - ``assess``: diagnose, audit
 - ``service``: serve, keys
 - ``store``: verify
+- ``batch``: batch (a backtest grid, one task per point)
 - ``audit_log``: log verify (the service's audit and patrol hash chains)
 - ``profiles``: the ``profile`` sub-app (init, check): the profile assistant
 """
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import typer
 
-from serving.cli import assess, audit_log, data, models, profiles, service, store
+from serving.cli import assess, audit_log, batch, data, models, profiles, service, store
 
 app = typer.Typer(help="Place-based crime hotspot forecasting on H3 cells and patrol shifts.", no_args_is_help=True)
-for group in (data, models, assess, service, store, audit_log):
+for group in (data, models, assess, service, store, audit_log, batch):
     app.add_typer(group.app)
 app.add_typer(profiles.app, name="profile")
 
