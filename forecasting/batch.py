@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import time
 import tomllib
@@ -126,8 +127,8 @@ def load_grid(path: str | Path, settings: Settings | None = None) -> Grid:
         return value
 
     name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise GridError(f"{where}: field name {name!r} must be a folder name (no slashes, not starting with '.')")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise GridError(f"{where}: field name {name!r} must be a folder name of letters, digits, '_', '.' and '-'")
     sources = strings("sources")
     resolutions = raw.get("resolutions", [settings.h3_resolution])
     if (not isinstance(resolutions, list) or not resolutions
@@ -343,8 +344,10 @@ def run_points(points: list[GridPoint], data_dir: str | Path, client: Any = None
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
-    # the key is the point's digest: the same point submitted twice (two clients, a resubmitted batch) is one task
-    futures = {client.submit(run_point, point, data_dir, digest, key=f"batch-point-{digest}", retries=retries,
+    # the key is the point's folder and digest: the same point submitted twice (two clients, a resubmitted batch)
+    # is one task; the same point of another data folder is another
+    where = hashlib.sha256(data_dir.encode()).hexdigest()[:8]
+    futures = {client.submit(run_point, point, data_dir, digest, key=f"batch-point-{where}-{digest}", retries=retries,
                              pure=False): (point, digest) for point, digest in todo}
     try:
         for future in as_completed(futures):

@@ -174,6 +174,9 @@ def test_a_bad_grid_is_one_line_naming_the_fix(tmp_path):
     bad.write_text('sources = ["x"]\nforecasters = ["lgbm"]\n')
     result = CliRunner().invoke(app, ["batch", str(bad), "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "unknown ['lgbm']" in result.output
+    bad.write_text('name = "it\'s"\nsources = ["x"]\n')
+    result = CliRunner().invoke(app, ["batch", str(bad), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "must be a folder name" in result.output
 
 
 def test_a_point_without_data_fails_alone_with_the_fix(seed_folder, tmp_path):
