@@ -100,7 +100,7 @@ SERVICE_MODULES = {"test_api", "test_map", "test_patrols", "test_metrics_endpoin
                    "test_hot_swap", "test_schemathesis", "test_postgres", "test_browser", "test_live_update"}
 BROWSER_MODULES = {"test_browser"}
 SLOW_MODULES = {"test_cli_forecasting", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
-                "test_browser", "test_store_concurrency", "test_dask", "test_live_update", "test_retrain"}
+                "test_browser", "test_store_concurrency", "test_dask", "test_live_update", "test_retrain", "test_batch"}
 SLOW_TESTS = {
     "test_any_city.py::test_new_city_walkthrough_runs_end_to_end",
     "test_metrics_endpoint.py::test_worker_processes_are_summed_with_a_multiprocess_dir",
