@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         60, description="Incidents later than now + this are quarantined as future_time."
     )
     socrata_app_token: str | None = Field(None, description="App token for the Socrata API (optional).")
+    update_drop_dir: Path | None = Field(
+        None, description="Folder `hotspots update` takes new export files from when --drop-dir is not given.")
+    update_overlap_days: float = Field(
+        7.0, ge=0, description="`hotspots update` pulls from the API starting this long before the last stored "
+                               "time, so late and revised rows are read again.")
 
     # --- tracking ------------------------------------------------------------------------------------------
     mlflow_tracking_uri: str | None = Field(
