@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from features.settings import Settings, get_settings
+from serving.areas import AreaNames
 from serving.audit import AuditLog
 from serving.db import Database
 from serving.dependencies import Models
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = ModelStore(settings, refresh_seconds=settings.model_refresh_seconds)
     app.state.metrics = ServiceMetrics(app.state.models.snapshot)
     app.state.patrols = PatrolLog(db)
+    app.state.areas = AreaNames(settings)
     app.state.forecasts = ForecastService(settings.forecast_cache_size, metrics=app.state.metrics)
     app.state.models.warm = app.state.forecasts.warm  # a new champion is swapped in with its forecasts computed
     app.state.model_cards = ModelCards(app.state.models, ttl_seconds=settings.model_refresh_seconds)

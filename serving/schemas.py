@@ -157,6 +157,16 @@ class Contribution(BaseModel):
     contribution: float = Field(..., description="LightGBM pred_contrib on the log scale of the expected count.")
 
 
+class CellLocation(BaseModel):
+    lat: float = Field(..., description="Latitude of the cell's centre (WGS84).")
+    lon: float = Field(..., description="Longitude of the cell's centre (WGS84).")
+    nearest_area: str | None = Field(None, description="The area containing the centre or, outside every area, the "
+                                                       "closest one (None without an area layer).")
+    distance_km: float = Field(0.0, description="Distance from the centre to nearest_area (0 inside it).")
+    text: str = Field(..., description="Human-readable: '43.65612, -79.38037 · in Moss Park' or '... · near X "
+                                       "(0.4 km)' or '... · unnamed area'.")
+
+
 class Hotspot(BaseModel):
     rank: int = Field(..., ge=1)
     h3: str
@@ -168,6 +178,10 @@ class Hotspot(BaseModel):
     cumulative_area_share: float = Field(..., description="Area of the cells ranked 1..rank over the study area.")
     top_features: list[Contribution] = Field(..., description="The 3 largest feature contributions (by size); "
                                                               "empty after the first 100 ranks.")
+    area_name: str | None = Field(None, description="Neighbourhood / community area containing the cell's centre "
+                                                    "(None outside every area or without an area layer).")
+    location: CellLocation | None = Field(None, description="Where the cell is, for a person: centre and nearest area.")
+    geo_uri: str | None = Field(None, description="RFC 5870 geo: URI of the centre ('open in a map app').")
 
 
 class Selection(BaseModel):
@@ -337,6 +351,25 @@ class MultiPolygon(BaseModel):
     type: Literal["MultiPolygon"] = "MultiPolygon"
     coordinates: list[list[list[tuple[float, float]]]] = Field(
         ..., description="Polygons, each a list of closed rings of [longitude, latitude] positions (RFC 7946).")
+
+
+class NamedArea(BaseModel):
+    name: str
+    outline: MultiPolygon = Field(..., description="The area's outline, clipped to the study area's surroundings "
+                                                   "and simplified to about 20 m.")
+    label_at: LatLon = Field(..., description="Where to write the name (inside the area).")
+    n_cells: int = Field(..., description="Study-area cells whose centre lies in the area.")
+
+
+class AreaLayer(BaseModel):
+    city: str
+    source: Literal["file", "shared_layer", "toronto_wheel", "none"] = Field(
+        ..., description="file: the operator's boundary file (setting area_layer); shared_layer: the city's layer "
+                         "in the shared data folder; toronto_wheel: neighbourhoods named by the Toronto wheel's "
+                         "incidents (point majority per cell); none: unnamed areas.")
+    description: str
+    message: str | None = Field(None, description="Why a configured boundary file was not used.")
+    areas: list[NamedArea]
 
 
 class StudyAreaOutline(BaseModel):
