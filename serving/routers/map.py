@@ -104,12 +104,15 @@ PAGE = """<!doctype html>
   <section class="map-panel" aria-label="Map">
     <div class="map-wrap" id="map-wrap">
       <svg id="map" role="img" aria-label="Map of the hotspot cells" preserveAspectRatio="xMidYMid meet">
-        <g id="tiles"></g><g id="area"></g><g id="areas"></g><g id="hexes"></g><g id="highlight"></g><g id="labels"></g><g id="area-labels"></g><g id="scale"></g>
+        <g id="tiles"></g><g id="area"></g><g id="areas"></g><g id="hexes"></g><g id="highlight"></g><g id="labels"></g>
+        <g id="area-labels"></g><g id="scale"></g>
       </svg>
       <div class="zoom" role="group" aria-label="Zoom">
-        <button type="button" id="zoom-in" title="Zoom in (or scroll / double-click on the map)" aria-label="Zoom in">+</button>
+        <button type="button" id="zoom-in" title="Zoom in (or scroll / double-click on the map)"
+                aria-label="Zoom in">+</button>
         <button type="button" id="zoom-out" title="Zoom out" aria-label="Zoom out">−</button>
-        <button type="button" id="zoom-reset" title="Whole study area (drag the map to pan)" aria-label="Whole study area">⤢</button>
+        <button type="button" id="zoom-reset" title="Whole study area (drag the map to pan)"
+                aria-label="Whole study area">⤢</button>
       </div>
       <div id="tooltip" class="tooltip" hidden></div>
       <div id="loading" class="loading" hidden><span class="spinner" aria-hidden="true"></span>Loading forecast…</div>
@@ -130,7 +133,8 @@ PAGE = """<!doctype html>
   <section class="list-panel" aria-label="Ranked cells">
     <h2>Ranked cells <span id="list-count" class="count"></span></h2>
     <table id="ranked">
-      <thead><tr><th>#</th><th>Where (area · centre · H3 cell)</th><th class="num">Expected</th><th>Why (top features)</th></tr></thead>
+      <thead><tr><th>#</th><th>Where (area · centre · H3 cell)</th><th class="num">Expected</th>
+        <th>Why (top features)</th></tr></thead>
       <tbody></tbody>
     </table>
     <p class="note">Expected: forecast number of incidents in the cell during the shift. Why: the model's largest
