@@ -129,3 +129,19 @@ def test_without_shared_data_toronto_names_come_from_the_wheel_and_other_cities_
     assert len(both) > 0.8 * len(area) and same > 0.8  # point majority vs polygons: mostly the same names
     nobody = city_areas(Settings(data_dir=tmp_path, shared_data_dir=tmp_path), "somewhere", area)
     assert nobody.source == "none" and nobody.location_text(0) == "unnamed area" and nobody.areas == []
+
+
+def test_serve_refuses_a_boundary_file_it_cannot_name_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    nameless = tmp_path / "nameless.geojson"
+    nameless.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"code": 1}, "geometry": {"type": "Polygon", "coordinates": [WEST]}}]}))
+    for args, expected in (([str(tmp_path / "nope.geojson")], "area layer file not found"),
+                           ([str(nameless)], "no text column to name the areas (columns: code); set area_name_column"),
+                           ([str(nameless), "--area-name-column", "nom"], "no column 'nom' for area names")):
+        result = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path), "--areas", *args])
+        assert result.exit_code != 0 and expected in result.output, result.output
+        assert "Traceback" not in result.output and result.output.count("\n") <= 2
