@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
@@ -74,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.models.refresh()
         except Exception:  # noqa: BLE001 - start anyway; /readyz tells what is missing
             log.exception("initial model refresh failed")
+        # area names take seconds per city (polygon joins): computed beside the first requests, not in them
+        threading.Thread(target=app.state.areas.warm, args=(app.state.models.snapshot(),), name="area-names",
+                         daemon=True).start()
         # The long-lived objects (models, panels, libraries: millions) leave the collector's generations, so
         # full collections no longer stall a request for ~0.2 s every few thousand requests (the p99).
         gc.collect()

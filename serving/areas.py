@@ -19,9 +19,10 @@ polygon, the closest polygon (with the distance). Computed once per city and pan
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import h3
 import numpy as np
@@ -32,6 +33,7 @@ from features.settings import Settings
 from forecasting.area_join import AreaJoinError, read_layer
 from forecasting.area_presets import PRESETS, SOURCE_PRESETS
 from serving.caches import ComputeOnceCache
+from serving.models_store import CityState
 
 log = logging.getLogger("hotspots.serving")
 
@@ -65,6 +67,8 @@ class CellAreas:
     distance_km: np.ndarray
     areas: list[AreaOutline] = field(default_factory=list)
     message: str | None = None  # why a configured layer was not used
+    locations: list[Any] = field(default_factory=list)  # per cell: serving.schemas.CellLocation (with_locations)
+    geo_uris: list[str] = field(default_factory=list)  # per cell
 
     @classmethod
     def unnamed(cls, n_cells: int, message: str | None = None) -> CellAreas:
@@ -251,8 +255,11 @@ def _shared_layer(city: str, settings: Settings):
 
 
 def city_areas(settings: Settings, city: str, study_area: StudyArea) -> CellAreas:
-    """The first source that names the city's cells (module docstring); never raises: a bad configured layer is
-    logged in one line and the next source is used."""
+    """The first source that names the city's cells (module docstring); never raises: a source that fails is
+    logged in one line and the next one is used."""
+    from shapely.errors import ShapelyError
+
+    failures = (AreaLayerError, OSError, ValueError, ShapelyError, pl.exceptions.PolarsError)
     message = None
     try:
         frame = configured_layer(settings)
@@ -261,22 +268,40 @@ def city_areas(settings: Settings, city: str, study_area: StudyArea) -> CellArea
             if found is not None:
                 return found
             message = f"{settings.area_layer} has no polygon over {city}'s cells"
-    except AreaLayerError as exc:
+    except failures as exc:
         message = str(exc)
-        log.warning("area names: %s", message)
+        log.warning("area names of %s: %s", city, message)
     try:
         frame, description = _shared_layer(city, settings)
         if frame is not None:
             found = polygon_areas(frame, study_area, "shared_layer", description or "")
             if found is not None:
                 return CellAreas(**{**found.__dict__, "message": message})
-    except AreaLayerError as exc:
-        log.warning("area names: %s", exc)
+    except failures as exc:
+        log.warning("area names of %s from the shared layer: %s", city, exc)
     if city == "toronto-mci":
-        found = wheel_areas(study_area)
+        try:
+            found = wheel_areas(study_area)
+        except failures as exc:
+            log.warning("area names of %s from the Toronto wheel: %s", city, exc)
+            found = None
         if found is not None:
             return CellAreas(**{**found.__dict__, "message": message})
     return CellAreas.unnamed(len(study_area), message)
+
+
+def with_locations(areas: CellAreas, study_area: StudyArea) -> CellAreas:
+    """``areas`` with every cell's location and geo: URI made once: a city-wide ranking then only indexes them."""
+    from serving.schemas import CellLocation
+
+    lat, lon = study_area.centroids
+    locations, uris = [], []
+    for i, (y, x) in enumerate(zip(lat.tolist(), lon.tolist())):
+        locations.append(CellLocation.model_construct(
+            lat=y, lon=x, nearest_area=areas.nearest[i], distance_km=round(float(areas.distance_km[i]), 3),
+            text=f"{y:.5f}, {x:.5f} · {areas.location_text(i)}"))
+        uris.append(geo_uri(y, x))
+    return CellAreas(**{**areas.__dict__, "locations": locations, "geo_uris": uris})
 
 
 class AreaNames:
@@ -288,4 +313,11 @@ class AreaNames:
 
     def get(self, city: str, panel_token: str, study_area: StudyArea) -> CellAreas:
         return self._cache.get_or_compute((city, panel_token),
-                                          lambda: city_areas(self.settings, city, study_area))[0]
+                                          lambda: with_locations(city_areas(self.settings, city, study_area),
+                                                                 study_area))[0]
+
+    def warm(self, states: Mapping[str, CityState]) -> None:
+        """Name every city's cells now (a background thread at start-up), so no first request waits seconds."""
+        for city, state in sorted(states.items()):
+            if state.panel is not None:
+                self.get(city, state.panel_token, state.panel.study_area)

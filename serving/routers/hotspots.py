@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from serving.areas import CellAreas, geo_uri
+from serving.areas import CellAreas
 from serving.audit import AuditLog
 from serving.briefing import render_briefing
 from serving.checks import EXPLAINED_CELLS, PNG_MAX_K, check_selected
@@ -27,7 +27,6 @@ from serving.geometry import hexagon_ring
 from serving.keys import Principal
 from serving.routers.common import Prepared, audit_params, context, prepare_off_loop, respond
 from serving.schemas import (
-    CellLocation,
     Contribution,
     ErrorMessage,
     Hotspot,
@@ -66,12 +65,6 @@ def yielding(items: Iterable[T], every: int = 200) -> Iterator[T]:
             time.sleep(0)
 
 
-def _location(areas: CellAreas, i: int, lat: float, lon: float) -> CellLocation:
-    return CellLocation.model_construct(lat=lat, lon=lon, nearest_area=areas.nearest[i],
-                                        distance_km=round(float(areas.distance_km[i]), 3),
-                                        text=f"{lat:.5f}, {lon:.5f} · {areas.location_text(i)}")
-
-
 def _cells(p: Prepared, n: int, areas: CellAreas) -> list[Hotspot]:
     """The first ``n`` ranked cells, the first EXPLAINED_CELLS with their top features. Built without validation
     (the values are typed floats already) and yielding the GIL now and then: a city-wide selection is thousands
@@ -86,6 +79,7 @@ def _cells(p: Prepared, n: int, areas: CellAreas) -> list[Hotspot]:
     km2 = panel.study_area.areas_km2
     lat, lon = panel.study_area.centroids
     h3_ids = panel.study_area.h3_ids
+    names, locations, uris = areas.inside, areas.locations, areas.geo_uris  # made once per city and panel
     cum_area = np.cumsum(km2[top]) / float(km2.sum())
     columns = zip(top.tolist(), f.expected[top].tolist(), np.round(f.percentile[top], 3).tolist(), lat[top].tolist(),
                   lon[top].tolist(), km2[top].tolist(), cum_area.tolist(), explained)
@@ -94,7 +88,7 @@ def _cells(p: Prepared, n: int, areas: CellAreas) -> list[Hotspot]:
             rank=rank, h3=h3_ids[i], expected_count=expected, risk_percentile=percentile,
             centroid=LatLon.model_construct(lat=y, lon=x), area_km2=area, cumulative_area_share=share,
             top_features=[Contribution.model_construct(feature=name, contribution=value) for name, value in why],
-            area_name=areas.inside[i], location=_location(areas, i, y, x), geo_uri=geo_uri(y, x))
+            area_name=names[i], location=locations[i], geo_uri=uris[i])
         for rank, (i, expected, percentile, y, x, area, share, why) in enumerate(yielding(columns), start=1)
     ]
 
