@@ -11,12 +11,14 @@ from zoneinfo import ZoneInfo
 import polars as pl
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from forecasting.patrol_dose import override_summary
+from serving.audit import AuditLog
 from serving.db import utcnow
 from serving.dependencies import Audit, Metrics, Models, Now, PatrolReader, PatrolRecorder, Patrols, city_state, ready_panel
 from serving.errors import ApiError, FieldError
+from serving.keys import Principal
 from serving.models_store import CityState, ModelStore
 from serving.patrols import (
     Idempotency,
@@ -145,11 +147,16 @@ def patrol_totals(request: Request, principal: PatrolReader, query: Annotated[Pa
         city=query.city, start=start, end=end, count=frame.height, total_minutes=float(frame["dose_minutes"].sum()),
         truncated=truncated, patrols=[PatrolTotal(**row) for row in frame.iter_rows(named=True)],
     )
-    content = body.model_dump_json().encode("utf-8")
     params = {"city": query.city, "start": start and start.isoformat(), "end": end and end.isoformat(),
               "limit": query.limit, "rows": frame.height}
+    return _audited(request, audit, principal, query.city, params, body.model_dump_json().encode("utf-8"))
+
+
+def _audited(request: Request, audit: AuditLog, principal: Principal, city: str, params: dict[str, Any],
+             content: bytes) -> Response:
+    """The patrol log read back, sent only once its audit entry is written."""
     try:
-        audit.record(principal, request.url.path, params, len(content), city=query.city)
+        audit.record(principal, request.url.path, params, len(content), city=city)
     except Exception as exc:  # noqa: BLE001
         raise ApiError(503, "the audit log cannot be written; the patrol log is not served without an audit entry") from exc
     return Response(content=content, media_type="application/json", headers={"Cache-Control": "private, no-store"})
@@ -195,7 +202,7 @@ def record_overrides(request: Request, body: OverrideRequest, principal: PatrolR
         if first is None:
             raise ApiError(503, "the patrol log cannot be written; nothing was stored, try again") from None
         return first
-    except Exception as exc:  # noqa: BLE001 - a database problem is the operator's: say so, never a bare 500
+    except SQLAlchemyError as exc:  # a database problem is the operator's: say so, never a bare 500
         raise ApiError(503, "the patrol log cannot be written; nothing was stored, try again") from exc
     return Response(content=content, status_code=201, media_type="application/json",
                     headers={"Cache-Control": "no-store"})
@@ -214,17 +221,12 @@ def override_totals(request: Request, principal: PatrolReader, query: Annotated[
     try:
         summary = override_summary(patrols.overrides(query.city, start, end),
                                    patrols.totals(query.city, start=start, end=end))
-    except Exception as exc:  # noqa: BLE001
+    except SQLAlchemyError as exc:
         raise ApiError(503, "the patrol log cannot be read; try again") from exc
     body = OverrideSummaryResponse(
         city=query.city, start=start, end=end, flags=summary.flags, not_patrolled=summary.not_patrolled,
         share_not_patrolled=summary.share_not_patrolled if summary.flags else None,
         by_reason=[OverrideReasonCount(**row) for row in summary.by_reason.iter_rows(named=True)],
         contradicted=summary.contradicted, flags_source=summary.flags_source)
-    content = body.model_dump_json().encode("utf-8")
-    try:
-        audit.record(principal, request.url.path, {"city": query.city, "start": start and start.isoformat(),
-                                                   "end": end and end.isoformat()}, len(content), city=query.city)
-    except Exception as exc:  # noqa: BLE001
-        raise ApiError(503, "the audit log cannot be written; the patrol log is not served without an audit entry") from exc
-    return Response(content=content, media_type="application/json", headers={"Cache-Control": "private, no-store"})
+    params = {"city": query.city, "start": start and start.isoformat(), "end": end and end.isoformat()}
+    return _audited(request, audit, principal, query.city, params, body.model_dump_json().encode("utf-8"))

@@ -581,7 +581,7 @@
       const p = f.properties;
       const tr = document.createElement("tr");
       tr.dataset.h3 = f.id;
-      const cells = ["rank", "where", "num", "why"].map((cls) => {
+      const cells = ["rank", "where", "num", "drivers"].map((cls) => {
         const td = document.createElement("td");
         td.className = cls;
         tr.append(td);
@@ -595,7 +595,10 @@
       cells[0].append(badge);
       whereCell(p, f.id, cells[1]);
       cells[2].textContent = p.expected_count.toFixed(3);
-      chips(p, cells[3]);
+      const why = document.createElement("div"); // a flex box inside the cell: the cell stays a table cell
+      why.className = "why";
+      cells[3].append(why);
+      chips(p, why);
       tr.addEventListener("pointerenter", () => setActive(f.id, "list"));
       tr.addEventListener("pointerleave", () => setActive(null));
       return tr;
