@@ -21,7 +21,7 @@ class ForecasterScore(BaseModel):
 
 class ClaimVerdict(BaseModel):
     coverage: float
-    ratio: float | None = Field(None, description="Model hit rate over the naive baseline's.")
+    ratio: float | None = Field(None, description="Model hit rate over the strongest baseline's.")
     verdict: str | None = Field(None, description="supported, refuted or undetermined, for the claimed ratio.")
 
 
@@ -35,6 +35,9 @@ class BacktestRecord(BaseModel):
     best_by_coverage: dict[str, str] = Field(
         default_factory=dict,
         description="Coverage -> the forecaster with the highest backtest hit rate, baselines included.")
+    champion_forecaster: str | None = Field(None, description="The forecaster the backtest promoted (its winner).")
+    strongest_baseline: str | None = Field(
+        None, description="The strongest traditional baseline, chosen on the validation window before the test period.")
 
 
 class Assessment(BaseModel):
@@ -71,7 +74,8 @@ class CityModelSummary(BaseModel):
     champion_version: str | None
     loaded_version: str | None
     headline: list[ForecasterScore] = Field(default_factory=list,
-                                            description="The champion's backtest against the naive baseline.")
+                                            description="The champion's backtest scores beside the strongest "
+                                                        "baseline's (the backtest's own choice).")
 
 
 class ModelsOverview(BaseModel):

@@ -79,6 +79,7 @@ class AuditRow(Base):
     model_version: Mapped[str | None] = mapped_column(String(40), nullable=True)
     response_bytes: Mapped[int] = mapped_column(Integer)
     row_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # see serving.chain
+    flagged: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON H3 ids a hotspots response flagged
 
 
 class PatrolRow(Base):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.accuracy_schemas import AccuracyRecord
 from serving.card_schemas import ModelCard
 
 # --- errors -------------------------------------------------------------------------------------------
@@ -92,6 +93,9 @@ class CityReadiness(BaseModel):
         None, description="local_fallback: loaded from the last-good copy on disk because the registry was unreachable."
     )
     message: str | None = None
+    degraded: bool = Field(False, description="A drift alarm fired (README: Accuracy record and drift): still "
+                                              "served, but the realised accuracy or the data moved.")
+    degraded_reasons: list[str] = Field(default_factory=list, description="Each fired alarm's reason.")
 
 
 class Readiness(BaseModel):
@@ -99,6 +103,8 @@ class Readiness(BaseModel):
     registry_reachable: bool | None
     registry_error: str | None = None
     cities: list[CityReadiness]
+    status: Literal["ready", "degraded", "not_ready"] = Field(
+        "ready", description="degraded: a ready city has a drift alarm (see its degraded_reasons).")
 
 
 # --- cities -------------------------------------------------------------------------------------------
@@ -286,6 +292,8 @@ class ModelsResponse(BaseModel):
     hint: str | None = None
     card: ModelCard | None = Field(None, description="The champion's record: backtest against every baseline, "
                                                      "claim verdicts, diagnostics and bias audit.")
+    accuracy: AccuracyRecord | None = Field(None, description="Realised accuracy of the served flags against the "
+                                                              "backtest and the strongest baseline, with drift alarms.")
 
 
 # --- audit --------------------------------------------------------------------------------------------

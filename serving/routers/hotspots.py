@@ -138,7 +138,12 @@ class HotspotsRequest:
         variant = (kind, p.shift.requested, p.shift.after_data, self.n, q.coverage)
         return await respond(self.request, self.forecasts, self.audit, self.principal, p, variant,
                              lambda: render(self), audit_params(p, q, k=self.k, coverage=q.coverage, **params),
-                             media_type=media_type)
+                             media_type=media_type, flagged=self.flagged())
+
+    def flagged(self) -> list[str]:
+        """The H3 ids this response hands out, in rank order (recorded in its audit row)."""
+        h3_ids = self.p.panel.study_area.h3_ids
+        return [h3_ids[i] for i in self.p.forecast.order[: self.n].tolist()]
 
 
 async def prepared_hotspots(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()],

@@ -1,8 +1,8 @@
 """Human oversight in the patrol log: a planner records that a flagged cell was not patrolled, and why, from a
 fixed list of reasons (no free text). Additive: a new append-only, hash-chained table; nothing else changes.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
