@@ -92,6 +92,17 @@ class Settings(BaseSettings):
                     "page makes no request outside the service.",
     )
 
+    area_layer: Path | None = Field(
+        None, description="Boundary file (GeoJSON, GeoPackage, shapefile) whose polygons name the map's areas "
+                          "(neighbourhoods, districts); `hotspots serve --areas FILE`. Unset: the city's shipped "
+                          "layer under shared_data_dir, for toronto-mci the installed wheel's neighbourhoods, "
+                          "else unnamed areas.",
+    )
+    area_layer_name: str | None = Field(None, description="Layer of area_layer to read (GeoPackage); default: the first.")
+    area_name_column: str | None = Field(
+        None, description="Column of area_layer holding the area names; default: a column called name, "
+                          "neighbourhood, community, ... or else the first text column.",
+    )
     # --- realised accuracy and drift alarms (README: "Accuracy record and drift") ------------------------------
     accuracy_window_days: int = Field(28, ge=1, description="Days of served shifts the rolling realised accuracy pools.")
     drift_min_shifts: int = Field(

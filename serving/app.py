@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
@@ -20,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 
 from features.settings import Settings, get_settings
 from serving.accuracy import AccuracyRecords
+from serving.areas import AreaNames
 from serving.audit import AuditLog
 from serving.db import Database
 from serving.dependencies import Models
@@ -80,6 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.models.refresh()
         except Exception:  # noqa: BLE001 - start anyway; /readyz tells what is missing
             log.exception("initial model refresh failed")
+        # area names take seconds per city (polygon joins): computed beside the first requests, not in them
+        threading.Thread(target=app.state.areas.warm, args=(app.state.models.snapshot(),), name="area-names",
+                         daemon=True).start()
         # The long-lived objects (models, panels, libraries: millions) leave the collector's generations, so
         # full collections no longer stall a request for ~0.2 s every few thousand requests (the p99).
         gc.collect()
@@ -103,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = ModelStore(settings, refresh_seconds=settings.model_refresh_seconds)
     app.state.metrics = ServiceMetrics(app.state.models.snapshot)
     app.state.patrols = PatrolLog(db)
+    app.state.areas = AreaNames(settings)
     app.state.forecasts = ForecastService(settings.forecast_cache_size, metrics=app.state.metrics)
     app.state.models.warm = app.state.forecasts.warm  # a new champion is swapped in with its forecasts computed
     app.state.model_cards = ModelCards(app.state.models, ttl_seconds=settings.model_refresh_seconds)

@@ -41,7 +41,7 @@ class BacktestRecord(BaseModel):
 
 
 class Assessment(BaseModel):
-    name: str = Field(..., description="diagnostics, bias_audit or patrol_diagnostics.")
+    name: str = Field(..., description="diagnostics, bias_audit, patrol_diagnostics or patrol_overrides.")
     updated_at: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict, description="Flat headline figures.")
     detail: dict[str, Any] = Field(default_factory=dict, description="Tables with intervals, as logged.")
@@ -63,6 +63,8 @@ class DiagnosticsResponse(BaseModel):
     diagnostics: Assessment | None = Field(None, description="Concentration, churn and persistence of the flags.")
     bias_audit: Assessment | None = Field(None, description="Exposure, hit rate and calibration by population group.")
     patrol_diagnostics: Assessment | None = Field(None, description="Recorded crime by patrol dose (patrol log).")
+    patrol_overrides: Assessment | None = Field(None, description="Human oversight: the share of flags planners "
+                                                                  "recorded as not patrolled, by reason.")
     hint: str | None = None
 
 

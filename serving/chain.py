@@ -20,19 +20,21 @@ from typing import Any, cast
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
-from serving.db import AuditRow, PatrolRow, as_utc
+from serving.db import AuditRow, OverrideRow, PatrolRow, as_utc
 
 _meta = MetaData()
 log_chain = Table("log_chain", _meta, Column("table_name", String(40), primary_key=True),
                   Column("last_id", BigInteger), Column("last_hash", String(64)))
 # the mapped classes' tables (declarative __table__ is typed as a FromClause; it is a Table)
-TABLES: dict[str, Table] = {"audit_log": cast(Table, AuditRow.__table__), "patrol_log": cast(Table, PatrolRow.__table__)}
+TABLES: dict[str, Table] = {"audit_log": cast(Table, AuditRow.__table__), "patrol_log": cast(Table, PatrolRow.__table__),
+                            "patrol_overrides": cast(Table, OverrideRow.__table__)}
 FIELDS = {
     "audit_log": ("at", "key_id", "role", "endpoint", "params", "city", "model_version", "response_bytes"),
     "patrol_log": ("city", "shift_id", "shift_start", "h3", "dose_minutes", "key_id", "recorded_at"),
+    "patrol_overrides": ("city", "shift_id", "shift_start", "h3", "reason", "code", "key_id", "recorded_at"),
 }
 # columns added later (serving/migrations 0003+): hashed only when set, so rows written before them keep their hashes
-OPTIONAL_FIELDS = {"audit_log": ("flagged",), "patrol_log": ()}
+OPTIONAL_FIELDS = {"audit_log": ("flagged",), "patrol_log": (), "patrol_overrides": ()}
 SQLITE_TRIGGERS = {f"{t}_no_{kind}" for t in TABLES for kind in ("update", "delete", "replace")}
 PG_TRIGGERS = {f"{t}_{kind}" for t in TABLES for kind in ("append_only", "no_truncate")}
 
@@ -89,7 +91,7 @@ def _triggers(conn: Connection) -> set[str]:
     if conn.dialect.name == "sqlite":
         return set(conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'")).scalars())
     return set(conn.execute(text("SELECT tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                                 "WHERE NOT t.tgisinternal AND c.relname IN ('audit_log', 'patrol_log') "
+                                 "WHERE NOT t.tgisinternal AND c.relname IN ('audit_log', 'patrol_log', 'patrol_overrides') "
                                  "AND pg_table_is_visible(c.oid)")).scalars())
 
 

@@ -96,9 +96,10 @@ def toronto_box_panel(incidents, lat: tuple[float, float], lon: tuple[float, flo
 # service: starts the FastAPI app (in process or as a server); browser: drives Chromium; slow: trains models,
 # runs backtests or simulations, executes notebooks, or starts real servers. Whole modules are marked here, and
 # single slow tests of otherwise fast modules are named, so the list of what the fast loop leaves out is in one place.
-SERVICE_MODULES = {"test_api", "test_map", "test_patrols", "test_metrics_endpoint", "test_model_cards", "test_server",
-                   "test_hot_swap", "test_schemathesis", "test_postgres", "test_browser", "test_live_update",
-                   "test_realised_accuracy", "test_drift", "test_transparency"}
+SERVICE_MODULES = {"test_api", "test_map", "test_map_areas", "test_patrols", "test_patrol_overrides",
+                   "test_metrics_endpoint", "test_model_cards", "test_server", "test_hot_swap", "test_schemathesis",
+                   "test_postgres", "test_browser", "test_live_update", "test_realised_accuracy", "test_drift",
+                   "test_transparency"}
 BROWSER_MODULES = {"test_browser"}
 SLOW_MODULES = {"test_cli_forecasting", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
                 "test_browser", "test_store_concurrency", "test_dask", "test_live_update", "test_retrain", "test_batch",

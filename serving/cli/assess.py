@@ -124,11 +124,11 @@ def diagnose(
     import mlflow
 
     from forecasting.assessment import run_diagnostics
-    from forecasting.patrol_dose import patrol_diagnostics
+    from forecasting.patrol_dose import override_summary, patrol_diagnostics
     from forecasting.reporting.assess import log_diagnostics
     from forecasting.reporting.tracking import configure, log_assessment
     from serving.db import Database
-    from serving.patrols import patrol_log
+    from serving.patrols import PatrolLog, patrol_log
 
     settings = project_settings(data_dir)
     saved, panel = _backtest(settings, city, backtest_dir, resolution)
@@ -143,8 +143,10 @@ def diagnose(
     db = Database.for_settings(settings)
     try:
         patrols = patrol_log(db, city)
+        overrides = PatrolLog(db).overrides(city)
     finally:
         db.dispose()
+    oversight = override_summary(overrides, patrols) if overrides.height else None
     patrol = None
     if patrols.height:
         forecasts = _patrol_forecasts(settings, city, panel, patrols, saved, model)
@@ -160,12 +162,20 @@ def diagnose(
         log_diagnostics(diag, saved.out_dir)
         if patrol is not None:
             log_assessment("patrol_diagnostics", patrol.payload(), patrol.metrics())
+        if oversight is not None:
+            log_assessment("patrol_overrides", oversight.payload(), oversight.metrics())
     _print_diagnostics(diag, coverage)
     if patrol is None:
         console.print("no patrol-dose analysis: no patrols recorded for shifts the panel has counts for")
     else:
         for key, value in sorted(patrol.metrics().items()):
             console.print(f"patrol {key}: {value:.3f}")
+    if oversight is not None:
+        console.print(f"flags not patrolled: {oversight.not_patrolled:,} of {oversight.flags:,} "
+                      f"({oversight.share_not_patrolled:.1%}; flags = {oversight.flags_source})")
+        for row in oversight.by_reason.iter_rows(named=True):
+            reason = row["reason"] + (f" ({row['code']})" if row["code"] else "")
+            console.print(f"  {reason}: {row['count']:,} ({row['share_of_flags']:.1%} of flags)")
     console.print(f"logged into MLflow run {run.info.run_id}; report: {saved.out_dir / 'diagnostics.html'}")
 
 
