@@ -175,7 +175,7 @@ def backtest(
     built, other_shifts = panel_with_shifts(settings, source, load_panel(settings, source), shift_starts)
     start = test_start.date() if test_start else date(last_full_year(built), 1, 1)
     end = test_end.date() if test_end else date(start.year + 1, start.month, start.day)
-    chosen = forecaster or registry.names()
+    chosen = forecaster or registry.default_names()
     unknown = [f for f in chosen if f not in registry.names()]
     if unknown:
         fail(f"unknown forecaster(s) {unknown}; choose from {registry.names()}")
