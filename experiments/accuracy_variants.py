@@ -98,8 +98,11 @@ def chicago_panel(cache: Path) -> CountPanel:
 
 
 def rates(pred: np.ndarray, observed: np.ndarray, areas: np.ndarray, origins: np.ndarray) -> dict[str, list[float]]:
-    return {ties: [float(v) for v in pooled(shift_hits(pred, observed, areas, origins, HEADLINE_COVERAGES, ties=ties))["hit_rate"]]
-            for ties in ("random", "pessimistic")}
+    out = {}
+    for ties in ("random", "pessimistic"):
+        hits = shift_hits(pred, observed, areas, origins, HEADLINE_COVERAGES, ties=ties)
+        out[ties] = [float(v) for v in pooled(hits)["hit_rate"]]
+    return out
 
 
 def load_average() -> float:
@@ -112,8 +115,18 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--cache", type=Path, default=Path("/tmp/hotspots-accuracy"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-references", action="store_true",
+                        help="variants only (a parallel run); --merge adds them to the main results")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="variant results of parallel runs to merge")
     args = parser.parse_args()
     out = args.out or RESULTS / f"accuracy_variants-{args.city}.json"
+    if args.merge:
+        result = json.loads(out.read_text())
+        for part in args.merge:
+            result["variants"].update(json.loads(part.read_text())["variants"])
+        out.write_text(json.dumps(with_shares(result), indent=2))
+        print(table(result))
+        return
     panel = toronto_panel() if args.city == "toronto" else chicago_panel(args.cache)
     start, end = CITIES[args.city]
     per_day = panel.calendar.per_day
@@ -127,7 +140,7 @@ def main() -> None:
     result.update({"city": args.city, "cutoff": str(start), "window_end": str(end), "shifts": int(origins.size),
                    "cells": known.n_cells, "light_lightgbm": LIGHT, "protocol": "one fit at the cutoff, no refits"})
     refs = result.setdefault("references", {})
-    if "ceiling_shift_of_day" not in refs:
+    if "ceiling_shift_of_day" not in refs and not args.no_references:
         by_sod = np.stack([observed[origins % per_day == k].sum(axis=0) for k in range(per_day)])
         refs["ceiling_shift_of_day"] = rates(by_sod[origins % per_day], observed, areas, origins)
         for name, make in BASELINES.items():
@@ -135,10 +148,6 @@ def main() -> None:
             pred = make().fit(known, cutoff).predict(known, origins)
             refs[name] = rates(pred, observed, areas, origins) | {"seconds": round(time.perf_counter() - t0, 1)}
             print(name, refs[name], flush=True)
-    strongest = {ties: [max(refs[b][ties][i] for b in BASELINES) for i in range(len(HEADLINE_COVERAGES))]
-                 for ties in ("random", "pessimistic")}
-    result["strongest"] = strongest
-    ceiling = refs["ceiling_shift_of_day"]
     variants = result.setdefault("variants", {})
     for name in args.variants.split(","):
         load = load_average()
@@ -147,16 +156,29 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         pred = model.predict(known, origins)
         scored = rates(pred, observed, areas, origins)
-        share = {ties: [(m - s) / (c - s) for m, s, c in zip(scored[ties], strongest[ties], ceiling[ties])]
-                 for ties in scored}
-        variants[name] = scored | {"headroom_share": share, "fit_seconds": round(seconds, 1), "load_before": load,
+        variants[name] = scored | {"fit_seconds": round(seconds, 1), "load_before": load,
                                    "load_after": load_average(), "fit_summary": model.fit_summary(),
                                    "params": {k: repr(v) for k, v in model.get_params(deep=True).items()}}
-        print(name, scored, share, f"{seconds:.0f} s (load {load})", flush=True)
+        print(name, scored, f"{seconds:.0f} s (load {load})", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-    out.write_text(json.dumps(result, indent=2))
-    print(table(result))
+        out.write_text(json.dumps(with_shares(result), indent=2))
+    print(table(with_shares(result)))
+
+
+def with_shares(result: dict) -> dict:
+    """The strongest baseline (best of BASELINES at each coverage and tie rule) and each variant's headroom share
+    (model - strongest) / (ceiling - strongest)."""
+    refs = result.get("references", {})
+    if "ceiling_shift_of_day" not in refs:
+        return result
+    strongest = {ties: [max(refs[b][ties][i] for b in BASELINES) for i in range(len(HEADLINE_COVERAGES))]
+                 for ties in ("random", "pessimistic")}
+    ceiling = refs["ceiling_shift_of_day"]
+    result["strongest"] = strongest
+    for r in result["variants"].values():
+        r["headroom_share"] = {ties: [(m - s) / (c - s) for m, s, c in zip(r[ties], strongest[ties], ceiling[ties])]
+                               for ties in ("random", "pessimistic")}
+    return result
 
 
 def table(result: dict) -> str:

@@ -159,8 +159,8 @@ def _parent_sum(values: np.ndarray, parent: np.ndarray, n_parents: int) -> np.nd
     return sums.reshape(n_rows, n_parents)[:, parent].astype(np.float32)
 
 
-def _bincount2(classes: np.ndarray, cells: np.ndarray, weights: np.ndarray, n_cells: int, n_classes: int | None = None) -> np.ndarray:
-    n_classes = int(classes.max()) + 1 if n_classes is None else n_classes
+def _class_sums(classes: np.ndarray, cells: np.ndarray, weights: np.ndarray, n_cells: int, n_classes: int) -> np.ndarray:
+    """(n_classes, n_cells) sums of sparse count rows by their shift's class and their cell."""
     flat = classes.astype(np.int64) * n_cells + cells
     return np.bincount(flat, weights=weights, minlength=n_classes * n_cells).reshape(n_classes, n_cells)
 
@@ -178,7 +178,7 @@ def _seasonal_rates(panel: CountPanel, history: _History, origins: np.ndarray) -
     out: dict[str, np.ndarray] = {}
     for label, stride in (("shift_of_day", per_day), ("shift_of_week", 7 * per_day)):
         rows = panel.slice(first, h0)
-        before = _bincount2(rows["shift"].to_numpy() % stride, rows["cell"].to_numpy(), rows["count"].to_numpy(), n, stride)
+        before = _class_sums(rows["shift"].to_numpy() % stride, rows["cell"].to_numpy(), rows["count"].to_numpy(), n, stride)
         deep = (origins.max() - h0) // stride + 2  # reaches back to h0 from every origin
         total = before[origins % stride] + history.lagged(origins, stride, int(deep))
         n_before = np.maximum((origins - first) // stride, 1)
@@ -191,7 +191,7 @@ def _seasonal_rates(panel: CountPanel, history: _History, origins: np.ndarray) -
     rows = panel.slice(first, int(origins.max()))
     ym_rows = _year_month(rows["shift"].to_numpy(), per_day)
     done = ym_rows < ym_hi  # only months ending before the last origin's month (earlier origins filter below)
-    monthly = _bincount2(ym_rows[done] - ym0, rows["cell"].to_numpy()[done], rows["count"].to_numpy()[done], n, ym_hi - ym0)
+    monthly = _class_sums(ym_rows[done] - ym0, rows["cell"].to_numpy()[done], rows["count"].to_numpy()[done], n, ym_hi - ym0)
     all_shifts = np.arange(first, max(int(origins.max()), first + 1))
     month_shifts = np.bincount(_year_month(all_shifts, per_day) - ym0, minlength=ym_hi - ym0 + 1)[: ym_hi - ym0]
     # excl[k] = sum of months k' < k of the same calendar month (a running sum per calendar month)
@@ -256,10 +256,13 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     blocks.update(seasonal)
     for res in config.parent_resolutions:
         parent, n_parents = _parent_index(panel, res)
-        for days in config.parent_window_days:
-            own = blocks["long_run_rate"] if days is None else blocks.get(f"count_{days}d")
-            own = history.window(origins, days * per_day) if own is None else own
-            blocks[f"parent_r{res}_{'all' if days is None else f'{days}d'}"] = _parent_sum(own, parent, n_parents)
+        for window in config.parent_window_days:
+            if window is None:  # all history, as a rate per shift
+                own, label = blocks["long_run_rate"], "all"
+            else:
+                found = blocks.get(f"count_{window}d")
+                own, label = (history.window(origins, window * per_day) if found is None else found), f"{window}d"
+            blocks[f"parent_r{res}_{label}"] = _parent_sum(own, parent, n_parents)
         for name, values in seasonal.items():
             blocks[f"parent_r{res}_{name}"] = _parent_sum(values, parent, n_parents)
 

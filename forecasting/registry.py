@@ -7,8 +7,8 @@ from collections.abc import Callable
 from functools import partial
 
 from forecasting.base import Forecaster
-from forecasting.blend import Blend
 from forecasting.baselines import KDE, SEPP, ExpWeighted, HistoryCounts, Naive, ProspectiveHotspot
+from forecasting.blend import Blend
 from forecasting.lgbm import LightGBMForecaster
 
 FORECASTERS: dict[str, Callable[..., Forecaster]] = {

@@ -119,7 +119,7 @@ def toronto_panel(toronto_incidents):
 
 
 def small_lgbm(**kw):
-    return LightGBMForecaster(train_days=240, valid_days=28, n_estimators=60, zero_rate=0.1, num_threads=1, **kw)
+    return LightGBMForecaster(**(dict(train_days=240, valid_days=28, n_estimators=60, zero_rate=0.1, num_threads=1) | kw))
 
 
 FORECASTERS = [
