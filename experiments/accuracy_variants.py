@@ -162,7 +162,8 @@ def main() -> None:
         print(name, scored, f"{seconds:.0f} s (load {load})", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(with_shares(result), indent=2))
-    print(table(with_shares(result)))
+    if "strongest" in with_shares(result):
+        print(table(result))
 
 
 def with_shares(result: dict) -> dict:
