@@ -1,10 +1,15 @@
-"""Benchmark of forecasting at H3 resolution 9.
+"""Benchmark of forecasting at H3 resolution 9, each figure the median of ``--runs`` runs with its peak memory
+and the machine's load average beside it.
 
-1. LightGBM training time and peak memory on Toronto (all data up to the end of 2020, the default 2-year
-   training window) and on Chicago 2012-2017 (training window covering the six years).
-2. Wall time of the full Toronto 2021 backtest: every forecaster, monthly refits, 1,095 shifts.
+1. LightGBM single fit on Toronto (all data up to the end of 2020, the default 2-year training window) and on
+   Chicago 2012-2017 (training window covering the six years).
+2. The full Toronto 2021 backtest: every registered forecaster, monthly refits, 1,095 shifts, with each
+   forecaster's fit and predict seconds (which forecaster costs what).
+3. ``hotspots run toronto-mci --no-serve`` end to end in a fresh data folder (a child process: wall time and
+   its peak RSS).
 
-Targets (2-core machine): Toronto training <= 3 min, full backtest <= 15 min, peak memory <= 8 GB.
+Targets (issue 15, 2-core machine): Toronto single fit <= 7 s, full backtest <= 4 min, ``hotspots run`` <= 5 min,
+peak memory <= 8 GB.
 
     python -m experiments.bench_forecasting --runs 3
 prints the figures and writes experiments/results/bench_forecasting.json.
@@ -16,7 +21,11 @@ import argparse
 import json
 import os
 import platform
+import resource
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, date, datetime
@@ -54,16 +63,41 @@ def timed(fn, memory: PeakMemory) -> tuple[float, float]:
     return time.perf_counter() - started, memory.peak / 1e9
 
 
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def figure(runs: list[tuple[float, float]], loads: list[float], **extra) -> dict:
+    return {"seconds": [r[0] for r in runs], "median_seconds": statistics.median(r[0] for r in runs),
+            "peak_rss_gb": max(r[1] for r in runs), "load_1min": loads, **extra}
+
+
+def hotspots_run() -> tuple[float, float]:
+    """``hotspots run toronto-mci --no-serve`` in a fresh data folder; peak RSS of the largest child so far."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    try:
+        started = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).with_name("hotspots")), "run", "toronto-mci", "--no-serve",
+                        "--data-dir", str(folder)], check=True, stdout=subprocess.DEVNULL)
+        took = time.perf_counter() - started
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return took, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # KiB on Linux
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = Path(os.environ.get("HOTSPOTS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--chicago", type=Path, default=default / "chicago" / "chicago_crimes_2001_2018.parquet")
     parser.add_argument("--resolution", type=int, default=9)
     parser.add_argument("--runs", type=int, default=3, help="runs of each training benchmark")
-    parser.add_argument("--backtest-runs", type=int, default=1)
+    parser.add_argument("--backtest-runs", type=int, default=None, help="runs of the backtest (default: --runs)")
+    parser.add_argument("--run-runs", type=int, default=None, help="runs of `hotspots run` (default: --runs)")
     parser.add_argument("--skip-chicago", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_forecasting.json")
     args = parser.parse_args()
+    backtest_runs = args.runs if args.backtest_runs is None else args.backtest_runs
+    run_runs = args.runs if args.run_runs is None else args.run_runs
 
     memory = PeakMemory()
     figures: dict = {}
@@ -72,20 +106,32 @@ def main() -> None:
         ingest_file(materialise(Path(tmp) / "toronto.csv"), load_profile("toronto-mci"), store, write_report=False)
         toronto = panel_for(store.read("toronto-mci"), "toronto-mci", args.resolution)
         cutoff = toronto.calendar.shift_of(datetime(2021, 1, 1, 5, tzinfo=UTC))
-        runs = [timed(partial(fit_fresh, toronto, cutoff), memory) for _ in range(args.runs)]
-        figures["toronto_train"] = {"seconds": [r[0] for r in runs], "median_seconds": statistics.median(r[0] for r in runs),
-                                    "peak_rss_gb": max(r[1] for r in runs), "cells": toronto.n_cells, "train_days": 730}
-        print(f"Toronto train: median {figures['toronto_train']['median_seconds']:.1f} s, "
-              f"peak {figures['toronto_train']['peak_rss_gb']:.2f} GB", flush=True)
+        loads = []
+        runs = []
+        for _ in range(args.runs):
+            loads.append(load())
+            runs.append(timed(partial(fit_fresh, toronto, cutoff), memory))
+        figures["toronto_train"] = figure(runs, loads, cells=toronto.n_cells, train_days=730)
+        print(f"Toronto single fit: median {figures['toronto_train']['median_seconds']:.1f} s, "
+              f"peak {figures['toronto_train']['peak_rss_gb']:.2f} GB, load {loads}", flush=True)
 
-        if args.backtest_runs:
-            backtest = partial(run_backtest, toronto, date(2021, 1, 1), date(2022, 1, 1))
-            runs = [timed(backtest, memory) for _ in range(args.backtest_runs)]
-            figures["toronto_backtest_2021"] = {"seconds": [r[0] for r in runs],
-                                                "median_seconds": statistics.median(r[0] for r in runs),
-                                                "peak_rss_gb": max(r[1] for r in runs), "shifts": 1095, "forecasters": 5}
+        if backtest_runs:
+            loads, runs, per_forecaster = [], [], []
+            for _ in range(backtest_runs):
+                loads.append(load())
+                memory.reset()
+                started = time.perf_counter()
+                result = run_backtest(toronto, date(2021, 1, 1), date(2022, 1, 1))
+                runs.append((time.perf_counter() - started, memory.peak / 1e9))
+                per_forecaster.append({name: {"fit_seconds": round(result.fit_seconds[name], 2),
+                                              "predict_seconds": round(result.predict_seconds[name], 2)}
+                                       for name in result.predictions})
+            figures["toronto_backtest_2021"] = figure(runs, loads, shifts=int(result.origins.size),
+                                                      forecasters=len(result.predictions), per_forecaster=per_forecaster)
             print(f"Toronto 2021 backtest: median {figures['toronto_backtest_2021']['median_seconds']:.1f} s, "
-                  f"peak {figures['toronto_backtest_2021']['peak_rss_gb']:.2f} GB", flush=True)
+                  f"peak {figures['toronto_backtest_2021']['peak_rss_gb']:.2f} GB, load {loads}", flush=True)
+            for name, took in per_forecaster[-1].items():
+                print(f"  {name}: fit {took['fit_seconds']:.1f} s, predict {took['predict_seconds']:.1f} s")
         del toronto
 
         if not args.skip_chicago and args.chicago.is_file():
@@ -103,12 +149,21 @@ def main() -> None:
                                                   "years": years}
             print(f"Chicago 2012-2017 train: median {figures['chicago_2012_2017_train']['median_seconds']:.1f} s, "
                   f"peak {figures['chicago_2012_2017_train']['peak_rss_gb']:.2f} GB", flush=True)
+    if run_runs:
+        loads, runs = [], []
+        for _ in range(run_runs):
+            loads.append(load())
+            runs.append(hotspots_run())
+        figures["hotspots_run"] = figure(runs, loads, command="hotspots run toronto-mci --no-serve")
+        print(f"hotspots run: median {figures['hotspots_run']['median_seconds']:.1f} s, "
+              f"peak {figures['hotspots_run']['peak_rss_gb']:.2f} GB, load {loads}", flush=True)
     memory.stop()
     summary = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "memory_gb": round(psutil.virtual_memory().total / 1e9, 1)},
         "when": datetime.now().isoformat(timespec="seconds"), "resolution": args.resolution, "figures": figures,
-        "targets": {"toronto_train_seconds": 180, "toronto_backtest_seconds": 900, "peak_rss_gb": 8},
+        "targets": {"toronto_train_seconds": 7, "toronto_backtest_seconds": 240, "hotspots_run_seconds": 300,
+                    "peak_rss_gb": 8},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))

@@ -9,6 +9,7 @@ Layout (``data_dir``)::
     panels/<source>-r<resolution>/              saved count panels
     features/<source>-r<res>-<start>-<end>.parquet
     backtests/<source>-r<res>-<start>-<end>/    saved backtests (forecasting.saved)
+    batches/<grid name>/<point>/                a backtest grid's points (forecasting.batch)
     serving/<city>/                             the service's last-good model copies
     mlflow.db, mlartifacts/                     the embedded MLflow store
 """

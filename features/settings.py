@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         60, description="Incidents later than now + this are quarantined as future_time."
     )
     socrata_app_token: str | None = Field(None, description="App token for the Socrata API (optional).")
+    update_drop_dir: Path | None = Field(
+        None, description="Folder `hotspots update` takes new export files from when --drop-dir is not given.")
+    update_overlap_days: float = Field(
+        7.0, ge=0, description="`hotspots update` pulls from the API starting this long before the last stored "
+                               "time, so late and revised rows are read again.")
 
     # --- tracking ------------------------------------------------------------------------------------------
     mlflow_tracking_uri: str | None = Field(
@@ -86,6 +91,31 @@ class Settings(BaseSettings):
                     "https://tile.openstreetmap.org/{z}/{x}/{y}.png ({s} becomes 'a'). Unset: no base map and the "
                     "page makes no request outside the service.",
     )
+
+    area_layer: Path | None = Field(
+        None, description="Boundary file (GeoJSON, GeoPackage, shapefile) whose polygons name the map's areas "
+                          "(neighbourhoods, districts); `hotspots serve --areas FILE`. Unset: the city's shipped "
+                          "layer under shared_data_dir, for toronto-mci the installed wheel's neighbourhoods, "
+                          "else unnamed areas.",
+    )
+    area_layer_name: str | None = Field(None, description="Layer of area_layer to read (GeoPackage); default: the first.")
+    area_name_column: str | None = Field(
+        None, description="Column of area_layer holding the area names; default: a column called name, "
+                          "neighbourhood, community, ... or else the first text column.",
+    )
+    # --- realised accuracy and drift alarms (README: "Accuracy record and drift") ------------------------------
+    accuracy_window_days: int = Field(28, ge=1, description="Days of served shifts the rolling realised accuracy pools.")
+    drift_min_shifts: int = Field(
+        21, ge=1, description="Scored shifts the rolling window needs before a low realised hit rate raises the alarm.")
+    drift_recent_days: int = Field(28, ge=1, description="Latest days of the panel whose incidents the volume and "
+                                                         "category-mix checks compare ...")
+    drift_reference_days: int = Field(182, ge=1, description="... with the days just before them.")
+    drift_volume_change: float = Field(
+        0.35, gt=0, description="The volume alarm fires when the daily incident rate moves by more than this share "
+                                "(0.35: +-35%) against the reference days.")
+    drift_mix_distance: float = Field(
+        0.10, gt=0, le=1, description="The category-mix alarm fires when the category shares move by more than this "
+                                      "total variation distance (half the sum of absolute share changes).")
 
     @field_validator("shift_starts", mode="before")
     @classmethod

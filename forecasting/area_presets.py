@@ -55,6 +55,7 @@ class AreaLayerSpec:
     description: str = ""
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    label: str | None = None  # the column naming each area (the service's map shows it)
 
     @overload
     def resolve(self, relative: str, base: Path | None) -> Path: ...
@@ -107,6 +108,7 @@ PRESETS: dict[str, AreaLayerSpec] = {
                     "other (non-Hispanic groups); hardship index 2008-12 from the community-area table.",
         source="CMAP Community Data Snapshots (ACS 2015-19); City of Chicago socioeconomic indicators 2008-12",
         notes=("Hardship (2008-12) predates the population counts (2015-19) by about seven years.",),
+        label="community",
     ),
     "toronto-neighbourhoods": AreaLayerSpec(
         name="toronto-neighbourhoods",
@@ -128,6 +130,7 @@ PRESETS: dict[str, AreaLayerSpec] = {
                     "private-household population; low-income rate (LIM-AT).",
         source="City of Toronto neighbourhood profiles 2016 (Statistics Canada census)",
         notes=("Statistics Canada rounds counts to 5, so derived groups can be off by a few people.",),
+        label="HOOD",
     ),
 }
 

@@ -319,7 +319,7 @@ def audit(
     splits: Sequence[Split],
     *,
     coverages: Sequence[float] = HEADLINE_COVERAGES,
-    baseline: str | None = "naive",
+    baseline: str | None = None,
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from forecasting.metrics import HEADLINE_COVERAGES, bootstrap_weights, day_blocks, shift_hits
+from forecasting.references import NO_HEADROOM, headroom_share
 
 
 @dataclass
@@ -48,6 +49,20 @@ class ClaimResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def headroom_share(self, ceiling: float) -> float | None:
+        """The candidate's share of the headroom between the baseline and ``ceiling`` (the shift-of-day
+        clairvoyant hit rate at this coverage); None when there is no headroom."""
+        return headroom_share(self.candidate_hit_rate, self.baseline_hit_rate, ceiling)
+
+    def headroom_sentence(self, ceiling: float) -> str:
+        share = self.headroom_share(ceiling)
+        if share is None:
+            return (f"At {self.coverage:.1%} of the area there is {NO_HEADROOM}: the shift-of-day clairvoyant "
+                    f"ceiling {ceiling:.3f} is not above {self.baseline} {self.baseline_hit_rate:.3f}.")
+        return (f"At {self.coverage:.1%} of the area {self.candidate} has covered {share:.0%} of the headroom "
+                f"between {self.baseline} ({self.baseline_hit_rate:.3f}) and the shift-of-day clairvoyant ceiling "
+                f"({ceiling:.3f}, a reference no forecaster can use).")
 
 
 def verdict(low: float, high: float, claimed: float) -> str:
@@ -94,7 +109,7 @@ def claim_test(
 
 def against_every_baseline(
     predictions: dict[str, np.ndarray], observed: np.ndarray, areas: np.ndarray, shift_ids: np.ndarray, per_day: int,
-    *, candidate: str = "lightgbm", coverages=HEADLINE_COVERAGES, n_boot: int = 2000, seed: int = 0,
+    *, candidate: str, coverages=HEADLINE_COVERAGES, n_boot: int = 2000, seed: int = 0,
 ) -> list[ClaimResult]:
     """'Is the candidate better at all?' (claimed ratio 1) against every other forecaster, with the paired
     interval of the difference in hit rate: the evidence that it is ahead of each baseline, or not."""

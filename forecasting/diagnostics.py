@@ -375,7 +375,7 @@ class Diagnostics:
 
 def diagnose(
     predictions: Mapping[str, np.ndarray], observed: np.ndarray, areas: np.ndarray, origins: np.ndarray, per_day: int,
-    *, model: str = "lightgbm", baseline: str | None = "naive", coverages: Sequence[float] = HEADLINE_COVERAGES,
+    *, model: str, baseline: str | None = None, coverages: Sequence[float] = HEADLINE_COVERAGES,
     top_k: Sequence[int] = (), seed: int = TIE_SEED, importance: Mapping[str, float] | None = None,
     panel: CountPanel | None = None, feature_config: FeatureConfig = FeatureConfig(),
     groups: Mapping[str, str] | None = None, patrols: pl.DataFrame | None = None, **patrol_options,
@@ -429,11 +429,14 @@ def diagnose(
                        gain=gain, patrol=patrol, notes=notes)
 
 
-def diagnose_backtest(result, panel: CountPanel, **kwargs) -> Diagnostics:
-    """:func:`diagnose` on an ``forecasting.backtest.BacktestResult``; the LightGBM model's importance and
-    feature config are taken from ``result.last_models`` when present."""
-    lgbm = result.last_models.get(kwargs.get("model", "lightgbm"))
-    if lgbm is not None and hasattr(lgbm, "feature_importance") and "importance" not in kwargs:
-        kwargs["importance"] = lgbm.feature_importance()
-        kwargs.setdefault("feature_config", lgbm.features)
-    return diagnose(result.predictions, result.observed, result.areas, result.origins, result.per_day, panel=panel, **kwargs)
+def diagnose_backtest(result, panel: CountPanel, model: str, **kwargs) -> Diagnostics:
+    """:func:`diagnose` of ``model`` on an ``forecasting.backtest.BacktestResult``; its importance and feature
+    configuration come from ``result.last_models`` through the forecaster contract, when it has them."""
+    fitted = result.last_models.get(model)
+    if fitted is not None and "importance" not in kwargs:
+        kwargs["importance"] = fitted.feature_importance()
+        features = fitted.get_params(deep=False).get("features")
+        if kwargs["importance"] is not None and isinstance(features, FeatureConfig):
+            kwargs.setdefault("feature_config", features)
+    return diagnose(result.predictions, result.observed, result.areas, result.origins, result.per_day, panel=panel,
+                    model=model, **kwargs)

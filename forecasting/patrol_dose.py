@@ -284,3 +284,63 @@ def patrol_diagnostics(
     return PatrolDiagnostics(bins=bins_frame, regression=regression, method=method, split_available=split,
                              split_note=split_note, n_cell_shifts=int(d_now.size), n_patrolled=int((d_now > 0).sum()),
                              total_dose_hours=float(d_now.sum() / 60), dropped=dropped, notes=notes)
+
+
+# --- human oversight: flagged cells planners did not patrol, and why --------------------------------------
+
+OVERRIDE_REASONS = ("other_priorities", "no_access", "no_resources", "safety", "other")
+
+
+@dataclass
+class OverrideSummary:
+    """The share of flags not patrolled, by reason. ``flags`` are the flagged cell-shifts given, or else the
+    cell-shifts planners accounted for (a patrol dose or an override recorded)."""
+
+    flags: int
+    not_patrolled: int
+    by_reason: pl.DataFrame  # reason, code, count, share_of_flags (one row per reason and code)
+    contradicted: int  # overrides of a cell-shift that also has patrol minutes recorded
+    outside_flags: int  # overrides of a cell-shift that was not among the given flags
+    flags_source: str
+
+    @property
+    def share_not_patrolled(self) -> float:
+        return self.not_patrolled / self.flags if self.flags else float("nan")
+
+    def metrics(self) -> dict[str, float]:
+        out = {"flags": float(self.flags), "not_patrolled": float(self.not_patrolled),
+               "share_not_patrolled": self.share_not_patrolled, "contradicted": float(self.contradicted)}
+        totals = self.by_reason.group_by("reason").agg(pl.col("count").sum(), pl.col("share_of_flags").sum())
+        shares = dict(zip(totals["reason"].to_list(), totals["share_of_flags"].to_list()))
+        for reason in OVERRIDE_REASONS:
+            out[f"share_not_patrolled.{reason}"] = float(shares.get(reason, 0.0)) if self.flags else float("nan")
+        return out
+
+    def payload(self) -> dict[str, Any]:
+        return {"flags": self.flags, "not_patrolled": self.not_patrolled,
+                "share_not_patrolled": self.share_not_patrolled, "by_reason": self.by_reason.to_dicts(),
+                "contradicted": self.contradicted, "outside_flags": self.outside_flags,
+                "flags_source": self.flags_source}
+
+
+def override_summary(overrides: pl.DataFrame, patrols: pl.DataFrame, flags: pl.DataFrame | None = None) -> OverrideSummary:
+    """Count overrides (``shift_id``, ``h3``, ``reason``, ``code``) against the flags (``shift_id``, ``h3``).
+
+    A cell-shift overridden several times counts once, under its first recorded reason (the log is ordered)."""
+    keys = ["shift_id", "h3"]
+    first = overrides.select(*keys, "reason", "code").unique(keys, keep="first", maintain_order=True)
+    dosed = patrols.filter(pl.col("dose_minutes") > 0).select(keys).unique()
+    if flags is None:
+        universe = pl.concat([dosed, first.select(keys)]).unique()
+        source = "cell-shifts with a patrol dose or an override recorded"
+    else:
+        universe = flags.select(keys).unique()
+        source = "the flags given"
+    counted = first.join(universe, on=keys, how="semi")
+    n = universe.height
+    by_reason = (counted.group_by("reason", "code").len("count")
+                 .with_columns(share_of_flags=pl.col("count") / n if n else pl.lit(float("nan")))
+                 .sort(["count", "reason", "code"], descending=[True, False, False], nulls_last=True))
+    return OverrideSummary(flags=n, not_patrolled=counted.height, by_reason=by_reason,
+                           contradicted=first.join(dosed, on=keys, how="semi").height,
+                           outside_flags=first.height - counted.height, flags_source=source)

@@ -117,13 +117,51 @@ class SavedBacktest:
     def pair(self, model: str, baseline: str) -> dict[str, np.ndarray]:
         return forecaster_pair(self.predictions, model, baseline)
 
+    @property
+    def strongest_baseline(self) -> str | None:
+        """The strongest baseline the backtest chose on its validation window (None in folders made before)."""
+        return self.protocol.get("strongest_baseline")
 
-def forecaster_pair(predictions: dict[str, np.ndarray], model: str, baseline: str) -> dict[str, np.ndarray]:
-    """The two forecasters an assessment compares, or a KeyError naming what the backtest has."""
-    missing = [name for name in (model, baseline) if name not in predictions]
+    @property
+    def winner(self) -> str | None:
+        """The backtest's winner against the strongest baseline: backtest.json, else promotion.json."""
+        if self.protocol.get("winner"):
+            return str(self.protocol["winner"])
+        promotion = self.out_dir / "promotion.json"
+        return json.loads(promotion.read_text()).get("winner") if promotion.is_file() else None
+
+    def assessed_pair(self, model: str | None = None, baseline: str | None = None) -> tuple[str, str]:
+        """(model, baseline) a later assessment or claim compares, defaulting to the backtest's own choice: the
+        winner (the learned candidate when the strongest baseline itself won) against the strongest baseline.
+        A ValueError names the option to give when the folder does not say."""
+        strongest = self.strongest_baseline
+        baseline = baseline or strongest
+        if model is None:
+            winner, candidate = self.winner, self.protocol.get("candidate")
+            model = winner if winner is not None and winner != strongest else candidate or winner
+        if model is None or baseline is None:
+            raise ValueError(f"{self.out_dir} does not name its winner and strongest baseline (made before they were "
+                             f"recorded): give the forecasters by name, or rerun the backtest; it has "
+                             f"{sorted(self.predictions)}")
+        return model, baseline
+
+    def importance_of(self, model: str) -> dict[str, float] | None:
+        """The saved feature importance when it belongs to ``model`` (the backtest's learned candidate)."""
+        if "importance_of" in self.protocol:
+            return self.importance if self.protocol["importance_of"] == model else None
+        from forecasting import registry  # folders from before: the importance was the learned candidate's
+
+        return self.importance if model in registry.names() and registry.is_learned(model) else None
+
+
+def forecaster_pair(predictions: dict[str, np.ndarray], model: str, baseline: str | None) -> dict[str, np.ndarray]:
+    """The forecasters an assessment compares (the model alone when ``baseline`` is None), or a KeyError naming
+    what the backtest has."""
+    names = [model] + ([baseline] if baseline is not None and baseline != model else [])
+    missing = [name for name in names if name not in predictions]
     if missing:
         raise KeyError(f"the backtest has no forecasts of {missing}; it has {sorted(predictions)}")
-    return {model: predictions[model], baseline: predictions[baseline]}
+    return {name: predictions[name] for name in names}
 
 
 def _protocol(out_dir: Path) -> dict[str, Any]:

@@ -146,10 +146,22 @@ def _overview(ax, area_polys, chosen_polys, counts, norm, whole, window) -> None
     inset.set_title("whole study area", fontsize=7, color="#4a5468", pad=2)
 
 
+def _where(hotspot) -> str:
+    """The cell's neighbourhood, 'near X' outside every area, or 'unnamed area' (cut to fit the column)."""
+    loc = hotspot.location
+    if hotspot.area_name:
+        text = hotspot.area_name
+    elif loc is not None and loc.nearest_area:
+        text = f"near {loc.nearest_area}"
+    else:
+        text = "unnamed area"
+    return text if len(text) <= 25 else text[:24] + "…"
+
+
 def _drivers(hotspot) -> str:
     """The two largest contributions, with the direction they push the forecast."""
     text = ", ".join(f"{'↑' if c.contribution >= 0 else '↓'}{feature_label(c.feature)}" for c in hotspot.top_features[:2])
-    return text if len(text) <= 44 else text[:43] + "…"
+    return text if len(text) <= 25 else text[:24] + "…"
 
 
 def render_briefing(area_cells: np.ndarray, body: HotspotsResponse, dpi: int = 150) -> bytes:
@@ -166,7 +178,7 @@ def _render(area_cells: np.ndarray, body: HotspotsResponse, dpi: int) -> bytes:
     FigureCanvasAgg(fig)
 
     # --- map: the whole study area, or the hotspots' part of it with the whole area in an inset ---------
-    box = (0.025, 0.13, 0.58, 0.72)
+    box = (0.025, 0.13, 0.46, 0.72)
     ax = fig.add_axes(box)
     area_polys, chosen_polys = hexagons(area_cells), hexagons(chosen)
     norm = Normalize(vmin=0.0, vmax=float(counts.max()) if counts.size and counts.max() > 0 else 1.0)
@@ -190,7 +202,7 @@ def _render(area_cells: np.ndarray, body: HotspotsResponse, dpi: int) -> bytes:
     if zoomed:
         _overview(ax, area_polys, chosen_polys, counts, norm, whole, (x0, x1, y0, y1))
 
-    cax = fig.add_axes((0.13, 0.085, 0.37, 0.018))
+    cax = fig.add_axes((0.1, 0.085, 0.35, 0.018))
     bar = fig.colorbar(selected, cax=cax, orientation="horizontal")
     bar.set_label("expected incidents in the cell during the shift", fontsize=8, color=INK)
     bar.ax.tick_params(labelsize=7.5, colors=INK)
@@ -213,16 +225,18 @@ def _render(area_cells: np.ndarray, body: HotspotsResponse, dpi: int) -> bytes:
                  fontsize=8.5, color=FLAG_RED, fontweight="bold")
 
     # --- ranked table ----------------------------------------------------------------------------
-    tax = fig.add_axes((0.625, 0.06, 0.36, 0.74))
+    tax = fig.add_axes((0.505, 0.06, 0.485, 0.74))
     tax.set_axis_off()
     shown = hotspots[:MAX_TABLE_ROWS]
-    rows = [[str(h.rank), h.h3, f"{h.expected_count:.3f}", f"{h.risk_percentile:.1f}", _drivers(h)] for h in shown]
+    rows = [[str(h.rank), _where(h), f"{h.centroid.lat:.4f}, {h.centroid.lon:.4f}", h.h3, f"{h.expected_count:.3f}",
+             f"{h.risk_percentile:.1f}", _drivers(h)] for h in shown]
     if len(hotspots) > len(shown):
         more = len(hotspots) - len(shown)
-        rows.append(["…", f"+{more} more cell{'s' if more > 1 else ''}", "", "", "see /v1/hotspots"])
-    header = ["#", "H3 cell", "expected", "pctl", "main drivers"]
+        rows.append(["…", f"+{more} more cell{'s' if more > 1 else ''}", "", "", "", "", "see /v1/hotspots"])
+    header = ["#", "area", "lat, lon (centre)", "H3 cell", "exp.", "pctl", "main drivers"]
     height = min(1.0, 0.032 * (len(rows) + 1))
-    table = tax.table(cellText=rows, colLabels=header, colWidths=[0.055, 0.225, 0.115, 0.085, 0.52], cellLoc="left",
+    table = tax.table(cellText=rows, colLabels=header, colWidths=[0.035, 0.225, 0.185, 0.17, 0.07, 0.055, 0.26],
+                      cellLoc="left",
                       loc="upper left", bbox=Bbox.from_bounds(0.0, 1.0 - height, 1.0, height))
     table.auto_set_font_size(False)
     table.set_fontsize(6.5 if len(rows) <= 20 else 5.8)
@@ -241,7 +255,8 @@ def _render(area_cells: np.ndarray, body: HotspotsResponse, dpi: int) -> bytes:
         elif row % 2 == 0:
             cell.set_facecolor("#f5f6f8")
     tax.text(0.0, 1.035, "Ranked cells", fontsize=10, fontweight="bold", color=INK, transform=tax.transAxes)
-    tax.text(0.0, 1.01, "pctl: risk percentile; drivers: the largest LightGBM contributions (↑ raises, ↓ lowers)",
+    tax.text(0.0, 1.01, "exp.: expected incidents · pctl: risk percentile · drivers: largest LightGBM "
+                        "contributions (↑ raises, ↓ lowers)",
              fontsize=7, color="#4a5468", transform=tax.transAxes)
 
     fig.text(0.025, 0.022, f"Place-based forecast per H3 cell (resolution {h3.get_resolution(hotspots[0].h3)}); "

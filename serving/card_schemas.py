@@ -21,7 +21,7 @@ class ForecasterScore(BaseModel):
 
 class ClaimVerdict(BaseModel):
     coverage: float
-    ratio: float | None = Field(None, description="Model hit rate over the naive baseline's.")
+    ratio: float | None = Field(None, description="Model hit rate over the strongest baseline's.")
     verdict: str | None = Field(None, description="supported, refuted or undetermined, for the claimed ratio.")
 
 
@@ -35,10 +35,13 @@ class BacktestRecord(BaseModel):
     best_by_coverage: dict[str, str] = Field(
         default_factory=dict,
         description="Coverage -> the forecaster with the highest backtest hit rate, baselines included.")
+    champion_forecaster: str | None = Field(None, description="The forecaster the backtest promoted (its winner).")
+    strongest_baseline: str | None = Field(
+        None, description="The strongest traditional baseline, chosen on the validation window before the test period.")
 
 
 class Assessment(BaseModel):
-    name: str = Field(..., description="diagnostics, bias_audit or patrol_diagnostics.")
+    name: str = Field(..., description="diagnostics, bias_audit, patrol_diagnostics or patrol_overrides.")
     updated_at: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict, description="Flat headline figures.")
     detail: dict[str, Any] = Field(default_factory=dict, description="Tables with intervals, as logged.")
@@ -60,6 +63,8 @@ class DiagnosticsResponse(BaseModel):
     diagnostics: Assessment | None = Field(None, description="Concentration, churn and persistence of the flags.")
     bias_audit: Assessment | None = Field(None, description="Exposure, hit rate and calibration by population group.")
     patrol_diagnostics: Assessment | None = Field(None, description="Recorded crime by patrol dose (patrol log).")
+    patrol_overrides: Assessment | None = Field(None, description="Human oversight: the share of flags planners "
+                                                                  "recorded as not patrolled, by reason.")
     hint: str | None = None
 
 
@@ -69,7 +74,8 @@ class CityModelSummary(BaseModel):
     champion_version: str | None
     loaded_version: str | None
     headline: list[ForecasterScore] = Field(default_factory=list,
-                                            description="The champion's backtest against the naive baseline.")
+                                            description="The champion's backtest scores beside the strongest "
+                                                        "baseline's (the backtest's own choice).")
 
 
 class ModelsOverview(BaseModel):

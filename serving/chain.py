@@ -20,17 +20,21 @@ from typing import Any, cast
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
-from serving.db import AuditRow, PatrolRow, as_utc
+from serving.db import AuditRow, OverrideRow, PatrolRow, as_utc
 
 _meta = MetaData()
 log_chain = Table("log_chain", _meta, Column("table_name", String(40), primary_key=True),
                   Column("last_id", BigInteger), Column("last_hash", String(64)))
 # the mapped classes' tables (declarative __table__ is typed as a FromClause; it is a Table)
-TABLES: dict[str, Table] = {"audit_log": cast(Table, AuditRow.__table__), "patrol_log": cast(Table, PatrolRow.__table__)}
+TABLES: dict[str, Table] = {"audit_log": cast(Table, AuditRow.__table__), "patrol_log": cast(Table, PatrolRow.__table__),
+                            "patrol_overrides": cast(Table, OverrideRow.__table__)}
 FIELDS = {
     "audit_log": ("at", "key_id", "role", "endpoint", "params", "city", "model_version", "response_bytes"),
     "patrol_log": ("city", "shift_id", "shift_start", "h3", "dose_minutes", "key_id", "recorded_at"),
+    "patrol_overrides": ("city", "shift_id", "shift_start", "h3", "reason", "code", "key_id", "recorded_at"),
 }
+# columns added later (serving/migrations 0003+): hashed only when set, so rows written before them keep their hashes
+OPTIONAL_FIELDS = {"audit_log": ("flagged",), "patrol_log": (), "patrol_overrides": ()}
 SQLITE_TRIGGERS = {f"{t}_no_{kind}" for t in TABLES for kind in ("update", "delete", "replace")}
 PG_TRIGGERS = {f"{t}_{kind}" for t in TABLES for kind in ("append_only", "no_truncate")}
 
@@ -44,7 +48,9 @@ def _canonical(value: Any) -> Any:
 
 
 def row_hash(table: str, row_id: int, row: dict[str, Any], previous: str) -> str:
-    payload = [table, int(row_id), [_canonical(row.get(name)) for name in FIELDS[table]], previous]
+    values = [_canonical(row.get(name)) for name in FIELDS[table]]
+    values += [[name, row[name]] for name in OPTIONAL_FIELDS[table] if row.get(name) is not None]
+    payload = [table, int(row_id), values, previous]
     return hashlib.sha256(json.dumps(payload, separators=(",", ":"), sort_keys=False).encode()).hexdigest()
 
 
@@ -64,6 +70,8 @@ def chain_insert(conn: Connection, table: str, rows: list[dict[str, Any]]) -> li
     for row in rows:
         last_id += 1
         values = {name: _utc(value) for name, value in row.items()}
+        for name in OPTIONAL_FIELDS[table]:  # every row of one executemany names the same columns
+            values.setdefault(name, None)
         last_hash = row_hash(table, last_id, values, last_hash)
         stored.append({**values, "id": last_id, "row_hash": last_hash})
     conn.execute(insert(TABLES[table]), stored)
@@ -83,7 +91,7 @@ def _triggers(conn: Connection) -> set[str]:
     if conn.dialect.name == "sqlite":
         return set(conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'")).scalars())
     return set(conn.execute(text("SELECT tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                                 "WHERE NOT t.tgisinternal AND c.relname IN ('audit_log', 'patrol_log') "
+                                 "WHERE NOT t.tgisinternal AND c.relname IN ('audit_log', 'patrol_log', 'patrol_overrides') "
                                  "AND pg_table_is_visible(c.oid)")).scalars())
 
 
@@ -92,7 +100,7 @@ def _verify_table(conn: Connection, table: str, start: int) -> Iterable[Break]:
     last_id, last_hash = conn.execute(select(log_chain.c.last_id, log_chain.c.last_hash)
                                       .where(log_chain.c.table_name == table)).one()
     previous, expected_id = "", start + 1
-    columns = [t.c.id, t.c.row_hash, *(t.c[name] for name in FIELDS[table])]
+    columns = [t.c.id, t.c.row_hash, *(t.c[name] for name in FIELDS[table] + OPTIONAL_FIELDS[table])]
     for row in conn.execute(select(*columns).where(t.c.id > start).order_by(t.c.id)).mappings():
         if row["id"] != expected_id:
             yield Break(table, expected_id, "removed", f"{table}: rows {expected_id}..{row['id'] - 1} are missing "

@@ -79,6 +79,7 @@ class AuditRow(Base):
     model_version: Mapped[str | None] = mapped_column(String(40), nullable=True)
     response_bytes: Mapped[int] = mapped_column(Integer)
     row_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # see serving.chain
+    flagged: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON H3 ids a hotspots response flagged
 
 
 class PatrolRow(Base):
@@ -98,6 +99,25 @@ class PatrolRow(Base):
     row_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # see serving.chain
 
 
+class OverrideRow(Base):
+    """A flagged cell that was not patrolled in a shift, and why: one of OVERRIDE_REASONS (``other`` with a short
+    lower-case code), never free text. Only added, like the patrol log."""
+
+    __tablename__ = "patrol_overrides"
+    __table_args__ = (Index("ix_patrol_overrides_city_shift", "city", "shift_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    city: Mapped[str] = mapped_column(String(100))
+    shift_id: Mapped[int] = mapped_column(BigInteger)
+    shift_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # UTC
+    h3: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(32))
+    code: Mapped[str | None] = mapped_column(String(24), nullable=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    row_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # see serving.chain
+
+
 class IdempotencyRow(Base):
     """The first answer to a patrol post sent with an Idempotency-Key: a retry gets it back, nothing is stored twice."""
 
@@ -111,7 +131,7 @@ class IdempotencyRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-APPEND_ONLY_TABLES = ("audit_log", "patrol_log")
+APPEND_ONLY_TABLES = ("audit_log", "patrol_log", "patrol_overrides")
 
 
 _PG_SCHEMA_LOCK = 0x686F7473706F7473 >> 2  # any constant bigint: serialises schema set-up across workers

@@ -14,6 +14,7 @@ from fastapi.security import APIKeyHeader
 
 from features.panel import CountPanel
 from features.settings import Settings
+from serving.areas import AreaNames
 from serving.audit import AuditLog
 from serving.errors import ApiError
 from serving.forecasts import ForecastService
@@ -55,6 +56,10 @@ async def get_patrols(request: Request) -> PatrolLog:
 
 async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
+
+
+async def get_areas(request: Request) -> AreaNames:
+    return request.app.state.areas
 
 
 async def get_now() -> datetime:
@@ -133,5 +138,6 @@ Analyst = Annotated[Principal, Depends(require(Permission.models))]
 Auditor = Annotated[Principal, Depends(require(Permission.audit))]
 Patrols = Annotated[PatrolLog, Depends(get_patrols)]
 Metrics = Annotated[ServiceMetrics, Depends(get_metrics)]
+Areas = Annotated[AreaNames, Depends(get_areas)]
 PatrolRecorder = Annotated[Principal, Depends(require(Permission.patrols))]
 PatrolReader = Annotated[Principal, Depends(require(Permission.patrol_log))]

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
@@ -28,6 +29,9 @@ from starlette.routing import replace_params
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.models_store import CityState
+
+if TYPE_CHECKING:
+    from serving.accuracy import AccuracyRecords
 
 log = logging.getLogger("hotspots.serving")
 
@@ -69,6 +73,54 @@ class ChampionCollector(Collector):
         yield ready
 
 
+class AccuracyCollector(Collector):
+    """Read at scrape time from the last accuracy records (serving.accuracy; a stale one is recomputed in the
+    background, never during the scrape): realised hit rate and PAI, the baseline's, the backtest band, and
+    the drift alarms (1 = fired)."""
+
+    def __init__(self, records: AccuracyRecords):
+        self.records = records
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        gauges = {name: GaugeMetricFamily(f"hotspots_{name}", text, labels=labels) for name, text, labels in (
+            ("realised_hit_rate", "Share of the scored shifts' incidents in the cells the service flagged.",
+             ["city", "window"]),
+            ("realised_pai", "Realised hit rate over the flagged area share.", ["city", "window"]),
+            ("realised_baseline_hit_rate", "The strongest baseline's hit rate flagging as many cells on the same shifts.",
+             ["city", "window"]),
+            ("realised_scored_shifts", "Served shifts scored (over, with their incidents in the panel).", ["city"]),
+            ("backtest_hit_rate_low", "Lower end of the backtest's 95% hit-rate interval at the compared coverage.",
+             ["city"]),
+            ("backtest_hit_rate_high", "Upper end of that interval.", ["city"]),
+            ("drift_alarm", "1 when the drift check fired (hit_rate, volume, category_mix).", ["city", "kind"]),
+            ("degraded", "1 when any drift alarm fired: /readyz says degraded.", ["city"]),
+        )}
+        for city, state in sorted(self.records.models.snapshot().items()):
+            if not state.ready:
+                continue
+            self.records.maybe_refresh(city)
+            record = self.records.cached(city)
+            if record is None:
+                continue
+            for window in (record.rolling, record.overall):
+                label = [city, "rolling" if window.days else "overall"]
+                for name, value in (("realised_hit_rate", window.hit_rate), ("realised_pai", window.pai),
+                                    ("realised_baseline_hit_rate", window.baseline_hit_rate)):
+                    if value is not None:
+                        gauges[name].add_metric(label, value)
+            gauges["realised_scored_shifts"].add_metric([city], record.scored_shifts)
+            if record.backtest is not None:
+                gauges["backtest_hit_rate_low"].add_metric([city], record.backtest.hit_rate_low)
+                gauges["backtest_hit_rate_high"].add_metric([city], record.backtest.hit_rate_high)
+            for alarm in record.drift:
+                gauges["drift_alarm"].add_metric([city, alarm.kind], 1.0 if alarm.fired else 0.0)
+            gauges["degraded"].add_metric([city], 1.0 if record.degraded else 0.0)
+        yield from gauges.values()
+
+
 class ServiceMetrics:
     """The service's metrics, in a registry of their own (or in the multiprocess folder)."""
 
@@ -77,6 +129,7 @@ class ServiceMetrics:
         # multiprocess mode: values live in the folder's files; objects are registered nowhere (no collisions)
         self.registry = None if self.multiprocess_dir else CollectorRegistry(auto_describe=True)
         self.champions = ChampionCollector(snapshot)
+        self.collectors: list[Collector] = [self.champions]  # read at scrape time (add_collector adds more)
         if self.registry is not None:
             self.registry.register(self.champions)
         r = self.registry
@@ -91,6 +144,12 @@ class ServiceMetrics:
                                  ["city"], buckets=COMPUTE_BUCKETS, registry=r)
         self.patrol_rows = Counter("hotspots_patrol_rows_recorded", "Patrol log rows recorded (cell x shift reports).",
                                    ["city"], registry=r)
+
+    def add_collector(self, collector: Collector) -> None:
+        """Another scrape-time collector (the accuracy records), in both the per-process and multiprocess modes."""
+        self.collectors.append(collector)
+        if self.registry is not None:
+            self.registry.register(collector)
 
     # --- hooks ---------------------------------------------------------------------------------------------
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -115,7 +174,8 @@ class ServiceMetrics:
         else:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiprocess_dir)
-            registry.register(self.champions)
+            for collector in self.collectors:
+                registry.register(collector)
         encoder, content_type = choose_encoder(accept or "")
         return encoder(registry), content_type
 

@@ -54,7 +54,9 @@ def backtest_record(run_id: str, metrics: dict[str, float], tags: dict[str, str]
     n_cells = params.get("n_cells")
     return BacktestRecord(run_id=run_id, test_start=params.get("test_start"), test_end=params.get("test_end"),
                           n_cells=int(n_cells) if n_cells else None, scores=scores,
-                          claims=sorted(claims, key=lambda c: c.coverage), best_by_coverage=best)
+                          claims=sorted(claims, key=lambda c: c.coverage), best_by_coverage=best,
+                          champion_forecaster=tags.get("champion_forecaster"),
+                          strongest_baseline=tags.get("strongest_baseline") or tags.get("claim.baseline"))
 
 
 @dataclass(frozen=True)

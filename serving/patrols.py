@@ -25,13 +25,14 @@ from sqlalchemy import func, insert, select
 
 from features.panel import CountPanel
 from serving.chain import chain_insert
-from serving.db import Database, IdempotencyRow, PatrolRow, as_utc
+from serving.db import Database, IdempotencyRow, OverrideRow, PatrolRow, as_utc
 from serving.errors import FieldError
 from serving.keys import Principal
-from serving.schemas import PatrolRequest
+from serving.schemas import OverrideRequest, PatrolRequest
 
 MAX_PROBLEMS = 50  # per response: enough to fix a batch, small enough to read
 SCHEMA = {"shift_id": pl.Int64, "h3": pl.String, "dose_minutes": pl.Float64}
+OVERRIDE_SCHEMA = {"shift_id": pl.Int64, "h3": pl.String, "reason": pl.String, "code": pl.String}
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,61 @@ def _cell_problem(city: str, panel: CountPanel, given: str) -> str:
     return f"{given!r} is outside {city}'s study area ({panel.n_cells} cells, see /v1/cities)"
 
 
+def _check_cells(panel: CountPanel, city: str, ids: list[str], where: str, hint: str,
+                 problems: list[dict[str, Any]]) -> np.ndarray:
+    """Row index of each given cell id; a problem (field ``where[i].h3``) for each unknown or repeated one."""
+    given = pl.Series("h3", ids, dtype=pl.String)
+    ints = given.str.strip_chars().str.to_lowercase().str.to_integer(base=16, strict=False)
+    cells = ints.fill_null(0).cast(pl.UInt64, strict=False).fill_null(0).to_numpy()
+    index = panel.study_area.index_of(cells)
+    for i in np.flatnonzero(index < 0)[:MAX_PROBLEMS].tolist():
+        problems.append({"loc": ("body", where, i, "h3"), "msg": f"h3: {_cell_problem(city, panel, given[i])}",
+                         "type": "value_error"})
+    repeated = ~pl.Series(index).is_first_distinct().to_numpy() & (index >= 0)  # second and later occurrences
+    for i in np.flatnonzero(repeated)[:MAX_PROBLEMS].tolist():
+        first = int(np.flatnonzero(index == index[i])[0])
+        problems.append({"loc": ("body", where, i, "h3"),
+                         "msg": f"h3: cell {given[i]!r} is already at {where}[{first}]; send one entry per cell {hint}",
+                         "type": "value_error"})
+    return index
+
+
+@dataclass(frozen=True)
+class OverrideBatch:
+    """A checked override report: cells of one shift that were flagged but not patrolled, with their reasons."""
+
+    city: str
+    shift_id: int
+    start_utc: datetime
+    start_local: datetime
+    end_local: datetime
+    hours: float
+    timezone: str
+    h3_ids: list[str]
+    reasons: list[str]
+    codes: list[str | None]
+
+
+def check_overrides(panel: CountPanel, request: OverrideRequest, now: datetime) -> OverrideBatch:
+    """As :func:`check_patrols`: the shift (past shifts and the next one) and the cells, all problems in one 422."""
+    problems: list[dict[str, Any]] = []
+    try:
+        shift_id: int | None = patrol_shift(panel, request.shift, now)
+    except FieldError as exc:
+        problems.append({"loc": ("body", "shift"), "msg": exc.message, "type": "value_error"})
+        shift_id = None
+    index = _check_cells(panel, request.city, [o.h3 for o in request.overrides], "overrides",
+                         "with one reason", problems)
+    if problems or shift_id is None:
+        raise RequestValidationError(problems[:MAX_PROBLEMS])
+    window = panel.calendar.bounds([shift_id]).row(0, named=True)
+    ids = panel.study_area.h3_ids
+    return OverrideBatch(city=request.city, shift_id=shift_id, start_utc=window["start_utc"],
+                         start_local=window["start_local"], end_local=window["end_local"], hours=float(window["hours"]),
+                         timezone=panel.calendar.timezone, h3_ids=[ids[i] for i in index.tolist()],
+                         reasons=[o.reason for o in request.overrides], codes=[o.code for o in request.overrides])
+
+
 def check_patrols(panel: CountPanel, request: PatrolRequest, now: datetime) -> PatrolBatch:
     """Validate the report against the city's panel; all problems in one 422, each naming its field."""
     problems: list[dict[str, Any]] = []
@@ -117,20 +173,9 @@ def check_patrols(panel: CountPanel, request: PatrolRequest, now: datetime) -> P
         problems.append({"loc": ("body", "shift"), "msg": exc.message, "type": "value_error"})
         shift_id = None
 
-    given = pl.Series("h3", [p.h3 for p in request.patrols], dtype=pl.String)
     doses = np.array([p.dose_minutes for p in request.patrols], dtype=np.float64)
-    ints = given.str.strip_chars().str.to_lowercase().str.to_integer(base=16, strict=False)
-    cells = ints.fill_null(0).cast(pl.UInt64, strict=False).fill_null(0).to_numpy()
-    index = panel.study_area.index_of(cells)
-    for i in np.flatnonzero(index < 0)[:MAX_PROBLEMS].tolist():
-        problems.append({"loc": ("body", "patrols", i, "h3"), "msg": f"h3: {_cell_problem(request.city, panel, given[i])}",
-                         "type": "value_error"})
-    repeated = ~pl.Series(index).is_first_distinct().to_numpy() & (index >= 0)  # second and later occurrences
-    for i in np.flatnonzero(repeated)[:MAX_PROBLEMS].tolist():
-        first = int(np.flatnonzero(index == index[i])[0])
-        problems.append({"loc": ("body", "patrols", i, "h3"),
-                         "msg": f"h3: cell {given[i]!r} is already at patrols[{first}]; send one entry per cell with "
-                                f"its total minutes", "type": "value_error"})
+    index = _check_cells(panel, request.city, [p.h3 for p in request.patrols], "patrols", "with its total minutes",
+                         problems)
 
     window = None
     if shift_id is not None:
@@ -188,17 +233,31 @@ class PatrolLog:
              "dose_minutes": dose, "key_id": principal.key_id, "recorded_at": recorded_at}
             for cell, dose in zip(batch.h3_ids, batch.doses.tolist())
         ]
+        return self._insert("patrol_log", rows, batch.city, principal, recorded_at, audit, idempotency)
+
+    def record_overrides(self, batch: OverrideBatch, principal: Principal, recorded_at: datetime,
+                         audit: dict[str, Any] | None = None, idempotency: Idempotency | None = None) -> int:
+        """As :meth:`record`, into the override table (its own hash chain)."""
+        rows = [
+            {"city": batch.city, "shift_id": batch.shift_id, "shift_start": batch.start_utc, "h3": cell,
+             "reason": reason, "code": code, "key_id": principal.key_id, "recorded_at": recorded_at}
+            for cell, reason, code in zip(batch.h3_ids, batch.reasons, batch.codes)
+        ]
+        return self._insert("patrol_overrides", rows, batch.city, principal, recorded_at, audit, idempotency)
+
+    def _insert(self, table: str, rows: list[dict[str, Any]], city: str, principal: Principal, recorded_at: datetime,
+                audit: dict[str, Any] | None, idempotency: Idempotency | None) -> int:
         with self.db.engine.begin() as conn:
             if idempotency is not None:  # first: a concurrent duplicate fails here, before any log row
                 conn.execute(insert(IdempotencyRow), {
                     "key_id": principal.key_id, "idempotency_key": idempotency.key,
                     "request_hash": idempotency.request_hash, "status": 201, "body": idempotency.response,
                     "created_at": recorded_at})
-            chain_insert(conn, "patrol_log", rows)
+            chain_insert(conn, table, rows)
             if audit is not None:
                 chain_insert(conn, "audit_log", [dict(
                     at=recorded_at, key_id=principal.key_id, role=principal.role.value, endpoint=audit["endpoint"],
-                    params=json.dumps(audit["params"], sort_keys=True, default=str), city=batch.city,
+                    params=json.dumps(audit["params"], sort_keys=True, default=str), city=city,
                     model_version=None, response_bytes=int(audit["response_bytes"]))])
         return len(rows)
 
@@ -232,6 +291,20 @@ class PatrolLog:
             "h3": pl.Series(cell, dtype=pl.String),
             "dose_minutes": pl.Series(dose, dtype=pl.Float64),
         })
+
+
+    def overrides(self, city: str, start: datetime | None = None, end: datetime | None = None) -> pl.DataFrame:
+        """Override rows in the order recorded: shift_id, h3, reason, code (``start``/``end`` bound the shift's
+        start instant, [start, end))."""
+        query = (select(OverrideRow.shift_id, OverrideRow.h3, OverrideRow.reason, OverrideRow.code)
+                 .where(OverrideRow.city == city).order_by(OverrideRow.id))
+        if start is not None:
+            query = query.where(OverrideRow.shift_start >= start.astimezone(UTC))
+        if end is not None:
+            query = query.where(OverrideRow.shift_start < end.astimezone(UTC))
+        with self.db.session() as session:
+            rows = session.execute(query).all()
+        return pl.DataFrame([tuple(r) for r in rows], schema=OVERRIDE_SCHEMA, orient="row")
 
 
 def _as_datetime(value: datetime | str) -> datetime:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.accuracy_schemas import AccuracyRecord
 from serving.card_schemas import ModelCard
 
 # --- errors -------------------------------------------------------------------------------------------
@@ -92,6 +93,9 @@ class CityReadiness(BaseModel):
         None, description="local_fallback: loaded from the last-good copy on disk because the registry was unreachable."
     )
     message: str | None = None
+    degraded: bool = Field(False, description="A drift alarm fired (README: Accuracy record and drift): still "
+                                              "served, but the realised accuracy or the data moved.")
+    degraded_reasons: list[str] = Field(default_factory=list, description="Each fired alarm's reason.")
 
 
 class Readiness(BaseModel):
@@ -99,6 +103,8 @@ class Readiness(BaseModel):
     registry_reachable: bool | None
     registry_error: str | None = None
     cities: list[CityReadiness]
+    status: Literal["ready", "degraded", "not_ready"] = Field(
+        "ready", description="degraded: a ready city has a drift alarm (see its degraded_reasons).")
 
 
 # --- cities -------------------------------------------------------------------------------------------
@@ -157,6 +163,16 @@ class Contribution(BaseModel):
     contribution: float = Field(..., description="LightGBM pred_contrib on the log scale of the expected count.")
 
 
+class CellLocation(BaseModel):
+    lat: float = Field(..., description="Latitude of the cell's centre (WGS84).")
+    lon: float = Field(..., description="Longitude of the cell's centre (WGS84).")
+    nearest_area: str | None = Field(None, description="The area containing the centre or, outside every area, the "
+                                                       "closest one (None without an area layer).")
+    distance_km: float = Field(0.0, description="Distance from the centre to nearest_area (0 inside it).")
+    text: str = Field(..., description="Human-readable: '43.65612, -79.38037 · in Moss Park' or '... · near X "
+                                       "(0.4 km)' or '... · unnamed area'.")
+
+
 class Hotspot(BaseModel):
     rank: int = Field(..., ge=1)
     h3: str
@@ -168,6 +184,10 @@ class Hotspot(BaseModel):
     cumulative_area_share: float = Field(..., description="Area of the cells ranked 1..rank over the study area.")
     top_features: list[Contribution] = Field(..., description="The 3 largest feature contributions (by size); "
                                                               "empty after the first 100 ranks.")
+    area_name: str | None = Field(None, description="Neighbourhood / community area containing the cell's centre "
+                                                    "(None outside every area or without an area layer).")
+    location: CellLocation | None = Field(None, description="Where the cell is, for a person: centre and nearest area.")
+    geo_uri: str | None = Field(None, description="RFC 5870 geo: URI of the centre ('open in a map app').")
 
 
 class Selection(BaseModel):
@@ -272,6 +292,8 @@ class ModelsResponse(BaseModel):
     hint: str | None = None
     card: ModelCard | None = Field(None, description="The champion's record: backtest against every baseline, "
                                                      "claim verdicts, diagnostics and bias audit.")
+    accuracy: AccuracyRecord | None = Field(None, description="Realised accuracy of the served flags against the "
+                                                              "backtest and the strongest baseline, with drift alarms.")
 
 
 # --- audit --------------------------------------------------------------------------------------------
@@ -337,6 +359,25 @@ class MultiPolygon(BaseModel):
     type: Literal["MultiPolygon"] = "MultiPolygon"
     coordinates: list[list[list[tuple[float, float]]]] = Field(
         ..., description="Polygons, each a list of closed rings of [longitude, latitude] positions (RFC 7946).")
+
+
+class NamedArea(BaseModel):
+    name: str
+    outline: MultiPolygon = Field(..., description="The area's outline, clipped to the study area's surroundings "
+                                                   "and simplified to about 20 m.")
+    label_at: LatLon = Field(..., description="Where to write the name (inside the area).")
+    n_cells: int = Field(..., description="Study-area cells whose centre lies in the area.")
+
+
+class AreaLayer(BaseModel):
+    city: str
+    source: Literal["file", "shared_layer", "toronto_wheel", "none"] = Field(
+        ..., description="file: the operator's boundary file (setting area_layer); shared_layer: the city's layer "
+                         "in the shared data folder; toronto_wheel: neighbourhoods named by the Toronto wheel's "
+                         "incidents (point majority per cell); none: unnamed areas.")
+    description: str
+    message: str | None = Field(None, description="Why a configured boundary file was not used.")
+    areas: list[NamedArea]
 
 
 class StudyAreaOutline(BaseModel):
@@ -418,3 +459,69 @@ class PatrolTotals(BaseModel):
     total_minutes: float = Field(..., description="Sum of dose_minutes over the rows returned.")
     truncated: bool = Field(..., description="True when more rows match: narrow start/end or raise limit.")
     patrols: list[PatrolTotal]
+
+
+# --- human oversight: flagged cells not patrolled ------------------------------------------------------
+# A reason from a fixed list, and for 'other' a short code from the agency's own list: never free text.
+
+OverrideReason = Literal["other_priorities", "no_access", "no_resources", "safety", "other"]
+
+
+class OverrideEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    h3: str = Field(..., min_length=1, max_length=32, examples=["892b9bc2a6bffff"],
+                    description="H3 id of the flagged cell that was not patrolled.")
+    reason: OverrideReason = Field(..., description="other_priorities (calls or incidents elsewhere), no_access "
+                                                    "(road works, closures), no_resources (no unit free), safety, "
+                                                    "or other (with a code).")
+    code: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,23}$", examples=["flooding"],
+                             description="With reason 'other' only, and then required: a short code from the "
+                                         "agency's own list (lower-case letters, digits, _; at most 24), not a "
+                                         "sentence.")
+
+    @model_validator(mode="after")
+    def _code_with_other(self) -> OverrideEntry:
+        if self.reason == "other" and self.code is None:
+            raise ValueError("code: reason 'other' needs a short code (e.g. 'flooding'); no free text is stored")
+        if self.reason != "other" and self.code is not None:
+            raise ValueError(f"code: only reason 'other' takes a code; drop it or use reason 'other' "
+                             f"(got reason {self.reason!r})")
+        return self
+
+
+class OverrideRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    city: str = Field(..., min_length=1, max_length=100, description="City (source) name, see /v1/cities.")
+    shift: datetime = Field(..., examples=["2020-02-10T14:00:00-05:00"],
+                            description="ISO 8601 start of the shift (as for POST /v1/patrols).")
+    overrides: list[OverrideEntry] = Field(..., min_length=1, max_length=MAX_PATROLS_PER_REQUEST,
+                                           description="One entry per cell (no duplicates).")
+
+
+class OverrideReceipt(BaseModel):
+    city: str
+    shift: PatrolShift
+    count: int = Field(..., description="Rows stored (one per cell).")
+    by_reason: dict[str, int]
+    recorded_at: datetime = Field(..., description="When they were stored (UTC).")
+
+
+class OverrideReasonCount(BaseModel):
+    reason: str
+    code: str | None
+    count: int
+    share_of_flags: float
+
+
+class OverrideSummaryResponse(BaseModel):
+    city: str
+    start: datetime | None
+    end: datetime | None
+    flags: int = Field(..., description="Flagged cell-shifts accounted for: a patrol dose or an override recorded.")
+    not_patrolled: int = Field(..., description="Of them, recorded as not patrolled (first override per cell-shift).")
+    share_not_patrolled: float | None
+    by_reason: list[OverrideReasonCount]
+    contradicted: int = Field(..., description="Overridden cell-shifts that also have patrol minutes recorded.")
+    flags_source: str

@@ -96,11 +96,14 @@ def toronto_box_panel(incidents, lat: tuple[float, float], lon: tuple[float, flo
 # service: starts the FastAPI app (in process or as a server); browser: drives Chromium; slow: trains models,
 # runs backtests or simulations, executes notebooks, or starts real servers. Whole modules are marked here, and
 # single slow tests of otherwise fast modules are named, so the list of what the fast loop leaves out is in one place.
-SERVICE_MODULES = {"test_api", "test_map", "test_patrols", "test_metrics_endpoint", "test_model_cards", "test_server",
-                   "test_hot_swap", "test_schemathesis", "test_postgres", "test_browser"}
+SERVICE_MODULES = {"test_api", "test_map", "test_map_areas", "test_patrols", "test_patrol_overrides",
+                   "test_metrics_endpoint", "test_model_cards", "test_server", "test_hot_swap", "test_schemathesis",
+                   "test_postgres", "test_browser", "test_live_update", "test_realised_accuracy", "test_drift",
+                   "test_transparency"}
 BROWSER_MODULES = {"test_browser"}
 SLOW_MODULES = {"test_cli_forecasting", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
-                "test_browser", "test_store_concurrency", "test_dask"}
+                "test_browser", "test_store_concurrency", "test_dask", "test_live_update", "test_retrain", "test_batch",
+                "test_realised_accuracy", "test_drift", "test_transparency"}
 SLOW_TESTS = {
     "test_any_city.py::test_new_city_walkthrough_runs_end_to_end",
     "test_metrics_endpoint.py::test_worker_processes_are_summed_with_a_multiprocess_dir",
@@ -110,6 +113,9 @@ SLOW_TESTS = {
     "test_feedback_loop.py::test_naive_runs_away_on_discovered_incidents_and_the_ensign_correction_holds",
     "test_bias_audit.py::test_chicago_community_areas_conserve_population_at_res9",
     "test_bias_audit.py::test_audit_logs_metrics_and_html_to_mlflow",
+    "test_references.py::test_backtest_reports_references_apart_from_forecasters",
+    "test_references.py::test_backtest_without_naive_diagnoses_its_winner",
+    "test_references.py::test_train_any_registered_forecaster",
 }
 
 

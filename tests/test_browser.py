@@ -261,3 +261,69 @@ def test_server_messages_are_shown_in_the_page(page, server):
     png = Path(download.value.path()).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size[0] > 1600
     only_own_requests(page, server)
+
+
+def test_area_names_zoom_pan_legend_and_map_app_links(page, server, tmp_path):
+    sign_in(page, server)
+    hexes, rows = page.locator("#map polygon.hex"), page.locator("#ranked tbody tr")
+    expect(hexes).to_have_count(20)
+    truth = api(server, "/v1/hotspots", city=CITY, k=20)["hotspots"]
+    areas = api(server, f"/v1/cities/{CITY}/areas")
+    assert areas["source"] != "none" and len(areas["areas"]) > 3
+
+    # the list names each cell's area, its centre and a geo: link, as the API does
+    names = page.locator("#ranked tbody td.where .area-name").all_inner_texts()
+    expected = [h["area_name"] or f"near {h['location']['nearest_area']}" for h in truth]
+    assert names == expected and len(set(names)) >= 2
+    first = rows.first
+    expect(first.locator(".coords")).to_have_text(f"{truth[0]['centroid']['lat']:.5f}, {truth[0]['centroid']['lon']:.5f}")
+    expect(first.locator("a.geo-link")).to_have_attribute("href", truth[0]["geo_uri"])
+    assert truth[0]["geo_uri"].startswith("geo:")
+    # the map draws the areas' outlines and writes their names; the top cell's area is among them
+    expect(page.locator("#areas path.area-outline")).to_have_count(len(areas["areas"]))
+    labels = page.locator("#area-labels text.area-label")
+    assert labels.count() >= 2
+    written = labels.evaluate_all("ts => ts.map(t => t.textContent)")  # SVG text has no innerText
+    assert set(written) <= {a["name"] for a in areas["areas"]} and len(set(written)) == len(written)
+    # hovering a hex shows its area and location
+    page.hover("#map polygon.hex[data-rank='1']")
+    expect(page.locator("#tooltip")).to_contain_text(expected[0])
+    expect(page.locator("#tooltip")).to_contain_text(truth[0]["location"]["text"])
+
+    # the legend says what colours, outlines and numbers mean
+    legend = page.locator("#legend")
+    expect(legend).to_contain_text("expected incidents in the cell during the shift (darker = more)")
+    expect(legend).to_contain_text("area boundary and name")
+    expect(legend).to_contain_text("rank (1 = highest expected count)")
+    expect(page.locator("#legend-areas-source")).not_to_have_text("–")
+
+    # zoom: the button, the wheel and a drag change the view; the top hex grows and moves; reset restores it
+    svg = page.locator("#map")
+    view0, box0 = svg.get_attribute("data-view"), page.locator("#map polygon.hex[data-rank='1']").bounding_box()
+    page.click("#zoom-in")
+    expect(svg).to_have_attribute("data-zoom", "2.000")
+    box1 = page.locator("#map polygon.hex[data-rank='1']").bounding_box()
+    assert box1["width"] == pytest.approx(2 * box0["width"], rel=0.05)
+    frame = svg.bounding_box()
+    page.mouse.move(frame["x"] + frame["width"] / 2, frame["y"] + frame["height"] / 2)
+    page.mouse.wheel(0, -400)
+    page.wait_for_function("Number(document.getElementById('map').dataset.zoom) > 2")
+    before = svg.get_attribute("data-view")
+    page.mouse.move(frame["x"] + 60, frame["y"] + 60)
+    page.mouse.down()
+    page.mouse.move(frame["x"] + 160, frame["y"] + 120, steps=5)
+    page.mouse.up()
+    page.wait_for_function(f"document.getElementById('map').dataset.view !== {json.dumps(before)}")
+    scale_before, ox_before, oy_before = map(float, before.split())
+    scale_after, ox_after, oy_after = map(float, svg.get_attribute("data-view").split())
+    assert scale_after == scale_before and ox_after - ox_before == pytest.approx(100, abs=2)
+    assert oy_after - oy_before == pytest.approx(60, abs=2)
+    page.click("#zoom-reset")
+    expect(svg).to_have_attribute("data-view", view0)
+    expect(hexes).to_have_count(20)
+
+    # zoomed on the hotspots, names readable: the picture for the README (docs/map.png)
+    page.click("#zoom-in")
+    page.screenshot(path=str(tmp_path / "map-areas.png"))
+    only_own_requests(page, server)
+    assert not page.errors, page.errors

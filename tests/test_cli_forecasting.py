@@ -62,6 +62,10 @@ def test_backtest_then_claim(data_dir, backtested):
     assert claim.exit_code == 0, claim.output
     assert "sepp hit rate" in claim.output and "'At least 10% more effective' is" in claim.output
     assert any(word in claim.output for word in ("SUPPORTED", "REFUTED", "UNDETERMINED"))
+    assert "the shift-of-day clairvoyant ceiling" in claim.output  # the headroom share, or "no headroom"
+    # the backtest ran its winner's diagnostics without a learned forecaster or "lightgbm" in it
+    assert json.loads((folder / "diagnostics.json").read_text())["model"] == promotion["winner"]
+    assert set(summary["references"]) == {"static_clairvoyant", "shift_of_day_clairvoyant"}
 
     missing = runner.invoke(app, ["claim", "toronto-mci", "--candidate", "lightgbm", "--data-dir", str(data_dir)])
     assert missing.exit_code == 2 and "no forecasts of ['lightgbm']" in missing.output
@@ -130,13 +134,19 @@ def test_diagnose_logs_into_the_backtest_run(data_dir, backtested):
     assert result.exit_code == 0, result.output
     assert "Gini of flag counts" in result.output and "no patrol-dose analysis" in result.output
     payload = json.loads((folder / "diagnostics.json").read_text())
-    assert payload["model"] == "sepp" and payload["baseline"] == "naive"
+    strongest = json.loads((folder / "backtest.json").read_text())["strongest_baseline"]
+    assert payload["model"] == "sepp" and payload["baseline"] == (strongest if strongest != "sepp" else None)
     run, client = _run(data_dir, folder)
     assert 0 < run.data.metrics["diagnostics.gini.1pct"] <= 1
     assert {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")} >= {
         "diagnostics/diagnostics.json", "diagnostics/diagnostics.html", "diagnostics/diagnostics.png"}
 
-    missing = runner.invoke(app, ["diagnose", "toronto-mci", "--resolution", "8", "--data-dir", str(data_dir)])
+    # by default the backtest's own choice: its winner (here the strongest baseline itself, alone)
+    default = runner.invoke(app, ["diagnose", "toronto-mci", "--resolution", "8", "--data-dir", str(data_dir)])
+    assert default.exit_code == 0, default.output
+    assert json.loads((folder / "diagnostics.json").read_text())["model"] == strongest
+    missing = runner.invoke(app, ["diagnose", "toronto-mci", "--resolution", "8", "--model", "lightgbm",
+                                  "--data-dir", str(data_dir)])
     assert missing.exit_code == 2 and "no forecasts of ['lightgbm']" in missing.output
 
 

@@ -304,7 +304,8 @@ def test_workers_starting_together_on_a_fresh_sqlite_file(tmp_path):
     with sqlite3.connect(tmp_path / "fresh" / "serving.db") as raw:
         triggers = sorted(r[0] for r in raw.execute("select name from sqlite_master where type = 'trigger'"))
     assert triggers == ["audit_log_no_delete", "audit_log_no_replace", "audit_log_no_update",
-                        "patrol_log_no_delete", "patrol_log_no_replace", "patrol_log_no_update"]
+                        "patrol_log_no_delete", "patrol_log_no_replace", "patrol_log_no_update",
+                        "patrol_overrides_no_delete", "patrol_overrides_no_replace", "patrol_overrides_no_update"]
     with sqlite3.connect(tmp_path / "fresh" / "serving.db") as raw:  # one chain head per log, not one per worker
         assert raw.execute("select table_name, last_id, last_hash from log_chain order by 1").fetchall() == [
-            ("audit_log", 0, ""), ("patrol_log", 0, "")]
+            ("audit_log", 0, ""), ("patrol_log", 0, ""), ("patrol_overrides", 0, "")]

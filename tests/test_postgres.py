@@ -117,7 +117,8 @@ def test_schema_and_triggers_are_created_once_by_concurrent_workers(pg):
             {"s": schema}).all()
         functions = conn.execute(text("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
                                       "WHERE n.nspname = :s AND p.proname = 'hotspots_append_only'"), {"s": schema}).scalar()
-    assert tables == {"alembic_version", "api_keys", "audit_log", "idempotency_keys", "log_chain", "patrol_log"}
+    assert tables == {"alembic_version", "api_keys", "audit_log", "idempotency_keys", "log_chain", "patrol_log",
+                      "patrol_overrides"}
     assert [tuple(t) for t in triggers] == [(table, f"{table}_{kind}") for table in sorted(APPEND_ONLY_TABLES)
                                             for kind in ("append_only", "no_truncate")]
     assert functions == 1

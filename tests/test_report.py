@@ -213,3 +213,31 @@ def test_html_escapes_text_and_keeps_the_two_inline_marks(tmp_path):
     assert "<p><strong>best</strong> is <code>a&amp;b</code> &lt;i&gt;</p>" in page
     assert "<th>&lt;th&gt;</th>" in page and "<td>&lt;td&gt;</td>" in page
     assert 'alt="alt &#34;q&#34; &lt;x&gt;"' in page and "<title>T &lt;title&gt;</title>" in page
+
+
+def test_references_and_headroom_are_reported_apart_from_forecasters(backtest, tmp_path):
+    """The clairvoyant maps get their own labelled section, summary.json key and no place among the forecasters
+    (tables, figures, 'who wins'); each forecaster's headroom share is stated against the strongest baseline."""
+    from forecasting.references import CEILING, STATIC, headroom, score_references
+
+    result, panel, summaries, claims, _ = backtest
+    refs = score_references(result.observed, result.areas, result.origins, result.per_day, COVERAGES, n_boot=50)
+    shares = headroom(summaries, refs, "naive")
+    paths = write_report(result, panel, tmp_path, title="With references", summaries=summaries, claims=claims,
+                         references=refs, headroom=shares)
+    data = json.loads(paths["summary_json"].read_text())
+    assert set(data["forecasters"]) == {"lightgbm", "naive", "random"} and set(data["references"]) == {STATIC, CEILING}
+    assert set(data["best_by_hit_rate"].values()) <= {"lightgbm", "naive", "random"}
+    ceiling = data["references"][CEILING]["coverages"][0]["hit_rate"]["point"]
+    assert ceiling == pytest.approx(refs[CEILING].point["hit_rate"][0])
+    lgbm = next(s for s in data["headroom"]["shares"]
+                if s["forecaster"] == "lightgbm" and s["coverage"] == 0.01 and s["ties"] == "random")
+    expected = (summaries["lightgbm"].point["hit_rate"][0] - summaries["naive"].point["hit_rate"][0]) / (
+        ceiling - summaries["naive"].point["hit_rate"][0])
+    assert lgbm["share"] == pytest.approx(expected) and data["headroom"]["strongest_baseline"] == "naive"
+    md = paths["report_md"].read_text()
+    section = md.split("## Clairvoyant references (not forecasters)")[1].split("## Metrics by coverage")[0]
+    assert "no forecaster can use" in section and f"{CEILING} (reference)" in section
+    assert f"| lightgbm | {lgbm['text']} |" in section.split("## Share of the headroom")[1]
+    assert "naive (strongest baseline) | 0% |" in section
+    assert STATIC not in md.split("## Metrics by coverage")[1]  # never in the forecasters' tables

@@ -94,7 +94,8 @@ def test_a_fresh_sqlite_database_is_migrated_to_head(tmp_path):
     objects, version = _schema(tmp_path / "serving.db")
     assert version == head()
     tables = {name for kind, name in objects if kind == "table"}
-    assert tables == {"alembic_version", "api_keys", "audit_log", "idempotency_keys", "log_chain", "patrol_log"}
+    assert tables == {"alembic_version", "api_keys", "audit_log", "idempotency_keys", "log_chain", "patrol_log",
+                      "patrol_overrides"}
     assert {"audit_log_no_update", "audit_log_no_delete", "patrol_log_no_update", "patrol_log_no_delete"} <= {
         name for kind, name in objects if kind == "trigger"}
 

@@ -87,6 +87,17 @@ def test_tracked_backtest_logs_run_registers_and_gates(small_panel, tmp_path, mo
     assert run.data.params["lightgbm.features__window_days"] == "(1, 7, 28, 365)"  # nested params logged in full
     report = (tracked.out_dir / "report.md").read_text()
     assert "Strongest baseline" in report and "pessimistic" in report
+    # the clairvoyant references and the headroom shares, logged apart from the forecasters
+    assert "Clairvoyant references (not forecasters)" in report and "Share of the headroom" in report
+    assert "reference.shift_of_day_clairvoyant.hit_rate.5pct" in run.data.metrics
+    assert "headroom.lightgbm.5pct" in run.data.metrics or "headroom.lightgbm.5pct" in run.data.tags
+    # diagnostics of the backtest's own pair: the winner (or the candidate) against the strongest baseline, with
+    # the gain shares only for a forecaster whose contract gives importances
+    model, baseline = tracked.assessed
+    assert baseline == strongest.name and model in {"lightgbm", tracked.decision.winner}
+    diagnostics = json.loads((tracked.out_dir / "diagnostics.json").read_text())
+    assert diagnostics["model"] == model and diagnostics["baseline"] == strongest.name
+    assert (diagnostics["gain"] is not None) == (model == "lightgbm")
     # per-cell forecasts anyone can re-score
     forecasts = pl.read_parquet(tracked.out_dir / "forecasts.parquet")
     assert forecasts.columns == ["cell", "shift_start_utc", "shift_id", "forecaster", "score", "observed"]

@@ -50,45 +50,57 @@ def log_audit(result: BiasAudit, out_dir: Path | None = None) -> None:
         (out_dir / "bias_audit.html").write_text(bias_audit_page(result, png))
 
 
-def assess(result, panel: CountPanel, out_dir: Path, *, audit_layer: AreaLayerSpec | None = None,
-           shared_dir: Path | None = None, n_boot: int = 1000) -> tuple[Diagnostics, BiasAudit | None]:
-    """Diagnostics (and the audit) of a fresh ``BacktestResult``, inside the backtest's active run."""
-    lgbm = result.last_models.get("lightgbm")
-    importance = lgbm.feature_importance() if lgbm is not None else None
-    diag = run_diagnostics(result.predictions, result.observed, result.areas, result.origins, panel, importance)
+def assess(result, panel: CountPanel, out_dir: Path, *, model: str, baseline: str | None,
+           audit_layer: AreaLayerSpec | None = None, shared_dir: Path | None = None,
+           n_boot: int = 1000) -> tuple[Diagnostics, BiasAudit | None]:
+    """Diagnostics (and the audit) of ``model`` against ``baseline`` (None: alone) in a fresh
+    ``BacktestResult``, inside the backtest's active run. Importance only when the model's contract gives it."""
+    fitted = result.last_models.get(model)
+    importance = fitted.feature_importance() if fitted is not None else None
+    diag = run_diagnostics(result.predictions, result.observed, result.areas, result.origins, panel, importance,
+                           model=model, baseline=baseline)
     log_diagnostics(diag, out_dir)
     bias = None
     if audit_layer is not None:
         bias = run_audit(result.predictions, result.observed, result.areas, result.origins, panel, audit_layer,
-                         shared_dir, n_boot=n_boot)
+                         shared_dir, n_boot=n_boot, model=model, baseline=baseline)
         log_audit(bias, out_dir)
     return diag, bias
 
 
-def assess_training(model, panel: CountPanel, cutoff: int, *, audit_layer: AreaLayerSpec | None = None,
-                    shared_dir: Path | None = None, n_boot: int = 1000) -> tuple[Diagnostics, BiasAudit | None]:
-    """Diagnostics (and the audit) of a freshly trained LightGBM model, inside its training run.
+def assess_training(model, panel: CountPanel, cutoff: int, *, baseline: str,
+                    audit_layer: AreaLayerSpec | None = None, shared_dir: Path | None = None,
+                    n_boot: int = 1000) -> tuple[Diagnostics, BiasAudit | None]:
+    """Diagnostics (and the audit) of a freshly trained forecaster, inside its training run.
 
     A training run has no test period, so the figures describe the model's flags over its validation window
-    (the ``valid_days`` before the cutoff, which early stopping used) against the naive map of the same shifts.
-    They show how the map behaves; accuracy claims come from backtests."""
+    (the forecaster's ``valid_days`` parameter when it has one, else the strongest-baseline window, before the
+    cutoff) against the ``baseline`` registry forecaster (the city's strongest baseline when a backtest named
+    one) on the same shifts. They show how the map behaves; accuracy claims come from backtests."""
     import mlflow
 
-    from forecasting.baselines import Naive
+    from forecasting import registry
+    from forecasting.strongest import VALIDATION_DAYS
 
     per_day = panel.calendar.per_day
-    origins = np.arange(max(panel.first_shift + 1, cutoff - model.valid_days * per_day), cutoff, dtype=np.int64)
-    naive = Naive().fit(panel, int(origins[0]))
-    predictions = {"lightgbm": model.predict(panel, origins), "naive": naive.predict(panel, origins)}
+    days = int(model.get_params(deep=False).get("valid_days") or VALIDATION_DAYS)
+    origins = np.arange(max(panel.first_shift + 1, cutoff - days * per_day), cutoff, dtype=np.int64)
+    predictions = {model.name: model.predict(panel, origins)}
+    compared: str | None = None
+    if baseline != model.name:
+        compared = baseline
+        predictions[baseline] = registry.make(baseline).fit(panel, int(origins[0])).predict(panel, origins)
     observed = panel.dense(int(origins[0]), int(origins[-1]) + 1).astype(np.float64)
     areas = panel.study_area.areas_km2
-    diag = run_diagnostics(predictions, observed, areas, origins, panel, model.feature_importance())
+    diag = run_diagnostics(predictions, observed, areas, origins, panel, model.feature_importance(),
+                           model=model.name, baseline=compared)
     log_diagnostics(diag)
     mlflow.set_tag("assessment.window", f"validation window: shifts {origins[0]}..{origins[-1]} "
-                                        f"({model.valid_days} days before the cutoff, used for early stopping)")
+                                        f"({days} days before the cutoff)")
     bias = None
     if audit_layer is not None:
         bias = run_audit(predictions, observed, areas, origins, panel, audit_layer, shared_dir, n_boot=n_boot,
-                         title=f"Bias audit of the training run's validation window: {audit_layer.name}")
+                         title=f"Bias audit of the training run's validation window: {audit_layer.name}",
+                         model=model.name, baseline=compared)
         log_audit(bias)
     return diag, bias

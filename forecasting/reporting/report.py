@@ -35,6 +35,7 @@ from forecasting.backtest import BacktestResult
 from forecasting.claim import ClaimResult
 from forecasting.jsonable import jsonable
 from forecasting.metrics import HEADLINE_COVERAGES, MetricSummary, calibration, pooled, rank_cells, shift_hits
+from forecasting.references import CEILING, LABELS, NO_HEADROOM, Headroom
 from forecasting.reporting.templating import png_data_uri, render
 
 DPI = 100
@@ -357,40 +358,99 @@ def _per_category_blocks(per_category: pl.DataFrame) -> list[Block]:
     return blocks
 
 
+def _summary_entry(s: MetricSummary) -> dict:
+    entry = {
+        "deviance": s.deviance, "n_shifts": s.n_shifts, "crimes": s.crimes,
+        "coverages": [
+            {"coverage": float(c), **{m: {"point": s.point[m][j], "low": s.low[m][j], "high": s.high[m][j]}
+                                      for m in METRICS if m in s.point}}
+            for j, c in enumerate(np.asarray(s.coverages, dtype=float))
+        ],
+    }
+    if s.pessimistic:
+        entry["pessimistic"] = {m: [float(v) for v in values] for m, values in s.pessimistic.items()}
+    return entry
+
+
 def summary_dict(summaries: dict[str, MetricSummary], claims: list[ClaimResult], meta: dict,
-                 title: str, map_info: dict, best: dict) -> dict:
-    forecasters = {}
-    for name, s in summaries.items():
-        forecasters[name] = {
-            "deviance": s.deviance, "n_shifts": s.n_shifts, "crimes": s.crimes,
-            "coverages": [
-                {"coverage": float(c), **{m: {"point": s.point[m][j], "low": s.low[m][j], "high": s.high[m][j]}
-                                          for m in METRICS if m in s.point}}
-                for j, c in enumerate(np.asarray(s.coverages, dtype=float))
-            ],
-        }
-    for name, s in summaries.items():
-        if s.pessimistic:
-            forecasters[name]["pessimistic"] = {m: [float(v) for v in values] for m, values in s.pessimistic.items()}
-    return jsonable({"title": title, "meta": meta, "forecasters": forecasters,
-                      "claims": [c.as_dict() for c in claims], "best_by_hit_rate": best, "map": map_info})
+                 title: str, map_info: dict, best: dict, references: dict[str, MetricSummary] | None = None,
+                 headroom: list[Headroom] | None = None) -> dict:
+    forecasters = {name: _summary_entry(s) for name, s in summaries.items()}
+    out = {"title": title, "meta": meta, "forecasters": forecasters,
+           "claims": [c.as_dict() for c in claims], "best_by_hit_rate": best, "map": map_info}
+    if references:  # kept apart from "forecasters": references no forecaster can use
+        out["references"] = {name: {"label": LABELS.get(name, name), **_summary_entry(s)}
+                             for name, s in references.items()}
+    if headroom:
+        out["headroom"] = {"strongest_baseline": headroom[0].strongest, "ceiling": CEILING,
+                           "shares": [h.as_dict() for h in headroom]}
+    return jsonable(out)
+
+
+def _reference_blocks(references: dict[str, MetricSummary], headroom: list[Headroom],
+                      headline: list[float]) -> list[Block]:
+    """The clairvoyant references (labelled as such, never ranked with the forecasters) and each forecaster's
+    share of the headroom between the strongest baseline and the shift-of-day ceiling."""
+    blocks = [Block("h2", "Clairvoyant references (not forecasters)"),
+              Block("p", "Maps made from the test period's own recorded counts, scored exactly like the "
+                         "forecasters. No forecaster can use them: they show how far any map could get. "
+                         + "; ".join(f"{name}: {label}" for name, label in LABELS.items() if name in references)
+                         + ".")]
+    rows = []
+    for name, s in references.items():
+        row = [name + " (reference)"]
+        for c in headline:
+            j = _cov_index(s, c)
+            if j is None:
+                row += ["n/a", "n/a", "n/a"]
+                continue
+            row += [fmt_interval(s.point["hit_rate"][j], s.low["hit_rate"][j], s.high["hit_rate"][j]),
+                    fmt_rate(s.pessimistic["hit_rate"][j]) if "hit_rate" in s.pessimistic else "",
+                    fmt_interval(s.point["pai"][j], s.low["pai"][j], s.high["pai"][j], fmt_ratio)]
+        rows.append(row)
+    header = ["reference"] + [f"{h} {fmt_coverage(c)}" for c in headline
+                              for h in ("hit rate [CI]", "pessimistic ties", "PAI [CI]")]
+    blocks.append(Block("table", header=header, items=rows))
+    blocks.append(Block("h2", "Share of the headroom"))
+    if not headroom:
+        blocks.append(Block("p", "No strongest baseline was chosen (no non-learned forecaster in the backtest), so "
+                                 "no headroom share is stated."))
+        return blocks
+    first = headroom[0]
+    blocks.append(Block("p", f"(forecaster - {first.strongest}) / ({CEILING} - {first.strongest}) in hit rate: the "
+                             f"share of the distance between the strongest baseline, {first.strongest}, and the "
+                             f"shift-of-day ceiling each forecaster has covered (0% = the strongest baseline, 100% = "
+                             f"the ceiling; negative = below the strongest baseline). '{NO_HEADROOM}' where the "
+                             "ceiling is not above the strongest baseline. Each side uses the same tie rule."))
+    by = {(h.forecaster, h.coverage, h.ties): h for h in headroom}
+    ties = [t for t in ("random", "pessimistic") if any(h.ties == t for h in headroom)]
+    covs = list(dict.fromkeys(h.coverage for h in headroom))
+    names = list(dict.fromkeys(h.forecaster for h in headroom))
+    header = ["forecaster"] + [f"{fmt_coverage(c)}, {t} ties" for c in covs for t in ties]
+    blocks.append(Block("table", header=header, items=[
+        [n + (" (strongest baseline)" if n == first.strongest else "")]
+        + [by[(n, c, t)].text() if (n, c, t) in by else "" for c in covs for t in ties] for n in names]))
+    return blocks
 
 
 # --- entry point -----------------------------------------------------------------------------------
 def write_report(result: BacktestResult, panel: CountPanel, out_dir: Path, *, title: str,
                  summaries: dict[str, MetricSummary], claims: list[ClaimResult],
                  per_category: pl.DataFrame | None = None, meta: dict | None = None,
-                 map_forecaster: str = "lightgbm", map_coverage: float = 0.05, strongest=None) -> dict[str, Path]:
+                 map_forecaster: str | None = None, map_coverage: float = 0.05, strongest=None,
+                 references: dict[str, MetricSummary] | None = None,
+                 headroom: list[Headroom] | None = None) -> dict[str, Path]:
     """Write the figures, report.md, report.html and summary.json into ``out_dir``; returns paths by key
     (``hit_rate_curves``, ``pai_bars``, ``calibration``, ``hotspot_map``, ``report_md``, ``report_html``,
-    ``summary_json``)."""
+    ``summary_json``). ``references`` (the clairvoyant maps, :mod:`forecasting.references`) and ``headroom``
+    get their own sections, apart from the forecasters; ``map_forecaster`` defaults to the first forecaster."""
     if not summaries:
         raise ValueError("write_report needs at least one forecaster's summary")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(result.predictions)
     colours = _colours(list(dict.fromkeys(names + list(summaries))))
-    if map_forecaster not in result.predictions:
+    if map_forecaster is None or map_forecaster not in result.predictions:
         map_forecaster = names[0]
     meta_all = {**default_meta(result, panel), **(meta or {})}
     candidates = {c.candidate for c in claims} or {map_forecaster}
@@ -449,6 +509,9 @@ def write_report(result: BacktestResult, panel: CountPanel, out_dir: Path, *, ti
         rates = {n: s.point["hit_rate"][j] for n, s in summaries.items()}
         best[fmt_coverage(c)] = max(rates, key=lambda n: np.nan_to_num(rates[n], nan=-np.inf))
 
+    if references:
+        blocks += _reference_blocks(references, headroom or [], headline)
+
     blocks.append(Block("h2", "Metrics by coverage"))
     blocks.append(Block("p", "Pooled over all test shifts; brackets are 95% day-block bootstrap intervals. "
                              "PAI = hit rate / area share; PEI* = hits / best possible hits with the same number "
@@ -487,7 +550,8 @@ def write_report(result: BacktestResult, panel: CountPanel, out_dir: Path, *, ti
     paths["report_html"].write_text(to_html(blocks, title, out_dir), encoding="utf-8")
     paths["summary_json"] = out_dir / "summary.json"
     paths["summary_json"].write_text(
-        json.dumps(summary_dict(summaries, claims, meta_all, title, map_info, best), indent=2, allow_nan=False),
+        json.dumps(summary_dict(summaries, claims, meta_all, title, map_info, best, references, headroom), indent=2,
+                   allow_nan=False),
         encoding="utf-8")
     return paths
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ from forecasting.base import Forecaster
 from forecasting.claim import against_every_baseline, claim_test
 from forecasting.cluster import address_of
 from forecasting.metrics import HEADLINE_COVERAGES, MetricSummary
-from forecasting.promotion import GATE_COVERAGES, PromotionDecision, promotion_decision
+from forecasting.promotion import GATE_COVERAGES, PromotionDecision, backtest_winner, promotion_decision
+from forecasting.references import Headroom, score_references
+from forecasting.references import headroom as headroom_shares
 from forecasting.reporting.assess import assess, assess_training
 from forecasting.reporting.report import write_report
 from forecasting.reporting.tracking import apply_promotion, code_version, configure, log_model
@@ -43,6 +45,9 @@ class TrackedBacktest:
     out_dir: Path
     strongest: StrongestChoice | None = None
     candidate: str | None = None
+    references: dict[str, MetricSummary] = field(default_factory=dict)  # clairvoyant maps: never forecasters
+    headroom: list[Headroom] = field(default_factory=list)
+    assessed: tuple[str, str | None] | None = None  # (model, baseline) the diagnostics compared
 
 
 def _flat_params(name: str, model: Forecaster) -> dict[str, object]:
@@ -85,6 +90,37 @@ def _log_summaries(summaries: dict[str, MetricSummary], result: BacktestResult) 
                 mlflow.log_metric(f"{name}.hit_rate_pessimistic.{tag}", float(summary.pessimistic["hit_rate"][j]))
         mlflow.log_metric(f"{name}.poisson_deviance", summary.deviance)
         mlflow.log_metric(f"{name}.fit_seconds", result.fit_seconds[name])
+
+
+def _log_references(references: dict[str, MetricSummary], shares: list[Headroom]) -> None:
+    """Under ``reference.<name>.`` and ``headroom.<forecaster>.``: never under a forecaster's own prefix, so
+    nothing that reads forecaster metrics (model card, gate) can take a reference for a forecaster."""
+    for name, summary in references.items():
+        for j, cov in enumerate(summary.coverages):
+            if cov not in HEADLINE_COVERAGES:
+                continue
+            tag = f"{cov * 100:g}pct"
+            for metric in ("hit_rate", "pai"):
+                mlflow.log_metric(f"reference.{name}.{metric}.{tag}", float(summary.point[metric][j]))
+            if summary.pessimistic:
+                mlflow.log_metric(f"reference.{name}.hit_rate_pessimistic.{tag}",
+                                  float(summary.pessimistic["hit_rate"][j]))
+    for share in shares:
+        key = f"headroom.{share.forecaster}.{share.coverage * 100:g}pct" + ("" if share.ties == "random" else ".pessimistic")
+        if share.share is None:
+            mlflow.set_tag(key, share.text())
+        else:
+            mlflow.log_metric(key, share.share)
+
+
+def assessed_pair(winner: str | None, candidate: str | None, strongest: str | None) -> tuple[str, str | None] | None:
+    """(model, baseline) the diagnostics and the bias audit compare: the winner against the strongest baseline;
+    when the strongest baseline itself wins, the learned candidate against it; alone when there is nothing to
+    compare with."""
+    model = winner if winner is not None and winner != strongest else candidate or winner
+    if model is None:
+        return None
+    return model, (strongest if strongest is not None and strongest != model else None)
 
 
 def run_tracked_backtest(
@@ -153,6 +189,11 @@ def run_tracked_backtest(
             claims = claim_of(strongest.name)
             others = [c for name in baselines if name != strongest.name for c in claim_of(name)]
         _log_summaries(summaries, result)
+        references = score_references(result.observed, result.areas, result.origins, result.per_day, n_boot=n_boot)
+        shares = headroom_shares(summaries, references, strongest.name) if strongest is not None else []
+        _log_references(references, shares)
+        winner = backtest_winner(summaries, strongest.name, GATE_COVERAGES)[0] if strongest is not None else candidate
+        pair = assessed_pair(winner, candidate, strongest.name if strongest else None)
         for claim in claims:
             mlflow.log_metric(f"claim.ratio.{claim.coverage * 100:g}pct", claim.ratio)
             mlflow.set_tag(f"claim.verdict.{claim.coverage * 100:g}pct", claim.verdict)
@@ -169,19 +210,23 @@ def run_tracked_backtest(
             (out_dir / "pairwise.json").write_text(json.dumps([p.as_dict() for p in pairwise], indent=2))
         result.tidy().write_parquet(out_dir / "results.parquet")
         write_forecasts(out_dir, panel, result.origins, result.observed, result.predictions)
-        save_backtest(out_dir, result.origins, result.observed, result.areas, result.predictions, meta)
+        importance = result.last_models[candidate].feature_importance() if candidate is not None else None
+        save_backtest(out_dir, result.origins, result.observed, result.areas, result.predictions,
+                      {**meta, "winner": winner, "candidate": candidate,
+                       "importance_of": candidate if importance is not None else None})
         write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
                      summaries=summaries, claims=claims + others + pairwise,
                      per_category=per_category_hit_rates(result, panel), meta=meta,
-                     map_forecaster=candidate or "lightgbm", strongest=strongest)
-        importance = result.last_models[candidate].feature_importance() if candidate is not None else None
+                     map_forecaster=pair[0] if pair else None, strongest=strongest, references=references,
+                     headroom=shares)
         if importance is not None:
             (out_dir / "feature_importance.json").write_text(json.dumps(importance, indent=2))
         (out_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "city": source}, indent=2))
         mlflow.log_artifacts(str(out_dir), artifact_path="backtest")
-        if "lightgbm" in result.predictions and "naive" in result.predictions:
-            say("feedback-loop diagnostics" + (" and bias audit" if audit_layer is not None else ""))
-            assess(result, panel, out_dir, audit_layer=audit_layer, n_boot=n_boot)
+        if pair is not None:
+            say(f"feedback-loop diagnostics of {pair[0]}" + (f" against {pair[1]}" if pair[1] else "")
+                + (" and bias audit" if audit_layer is not None else ""))
+            assess(result, panel, out_dir, model=pair[0], baseline=pair[1], audit_layer=audit_layer, n_boot=n_boot)
 
         decision, version = None, None
         if register and strongest is not None:
@@ -198,7 +243,8 @@ def run_tracked_backtest(
             mlflow.set_tags({"promotion": "promoted" if decision.promote else "rejected", "model_version": version,
                              "champion_forecaster": winner})
             (out_dir / "promotion.json").write_text(json.dumps({**decision.as_dict(), "version": version}, indent=2))
-    return TrackedBacktest(result, summaries, claims, decision, version, run.info.run_id, out_dir, strongest, candidate)
+    return TrackedBacktest(result, summaries, claims, decision, version, run.info.run_id, out_dir, strongest, candidate,
+                           references, shares, pair)
 
 
 @dataclass
@@ -209,13 +255,14 @@ class TrainingRun:
 
 
 def run_training(panel: CountPanel, source: str, settings: Settings, model: Forecaster, cutoff: int, *,
-                 audit_layer=None, progress: Progress | None = None) -> TrainingRun:
+                 baseline: str, audit_layer=None, progress: Progress | None = None) -> TrainingRun:
     """Fit one forecaster on the shifts before ``cutoff`` and register it (never promoted: only a backtest that
-    passes the gate moves the champion). The run also logs the diagnostics of its validation window."""
+    passes the gate moves the champion). The run also logs the diagnostics of its validation window against
+    ``baseline`` (a registry name)."""
     say = progress or (lambda message: None)
     configure(settings)
     with mlflow.start_run(run_name=f"train-{source}") as run:
-        mlflow.set_tags({"kind": "train", "city": source})
+        mlflow.set_tags({"kind": "train", "city": source, "forecaster": model.name})
         mlflow.log_params({**protocol_of(panel, source, cutoff_shift=cutoff, code_version=code_version()),
                            "category": model.category or "all",
                            **_flat_params(model.name, model)})
@@ -227,6 +274,6 @@ def run_training(panel: CountPanel, source: str, settings: Settings, model: Fore
             mlflow.log_dict(importance, "feature_importance.json")
         info = _register(model, panel, source)
         say("diagnostics" + (" and bias audit" if audit_layer is not None else "") + " on the validation window")
-        assess_training(model, panel, cutoff, audit_layer=audit_layer)
+        assess_training(model, panel, cutoff, baseline=baseline, audit_layer=audit_layer)
     version = info.registered_model_version
     return TrainingRun(run.info.run_id, None if version is None else str(version), model)

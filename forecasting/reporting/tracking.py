@@ -99,7 +99,7 @@ def apply_promotion(city: str, version: str, decision: PromotionDecision, run_id
 # Assessments of a model logged into its backtest run (or training run): the feedback-loop diagnostics, the
 # bias audit and the patrol-log analysis. Each is a JSON payload at <name>/<name>.json plus an HTML section and
 # a figure beside it, and flat metrics prefixed '<name>.'; the API's model card and /v1/diagnostics read them.
-ASSESSMENTS = ("diagnostics", "bias_audit", "patrol_diagnostics")
+ASSESSMENTS = ("diagnostics", "bias_audit", "patrol_diagnostics", "patrol_overrides")
 
 
 def log_assessment(name: str, payload: dict, metrics: dict[str, float], html: str | None = None, figure=None) -> None:

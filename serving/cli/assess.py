@@ -33,6 +33,14 @@ def _backtest(settings, city: str, backtest_dir: Path | None, resolution: int | 
     return saved, panel
 
 
+def _pair(saved, model: str | None, baseline: str | None) -> tuple[str, str]:
+    """The forecasters named, else the backtest's own winner and strongest baseline."""
+    try:
+        return saved.assessed_pair(model, baseline)
+    except ValueError as exc:
+        fail(f"{exc}; e.g. --model NAME --baseline NAME")
+
+
 def _run_id(settings, city: str, saved) -> str:
     """The backtest's own run; folders from before run.json existed fall back to the champion's record."""
     from mlflow.tracking import MlflowClient
@@ -104,8 +112,10 @@ def diagnose(
     city: str = typer.Argument(..., help="City (source) with a backtest."),
     backtest_dir: Path | None = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
     coverage: list[float] = typer.Option(list(HEADLINE_COVERAGES), help="Area coverages whose flags are diagnosed."),
-    model: str = typer.Option("lightgbm", help="The backtested forecaster to diagnose."),
-    baseline: str = typer.Option("naive", help="The forecaster it is compared with."),
+    model: str | None = typer.Option(None, help="The backtested forecaster to diagnose (default: the backtest's "
+                                               "winner; the learned candidate when the strongest baseline won)."),
+    baseline: str | None = typer.Option(None, help="The forecaster it is compared with (default: the backtest's "
+                                                   "strongest baseline)."),
     resolution: int | None = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
     data_dir: Path | None = DataDir,
 ) -> None:
@@ -114,25 +124,29 @@ def diagnose(
     import mlflow
 
     from forecasting.assessment import run_diagnostics
-    from forecasting.patrol_dose import patrol_diagnostics
+    from forecasting.patrol_dose import override_summary, patrol_diagnostics
     from forecasting.reporting.assess import log_diagnostics
     from forecasting.reporting.tracking import configure, log_assessment
     from serving.db import Database
-    from serving.patrols import patrol_log
+    from serving.patrols import PatrolLog, patrol_log
 
     settings = project_settings(data_dir)
     saved, panel = _backtest(settings, city, backtest_dir, resolution)
-    with stage(f"diagnostics of {saved.out_dir.name}"):
+    model, baseline = _pair(saved, model, baseline)
+    with stage(f"diagnostics of {model} against {baseline} in {saved.out_dir.name}"):
         try:
             diag = run_diagnostics(saved.predictions, saved.observed, saved.areas, saved.origins, panel,
-                                   saved.importance, coverages=tuple(coverage), model=model, baseline=baseline)
+                                   saved.importance_of(model), coverages=tuple(coverage), model=model,
+                                   baseline=baseline)
         except KeyError as exc:
             fail(str(exc.args[0]))
     db = Database.for_settings(settings)
     try:
         patrols = patrol_log(db, city)
+        overrides = PatrolLog(db).overrides(city)
     finally:
         db.dispose()
+    oversight = override_summary(overrides, patrols) if overrides.height else None
     patrol = None
     if patrols.height:
         forecasts = _patrol_forecasts(settings, city, panel, patrols, saved, model)
@@ -148,12 +162,20 @@ def diagnose(
         log_diagnostics(diag, saved.out_dir)
         if patrol is not None:
             log_assessment("patrol_diagnostics", patrol.payload(), patrol.metrics())
+        if oversight is not None:
+            log_assessment("patrol_overrides", oversight.payload(), oversight.metrics())
     _print_diagnostics(diag, coverage)
     if patrol is None:
         console.print("no patrol-dose analysis: no patrols recorded for shifts the panel has counts for")
     else:
         for key, value in sorted(patrol.metrics().items()):
             console.print(f"patrol {key}: {value:.3f}")
+    if oversight is not None:
+        console.print(f"flags not patrolled: {oversight.not_patrolled:,} of {oversight.flags:,} "
+                      f"({oversight.share_not_patrolled:.1%}; flags = {oversight.flags_source})")
+        for row in oversight.by_reason.iter_rows(named=True):
+            reason = row["reason"] + (f" ({row['code']})" if row["code"] else "")
+            console.print(f"  {reason}: {row['count']:,} ({row['share_of_flags']:.1%} of flags)")
     console.print(f"logged into MLflow run {run.info.run_id}; report: {saved.out_dir / 'diagnostics.html'}")
 
 
@@ -165,13 +187,15 @@ def audit(
                                               "(path, layer, groups, total, table, key, split)."),
     backtest_dir: Path | None = typer.Option(None, help="A backtest folder (default: the latest for the city)."),
     coverage: list[float] = typer.Option(list(HEADLINE_COVERAGES), help="Area coverages whose flags are audited."),
-    model: str = typer.Option("lightgbm", help="The backtested forecaster to audit."),
-    baseline: str = typer.Option("naive", help="The forecaster it is compared with."),
+    model: str | None = typer.Option(None, help="The backtested forecaster to audit (default: the backtest's "
+                                               "winner; the learned candidate when the strongest baseline won)."),
+    baseline: str | None = typer.Option(None, help="The forecaster it is compared with (default: the backtest's "
+                                                   "strongest baseline)."),
     n_boot: int = typer.Option(1000, min=100),
     resolution: int | None = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
     data_dir: Path | None = DataDir,
 ) -> None:
-    """Bias audit of the backtested model against the naive baseline: exposure of each population group (and
+    """Bias audit of the backtested model against the strongest baseline: exposure of each population group (and
     hardship or low-income quintile) to flagging, against its population and its share of recorded crime,
     with hit rate, PAI and calibration per group; day-block bootstrap intervals."""
     import mlflow
@@ -190,6 +214,7 @@ def audit(
     except AreaJoinError as exc:
         fail(str(exc))
     saved, panel = _backtest(settings, city, backtest_dir, resolution)
+    model, baseline = _pair(saved, model, baseline)
     base = settings.shared_data_dir if layer_file is None else Path(layer_file).parent
     with stage(f"bias audit of {saved.out_dir.name} on {layer.name}"):
         try:

@@ -51,6 +51,18 @@ def parse_params(pairs: list[str] | None, forecaster_type: type) -> dict[str, ob
     return out
 
 
+def chosen_factories(forecaster: list[str] | None, param: list[str] | None) -> dict:
+    """The factories of the --forecaster names (default: every registered one but those run by request),
+    --param applied to LightGBM."""
+    from forecasting import registry
+
+    chosen = forecaster or registry.default_names()
+    unknown = [f for f in chosen if f not in registry.names()]
+    if unknown:
+        fail(f"unknown forecaster(s) {unknown}; choose from {registry.names()}")
+    return registry.factories(chosen, params={"lightgbm": parse_params(param, registry.forecaster_type("lightgbm"))})
+
+
 @app.command()
 def train(
     source: str = typer.Argument(...),
@@ -58,33 +70,60 @@ def train(
     category: str | None = typer.Option(None, help="Target one category (default: all)."),
     resolution: int | None = Resolution,
     seed: int = typer.Option(0),
+    forecaster: str = typer.Option("lightgbm", "--forecaster", help="The forecaster to train, by registry name "
+                                   "(lightgbm, naive, kde, prospective, sepp, all_history, last_year, exp_weighted)."),
     param: list[str] | None = Params,
+    baseline: str | None = typer.Option(None, help="The map the validation window's diagnostics compare with, by "
+                                        "registry name (default: the strongest baseline of the city's latest "
+                                        "backtest at this resolution, else naive)."),
     audit_preset: str | None = typer.Option(None, help="Also audit the validation window's flags on this shipped "
                                                "area layer (default: the source's own, when HOTSPOTS_SHARED_DATA "
                                                "has it; see `hotspots audit`)."),
     data_dir: Path | None = DataDir,
 ) -> None:
-    """Train the LightGBM forecaster and log it to MLflow as a registered model version (not promoted: only
-    a backtest's winner against the strongest baseline moves the champion alias). The run also logs the diagnostics of
-    the model's flags over its validation window (and, with --audit-preset, the bias audit)."""
+    """Train one forecaster (--forecaster, default LightGBM; --param goes to it) and log it to MLflow as a
+    registered model version (not promoted: only a backtest's winner against the strongest baseline moves the
+    champion alias). The run also logs the diagnostics of the model's flags over its validation window (and,
+    with --audit-preset, the bias audit)."""
     from zoneinfo import ZoneInfo
 
-    from forecasting.lgbm import LightGBMForecaster
+    from forecasting import registry
     from forecasting.reporting.runs import run_training
 
+    for name in (forecaster, baseline):
+        if name is not None and name not in registry.names():
+            fail(f"unknown forecaster {name!r}; choose from {', '.join(registry.names())}")
     layer = audit_layer(audit_preset, source)
     settings = project_settings(data_dir, resolution)
     built = load_panel(settings, source)
     zone = ZoneInfo(built.calendar.timezone)
     cutoff = built.end_shift if until is None else built.calendar.shift_of(until.replace(tzinfo=until.tzinfo or zone))
-    model = LightGBMForecaster(seed=seed, category=category, **parse_params(param, LightGBMForecaster))  # type: ignore[arg-type]
+    params = parse_params(param, registry.forecaster_type(forecaster))
+    model = registry.make(forecaster, **params)
+    if category is not None:
+        model.set_params(category=category)
+    if "seed" in model.get_params(deep=False):
+        model.set_params(seed=seed)
+    baseline = baseline or _latest_strongest(settings, source, built.study_area.resolution) or "naive"
     with stage(f"train {model.name} on {source}") as step:
         try:
-            trained = run_training(built, source, settings, model, cutoff, audit_layer=layer, progress=step)
+            trained = run_training(built, source, settings, model, cutoff, baseline=baseline, audit_layer=layer,
+                                   progress=step)
         except ValueError as exc:
             fail(str(exc))
+    summary = ", ".join(f"{k} {v:g}" for k, v in model.fit_summary().items())
     console.print(f"run {trained.run_id}: registered {trained.version and f'version {trained.version}'} "
-                  f"of hotspots-{source} ({model.best_iteration_} trees, {model.train_rows_:,} training rows)")
+                  f"of hotspots-{source} ({model.name}" + (f": {summary}" if summary else "") + ")")
+
+
+def _latest_strongest(settings, source: str, resolution: int) -> str | None:
+    """The strongest baseline the city's latest backtest at this resolution chose, if there is one."""
+    from forecasting.saved import SavedBacktest
+
+    try:
+        return SavedBacktest.load(DataPaths(settings).latest_backtest(source, resolution)).strongest_baseline
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def print_backtest(tracked) -> None:
@@ -103,8 +142,18 @@ def print_backtest(tracked) -> None:
                           f"{p['pai'][j]:.1f} [{lo['pai'][j]:.1f}, {hi['pai'][j]:.1f}]", f"{p['pei'][j]:.2f}",
                           f"{tracked.result.fit_seconds[name]:.0f}")
     console.print(table)
+    for name, summary in tracked.references.items():
+        rates = ", ".join(f"{summary.point['hit_rate'][j]:.3f} at {cov:.0%}" for j, cov in enumerate(summary.coverages)
+                          if cov in HEADLINE_COVERAGES)
+        console.print(f"reference (not a forecaster) {name}: hit rate {rates}")
     for claim in tracked.claims:
         console.print(claim.sentence())
+    focus = tracked.assessed[0] if tracked.assessed else None
+    for share in tracked.headroom:
+        if share.forecaster == focus and share.ties == "random" and focus != share.strongest:
+            said = share.text() if share.share is None else (
+                f"{share.text()} of the headroom between {share.strongest} and the shift-of-day clairvoyant ceiling")
+            console.print(f"{focus} at {share.coverage:.0%} of the area: {said}")
     if tracked.decision is not None:
         state = "PROMOTED to champion" if tracked.decision.promote else "not promoted"
         console.print(f"model version {tracked.model_version} ({tracked.decision.winner}): {state} ({tracked.decision.reason})")
@@ -166,7 +215,6 @@ def backtest(
     MLflow; the winner against the strongest baseline is registered and promoted."""
     from contextlib import nullcontext
 
-    from forecasting import registry
     from forecasting.cluster import connect
     from forecasting.reporting.runs import run_tracked_backtest
 
@@ -175,11 +223,7 @@ def backtest(
     built, other_shifts = panel_with_shifts(settings, source, load_panel(settings, source), shift_starts)
     start = test_start.date() if test_start else date(last_full_year(built), 1, 1)
     end = test_end.date() if test_end else date(start.year + 1, start.month, start.day)
-    chosen = forecaster or registry.default_names()
-    unknown = [f for f in chosen if f not in registry.names()]
-    if unknown:
-        fail(f"unknown forecaster(s) {unknown}; choose from {registry.names()}")
-    available = registry.factories(chosen, params={"lightgbm": parse_params(param, registry.forecaster_type("lightgbm"))})
+    available = chosen_factories(forecaster, param)
     out_dir = None
     if other_shifts:
         out_dir = DataPaths(settings).backtest(source, start, end).with_name(
@@ -205,7 +249,8 @@ def backtest(
 def claim(
     source: str = typer.Argument(...),
     backtest_dir: Path | None = typer.Option(None, help="A backtest folder (default: the latest for the source)."),
-    candidate: str = typer.Option("lightgbm"),
+    candidate: str | None = typer.Option(None, help="Forecaster the claim is about (default: the backtest's "
+                                            "winner; the learned candidate when the strongest baseline won)."),
     baseline: str | None = typer.Option(None, help="Baseline to compare with (default: the strongest baseline "
                                            "the backtest chose on its validation window)."),
     ratio: float = typer.Option(1.5, help="Claimed ratio of hit rates (1.5 = '50% more effective')."),
@@ -214,23 +259,27 @@ def claim(
     resolution: int | None = typer.Option(None, help="Resolution of the backtest (default: the latest at any)."),
     data_dir: Path | None = DataDir,
 ) -> None:
-    """Test 'candidate is at least RATIO times as effective as baseline' on a saved backtest."""
+    """Test 'candidate is at least RATIO times as effective as baseline' on a saved backtest, and state the
+    candidate's share of the headroom between the baseline and the shift-of-day clairvoyant ceiling."""
     from forecasting.claim import claim_test
+    from forecasting.references import ceiling_hit_rates
     from forecasting.saved import SavedBacktest
 
     settings = project_settings(data_dir)
     try:
         saved = SavedBacktest.load(backtest_dir or DataPaths(settings).latest_backtest(source, resolution))
-        baseline = baseline or saved.protocol.get("strongest_baseline") or "naive"
+        candidate, baseline = saved.assessed_pair(candidate, baseline)
         pair = saved.pair(candidate, baseline)
         per_day = saved.per_day
     except (FileNotFoundError, KeyError, ValueError) as exc:
         fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
     results = claim_test(pair[candidate], pair[baseline], saved.observed, saved.areas, saved.origins, per_day,
                          coverages=tuple(coverage), claimed_ratio=ratio, n_boot=n_boot, names=(candidate, baseline))
+    ceilings = ceiling_hit_rates(saved.observed, saved.areas, saved.origins, per_day, tuple(coverage))
     for r in results:
         console.print(r.sentence())
         console.print(f"  difference {r.difference:+.3f} ({r.level:.0%} CI {r.difference_low:+.3f} to {r.difference_high:+.3f})")
+        console.print("  " + r.headroom_sentence(ceilings[r.coverage]))
 
 
 QUICK_LIGHTGBM = {"train_days": 365, "learning_rate": 0.1, "n_estimators": 400}

@@ -41,6 +41,10 @@ def serve_forever(settings: Settings, host: str, port: int, workers: int, reload
 
     os.environ["HOTSPOTS_DATA_DIR"] = str(Path(settings.data_dir).resolve())
     os.environ["HOTSPOTS_H3_RESOLUTION"] = str(settings.h3_resolution)
+    for name, value in (("AREA_LAYER", settings.area_layer), ("AREA_LAYER_NAME", settings.area_layer_name),
+                        ("AREA_NAME_COLUMN", settings.area_name_column)):
+        if value is not None:
+            os.environ[f"HOTSPOTS_{name}"] = str(Path(value).resolve()) if name == "AREA_LAYER" else str(value)
     if reload_seconds is not None:
         os.environ["HOTSPOTS_MODEL_REFRESH_SECONDS"] = repr(float(reload_seconds))
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -71,11 +75,30 @@ def serve(
                           "(default: setting model_refresh_seconds, 60; 0: as often as every 0.25 s)."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="uvicorn's per-request log line "
                                     "(the audit log is kept either way)."),
+    areas: Path | None = typer.Option(
+        None, "--areas", help="Boundary file (GeoJSON, GeoPackage, shapefile) naming the map's areas "
+                              "(setting area_layer); default: the city's shipped layer or unnamed areas."),
+    area_layer: str | None = typer.Option(None, help="Layer of --areas to read (GeoPackage; setting area_layer_name)."),
+    area_name_column: str | None = typer.Option(None, help="Column of --areas with the names (setting "
+                                                           "area_name_column); default: guessed."),
     resolution: int | None = Resolution,
     data_dir: Path | None = DataDir,
 ) -> None:
     """Start the hotspot service (FastAPI on uvicorn): the API under /v1, the planner map at /map."""
-    serve_forever(project_settings(data_dir, resolution), host, port, workers, reload_seconds, access_log)
+    settings = project_settings(data_dir, resolution)
+    given = {k: v for k, v in (("area_layer", areas), ("area_layer_name", area_layer),
+                               ("area_name_column", area_name_column)) if v is not None}
+    if given:
+        settings = settings.model_copy(update=given)
+    if settings.area_layer is not None:  # a bad file is said now, in one line, not at the first request
+        from serving.areas import AreaLayerError, configured_layer
+
+        try:
+            layer = configured_layer(settings)
+        except AreaLayerError as exc:
+            fail(str(exc))
+        console.print(f"area names: {len(layer) if layer is not None else 0} areas from {settings.area_layer}")
+    serve_forever(settings, host, port, workers, reload_seconds, access_log)
 
 
 keys_app = typer.Typer(help="API keys of the service: create (shown once), revoke, list. Stored hashed.",

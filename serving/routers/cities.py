@@ -8,13 +8,25 @@ from typing import Annotated
 import h3
 import numpy as np
 from fastapi import APIRouter, Path, Query
+from starlette.concurrency import run_in_threadpool
 
 from serving.caches import ComputeOnceCache
-from serving.dependencies import Models, Now, Planner, city_state, ready_panel, ready_state
+from serving.dependencies import Areas, Models, Now, Planner, city_state, ready_panel, ready_state
 from serving.errors import FieldError
 from serving.models_store import CityState
 from serving.routers.hotspots import ERRORS
-from serving.schemas import City, CityList, MultiPolygon, ShiftList, ShiftOption, ShiftsQuery, StudyAreaOutline
+from serving.schemas import (
+    AreaLayer,
+    City,
+    CityList,
+    LatLon,
+    MultiPolygon,
+    NamedArea,
+    ShiftList,
+    ShiftOption,
+    ShiftsQuery,
+    StudyAreaOutline,
+)
 from serving.shifts import resolve_shift, shift_start_local
 
 router = APIRouter(tags=["cities"])
@@ -94,3 +106,14 @@ def _outline(state: CityState) -> StudyAreaOutline:
 def city_area(principal: Planner, models: Models, city: CityPath) -> StudyAreaOutline:
     state = _panel_state(models, city)
     return _OUTLINES.get_or_compute((state.city, state.panel_token), lambda: _outline(state))[0]
+
+
+@router.get("/cities/{city}/areas", response_model=AreaLayer, responses={k: ERRORS[k] for k in (401, 403, 404, 503)},
+            summary="Named areas (neighbourhoods, community areas) around the study area: outlines and names for the map")
+async def city_areas(principal: Planner, models: Models, names: Areas, city: CityPath) -> AreaLayer:
+    state = _panel_state(models, city)
+    areas = await run_in_threadpool(names.get, state.city, state.panel_token, ready_panel(state).study_area)
+    return AreaLayer(city=state.city, source=areas.source, description=areas.description, message=areas.message,
+                     areas=[NamedArea(name=a.name, outline=MultiPolygon(coordinates=a.polygons),
+                                      label_at=LatLon(lat=a.label_lat, lon=a.label_lon), n_cells=a.n_cells)
+                            for a in areas.areas])

@@ -74,10 +74,11 @@ async def prepare_off_loop(models: ModelStore, forecasts: ForecastService, query
 
 async def respond(request: Request, forecasts: ForecastService, audit: AuditLog, principal: Principal, p: Prepared,
                   variant: Hashable, make: Callable[[], bytes], params: dict[str, Any],
-                  media_type: str = "application/json") -> Response:
-    """The (cached) body ``variant`` of the forecast, made and audited in the thread pool, then sent."""
+                  media_type: str = "application/json", flagged: list[str] | None = None) -> Response:
+    """The (cached) body ``variant`` of the forecast, made and audited in the thread pool, then sent; ``flagged``
+    (the H3 ids a hotspots response hands out) goes into the audit row for the accuracy record."""
     body = await run_in_threadpool(forecasts.body, p.forecast, variant, make)
-    return await run_in_threadpool(audited, request, audit, principal, body, p, params, media_type)
+    return await run_in_threadpool(audited, request, audit, principal, body, p, params, media_type, flagged)
 
 
 def context(p: Prepared) -> dict[str, Any]:
@@ -97,19 +98,19 @@ def context(p: Prepared) -> dict[str, Any]:
 def audit_params(p: Prepared, query: _Query, **extra: Any) -> dict[str, Any]:
     params = {"city": query.city, "shift": query.shift, "shift_id": p.shift.shift_id,
               "shift_start": shift_start_local(p.panel, p.shift.shift_id).isoformat(), "category": p.category,
-              "model_source": p.forecast.model.source}
+              "model_source": p.forecast.model.source, "after_data": p.shift.after_data}
     params.update({k: v for k, v in extra.items() if v is not None})
     return params
 
 
 def audited(request: Request, audit: AuditLog, principal: Principal, body: BaseModel | bytes, p: Prepared,
-            params: dict[str, Any], media_type: str = "application/json") -> Response:
+            params: dict[str, Any], media_type: str = "application/json", flagged: list[str] | None = None) -> Response:
     """Serialise (unless given bytes, e.g. a cached body), write the audit entry (no entry, no forecast), then
     send."""
     content = body if isinstance(body, bytes) else body.model_dump_json().encode("utf-8")
     try:
         audit.record(principal, request.url.path, params, len(content), city=p.state.city,
-                     model_version=p.forecast.model.version)
+                     model_version=p.forecast.model.version, flagged=flagged)
     except Exception as exc:  # noqa: BLE001
         raise ApiError(503, "the audit log cannot be written; forecasts are not served without an audit entry") from exc
     headers = {**FORECAST_HEADERS, "X-Cache": "hit" if p.cache_hit else "miss", "X-Model-Version": p.forecast.model.version}

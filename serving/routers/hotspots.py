@@ -14,11 +14,13 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
+from serving.areas import CellAreas
 from serving.audit import AuditLog
 from serving.briefing import render_briefing
 from serving.checks import EXPLAINED_CELLS, PNG_MAX_K, check_selected
-from serving.dependencies import Audit, Forecasts, Models, Now, Planner, Settings_
+from serving.dependencies import Areas, Audit, Forecasts, Models, Now, Planner, Settings_
 from serving.errors import ApiError
 from serving.forecasts import ForecastService, select_cells
 from serving.geometry import hexagon_ring
@@ -63,7 +65,7 @@ def yielding(items: Iterable[T], every: int = 200) -> Iterator[T]:
             time.sleep(0)
 
 
-def _cells(p: Prepared, n: int) -> list[Hotspot]:
+def _cells(p: Prepared, n: int, areas: CellAreas) -> list[Hotspot]:
     """The first ``n`` ranked cells, the first EXPLAINED_CELLS with their top features. Built without validation
     (the values are typed floats already) and yielding the GIL now and then: a city-wide selection is thousands
     of rows, and must not hold up a cold forecast running beside it."""
@@ -74,17 +76,19 @@ def _cells(p: Prepared, n: int) -> list[Hotspot]:
     except Exception as exc:  # noqa: BLE001 - as a failing forecast (prepare): say so, never a bare 500
         raise ApiError(503, f"the champion model of {p.state.city} (version {f.model.version}) could not explain "
                             f"shift {f.shift_id}: {type(exc).__name__}: {exc}") from exc
-    areas = panel.study_area.areas_km2
+    km2 = panel.study_area.areas_km2
     lat, lon = panel.study_area.centroids
     h3_ids = panel.study_area.h3_ids
-    cum_area = np.cumsum(areas[top]) / float(areas.sum())
+    names, locations, uris = areas.inside, areas.locations, areas.geo_uris  # made once per city and panel
+    cum_area = np.cumsum(km2[top]) / float(km2.sum())
     columns = zip(top.tolist(), f.expected[top].tolist(), np.round(f.percentile[top], 3).tolist(), lat[top].tolist(),
-                  lon[top].tolist(), areas[top].tolist(), cum_area.tolist(), explained)
+                  lon[top].tolist(), km2[top].tolist(), cum_area.tolist(), explained)
     return [
         Hotspot.model_construct(
             rank=rank, h3=h3_ids[i], expected_count=expected, risk_percentile=percentile,
             centroid=LatLon.model_construct(lat=y, lon=x), area_km2=area, cumulative_area_share=share,
-            top_features=[Contribution.model_construct(feature=name, contribution=value) for name, value in why])
+            top_features=[Contribution.model_construct(feature=name, contribution=value) for name, value in why],
+            area_name=names[i], location=locations[i], geo_uri=uris[i])
         for rank, (i, expected, percentile, y, x, area, share, why) in enumerate(yielding(columns), start=1)
     ]
 
@@ -114,6 +118,7 @@ class HotspotsRequest:
     default_k: int
     p: Prepared
     n: int  # cells returned
+    areas: CellAreas  # the city's area names (per cell)
 
     @property
     def k(self) -> int | None:
@@ -121,7 +126,7 @@ class HotspotsRequest:
         return None if self.query.coverage is not None else self.n
 
     def hotspots(self) -> tuple[list[Hotspot], Selection]:
-        return _cells(self.p, self.n), self.selection()
+        return _cells(self.p, self.n, self.areas), self.selection()
 
     def selection(self) -> Selection:
         return _selection(self.p, self.query, self.n)
@@ -133,17 +138,23 @@ class HotspotsRequest:
         variant = (kind, p.shift.requested, p.shift.after_data, self.n, q.coverage)
         return await respond(self.request, self.forecasts, self.audit, self.principal, p, variant,
                              lambda: render(self), audit_params(p, q, k=self.k, coverage=q.coverage, **params),
-                             media_type=media_type)
+                             media_type=media_type, flagged=self.flagged())
+
+    def flagged(self) -> list[str]:
+        """The H3 ids this response hands out, in rank order (recorded in its audit row)."""
+        h3_ids = self.p.panel.study_area.h3_ids
+        return [h3_ids[i] for i in self.p.forecast.order[: self.n].tolist()]
 
 
 async def prepared_hotspots(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()],
                             models: Models, forecasts: Forecasts, audit: Audit, service: Settings_,
-                            now: Now) -> HotspotsRequest:
+                            now: Now, names: Areas) -> HotspotsRequest:
     max_k = PNG_MAX_K if request.url.path.endswith(".png") else None
     p = await prepare_off_loop(models, forecasts, query, now, query.k, query.coverage, max_k)
     n = select_cells(p.panel, p.forecast, query.k, query.coverage, service.default_k)
     check_selected(n, query.coverage, max_k)
-    return HotspotsRequest(request, principal, query, forecasts, audit, service.default_k, p, n)
+    areas = await run_in_threadpool(names.get, p.state.city, p.state.panel_token, p.panel.study_area)
+    return HotspotsRequest(request, principal, query, forecasts, audit, service.default_k, p, n, areas)
 
 
 PreparedHotspots = Annotated[HotspotsRequest, Depends(prepared_hotspots)]
@@ -164,7 +175,7 @@ _ITEM = {"hotspots": Hotspot.__pydantic_serializer__, "geojson": HotspotFeature.
 
 
 def _items(r: HotspotsRequest, kind: str, n: int) -> list:
-    cells = _cells(r.p, n)
+    cells = _cells(r.p, n, r.areas)
     return cells if kind == "hotspots" else _features(cells, context(r.p))
 
 

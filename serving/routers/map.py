@@ -104,25 +104,37 @@ PAGE = """<!doctype html>
   <section class="map-panel" aria-label="Map">
     <div class="map-wrap" id="map-wrap">
       <svg id="map" role="img" aria-label="Map of the hotspot cells" preserveAspectRatio="xMidYMid meet">
-        <g id="tiles"></g><g id="area"></g><g id="hexes"></g><g id="highlight"></g><g id="labels"></g><g id="scale"></g>
+        <g id="tiles"></g><g id="area"></g><g id="areas"></g><g id="hexes"></g><g id="highlight"></g><g id="labels"></g>
+        <g id="area-labels"></g><g id="scale"></g>
       </svg>
+      <div class="zoom" role="group" aria-label="Zoom">
+        <button type="button" id="zoom-in" title="Zoom in (or scroll / double-click on the map)"
+                aria-label="Zoom in">+</button>
+        <button type="button" id="zoom-out" title="Zoom out" aria-label="Zoom out">−</button>
+        <button type="button" id="zoom-reset" title="Whole study area (drag the map to pan)"
+                aria-label="Whole study area">⤢</button>
+      </div>
       <div id="tooltip" class="tooltip" hidden></div>
       <div id="loading" class="loading" hidden><span class="spinner" aria-hidden="true"></span>Loading forecast…</div>
       <div id="attribution" class="attribution" hidden></div>
     </div>
-    <div class="legend">
-      <span class="legend-title">Expected incidents in the cell during the shift</span>
+    <div class="legend" id="legend" aria-label="Legend">
+      <span class="legend-title">Colour: expected incidents in the cell during the shift (darker = more)</span>
       <div class="legend-scale">
         <div class="legend-bar" id="legend-bar"></div>
         <div class="legend-ticks"><span id="legend-min">0</span><span id="legend-mid"></span><span id="legend-max"></span></div>
       </div>
       <span class="legend-area"><i class="swatch-area" aria-hidden="true"></i>rest of the study area</span>
+      <span class="legend-area"><i class="swatch-outline" aria-hidden="true"></i>area boundary and name:
+        <span id="legend-areas-source">–</span></span>
+      <span class="legend-area"><i class="swatch-rank" aria-hidden="true">1</i>rank (1 = highest expected count)</span>
     </div>
   </section>
   <section class="list-panel" aria-label="Ranked cells">
     <h2>Ranked cells <span id="list-count" class="count"></span></h2>
     <table id="ranked">
-      <thead><tr><th>#</th><th>H3 cell</th><th class="num">Expected</th><th>Why (top features)</th></tr></thead>
+      <thead><tr><th>#</th><th>Where (area · centre · H3 cell)</th><th class="num">Expected</th>
+        <th>Why (top features)</th></tr></thead>
       <tbody></tbody>
     </table>
     <p class="note">Expected: forecast number of incidents in the cell during the shift. Why: the model's largest

@@ -9,7 +9,7 @@ from typing import Annotated, overload
 from fastapi import APIRouter, Depends, Path, Request
 
 from forecasting.metrics import HEADLINE_COVERAGES
-from serving.card_schemas import CityModelSummary, ModelCard, ModelsOverview
+from serving.card_schemas import BacktestRecord, CityModelSummary, ForecasterScore, ModelCard, ModelsOverview
 from serving.dependencies import Analyst, Models, city_state
 from serving.errors import ApiError
 from serving.model_cards import ModelCards
@@ -18,7 +18,6 @@ from serving.routers.hotspots import ERRORS
 from serving.schemas import ModelsResponse, ModelVersionInfo, Promotion
 
 router = APIRouter(tags=["models"])
-HEADLINE = ("lightgbm", "naive")
 
 
 async def get_cards(request: Request) -> ModelCards:
@@ -52,8 +51,16 @@ def _parse(value: str | None):
         return value
 
 
+def _headline(backtest: BacktestRecord) -> list[ForecasterScore]:
+    """The champion's scores, then the strongest baseline's, at the headline coverages: the pair the backtest
+    itself chose (the card lists every forecaster)."""
+    lead = list(dict.fromkeys(n for n in (backtest.champion_forecaster, backtest.strongest_baseline) if n))
+    return sorted((s for s in backtest.scores if s.forecaster in lead and s.coverage in HEADLINE_COVERAGES),
+                  key=lambda s: (lead.index(s.forecaster), s.coverage))
+
+
 @router.get("/models", response_model=ModelsOverview, responses={k: ERRORS[k] for k in (401, 403)},
-            summary="Every city's champion with its backtest hit rates against the naive baseline")
+            summary="Every city's champion with its backtest hit rates beside the strongest baseline's")
 def models_overview(principal: Analyst, models: Models, cards: Cards) -> ModelsOverview:
     cities = []
     for city, state in sorted(models.snapshot().items()):
@@ -63,8 +70,7 @@ def models_overview(principal: Analyst, models: Models, cards: Cards) -> ModelsO
             aliases = {}
         champion = aliases.get("champion")
         card = champion_card(models, cards, city, champion)
-        headline = [s for s in (card.backtest.scores if card and card.backtest else [])
-                    if s.forecaster in HEADLINE and s.coverage in HEADLINE_COVERAGES]
+        headline = _headline(card.backtest) if card and card.backtest else []
         cities.append(CityModelSummary(city=city, registered_name=state.registered_name, champion_version=champion,
                                        loaded_version=state.model.version if state.model else None,
                                        headline=headline))
@@ -74,7 +80,7 @@ def models_overview(principal: Analyst, models: Models, cards: Cards) -> ModelsO
 @router.get("/models/{city}", response_model=ModelsResponse,
             responses={**{k: ERRORS[k] for k in (401, 403, 404)}, 503: {"description": "Registry unreachable."}},
             summary="Registered model versions of a city with their promotion decisions, and the champion")
-def models(principal: Analyst, models: Models, cards: Cards,
+def models(request: Request, principal: Analyst, models: Models, cards: Cards,
            city: str = Path(..., min_length=1, max_length=100, description="City (source) name.")) -> ModelsResponse:
     state = city_state(models, city)
     try:
@@ -96,8 +102,9 @@ def models(principal: Analyst, models: Models, cards: Cards,
         ))
     hint = None
     if champion is None:
-        hint = f"no champion: run `hotspots backtest {city}`, which promotes a model that beats the naive baseline"
+        hint = f"no champion: run `hotspots backtest {city}`, which promotes its winner against the strongest baseline"
     return ModelsResponse(city=city, registered_name=state.registered_name, registered=registered,
                           champion_version=champion, loaded_version=state.model.version if state.model else None,
                           loaded_source=state.model.source if state.model else None, versions=infos, hint=hint,
-                          card=champion_card(models, cards, city, champion))
+                          card=champion_card(models, cards, city, champion),
+                          accuracy=request.app.state.accuracy.try_record(city))

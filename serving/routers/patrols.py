@@ -11,15 +11,36 @@ from zoneinfo import ZoneInfo
 import polars as pl
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from forecasting.patrol_dose import override_summary
+from serving.audit import AuditLog
 from serving.db import utcnow
 from serving.dependencies import Audit, Metrics, Models, Now, PatrolReader, PatrolRecorder, Patrols, city_state, ready_panel
 from serving.errors import ApiError, FieldError
+from serving.keys import Principal
 from serving.models_store import CityState, ModelStore
-from serving.patrols import Idempotency, IdempotencyConflict, PatrolLog, check_patrols, utc_instant
+from serving.patrols import (
+    Idempotency,
+    IdempotencyConflict,
+    PatrolLog,
+    check_overrides,
+    check_patrols,
+    utc_instant,
+)
 from serving.routers.hotspots import ERRORS
-from serving.schemas import PatrolQuery, PatrolReceipt, PatrolRequest, PatrolShift, PatrolTotal, PatrolTotals
+from serving.schemas import (
+    OverrideReasonCount,
+    OverrideReceipt,
+    OverrideRequest,
+    OverrideSummaryResponse,
+    PatrolQuery,
+    PatrolReceipt,
+    PatrolRequest,
+    PatrolShift,
+    PatrolTotal,
+    PatrolTotals,
+)
 
 router = APIRouter(tags=["patrols"])
 
@@ -126,11 +147,86 @@ def patrol_totals(request: Request, principal: PatrolReader, query: Annotated[Pa
         city=query.city, start=start, end=end, count=frame.height, total_minutes=float(frame["dose_minutes"].sum()),
         truncated=truncated, patrols=[PatrolTotal(**row) for row in frame.iter_rows(named=True)],
     )
-    content = body.model_dump_json().encode("utf-8")
     params = {"city": query.city, "start": start and start.isoformat(), "end": end and end.isoformat(),
               "limit": query.limit, "rows": frame.height}
+    return _audited(request, audit, principal, query.city, params, body.model_dump_json().encode("utf-8"))
+
+
+def _audited(request: Request, audit: AuditLog, principal: Principal, city: str, params: dict[str, Any],
+             content: bytes) -> Response:
+    """The patrol log read back, sent only once its audit entry is written."""
     try:
-        audit.record(principal, request.url.path, params, len(content), city=query.city)
+        audit.record(principal, request.url.path, params, len(content), city=city)
     except Exception as exc:  # noqa: BLE001
         raise ApiError(503, "the audit log cannot be written; the patrol log is not served without an audit entry") from exc
     return Response(content=content, media_type="application/json", headers={"Cache-Control": "private, no-store"})
+
+
+OVERRIDE_ERRORS = {**POST_ERRORS, 422: {**ERRORS[422], "description": "Bad shift, h3 cell, reason or code (the "
+                                                                      "message names the field and entry)."}}
+
+
+@router.post("/patrols/overrides", status_code=201, response_model=OverrideReceipt, responses=OVERRIDE_ERRORS,
+             summary="Record flagged cells that were NOT patrolled in a shift, and why (append-only; no free text)")
+def record_overrides(request: Request, body: OverrideRequest, principal: PatrolRecorder, models: Models,
+                     patrols: Patrols, now: Now,
+                     idempotency_key: Annotated[str | None, Header(max_length=200, description=(
+                         "Any unique string per report (e.g. a UUID): a retry with the same key returns the first "
+                         "answer and stores nothing again."))] = None) -> Response:
+    state = _panel_state(models, body.city)
+    batch = check_overrides(ready_panel(state), body, now)
+    pending = None
+    if idempotency_key:
+        request_hash = hashlib.sha256(b"overrides:" + body.model_dump_json().encode()).hexdigest()
+        pending = Idempotency(idempotency_key, request_hash, b"")
+        first = _replay(patrols, principal.key_id, pending)
+        if first is not None:
+            return first
+    recorded_at = utcnow()
+    by_reason = {reason: batch.reasons.count(reason) for reason in sorted(set(batch.reasons))}
+    receipt = OverrideReceipt(
+        city=batch.city, count=len(batch.h3_ids), by_reason=by_reason, recorded_at=recorded_at,
+        shift=PatrolShift(shift_id=batch.shift_id, start=batch.start_local, end=batch.end_local, hours=batch.hours,
+                          timezone=batch.timezone),
+    )
+    content = receipt.model_dump_json().encode("utf-8")
+    params = {"city": batch.city, "shift": body.shift.isoformat(), "shift_id": batch.shift_id,
+              "shift_start": batch.start_local.isoformat(), "n_cells": len(batch.h3_ids), "by_reason": by_reason}
+    if pending is not None:
+        pending = Idempotency(pending.key, pending.request_hash, content)
+    try:
+        patrols.record_overrides(batch, principal, recorded_at, idempotency=pending,
+                                 audit={"endpoint": request.url.path, "params": params, "response_bytes": len(content)})
+    except IntegrityError:  # the same Idempotency-Key stored by a concurrent request first
+        first = _replay(patrols, principal.key_id, pending) if pending is not None else None
+        if first is None:
+            raise ApiError(503, "the patrol log cannot be written; nothing was stored, try again") from None
+        return first
+    except SQLAlchemyError as exc:  # a database problem is the operator's: say so, never a bare 500
+        raise ApiError(503, "the patrol log cannot be written; nothing was stored, try again") from exc
+    return Response(content=content, status_code=201, media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
+
+
+@router.get("/patrols/overrides", response_model=OverrideSummaryResponse, responses=GET_ERRORS,
+            summary="The share of flagged cells not patrolled, by reason (flags = cell-shifts with a patrol dose or "
+                    "an override recorded)")
+def override_totals(request: Request, principal: PatrolReader, query: Annotated[PatrolQuery, Query()], models: Models,
+                    patrols: Patrols, audit: Audit) -> Response:
+    state = _panel_state(models, query.city)
+    tz = ready_panel(state).calendar.timezone
+    start, end = _bound("start", query.start, tz), _bound("end", query.end, tz)
+    if start is not None and end is not None and end <= start:
+        raise FieldError("end", f"{end.isoformat()} is not after start ({start.isoformat()})")
+    try:
+        summary = override_summary(patrols.overrides(query.city, start, end),
+                                   patrols.totals(query.city, start=start, end=end))
+    except SQLAlchemyError as exc:
+        raise ApiError(503, "the patrol log cannot be read; try again") from exc
+    body = OverrideSummaryResponse(
+        city=query.city, start=start, end=end, flags=summary.flags, not_patrolled=summary.not_patrolled,
+        share_not_patrolled=summary.share_not_patrolled if summary.flags else None,
+        by_reason=[OverrideReasonCount(**row) for row in summary.by_reason.iter_rows(named=True)],
+        contradicted=summary.contradicted, flags_source=summary.flags_source)
+    params = {"city": query.city, "start": start and start.isoformat(), "end": end and end.isoformat()}
+    return _audited(request, audit, principal, query.city, params, body.model_dump_json().encode("utf-8"))

@@ -1,6 +1,8 @@
 /* The planner's map page. Plain JS, no build step, no libraries: the hexes come from
  * /v1/hotspots.geojson and are drawn as SVG polygons in Web Mercator, fitted to the study area's
- * bounding box (/v1/cities/{city}/area). Requests go to this service only, with the planner's API key
+ * bounding box (/v1/cities/{city}/area), over the named areas' outlines (/v1/cities/{city}/areas).
+ * Zoom (wheel, double-click, +/- buttons) and pan (drag) redraw everything at the new scale, so strokes
+ * and names stay crisp and the optional tiles follow. Requests go to this service only, with the planner's API key
  * in the X-API-Key header; base-map tiles are fetched only when the operator configured a tile URL. */
 (() => {
   "use strict";
@@ -35,6 +37,7 @@
   const ui = {
     city: $("city"), shift: $("shift"), category: $("category"), k: $("k"),
     svg: $("map"), wrap: $("map-wrap"), tiles: $("tiles"), area: $("area"), hexes: $("hexes"),
+    areas: $("areas"), areaLabels: $("area-labels"), areaSource: $("legend-areas-source"),
     highlight: $("highlight"), labels: $("labels"), scale: $("scale"), tooltip: $("tooltip"),
     loading: $("loading"), attribution: $("attribution"), message: $("message"), flag: $("after-data"),
     tbody: document.querySelector("#ranked tbody"), listCount: $("list-count"),
@@ -45,7 +48,11 @@
   };
   const SVG_NS = ui.svg.namespaceURI; // the inline <svg> knows its namespace: no URL needed here
 
-  const state = { cities: new Map(), area: null, data: null, byH3: new Map(), view: null, seq: 0, active: null };
+  const state = {
+    cities: new Map(), area: null, areas: null, data: null, byH3: new Map(), view: null, seq: 0, active: null,
+    zoom: { k: 1, dx: 0, dy: 0 },
+  };
+  const MAX_ZOOM = 64;
   let wanted = Object.fromEntries(new URLSearchParams(window.location.search)); // a shared link's selection
 
   // --- API -------------------------------------------------------------------------------------------
@@ -236,9 +243,13 @@
     setLoading(true);
     hideMessage();
     try {
-      const [area, shifts] = await Promise.all([api(`${path}/area`), api(`${path}/shifts`, { around: "next", n: CONFIG.shift_window })]);
+      const named = api(`${path}/areas`).catch(() => null); // names are a help: the map works without them
+      const [area, shifts, areas] = await Promise.all([api(`${path}/area`), api(`${path}/shifts`, { around: "next", n: CONFIG.shift_window }), named]);
       if (seq !== state.seq) return;
       state.area = area;
+      state.areas = areas;
+      state.zoom = { k: 1, dx: 0, dy: 0 };
+      renderAreaSource();
       fillShifts(shifts);
       fillCategories(city);
       fillKs(area.n_cells);
@@ -333,19 +344,100 @@
     const [west, south, east, north] = state.area.bbox;
     const [x0, y1] = project(west, south), [x1, y0] = project(east, north);
     const pad = 28;
-    const scale = Math.min((width - 2 * pad) / (x1 - x0), (height - 2 * pad) / (y1 - y0));
-    const ox = (width - scale * (x1 - x0)) / 2 - scale * x0, oy = (height - scale * (y1 - y0)) / 2 - scale * y0;
+    const fit = Math.min((width - 2 * pad) / (x1 - x0), (height - 2 * pad) / (y1 - y0));
+    const { k, dx, dy } = state.zoom; // screen = fitted position * k + (dx, dy)
+    const scale = fit * k;
+    const ox = ((width - fit * (x1 - x0)) / 2 - fit * x0) * k + dx, oy = ((height - fit * (y1 - y0)) / 2 - fit * y0) * k + dy;
     const toScreen = (lon, lat) => {
       const [x, y] = project(lon, lat);
       return [ox + scale * x, oy + scale * y];
     };
     state.view = { width, height, scale, ox, oy, toScreen };
     ui.svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    ui.svg.dataset.zoom = k.toFixed(3);
+    ui.svg.dataset.view = `${scale.toFixed(1)} ${ox.toFixed(1)} ${oy.toFixed(1)}`;
     drawTiles();
     drawArea();
+    drawAreas();
     drawHexes();
+    drawAreaLabels();
     drawScale();
   }
+
+  // --- zoom and pan ------------------------------------------------------------------------------------
+
+  let frame = null;
+  function redraw() {
+    if (frame || !state.area) return;
+    frame = requestAnimationFrame(() => {
+      frame = null;
+      drawMap();
+    });
+  }
+
+  /** Zoom by ``factor`` keeping the screen point (px, py) where it is. */
+  function zoomAt(factor, px, py) {
+    const z = state.zoom;
+    const k = Math.min(MAX_ZOOM, Math.max(1, z.k * factor));
+    if (k === z.k) return;
+    const bx = (px - z.dx) / z.k, by = (py - z.dy) / z.k;
+    state.zoom = k === 1 ? { k: 1, dx: 0, dy: 0 } : { k, dx: px - bx * k, dy: py - by * k };
+    redraw();
+  }
+
+  function zoomCentre(factor) {
+    const rect = ui.svg.getBoundingClientRect();
+    zoomAt(factor, rect.width / 2, rect.height / 2);
+  }
+
+  function resetZoom() {
+    state.zoom = { k: 1, dx: 0, dy: 0 };
+    redraw();
+  }
+
+  function pointer(event) {
+    const rect = ui.svg.getBoundingClientRect();
+    return [event.clientX - rect.left, event.clientY - rect.top];
+  }
+
+  ui.svg.addEventListener("wheel", (event) => {
+    if (!state.area) return;
+    event.preventDefault();
+    zoomAt(Math.exp(-event.deltaY * 0.0015), ...pointer(event));
+  }, { passive: false });
+  ui.svg.addEventListener("dblclick", (event) => {
+    event.preventDefault();
+    zoomAt(2, ...pointer(event));
+  });
+  let drag = null;
+  ui.svg.addEventListener("pointerdown", (event) => {
+    if (event.button !== 0) return;
+    drag = { x: event.clientX, y: event.clientY, moved: false, id: event.pointerId };
+  });
+  ui.svg.addEventListener("pointermove", (event) => {
+    if (!drag || event.pointerId !== drag.id) return;
+    const mx = event.clientX - drag.x, my = event.clientY - drag.y;
+    if (!drag.moved && Math.hypot(mx, my) < 4) return; // a click or a hover, not a drag
+    if (!drag.moved) {
+      drag.moved = true;
+      ui.svg.setPointerCapture(event.pointerId);
+      ui.svg.classList.add("panning");
+      setActive(null);
+    }
+    state.zoom = { ...state.zoom, dx: state.zoom.dx + mx, dy: state.zoom.dy + my };
+    drag.x = event.clientX;
+    drag.y = event.clientY;
+    redraw();
+  });
+  const endDrag = () => {
+    drag = null;
+    ui.svg.classList.remove("panning");
+  };
+  ui.svg.addEventListener("pointerup", endDrag);
+  ui.svg.addEventListener("pointercancel", endDrag);
+  $("zoom-in").addEventListener("click", () => zoomCentre(2));
+  $("zoom-out").addEventListener("click", () => zoomCentre(0.5));
+  $("zoom-reset").addEventListener("click", resetZoom);
 
   function drawTiles() {
     ui.tiles.replaceChildren();
@@ -379,6 +471,43 @@
     const d = state.area.outline.coordinates.map((polygon) => polygon.map(ringPath).join("")).join("");
     ui.area.replaceChildren();
     svg("path", { d, class: "study-area", "fill-rule": "evenodd" }, ui.area);
+  }
+
+  function drawAreas() {
+    ui.areas.replaceChildren();
+    if (!state.areas) return;
+    for (const a of state.areas.areas) {
+      const d = a.outline.coordinates.map((polygon) => polygon.map(ringPath).join("")).join("");
+      const path = svg("path", { d, class: "area-outline", "fill-rule": "evenodd", "data-area": a.name }, ui.areas);
+      const title = svg("title", {}, path);
+      title.textContent = a.name;
+    }
+  }
+
+  /** Area names at their label points, largest areas first, skipping any that would overlap a placed one. */
+  function drawAreaLabels() {
+    ui.areaLabels.replaceChildren();
+    if (!state.areas) return;
+    const { width, height, toScreen } = state.view;
+    const placed = [];
+    const order = [...state.areas.areas].filter((a) => a.n_cells > 0).sort((a, b) => b.n_cells - a.n_cells);
+    for (const a of order) {
+      const [x, y] = toScreen(a.label_at.lon, a.label_at.lat);
+      const w = a.name.length * 6.4 + 6, h = 14;
+      const box = [x - w / 2, y - h / 2, x + w / 2, y + h / 2];
+      if (box[0] < 0 || box[1] < 0 || box[2] > width || box[3] > height) continue;
+      if (placed.some((p) => box[0] < p[2] && p[0] < box[2] && box[1] < p[3] && p[1] < box[3])) continue;
+      placed.push(box);
+      const text = svg("text", { x: x.toFixed(1), y: y.toFixed(1), class: "area-label" }, ui.areaLabels);
+      text.textContent = a.name;
+    }
+  }
+
+  function renderAreaSource() {
+    const a = state.areas;
+    ui.areaSource.textContent = !a || a.source === "none" ? "no area layer: cells are unnamed"
+      : a.source === "toronto_wheel" ? "Toronto neighbourhoods (from the incidents' neighbourhood field)"
+      : a.description;
   }
 
   function hexPoints(feature) {
@@ -452,7 +581,7 @@
       const p = f.properties;
       const tr = document.createElement("tr");
       tr.dataset.h3 = f.id;
-      const cells = ["rank", "mono", "num", "why"].map((cls) => {
+      const cells = ["rank", "where", "num", "drivers"].map((cls) => {
         const td = document.createElement("td");
         td.className = cls;
         tr.append(td);
@@ -464,13 +593,46 @@
       badge.style.background = colour(p.expected_count / max);
       badge.classList.toggle("dark", p.expected_count / max > 0.6);
       cells[0].append(badge);
-      cells[1].textContent = f.id;
+      whereCell(p, f.id, cells[1]);
       cells[2].textContent = p.expected_count.toFixed(3);
-      chips(p, cells[3]);
+      const why = document.createElement("div"); // a flex box inside the cell: the cell stays a table cell
+      why.className = "why";
+      cells[3].append(why);
+      chips(p, why);
       tr.addEventListener("pointerenter", () => setActive(f.id, "list"));
       tr.addEventListener("pointerleave", () => setActive(null));
       return tr;
     }));
+  }
+
+  function areaText(p) {
+    if (p.area_name) return p.area_name;
+    const loc = p.location;
+    return loc && loc.nearest_area ? `near ${loc.nearest_area}` : "unnamed area";
+  }
+
+  function whereCell(p, h3, td) {
+    const name = document.createElement("strong");
+    name.className = "area-name";
+    name.textContent = areaText(p);
+    const sub = document.createElement("span");
+    sub.className = "where-sub";
+    const coords = document.createElement("span");
+    coords.className = "coords";
+    coords.textContent = `${p.centroid.lat.toFixed(5)}, ${p.centroid.lon.toFixed(5)}`;
+    const id = document.createElement("span");
+    id.className = "mono";
+    id.textContent = h3;
+    sub.append(coords, " · ", id);
+    td.append(name, sub);
+    if (p.geo_uri) {
+      const link = document.createElement("a");
+      link.className = "geo-link";
+      link.href = p.geo_uri;
+      link.textContent = "Open in map app";
+      link.title = `Open ${p.location ? p.location.text : h3} in this device's map app`;
+      td.append(link);
+    }
   }
 
   function renderLegend() {
@@ -514,6 +676,8 @@
     head.append(" · ", id);
     const list = document.createElement("dl");
     const rows = [
+      ["Area", areaText(p)],
+      ["Location", p.location ? p.location.text : `${p.centroid.lat.toFixed(5)}, ${p.centroid.lon.toFixed(5)}`],
       ["Expected", `${p.expected_count.toFixed(3)} incidents`],
       ["Risk percentile", p.risk_percentile.toFixed(1)],
       ["Cell area", `${p.area_km2.toFixed(3)} km²`],

@@ -1,0 +1,39 @@
+"""The speed settings of the LightGBM forecaster change time only: the feature-chunk grid gives the same training
+rows, and the binning setting reaches LightGBM."""
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from conftest import toronto_box_panel
+
+from forecasting.lgbm import LightGBMForecaster
+
+
+@pytest.fixture(scope="module")
+def panel(toronto_incidents):
+    return toronto_box_panel(toronto_incidents, (43.64, 43.67), (-79.41, -79.37), datetime(2018, 1, 1, tzinfo=UTC))[1]
+
+
+def test_chunk_grid_does_not_change_the_rows(panel):
+    """Unsampled rows over a span cut on two different chunk grids are identical, cached chunks included."""
+    stop = panel.first_shift + 400 * 3
+    start = stop - 120 * 3
+    small, large = LightGBMForecaster(chunk_shifts=45), LightGBMForecaster(chunk_shifts=360)
+    a = small._rows(panel.until(stop), start, stop, sample=False)
+    b = large._rows(panel.until(stop), start, stop, sample=False)
+    again = large._rows(panel.until(stop), start, stop, sample=False)  # from the cache
+    for x, y, z in zip(a, b, again):
+        assert x.shape == y.shape and np.array_equal(x, y) and np.array_equal(y, z)
+    assert a[0].dtype == np.float32 and a[0].shape[0] == 120 * 3 * panel.n_cells
+
+
+def test_max_bin_reaches_lightgbm_and_fits_are_deterministic(panel):
+    cutoff = panel.first_shift + 400 * 3
+    make = lambda: LightGBMForecaster(train_days=200, valid_days=28, n_estimators=30, zero_rate=0.2,  # noqa: E731
+                                      num_threads=1, max_bin=15)
+    one, two = make().fit(panel, cutoff), make().fit(panel, cutoff)
+    assert one.lgb_params()["max_bin"] == 15
+    assert "[max_bin: 15]" in one.booster_.model_to_string()
+    origins = np.arange(cutoff, cutoff + 6)
+    assert np.array_equal(one.predict(panel, origins), two.predict(panel, origins))
