@@ -10,8 +10,10 @@ coverage and tie rule, on this same window: the toughest reference), the shift-o
 cell's validation-period total in the origin's shift of day, used as the score: a reference no forecaster can
 use), the headroom share (model - strongest) / (ceiling - strongest), and the fit seconds (with the load average).
 
-LightGBM runs with light settings so each fit stays short on a loaded machine: learning_rate 0.1 (default 0.05),
-early stopping as usual; every variant uses the same ones.
+LightGBM runs with light settings so each fit stays short on a loaded machine: learning_rate 0.1 (then the default
+was 0.05; h15speed has since made 0.1, 30 early-stopping rounds and max_bin 63 the defaults); every variant of a
+round uses the same ones. Round 1 (accuracy_variants-<city>.json) ran before those speed defaults, round 2
+(accuracy_variants-toronto-round2.json) after them; compare variants within a round only.
 
     python -m experiments.accuracy_variants toronto [--variants default,multiscale,...]
     python -m experiments.accuracy_variants chicago --variants default,both
