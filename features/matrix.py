@@ -4,6 +4,10 @@ Leakage rule: the row for origin t sees only counts of shifts < t, i.e. incident
 start. The dense history loaded here stops at the last origin (exclusive), and every window is a difference of
 cumulative sums indexed at the origin, so later shifts cannot reach a row. A row's values do not depend on
 which other origins are built with it (train/serve consistency).
+
+Long-history features (parent cells' all-history rates, ring means of the long-run rate, the seasonal rates)
+add the totals of shifts before the loaded history, taken from the sparse rows of shifts < that start, to the
+history's cumulative sums at the origin: still only shifts < t, and the same value whatever history is loaded.
 """
 
 from __future__ import annotations
@@ -25,11 +29,19 @@ class FeatureConfig:
     decay_days: tuple[float, ...] = (1.0, 7.0)  # e-folding times of the near-repeat intensity
     category_window_days: int = 28
     include_location: bool = True
+    # H3-native multi-scale: each cell's parent at these coarser resolutions, its counts over these windows
+    # (None = all history, as a rate per shift); off by default
+    parent_resolutions: tuple[int, ...] = ()
+    parent_window_days: tuple[int | None, ...] = (28, 365, None)
+    spatial_all_history: bool = False  # ring-1/ring-2 means of the all-history rate
+    # all-history rates per cell (and per parent cell): same shift of day, same shift of the week, same month
+    seasonal: bool = False
 
     def lookback(self, per_day: int) -> int:
         """Shifts of history any feature can reach (beyond it, history counts only in the long-run rate)."""
+        windows = [d for d in self.parent_window_days if d is not None] if self.parent_resolutions else []
         days = max(max(self.window_days), max(self.same_shift_days), 7 * self.same_weekday_weeks,
-                   max(self.spatial_window_days), self.category_window_days)
+                   max(self.spatial_window_days), self.category_window_days, *windows, 31 if self.seasonal else 0)
         return days * per_day
 
 
@@ -134,6 +146,81 @@ def _neighbour_mean(values: np.ndarray, adjacency) -> np.ndarray:
     return (summed / np.maximum(degree, 1)).astype(np.float32)
 
 
+def _parent_index(panel: CountPanel, resolution: int) -> tuple[np.ndarray, int]:
+    """Each study-area cell's parent at a coarser resolution, as a dense index (and the number of parents)."""
+    import h3.api.numpy_int as h3n
+
+    if resolution >= panel.study_area.resolution:
+        raise ValueError(f"parent resolution {resolution} must be coarser than the grid's {panel.study_area.resolution}; "
+                         f"use a smaller number in FeatureConfig.parent_resolutions")
+    parents = np.array([h3n.cell_to_parent(int(c), resolution) for c in panel.study_area.cells], dtype=np.uint64)
+    _, inverse = np.unique(parents, return_inverse=True)
+    return inverse.astype(np.int64), int(inverse.max()) + 1
+
+
+def _parent_sum(values: np.ndarray, parent: np.ndarray, n_parents: int) -> np.ndarray:
+    """Group-sum of (origins, cells) values by parent cell, broadcast back to the cells."""
+    n_rows = values.shape[0]
+    flat = (np.arange(n_rows)[:, None] * n_parents + parent[None, :]).ravel()
+    sums = np.bincount(flat, weights=values.ravel().astype(np.float64), minlength=n_rows * n_parents)
+    return sums.reshape(n_rows, n_parents)[:, parent].astype(np.float32)
+
+
+def _class_sums(classes: np.ndarray, cells: np.ndarray, weights: np.ndarray, n_cells: int, n_classes: int) -> np.ndarray:
+    """(n_classes, n_cells) sums of sparse count rows by their shift's class and their cell."""
+    flat = classes.astype(np.int64) * n_cells + cells
+    return np.bincount(flat, weights=weights, minlength=n_classes * n_cells).reshape(n_classes, n_cells)
+
+
+def _year_month(shifts: np.ndarray, per_day: int) -> np.ndarray:
+    """Months since 1970-01 of each shift's local day."""
+    return (shifts // per_day).astype("datetime64[D]").astype("datetime64[M]").astype(np.int64)
+
+
+def _seasonal_rates(panel: CountPanel, history: _History, origins: np.ndarray) -> dict[str, np.ndarray]:
+    """All-history rates per shift of each cell in the origin's shift of day, shift of the week and month of
+    year: (counts in earlier shifts of that class) / (number of earlier shifts of that class), from first_shift."""
+    per_day, n = panel.calendar.per_day, panel.n_cells
+    h0, first = history.h0, panel.first_shift
+    out: dict[str, np.ndarray] = {}
+    for label, stride in (("shift_of_day", per_day), ("shift_of_week", 7 * per_day)):
+        rows = panel.slice(first, h0)
+        before = _class_sums(rows["shift"].to_numpy() % stride, rows["cell"].to_numpy(), rows["count"].to_numpy(), n, stride)
+        deep = (origins.max() - h0) // stride + 2  # reaches back to h0 from every origin
+        total = before[origins % stride] + history.lagged(origins, stride, int(deep))
+        n_before = np.maximum((origins - first) // stride, 1)
+        out[f"rate_{label}_all"] = (total / n_before[:, None]).astype(np.float32)
+
+    # month of year: complete earlier months of the same calendar month, plus the origin's month so far
+    ym_origin = _year_month(origins, per_day)
+    ym0 = int(_year_month(np.array([first]), per_day)[0])
+    ym_hi = int(ym_origin.max())
+    rows = panel.slice(first, int(origins.max()))
+    ym_rows = _year_month(rows["shift"].to_numpy(), per_day)
+    done = ym_rows < ym_hi  # only months ending before the last origin's month (earlier origins filter below)
+    monthly = _class_sums(ym_rows[done] - ym0, rows["cell"].to_numpy()[done], rows["count"].to_numpy()[done], n, ym_hi - ym0)
+    all_shifts = np.arange(first, max(int(origins.max()), first + 1))
+    month_shifts = np.bincount(_year_month(all_shifts, per_day) - ym0, minlength=ym_hi - ym0 + 1)[: ym_hi - ym0]
+    # excl[k] = sum of months k' < k of the same calendar month (a running sum per calendar month)
+    excl = np.zeros_like(monthly)
+    excl_n = np.zeros(monthly.shape[0])
+    running, running_n = np.zeros((12, n)), np.zeros(12)
+    for k in range(monthly.shape[0]):
+        m = (ym0 + k) % 12
+        excl[k], excl_n[k] = running[m], running_n[m]
+        running[m] += monthly[k]
+        running_n[m] += month_shifts[k]
+    m_last = (ym0 + monthly.shape[0]) % 12  # the last origin's month: every earlier month counts
+    excl, excl_n = np.vstack([excl, running[m_last]]), np.append(excl_n, running_n[m_last])
+    k_origin = ym_origin - ym0
+    month_start = np.maximum(ym_origin.astype("datetime64[M]").astype("datetime64[D]").astype(np.int64) * per_day, first)
+    so_far = history.cum[origins - h0] - history.cum[month_start - h0]
+    base, base_n = excl[k_origin], excl_n[k_origin]
+    shifts = np.maximum(base_n + (origins - month_start), 1)
+    out["rate_month_all"] = ((base + so_far) / shifts[:, None]).astype(np.float32)
+    return out
+
+
 def build_features(panel: CountPanel, origins: int | np.ndarray, config: FeatureConfig = FeatureConfig()) -> FeatureMatrix:
     """Feature matrix for one origin or many (vectorised over cells and origins, no per-origin loop)."""
     origins = np.unique(np.atleast_1d(np.asarray(origins, dtype=np.int64)))
@@ -169,6 +256,22 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     elapsed = np.maximum(origins - panel.first_shift, 1).astype(np.float64)
     since_h0 = history.cum[origins - h0]
     blocks["long_run_rate"] = ((before[None, :] + since_h0) / elapsed[:, None]).astype(np.float32)
+    if config.spatial_all_history:
+        blocks["ring1_mean_all"] = _neighbour_mean(blocks["long_run_rate"], panel.study_area.ring1)
+        blocks["ring2_mean_all"] = _neighbour_mean(blocks["long_run_rate"], panel.study_area.ring2)
+    seasonal = _seasonal_rates(panel, history, origins) if config.seasonal else {}
+    blocks.update(seasonal)
+    for res in config.parent_resolutions:
+        parent, n_parents = _parent_index(panel, res)
+        for window in config.parent_window_days:
+            if window is None:  # all history, as a rate per shift
+                own, label = blocks["long_run_rate"], "all"
+            else:
+                found = blocks.get(f"count_{window}d")
+                own, label = (history.window(origins, window * per_day) if found is None else found), f"{window}d"
+            blocks[f"parent_r{res}_{label}"] = _parent_sum(own, parent, n_parents)
+        for name, values in seasonal.items():
+            blocks[f"parent_r{res}_{name}"] = _parent_sum(values, parent, n_parents)
 
     c0 = max(panel.first_shift, int(origins[0]) - config.category_window_days * per_day)  # all they reach
     for name in panel.categories:

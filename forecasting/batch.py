@@ -147,7 +147,7 @@ def load_grid(path: str | Path, settings: Settings | None = None) -> Grid:
             raise GridError(f"{where}: field shift_starts: {scheme!r} is not a list of local HH:MM starts; "
                             "write e.g. shift_starts = [\"06:00,14:00,22:00\", \"00:00\"]")
         schemes.append(starts)
-    forecasters = strings("forecasters", registry.names())
+    forecasters = strings("forecasters", registry.default_names())
     unknown_f = [f for f in forecasters if f not in registry.names()]
     if unknown_f:
         raise GridError(f"{where}: field forecasters: unknown {unknown_f}; choose from {registry.names()}")

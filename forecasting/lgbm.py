@@ -5,6 +5,14 @@ are held out for early stopping, so model selection never touches the period bei
 are zero: all non-zero rows are kept and zeros are sampled at ``zero_rate`` with weight 1/zero_rate, which
 keeps the Poisson likelihood unbiased while the training set fits in memory.
 
+Options (defaults unchanged): ``objective="lambdarank"`` or ``"rank_xendcg"`` learns to order the cells of one
+origin shift (one query per origin, integer relevance = the count, capped). Zero sampling and ranking interact:
+a ranker's loss is over pairs within a query, so sampled zeros thin every query alike (the pairwise loss stays
+unbiased up to scale) and the 1/zero_rate weights are not used; queries without any incident carry no pair and
+are dropped. A ranker's score is a log-scale relevance, served as ``exp(score)``: the order is what it learned, not
+a count. ``train_days=None`` trains on the whole history, and ``recency_half_life_days`` weights each origin's rows
+by 0.5 ** (age / half-life) so older years count less instead of not at all.
+
 Speed (issue 15): a fit is feature building (about a quarter at the former settings) plus boosting (three
 quarters); building LightGBM's binned Dataset is about 1%, so it is rebuilt per fit rather than cached. Boosting
 time is rows x rounds x bins: ``learning_rate`` 0.1 with ``early_stopping_rounds`` 30 needs fewer rounds than 0.05
@@ -28,6 +36,9 @@ from features.matrix import FeatureConfig, build_features, build_targets
 from features.panel import CountPanel
 from forecasting.base import Explanation, Forecaster, NotFittedError
 
+RANKING_OBJECTIVES = ("lambdarank", "rank_xendcg")
+MAX_RELEVANCE = 30  # LightGBM's default label_gain covers relevance 0..30
+
 # A LightGBM prediction re-initialises state of its booster (iteration count, tree depths for pred_contrib), so
 # calls on one booster must not overlap. Explanations run on a copy of the booster with a lock of its own, made once
 # per fitted booster: explaining a long list of cells never waits for, or holds up, a forecast on the same model.
@@ -46,8 +57,8 @@ def _explainer(booster: lgb.Booster, iteration: int | None) -> tuple[lgb.Booster
 
 @dataclass
 class LightGBMForecaster(Forecaster):
-    objective: str = "poisson"  # or "tweedie"
-    train_days: int = 730
+    objective: str = "poisson"  # or "tweedie", or a ranking objective (RANKING_OBJECTIVES)
+    train_days: int | None = 730  # None: the whole history
     valid_days: int = 56
     zero_rate: float = 0.05
     n_estimators: int = 2000
@@ -62,6 +73,7 @@ class LightGBMForecaster(Forecaster):
     chunk_shifts: int = 360
     seed: int = 0
     num_threads: int = 2
+    recency_half_life_days: float | None = None  # rows weighted 0.5 ** (age / half-life); None: equal weights
     features: FeatureConfig = field(default_factory=FeatureConfig)
     name: str = field(default="lightgbm", init=False, repr=False)
     booster_: lgb.Booster | None = field(default=None, init=False, repr=False)
@@ -98,9 +110,9 @@ class LightGBMForecaster(Forecaster):
         if sample:
             rng = np.random.default_rng([self.seed, lo, hi])
             keep = (y > 0) | (rng.random(y.size) < self.zero_rate)
-            rows = (matrix.X[keep], y[keep], np.where(y > 0, 1.0, 1.0 / self.zero_rate)[keep])
+            rows = (matrix.X[keep], y[keep], np.where(y > 0, 1.0, 1.0 / self.zero_rate)[keep], matrix.origin[keep])
         else:
-            rows = (matrix.X, y, np.ones(y.size))
+            rows = (matrix.X, y, np.ones(y.size), matrix.origin)
         self.columns_ = matrix.columns
         self._cache[key] = rows
         return rows
@@ -110,10 +122,15 @@ class LightGBMForecaster(Forecaster):
         self._cache = {k: v for k, v in self._cache.items() if k[0] == panel.lineage and k[2] > start - self.chunk_shifts}
         edges = sorted({start, stop, *range((start // self.chunk_shifts + 1) * self.chunk_shifts, stop, self.chunk_shifts)})
         parts = [self._chunk(panel, lo, hi, sample) for lo, hi in zip(edges[:-1], edges[1:])]
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
+    @property
+    def ranking(self) -> bool:
+        return self.objective in RANKING_OBJECTIVES
 
     def lgb_params(self) -> dict:
-        return {
+        extra = {"metric": "ndcg", "eval_at": [50]} if self.ranking else {}
+        return extra | {
             "objective": self.objective,
             "learning_rate": self.learning_rate,
             "max_bin": self.max_bin,
@@ -133,15 +150,21 @@ class LightGBMForecaster(Forecaster):
     def _fit(self, panel: CountPanel, until: int) -> None:
         per_day = panel.calendar.per_day
         valid_start = until - self.valid_days * per_day
-        train_start = max(panel.first_shift + 1, until - self.train_days * per_day)
+        days = self.train_days
+        train_start = panel.first_shift + 1 if days is None else max(panel.first_shift + 1, until - days * per_day)
         if valid_start - train_start < per_day:
             raise ValueError(
                 f"not enough history before shift {until}: need more than valid_days={self.valid_days} days"
             )
-        X, y, w = self._rows(panel, train_start, valid_start, sample=True)
-        Xv, yv, wv = self._rows(panel, valid_start, until, sample=True)
-        train = lgb.Dataset(X, y, weight=w, feature_name=self.columns_, free_raw_data=True)
-        valid = lgb.Dataset(Xv, yv, weight=wv, reference=train)
+        X, y, w, o = self._rows(panel, train_start, valid_start, sample=True)
+        Xv, yv, wv, ov = self._rows(panel, valid_start, until, sample=True)
+        recency = np.ones(o.size) if self.recency_half_life_days is None else \
+            0.5 ** ((until - o) / (self.recency_half_life_days * per_day))
+        if self.ranking:
+            train, valid = self._ranking_sets(X, y, recency, o, Xv, yv, ov)
+        else:
+            train = lgb.Dataset(X, y, weight=w * recency, feature_name=self.columns_, free_raw_data=True)
+            valid = lgb.Dataset(Xv, yv, weight=wv, reference=train)
         self.booster_ = lgb.train(
             self.lgb_params(),
             train,
@@ -152,6 +175,27 @@ class LightGBMForecaster(Forecaster):
         self.best_iteration_ = self.booster_.best_iteration or self.n_estimators
         self.train_rows_ = int(y.size)
 
+    def _ranking_sets(self, X, y, recency, o, Xv, yv, ov) -> tuple[lgb.Dataset, lgb.Dataset]:
+        """One query per origin (rows are origin-major), relevance = the capped count; queries without an
+        incident are dropped (no pair to learn from). Recency is constant within a query: a query weight."""
+        def queries(y, o):
+            origins, sizes = np.unique(o, return_counts=True)  # o is sorted: origin-major rows
+            positive = np.bincount(np.repeat(np.arange(origins.size), sizes), weights=y, minlength=origins.size) > 0
+            return np.repeat(positive, sizes), sizes[positive]
+
+        keep, groups = queries(y, o)
+        keep_v, groups_v = queries(yv, ov)
+        label = np.minimum(y[keep], MAX_RELEVANCE).astype(np.int32)
+        label_v = np.minimum(yv[keep_v], MAX_RELEVANCE).astype(np.int32)
+        train = lgb.Dataset(X[keep], label, weight=recency[keep], group=groups, feature_name=self.columns_,
+                            free_raw_data=True)
+        valid = lgb.Dataset(Xv[keep_v], label_v, group=groups_v, reference=train)
+        return train, valid
+
+    def _output(self, raw: np.ndarray) -> np.ndarray:
+        """Forecast from the booster's output: a ranker's log-scale score becomes a positive relevance."""
+        return np.exp(raw) if self.ranking else raw
+
     def _fitted_booster(self) -> lgb.Booster:
         if self.booster_ is None:
             raise NotFittedError(f"{type(self).__name__} must be fitted before predict")
@@ -159,7 +203,7 @@ class LightGBMForecaster(Forecaster):
 
     def _predict(self, panel: CountPanel, origins: np.ndarray) -> np.ndarray:
         matrix = build_features(panel, origins, self.features)
-        return np.asarray(self._fitted_booster().predict(matrix.X, num_iteration=self.best_iteration_))  # dense in, dense out
+        return self._output(np.asarray(self._fitted_booster().predict(matrix.X, num_iteration=self.best_iteration_)))
 
     def predict_explained(self, panel: CountPanel, origin: int) -> tuple[np.ndarray, Explanation]:
         """The forecast and its ``pred_contrib`` explanation from one feature matrix: the booster predicts every
@@ -168,7 +212,7 @@ class LightGBMForecaster(Forecaster):
             raise NotFittedError(f"{type(self).__name__} must be fitted before predict")
         X = build_features(panel.until(int(origin)), int(origin), self.features).X
         booster, iteration = self.booster_, self.best_iteration_
-        expected = np.asarray(booster.predict(X, num_iteration=iteration), dtype=np.float64).reshape(-1)
+        expected = self._output(np.asarray(booster.predict(X, num_iteration=iteration), dtype=np.float64).reshape(-1))
 
         def rows(cells: np.ndarray) -> np.ndarray:
             explainer, lock = _explainer(booster, iteration)
@@ -188,10 +232,13 @@ class LightGBMForecaster(Forecaster):
         if missing:
             raise ValueError(f"model input lacks feature columns {missing}")
         X = frame[self.columns_].to_numpy(dtype=np.float32)
-        return np.asarray(self._fitted_booster().predict(X, num_iteration=self.best_iteration_))
+        return self._output(np.asarray(self._fitted_booster().predict(X, num_iteration=self.best_iteration_)))
 
     def fit_summary(self) -> dict[str, float]:
         score = self.booster_.best_score.get("valid_0", {}) if self.booster_ is not None else {}
+        if self.ranking:
+            return {"best_iteration": float(self.best_iteration_), "train_rows": float(self.train_rows_),
+                    "valid_ndcg": float(score.get("ndcg@50", np.nan))}
         return {"best_iteration": float(self.best_iteration_), "train_rows": float(self.train_rows_),
                 "valid_poisson": float(score.get("poisson", np.nan))}
 

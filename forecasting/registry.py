@@ -8,6 +8,7 @@ from functools import partial
 
 from forecasting.base import Forecaster
 from forecasting.baselines import KDE, SEPP, ExpWeighted, HistoryCounts, Naive, ProspectiveHotspot
+from forecasting.blend import Blend
 from forecasting.lgbm import LightGBMForecaster
 
 FORECASTERS: dict[str, Callable[..., Forecaster]] = {
@@ -19,11 +20,20 @@ FORECASTERS: dict[str, Callable[..., Forecaster]] = {
     "all_history": partial(HistoryCounts, window_days=None),
     "last_year": partial(HistoryCounts, window_days=365),
     "exp_weighted": ExpWeighted,
+    "blend": Blend,
 }
+# registered, but run only when asked for by name (a second LightGBM fit per refit; validation did not make it
+# the default: experiments/accuracy_variants.py)
+BY_REQUEST = frozenset({"blend"})
 
 
 def names() -> list[str]:
     return list(FORECASTERS)
+
+
+def default_names() -> list[str]:
+    """What a backtest compares when no forecaster is named: every registered one but those run by request."""
+    return [name for name in FORECASTERS if name not in BY_REQUEST]
 
 
 def forecaster_type(name: str) -> type[Forecaster]:
@@ -53,7 +63,7 @@ def factories(chosen: list[str] | None = None, seed: int = 0,
     name; ``seed`` goes to every forecaster that has one."""
     params = params or {}
     out: dict[str, Callable[[], Forecaster]] = {}
-    for name in chosen or names():
+    for name in chosen or default_names():
         extra = dict(params.get(name, {}))
         if "seed" in make(name).get_params(deep=False):
             extra.setdefault("seed", seed)

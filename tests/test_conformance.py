@@ -19,7 +19,9 @@ from forecasting.reporting.tracking import HotspotModel
 
 # settings that keep each check in seconds (the registry's defaults are the production ones)
 FAST = {"lightgbm": dict(train_days=240, valid_days=28, n_estimators=40, zero_rate=0.2, num_threads=1),
-        "sepp": dict(fit_days=120)}
+        "sepp": dict(fit_days=120),
+        "blend": dict(model__train_days=240, model__valid_days=28, model__n_estimators=40, model__zero_rate=0.2,
+                      model__num_threads=1)}
 
 
 def make(name):
@@ -45,9 +47,10 @@ def poisoned_from(panel: CountPanel, shift: int) -> CountPanel:
 
 
 def test_the_registry_holds_the_forecasters_and_the_baselines():
-    expected = {"lightgbm", "naive", "kde", "prospective", "sepp", "all_history", "last_year", "exp_weighted"}
+    expected = {"lightgbm", "naive", "kde", "prospective", "sepp", "all_history", "last_year", "exp_weighted", "blend"}
     assert expected <= set(registry.names())
     assert "lightgbm" not in registry.baseline_names() and "all_history" in registry.baseline_names()
+    assert "blend" not in registry.baseline_names() and "blend" not in registry.default_names()  # asked for by name
     assert all(name.replace("_", "").isalpha() and name.islower() for name in registry.names())  # metric-key safe
     with pytest.raises(KeyError, match="unknown forecaster 'nope'; choose from lightgbm"):
         registry.make("nope")

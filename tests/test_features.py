@@ -17,6 +17,8 @@ from features.panel import build_panel
 from features.validation import CANONICAL_SCHEMA
 
 CENTER = h3.latlng_to_cell(43.6532, -79.3832, 9)  # Toronto City Hall
+# every optional feature on: the leakage and batch/single tests cover the multi-scale and seasonal columns too
+FULL = FeatureConfig(parent_resolutions=(8, 7), spatial_all_history=True, seasonal=True)
 
 
 def incidents_at(rows):
@@ -81,6 +83,53 @@ def test_hand_computed_features(toy):
     assert nrow["ring1_mean_7d"] > 0  # the centre is its neighbour
 
 
+def test_hand_computed_multiscale_and_seasonal_features():
+    """A year of history in UTC shifts 00/08/16; the origin is Friday 2020-01-03, 08:00 (shift of day 1)."""
+    cal = ShiftCalendar.from_strings("UTC", ["00:00", "08:00", "16:00"])
+    disk = h3.grid_disk(CENTER, 2)
+    area = StudyArea([h3.str_to_int(c) for c in disk], 9)
+    parent = h3.cell_to_parent(CENTER, 8)
+    sibling = next(c for c in sorted(disk) if c != CENTER and h3.cell_to_parent(c, 8) == parent)
+    stranger = next(c for c in sorted(disk) if h3.cell_to_parent(c, 8) != parent)
+    first = cal.shift_of(datetime(2019, 1, 1, tzinfo=UTC))
+    origin = cal.shift_of(datetime(2020, 1, 3, 8, tzinfo=UTC))
+    at = lambda *a: datetime(*a, tzinfo=UTC)  # noqa: E731
+    rows = [
+        (CENTER, at(2019, 1, 4, 9), "a"),  # January, Friday, shift 1
+        (CENTER, at(2019, 1, 15, 3), "a"),  # January, Tuesday, shift 0
+        (CENTER, at(2019, 2, 10, 12), "a"),  # February, Sunday, shift 1
+        (CENTER, at(2019, 12, 27, 10), "a"),  # December, Friday, shift 1
+        (CENTER, at(2020, 1, 1, 1), "a"),  # January, Wednesday, shift 0
+        (sibling, at(2019, 12, 30, 1), "a"),
+        (stranger, at(2019, 12, 30, 1), "a"),
+        (CENTER, at(2020, 1, 3, 8, 30), "a"),  # at the origin: unseen
+        (CENTER, at(2020, 1, 20, 8, 30), "a"),  # after: unseen
+    ]
+    panel, _ = build_panel(incidents_at(rows), area, cal, ["a"], first_shift=first, end_shift=origin + 60)
+    fm = build_features(panel, origin, FULL)
+    c, s_, x = area.index_of(np.array([h3.str_to_int(v) for v in (CENTER, sibling, stranger)]))
+    row = dict(zip(fm.columns, fm.X[c]))
+    elapsed = origin - first
+    assert elapsed == 367 * 3 + 1
+    assert row["rate_shift_of_day_all"] == pytest.approx(3 / 367)  # 2019-01-04, 02-10, 12-27 of 367 shift-1s
+    assert row["rate_shift_of_week_all"] == pytest.approx(2 / 52)  # 2019-01-04 and 12-27, 52 Friday shift-1s
+    assert row["rate_month_all"] == pytest.approx(3 / (93 + 7))  # January 2019 (2) + 2020 so far (1), in shifts
+    assert row["parent_r8_28d"] == 3  # 12-27 and 01-01 here, 12-30 in the sibling; not the stranger's
+    assert row["parent_r8_365d"] == 6  # the window opens 2019-01-03 08:00: every past incident of the parent
+    assert row["parent_r8_all"] == pytest.approx(6 / elapsed)
+    assert row["ring1_mean_all"] == pytest.approx(fm.column("long_run_rate")[
+        area.index_of(np.array([h3.str_to_int(v) for v in h3.grid_ring(CENTER, 1)]))].mean())
+    siblings = area.index_of(np.array([h3.str_to_int(v) for v in disk if h3.cell_to_parent(v, 8) == parent]))
+    assert row["parent_r8_rate_month_all"] == pytest.approx(fm.column("rate_month_all")[siblings].sum())
+    assert fm.X[s_][fm.columns.index("parent_r8_28d")] == 3 and fm.X[x][fm.columns.index("parent_r8_28d")] == 1
+    assert fm.X[s_][fm.columns.index("rate_month_all")] == 0  # December only
+    # one origin alone or among others: the same row
+    batch = build_features(panel, np.arange(origin - 200, origin + 1), FULL)
+    np.testing.assert_allclose(batch.X[-panel.n_cells:], fm.X, rtol=1e-6)
+    with pytest.raises(ValueError, match="must be coarser"):
+        build_features(panel, origin, FeatureConfig(parent_resolutions=(9,)))
+
+
 def test_targets_are_the_origin_counts(toy):
     panel, origin, c, _ = toy
     y = build_targets(panel, [origin, origin + 5])
@@ -108,9 +157,9 @@ def toronto_panel(toronto_incidents):
 def test_range_build_equals_single_origin_builds(toronto_panel):
     *_, panel = toronto_panel
     origins = np.arange(panel.end_shift - 400, panel.end_shift - 300)
-    batch = build_features(panel, origins)
+    batch = build_features(panel, origins, FULL)
     for k in (0, 37, 99):
-        single = build_features(panel, origins[k])
+        single = build_features(panel, origins[k], FULL)
         block = batch.X[k * panel.n_cells : (k + 1) * panel.n_cells]
         np.testing.assert_allclose(single.X, block, rtol=1e-5, atol=1e-6)
     assert batch.X.shape == (100 * panel.n_cells, len(batch.columns))
@@ -134,7 +183,7 @@ def test_incidents_at_or_after_origin_never_change_its_features(toronto_panel, d
     origin = data.draw(st.integers(panel.first_shift + 1, panel.end_shift - 10), label="origin")
     t0 = cal.bounds([origin])["start_utc"][0]
     future = box.filter(pl.col("occurred_at") >= t0)
-    base = build_features(panel, origin)
+    base = build_features(panel, origin, FULL)
 
     drop_rows = data.draw(st.lists(st.integers(0, future.height - 1), max_size=50, unique=True), label="drop")
     drop_ids = set(future["incident_id"].gather(drop_rows).to_list()) if drop_rows else set()
@@ -156,7 +205,7 @@ def test_incidents_at_or_after_origin_never_change_its_features(toronto_panel, d
     )
     changed = pl.concat([box.filter(~pl.col("incident_id").is_in(list(drop_ids))), added])
     changed_panel, _ = build_panel(changed, area, cal, cats, first_shift=panel.first_shift, end_shift=panel.end_shift)
-    after = build_features(changed_panel, origin)
+    after = build_features(changed_panel, origin, FULL)
     assert after.columns == base.columns
     np.testing.assert_array_equal(after.X, base.X)
 
@@ -173,8 +222,13 @@ def test_a_leak_would_be_caught(toronto_panel):
     )
     changed, _ = build_panel(pl.concat([box, extra]), area, cal, cats, first_shift=panel.first_shift, end_shift=panel.end_shift)
     assert not np.array_equal(build_features(changed, origin).X, build_features(panel, origin).X)
+    # and the long-history columns alone see it too
+    new = [j for j, name in enumerate(build_features(panel, origin, FULL).columns) if "_all" in name]
+    assert not np.array_equal(build_features(changed, origin, FULL).X[:, new], build_features(panel, origin, FULL).X[:, new])
 
 
 def test_config_changes_columns():
     cfg = FeatureConfig(window_days=(1, 7), same_shift_days=(28,), spatial_window_days=(7, 28), include_location=False)
     assert cfg.lookback(3) == 56 * 3
+    assert FeatureConfig(window_days=(1, 7), same_shift_days=(28,), spatial_window_days=(7, 28), seasonal=True,
+                         parent_resolutions=(8,), parent_window_days=(90, None)).lookback(3) == 90 * 3

@@ -52,10 +52,11 @@ def parse_params(pairs: list[str] | None, forecaster_type: type) -> dict[str, ob
 
 
 def chosen_factories(forecaster: list[str] | None, param: list[str] | None) -> dict:
-    """The factories of the --forecaster names (default: every registered one), --param applied to LightGBM."""
+    """The factories of the --forecaster names (default: every registered one but those run by request),
+    --param applied to LightGBM."""
     from forecasting import registry
 
-    chosen = forecaster or registry.names()
+    chosen = forecaster or registry.default_names()
     unknown = [f for f in chosen if f not in registry.names()]
     if unknown:
         fail(f"unknown forecaster(s) {unknown}; choose from {registry.names()}")
