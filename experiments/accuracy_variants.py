@@ -36,6 +36,8 @@ import polars as pl
 
 from features.matrix import FeatureConfig
 from features.panel import CountPanel
+from features.paths import DataPaths
+from features.settings import Settings
 from forecasting.base import Forecaster
 from forecasting.baselines import SEPP, ExpWeighted, HistoryCounts
 from forecasting.blend import Blend
@@ -73,7 +75,8 @@ BASELINES: dict[str, Callable[[], Forecaster]] = {
 
 
 def toronto_panel() -> CountPanel:
-    return CountPanel.load(Path(os.environ.get("HOTSPOTS_PREPARED", "/work/prepared/toronto")) / "panels" / "toronto-mci-r9")
+    """The data folder's Toronto resolution-9 panel (``hotspots ingest toronto-mci && hotspots panel toronto-mci``)."""
+    return CountPanel.load(DataPaths(Settings()).panel("toronto-mci", 9))
 
 
 def chicago_panel(cache: Path) -> CountPanel:
@@ -85,7 +88,7 @@ def chicago_panel(cache: Path) -> CountPanel:
     from features.profile import load_profile
     from features.store import IncidentStore
 
-    shared = Path(os.environ.get("HOTSPOTS_SHARED_DATA", "/work/shared/data"))
+    shared = Path(os.environ.get("HOTSPOTS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     raw = cache / "chicago_2012_2016.parquet"
     year = pl.col("Date").str.slice(6, 4).cast(pl.Int32, strict=False)
     pl.scan_parquet(shared / "chicago" / "chicago_crimes_2001_2018.parquet").filter(year.is_between(2012, 2016)) \

@@ -5,7 +5,8 @@ until the end of the window (default 2021-01-01): hit rate at 1% and 5% of the a
 ties) and the mean Poisson deviance. Each setting is timed interleaved with the others (``--runs`` rounds), so
 every figure shares the machine's load, which is printed beside it.
 
-    python -m experiments.bench_lgbm_speed --panel /work/prepared/toronto/panels/toronto-mci-r9 --runs 2
+    hotspots ingest toronto-mci && hotspots panel toronto-mci      # once: the data folder's resolution-9 panel
+    python -m experiments.bench_lgbm_speed --runs 2               # or --panel FOLDER
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 
 from features.matrix import build_targets
 from features.panel import CountPanel
+from features.paths import DataPaths
+from features.settings import Settings
 from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import HEADLINE_COVERAGES, poisson_deviance, pooled, shift_hits
 
@@ -45,7 +48,8 @@ def validation_scores(panel: CountPanel, model: LightGBMForecaster, origins: np.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--panel", type=Path, default=Path("/work/prepared/toronto/panels/toronto-mci-r9"))
+    parser.add_argument("--panel", type=Path, default=DataPaths(Settings()).panel("toronto-mci", 9),
+                        help="a saved panel folder (default: the data folder's Toronto resolution-9 panel)")
     parser.add_argument("--cutoff", type=date.fromisoformat, default=date(2020, 9, 1))
     parser.add_argument("--end", type=date.fromisoformat, default=date(2021, 1, 1))
     parser.add_argument("--runs", type=int, default=1, help="interleaved rounds of every setting")
