@@ -130,11 +130,13 @@ class SavedBacktest:
         promotion = self.out_dir / "promotion.json"
         return json.loads(promotion.read_text()).get("winner") if promotion.is_file() else None
 
-    def assessed_pair(self, model: str | None = None, baseline: str | None = None) -> tuple[str, str]:
+    def assessed_pair(self, model: str | None = None, baseline: str | None = None) -> tuple[str, str | None]:
         """(model, baseline) a later assessment or claim compares, defaulting to the backtest's own choice: the
         winner (the learned candidate when the strongest baseline itself won) against the strongest baseline.
+        A model named that is the strongest baseline itself has no default baseline (None: assessed alone).
         A ValueError names the option to give when the folder does not say."""
         strongest = self.strongest_baseline
+        named = baseline is not None
         baseline = baseline or strongest
         if model is None:
             winner, candidate = self.winner, self.protocol.get("candidate")
@@ -143,7 +145,7 @@ class SavedBacktest:
             raise ValueError(f"{self.out_dir} does not name its winner and strongest baseline (made before they were "
                              f"recorded): give the forecasters by name, or rerun the backtest; it has "
                              f"{sorted(self.predictions)}")
-        return model, baseline
+        return model, (baseline if named or baseline != model else None)
 
     def importance_of(self, model: str) -> dict[str, float] | None:
         """The saved feature importance when it belongs to ``model`` (the backtest's learned candidate)."""

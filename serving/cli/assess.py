@@ -33,7 +33,7 @@ def _backtest(settings, city: str, backtest_dir: Path | None, resolution: int | 
     return saved, panel
 
 
-def _pair(saved, model: str | None, baseline: str | None) -> tuple[str, str]:
+def _pair(saved, model: str | None, baseline: str | None) -> tuple[str, str | None]:
     """The forecasters named, else the backtest's own winner and strongest baseline."""
     try:
         return saved.assessed_pair(model, baseline)
@@ -133,7 +133,8 @@ def diagnose(
     settings = project_settings(data_dir)
     saved, panel = _backtest(settings, city, backtest_dir, resolution)
     model, baseline = _pair(saved, model, baseline)
-    with stage(f"diagnostics of {model} against {baseline} in {saved.out_dir.name}"):
+    against = f"against {baseline}" if baseline else "alone (it is the strongest baseline)"
+    with stage(f"diagnostics of {model} {against} in {saved.out_dir.name}"):
         try:
             diag = run_diagnostics(saved.predictions, saved.observed, saved.areas, saved.origins, panel,
                                    saved.importance_of(model), coverages=tuple(coverage), model=model,

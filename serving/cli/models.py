@@ -268,7 +268,10 @@ def claim(
     settings = project_settings(data_dir)
     try:
         saved = SavedBacktest.load(backtest_dir or DataPaths(settings).latest_backtest(source, resolution))
-        candidate, baseline = saved.assessed_pair(candidate, baseline)
+        candidate, paired = saved.assessed_pair(candidate, baseline)
+        if paired is None:
+            raise ValueError(f"{candidate} is the backtest's strongest baseline itself: name another with --baseline")
+        baseline = paired
         pair = saved.pair(candidate, baseline)
         per_day = saved.per_day
     except (FileNotFoundError, KeyError, ValueError) as exc:
