@@ -227,11 +227,12 @@ def test_recency_weighted_full_history(toronto_panel):
     """train_days=None trains on every origin since the panel starts; the half-life only reweights them."""
     panel = toronto_panel
     cutoff = panel.end_shift - 60
-    windowed = small_lgbm().fit(panel, cutoff)
-    full = small_lgbm(train_days=None, recency_half_life_days=180.0).fit(panel, cutoff)
-    again = small_lgbm(train_days=None, recency_half_life_days=180.0).fit(panel, cutoff)
+    few = dict(n_estimators=12)  # the rows and weights are under test, not the trees
+    windowed = small_lgbm(**few).fit(panel, cutoff)
+    full = small_lgbm(train_days=None, recency_half_life_days=180.0, **few).fit(panel, cutoff)
+    again = small_lgbm(train_days=None, recency_half_life_days=180.0, **few).fit(panel, cutoff)
     assert full.train_rows_ > 1.5 * windowed.train_rows_
     np.testing.assert_array_equal(full.predict(panel, cutoff), again.predict(panel, cutoff))
-    unweighted = small_lgbm(train_days=None).fit(panel, cutoff)
+    unweighted = small_lgbm(train_days=None, **few).fit(panel, cutoff)
     assert unweighted.train_rows_ == full.train_rows_
     assert not np.array_equal(unweighted.predict(panel, cutoff), full.predict(panel, cutoff))

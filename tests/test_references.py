@@ -144,7 +144,7 @@ def test_backtest_without_naive_diagnoses_its_winner(tracked):
     assert diagnostics["model"] == winner and diagnostics["gain"] is None
     saved = SavedBacktest.load(result.out_dir)
     assert saved.winner == winner and saved.strongest_baseline == result.strongest.name
-    assert saved.assessed_pair() == (winner, result.strongest.name)
+    assert saved.assessed_pair() == (winner, None)  # the strongest baseline itself: assessed alone
     assert saved.importance_of(winner) is None
 
 
