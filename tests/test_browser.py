@@ -327,3 +327,20 @@ def test_area_names_zoom_pan_legend_and_map_app_links(page, server, tmp_path):
     page.screenshot(path=str(tmp_path / "map-areas.png"))
     only_own_requests(page, server)
     assert not page.errors, page.errors
+
+
+def test_the_transparency_page_renders_without_a_key(page, server):
+    """The public page opens in a browser with no key and no sign-in: the model, the backtest against the
+    baselines and the realised-accuracy record (its figures are checked against an independent scoring in
+    test_realised_accuracy / test_transparency), and never a cell of the current shift."""
+    page.goto(f"{server.base}/transparency/{CITY}")
+    expect(page.locator("h1")).to_contain_text(CITY)
+    headings = page.locator("h2").all_inner_texts()
+    assert {"Model", "Backtest against the baselines", "Realised accuracy of the served flags", "Bias audit",
+            "Data retention"} <= set(headings), headings
+    expect(page.locator("#accuracy-record")).to_be_visible()
+    expect(page.locator("#key-overlay")).to_have_count(0)
+    text = page.locator("body").inner_text()
+    assert not any(h in text for h in server.panel.study_area.h3_ids[:500])
+    assert not page.errors
+    only_own_requests(page, server)
