@@ -34,6 +34,22 @@ def test_gate_needs_both_coverages():
         promotion_decision({"lightgbm": summary([0.2, 0.4]), "naive": summary([0.1, 0.3])}, coverages=(0.02,))
 
 
+def test_a_lead_the_paired_interval_cannot_tell_from_zero_is_not_a_win():
+    rates = {"lightgbm": summary([0.169, 0.396]), "exp_weighted": summary([0.168, 0.394])}
+    clear = promotion_decision(rates, strongest="exp_weighted", candidate="lightgbm",
+                               leads={"lightgbm": {0.01: 0.0004, 0.05: 0.0011}})
+    assert clear.promote and clear.winner == "lightgbm"
+    # Toronto 2021's figures: ahead on points at both coverages, the interval of the lead includes zero at both
+    unclear = promotion_decision(rates, strongest="exp_weighted", candidate="lightgbm",
+                                 leads={"lightgbm": {0.01: -0.0011, 0.05: -0.0008}})
+    assert not unclear.promote and unclear.winner == "exp_weighted"
+    assert "includes zero at 1% (low -0.0011), 5% (low -0.0008)" in unclear.reason
+    one = promotion_decision(rates, strongest="exp_weighted", leads={"lightgbm": {0.01: 0.001, 0.05: 0.0}})
+    assert one.winner == "exp_weighted" and "includes zero at 5%" in one.reason  # every gate coverage must be clear
+    # without intervals (a summary-only gate) points decide, as before
+    assert promotion_decision(rates, strongest="exp_weighted").winner == "lightgbm"
+
+
 def test_gate_compares_with_the_strongest_baseline_and_promotes_the_winner():
     rates = {"lightgbm": summary([0.2, 0.4]), "naive": summary([0.1, 0.3]), "all_history": summary([0.15, 0.42])}
     # lightgbm beats naive but not the strongest baseline at 5%: the strongest baseline wins and is promoted

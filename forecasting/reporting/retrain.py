@@ -98,7 +98,8 @@ def retrain(
             shutil.rmtree(scratch, ignore_errors=True)
     if tracked.strongest is None:
         raise ValueError("retrain needs at least one traditional baseline to gate against (e.g. --forecaster naive)")
-    decision = promotion_decision(tracked.summaries, tracked.strongest.name, GATE_COVERAGES, candidate=tracked.candidate)
+    decision = promotion_decision(tracked.summaries, tracked.strongest.name, GATE_COVERAGES, candidate=tracked.candidate,
+                                  leads=tracked.leads)
     version = None
     with mlflow.start_run(run_id=tracked.run_id):
         mlflow.set_tags({"kind": "retrain", "retrain": "dry-run" if dry_run else "run",

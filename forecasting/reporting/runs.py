@@ -22,7 +22,7 @@ from forecasting.base import Forecaster
 from forecasting.claim import against_every_baseline, claim_test
 from forecasting.cluster import address_of
 from forecasting.metrics import HEADLINE_COVERAGES, MetricSummary
-from forecasting.promotion import GATE_COVERAGES, PromotionDecision, backtest_winner, promotion_decision
+from forecasting.promotion import GATE_COVERAGES, PromotionDecision, ahead_of, backtest_winner, promotion_decision
 from forecasting.references import Headroom, score_references
 from forecasting.references import headroom as headroom_shares
 from forecasting.reporting.assess import assess, assess_training
@@ -48,6 +48,7 @@ class TrackedBacktest:
     references: dict[str, MetricSummary] = field(default_factory=dict)  # clairvoyant maps: never forecasters
     headroom: list[Headroom] = field(default_factory=list)
     assessed: tuple[str, str | None] | None = None  # (model, baseline) the diagnostics compared
+    leads: dict[str, dict[float, float]] = field(default_factory=dict)  # the gate's paired lower bounds
 
 
 def _flat_params(name: str, model: Forecaster) -> dict[str, object]:
@@ -123,6 +124,19 @@ def assessed_pair(winner: str | None, candidate: str | None, strongest: str | No
     return model, (strongest if strongest is not None and strongest != model else None)
 
 
+def gate_leads(result: BacktestResult, summaries: dict[str, MetricSummary], strongest: str,
+               n_boot: int) -> dict[str, dict[float, float]]:
+    """The lower end of the paired day-block bootstrap interval of each challenger's lead over the strongest
+    baseline at the gate coverages, for the challengers ahead of it on points (the others lose anyway)."""
+    leads = {}
+    for name in ahead_of(summaries, strongest, GATE_COVERAGES):
+        found = claim_test(result.predictions[name], result.predictions[strongest], result.observed, result.areas,
+                           result.origins, result.per_day, coverages=GATE_COVERAGES, claimed_ratio=1.0,
+                           n_boot=max(n_boot, 2000), names=(name, strongest))
+        leads[name] = {c.coverage: c.difference_low for c in found}
+    return leads
+
+
 def run_tracked_backtest(
     panel: CountPanel,
     source: str,
@@ -192,7 +206,8 @@ def run_tracked_backtest(
         references = score_references(result.observed, result.areas, result.origins, result.per_day, n_boot=n_boot)
         shares = headroom_shares(summaries, references, strongest.name) if strongest is not None else []
         _log_references(references, shares)
-        winner = backtest_winner(summaries, strongest.name, GATE_COVERAGES)[0] if strongest is not None else candidate
+        leads = gate_leads(result, summaries, strongest.name, n_boot) if strongest is not None else {}
+        winner = backtest_winner(summaries, strongest.name, GATE_COVERAGES, leads)[0] if strongest is not None else candidate
         pair = assessed_pair(winner, candidate, strongest.name if strongest else None)
         for claim in claims:
             mlflow.log_metric(f"claim.ratio.{claim.coverage * 100:g}pct", claim.ratio)
@@ -230,7 +245,7 @@ def run_tracked_backtest(
 
         decision, version = None, None
         if register and strongest is not None:
-            decision = promotion_decision(summaries, strongest.name, GATE_COVERAGES)
+            decision = promotion_decision(summaries, strongest.name, GATE_COVERAGES, leads=leads)
             winner = decision.winner
             if winner is None:  # promotion_decision always names one (None only in older records)
                 raise RuntimeError("the promotion decision names no winner")
@@ -244,7 +259,7 @@ def run_tracked_backtest(
                              "champion_forecaster": winner})
             (out_dir / "promotion.json").write_text(json.dumps({**decision.as_dict(), "version": version}, indent=2))
     return TrackedBacktest(result, summaries, claims, decision, version, run.info.run_id, out_dir, strongest, candidate,
-                           references, shares, pair)
+                           references, shares, pair, leads)
 
 
 @dataclass
