@@ -125,11 +125,16 @@ def assessed_pair(winner: str | None, candidate: str | None, strongest: str | No
 
 
 def gate_leads(result: BacktestResult, summaries: dict[str, MetricSummary], strongest: str,
-               n_boot: int) -> dict[str, dict[float, float]]:
+               n_boot: int, known: list | None = None) -> dict[str, dict[float, float]]:
     """The lower end of the paired day-block bootstrap interval of each challenger's lead over the strongest
-    baseline at the gate coverages, for the challengers ahead of it on points (the others lose anyway)."""
+    baseline at the gate coverages, for the challengers ahead of it on points (the others lose anyway).
+    ``known``: claim results already computed against the strongest baseline, reused where they cover the gate."""
     leads = {}
     for name in ahead_of(summaries, strongest, GATE_COVERAGES):
+        done = {c.coverage: c.difference_low for c in known or [] if c.candidate == name and c.baseline == strongest}
+        if all(c in done for c in GATE_COVERAGES):
+            leads[name] = {c: done[c] for c in GATE_COVERAGES}
+            continue
         found = claim_test(result.predictions[name], result.predictions[strongest], result.observed, result.areas,
                            result.origins, result.per_day, coverages=GATE_COVERAGES, claimed_ratio=1.0,
                            n_boot=max(n_boot, 2000), names=(name, strongest))
@@ -206,7 +211,7 @@ def run_tracked_backtest(
         references = score_references(result.observed, result.areas, result.origins, result.per_day, n_boot=n_boot)
         shares = headroom_shares(summaries, references, strongest.name) if strongest is not None else []
         _log_references(references, shares)
-        leads = gate_leads(result, summaries, strongest.name, n_boot) if strongest is not None else {}
+        leads = gate_leads(result, summaries, strongest.name, n_boot, claims) if strongest is not None else {}
         winner = backtest_winner(summaries, strongest.name, GATE_COVERAGES, leads)[0] if strongest is not None else candidate
         pair = assessed_pair(winner, candidate, strongest.name if strongest else None)
         for claim in claims:
