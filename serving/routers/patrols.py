@@ -128,15 +128,20 @@ def _bound(field: str, moment: datetime | None, tz: str) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=ZoneInfo(tz))
 
 
+def _query_window(models: ModelStore, query: PatrolQuery) -> tuple[str, datetime | None, datetime | None]:
+    """The city's time zone and the query's [start, end) as aware datetimes (local when given without an offset)."""
+    tz = ready_panel(_panel_state(models, query.city)).calendar.timezone
+    start, end = _bound("start", query.start, tz), _bound("end", query.end, tz)
+    if start is not None and end is not None and end <= start:
+        raise FieldError("end", f"{end.isoformat()} is not after start ({start.isoformat()})")
+    return tz, start, end
+
+
 @router.get("/patrols", response_model=PatrolTotals, responses=GET_ERRORS,
             summary="Patrol minutes per shift and cell (every report summed), oldest shift first")
 def patrol_totals(request: Request, principal: PatrolReader, query: Annotated[PatrolQuery, Query()], models: Models,
                   patrols: Patrols, audit: Audit) -> Response:
-    state = _panel_state(models, query.city)
-    tz = ready_panel(state).calendar.timezone
-    start, end = _bound("start", query.start, tz), _bound("end", query.end, tz)
-    if start is not None and end is not None and end <= start:
-        raise FieldError("end", f"{end.isoformat()} is not after start ({start.isoformat()})")
+    tz, start, end = _query_window(models, query)
     try:
         frame = patrols.totals(query.city, start=start, end=end, limit=query.limit + 1)
     except Exception as exc:  # noqa: BLE001
@@ -213,11 +218,7 @@ def record_overrides(request: Request, body: OverrideRequest, principal: PatrolR
                     "an override recorded)")
 def override_totals(request: Request, principal: PatrolReader, query: Annotated[PatrolQuery, Query()], models: Models,
                     patrols: Patrols, audit: Audit) -> Response:
-    state = _panel_state(models, query.city)
-    tz = ready_panel(state).calendar.timezone
-    start, end = _bound("start", query.start, tz), _bound("end", query.end, tz)
-    if start is not None and end is not None and end <= start:
-        raise FieldError("end", f"{end.isoformat()} is not after start ({start.isoformat()})")
+    tz, start, end = _query_window(models, query)
     try:
         summary = override_summary(patrols.overrides(query.city, start, end),
                                    patrols.totals(query.city, start=start, end=end))
