@@ -64,13 +64,17 @@ def _panel_state(models: ModelStore, city: str) -> CityState:
     return state
 
 
+# A retried report with the same key is answered from the first one and stores nothing again.
+IdempotencyKey = Annotated[str | None, Header(max_length=200, description=(
+    "Any unique string per report (e.g. a UUID): a retry with the same key returns the first "
+    "answer and stores nothing again."))]
+
+
 @router.post("/patrols", status_code=201, response_model=PatrolReceipt, responses=POST_ERRORS,
              summary="Record the patrol minutes spent in cells during a shift (append-only)")
 def record_patrols(request: Request, body: PatrolRequest, principal: PatrolRecorder, models: Models,
                    patrols: Patrols, metrics: Metrics, now: Now,
-                   idempotency_key: Annotated[str | None, Header(max_length=200, description=(
-                       "Any unique string per report (e.g. a UUID): a retry with the same key returns the first "
-                       "answer and stores nothing again."))] = None) -> Response:
+                   idempotency_key: IdempotencyKey = None) -> Response:
     state = _panel_state(models, body.city)
     batch = check_patrols(ready_panel(state), body, now)
     pending = None
@@ -175,9 +179,7 @@ OVERRIDE_ERRORS = {**POST_ERRORS, 422: {**ERRORS[422], "description": "Bad shift
              summary="Record flagged cells that were NOT patrolled in a shift, and why (append-only; no free text)")
 def record_overrides(request: Request, body: OverrideRequest, principal: PatrolRecorder, models: Models,
                      patrols: Patrols, now: Now,
-                     idempotency_key: Annotated[str | None, Header(max_length=200, description=(
-                         "Any unique string per report (e.g. a UUID): a retry with the same key returns the first "
-                         "answer and stores nothing again."))] = None) -> Response:
+                     idempotency_key: IdempotencyKey = None) -> Response:
     state = _panel_state(models, body.city)
     batch = check_overrides(ready_panel(state), body, now)
     pending = None
