@@ -73,45 +73,49 @@ def _first_test_shift(panel: CountPanel, test_start: date) -> int:
 def _log_strongest(choice: StrongestChoice, out_dir: Path) -> None:
     mlflow.set_tags({"strongest_baseline": choice.name, "claim.baseline": choice.name})
     mlflow.log_params({"strongest.window_start": choice.window_start, "strongest.window_end": choice.window_end})
-    for name, rates in choice.hit_rates.items():
-        for cov, rate in rates.items():
-            mlflow.log_metric(f"validation.{name}.hit_rate.{float(cov) * 100:g}pct", rate)
+    mlflow.log_metrics({f"validation.{name}.hit_rate.{float(cov) * 100:g}pct": rate
+                        for name, rates in choice.hit_rates.items() for cov, rate in rates.items()})
     (out_dir / "strongest.json").write_text(json.dumps(choice.as_dict(), indent=2))
 
 
 def _log_summaries(summaries: dict[str, MetricSummary], result: BacktestResult) -> None:
+    metrics: dict[str, float] = {}  # one batch: one registry write (one commit or request) per backtest
     for name, summary in summaries.items():
         for j, cov in enumerate(summary.coverages):
             tag = f"{cov * 100:g}pct"
             for metric in ("hit_rate", "pai", "pei"):
-                mlflow.log_metric(f"{name}.{metric}.{tag}", float(summary.point[metric][j]))
-            mlflow.log_metric(f"{name}.hit_rate_low.{tag}", float(summary.low["hit_rate"][j]))
-            mlflow.log_metric(f"{name}.hit_rate_high.{tag}", float(summary.high["hit_rate"][j]))
+                metrics[f"{name}.{metric}.{tag}"] = float(summary.point[metric][j])
+            metrics[f"{name}.hit_rate_low.{tag}"] = float(summary.low["hit_rate"][j])
+            metrics[f"{name}.hit_rate_high.{tag}"] = float(summary.high["hit_rate"][j])
             if summary.pessimistic:
-                mlflow.log_metric(f"{name}.hit_rate_pessimistic.{tag}", float(summary.pessimistic["hit_rate"][j]))
-        mlflow.log_metric(f"{name}.poisson_deviance", summary.deviance)
-        mlflow.log_metric(f"{name}.fit_seconds", result.fit_seconds[name])
+                metrics[f"{name}.hit_rate_pessimistic.{tag}"] = float(summary.pessimistic["hit_rate"][j])
+        metrics[f"{name}.poisson_deviance"] = summary.deviance
+        metrics[f"{name}.fit_seconds"] = result.fit_seconds[name]
+    mlflow.log_metrics(metrics)
 
 
 def _log_references(references: dict[str, MetricSummary], shares: list[Headroom]) -> None:
     """Under ``reference.<name>.`` and ``headroom.<forecaster>.``: never under a forecaster's own prefix, so
     nothing that reads forecaster metrics (model card, gate) can take a reference for a forecaster."""
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
     for name, summary in references.items():
         for j, cov in enumerate(summary.coverages):
             if cov not in HEADLINE_COVERAGES:
                 continue
             tag = f"{cov * 100:g}pct"
             for metric in ("hit_rate", "pai"):
-                mlflow.log_metric(f"reference.{name}.{metric}.{tag}", float(summary.point[metric][j]))
+                metrics[f"reference.{name}.{metric}.{tag}"] = float(summary.point[metric][j])
             if summary.pessimistic:
-                mlflow.log_metric(f"reference.{name}.hit_rate_pessimistic.{tag}",
-                                  float(summary.pessimistic["hit_rate"][j]))
+                metrics[f"reference.{name}.hit_rate_pessimistic.{tag}"] = float(summary.pessimistic["hit_rate"][j])
     for share in shares:
         key = f"headroom.{share.forecaster}.{share.coverage * 100:g}pct" + ("" if share.ties == "random" else ".pessimistic")
         if share.share is None:
-            mlflow.set_tag(key, share.text())
+            tags[key] = share.text()
         else:
-            mlflow.log_metric(key, share.share)
+            metrics[key] = share.share
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags(tags)
 
 
 def assessed_pair(winner: str | None, candidate: str | None, strongest: str | None) -> tuple[str, str | None] | None:
@@ -214,19 +218,17 @@ def run_tracked_backtest(
         leads = gate_leads(result, summaries, strongest.name, n_boot, claims) if strongest is not None else {}
         winner = backtest_winner(summaries, strongest.name, GATE_COVERAGES, leads)[0] if strongest is not None else candidate
         pair = assessed_pair(winner, candidate, strongest.name if strongest else None)
-        for claim in claims:
-            mlflow.log_metric(f"claim.ratio.{claim.coverage * 100:g}pct", claim.ratio)
-            mlflow.set_tag(f"claim.verdict.{claim.coverage * 100:g}pct", claim.verdict)
-        for claim in others:
-            mlflow.log_metric(f"claim.{claim.baseline}.ratio.{claim.coverage * 100:g}pct", claim.ratio)
-            mlflow.set_tag(f"claim.{claim.baseline}.verdict.{claim.coverage * 100:g}pct", claim.verdict)
+        mlflow.log_metrics({**{f"claim.ratio.{c.coverage * 100:g}pct": c.ratio for c in claims},
+                            **{f"claim.{c.baseline}.ratio.{c.coverage * 100:g}pct": c.ratio for c in others}})
+        mlflow.set_tags({**{f"claim.verdict.{c.coverage * 100:g}pct": c.verdict for c in claims},
+                         **{f"claim.{c.baseline}.verdict.{c.coverage * 100:g}pct": c.verdict for c in others}})
         pairwise = []
         if candidate is not None:
             pairwise = against_every_baseline(result.predictions, result.observed, result.areas, result.origins,
                                               result.per_day, candidate=candidate, coverages=claim_coverages,
                                               n_boot=max(n_boot, 2000))
-            for p in pairwise:
-                mlflow.log_metric(f"{candidate}_minus_{p.baseline}.hit_rate_low.{p.coverage * 100:g}pct", p.difference_low)
+            mlflow.log_metrics({f"{candidate}_minus_{p.baseline}.hit_rate_low.{p.coverage * 100:g}pct": p.difference_low
+                                for p in pairwise})
             (out_dir / "pairwise.json").write_text(json.dumps([p.as_dict() for p in pairwise], indent=2))
         result.tidy().write_parquet(out_dir / "results.parquet")
         write_forecasts(out_dir, panel, result.origins, result.observed, result.predictions)
