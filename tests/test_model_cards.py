@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from service_support import BARE, CITY, asgi_service
 
+from forecasting.reporting.templating import figure_png
 from forecasting.reporting.tracking import assessment_run_id, log_assessment
 from serving.keys import Role
 
@@ -37,7 +38,7 @@ def log_backtest_record(city) -> None:
         fig, ax = plt.subplots()
         ax.plot([0, 1], [0, 1])
         log_assessment("diagnostics", {"gini": 0.8, "per_shift": [0.1, 0.2]}, {"gini": 0.8, "jaccard_mean": 0.6},
-                       html="<section>diag</section>", figure=fig)
+                       html="<section>diag</section>", png=figure_png(fig))
         log_assessment("bias_audit", {"groups": [{"group": "a", "exposure_ratio": 1.2}]}, {"exposure_ratio.a": 1.2})
         plt.close(fig)
     mlflow.set_tracking_uri(None)

@@ -19,8 +19,8 @@ from forecasting.assessment import run_audit, run_diagnostics
 from forecasting.bias_audit import BiasAudit
 from forecasting.diagnostics import Diagnostics
 from forecasting.jsonable import jsonable
-from forecasting.reporting.bias_audit_view import bias_audit_figure, bias_audit_page, bias_audit_png, bias_audit_section
-from forecasting.reporting.diagnostics_view import diagnostics_figure, diagnostics_page, diagnostics_png, diagnostics_section
+from forecasting.reporting.bias_audit_view import bias_audit_page, bias_audit_png, bias_audit_section
+from forecasting.reporting.diagnostics_view import diagnostics_page, diagnostics_png, diagnostics_section
 from forecasting.reporting.tracking import log_assessment
 
 
@@ -28,10 +28,9 @@ def log_diagnostics(diag: Diagnostics, out_dir: Path | None = None) -> None:
     """Into the active run as the ``diagnostics`` assessment (and ``patrol_diagnostics`` when a patrol log was
     analysed), where the model card and /v1/diagnostics read them; beside the backtest's report when
     ``out_dir`` is given."""
-    fig = diagnostics_figure(diag)
-    png = diagnostics_png(diag, fig)  # one rendering for the MLflow section and the page
+    png = diagnostics_png(diag)  # one rendering for the run's section, its PNG and the page
     log_assessment("diagnostics", diag.payload(), diag.to_dict(prefix=""), html=diagnostics_section(diag, png=png),
-                   figure=fig)
+                   png=png)
     if diag.patrol is not None:
         log_assessment("patrol_diagnostics", jsonable(diag.patrol.payload()), diag.patrol.metrics())
     if out_dir is not None:
@@ -41,10 +40,9 @@ def log_diagnostics(diag: Diagnostics, out_dir: Path | None = None) -> None:
 
 def log_audit(result: BiasAudit, out_dir: Path | None = None) -> None:
     """Into the active run as the ``bias_audit`` assessment; beside the backtest's report when ``out_dir`` is given."""
-    figure = bias_audit_figure(result)
-    png = bias_audit_png(result, figure)  # one rendering for the MLflow section and the page
+    png = bias_audit_png(result)  # one rendering for the run's section, its PNG and the page
     metrics = {k.removeprefix("bias."): v for k, v in result.mlflow_metrics().items()}
-    log_assessment("bias_audit", result.to_dict(), metrics, html=bias_audit_section(result, png), figure=figure)
+    log_assessment("bias_audit", result.to_dict(), metrics, html=bias_audit_section(result, png), png=png)
     if out_dir is not None:
         (out_dir / "bias_audit.json").write_text(result.to_json())
         (out_dir / "bias_audit.html").write_text(bias_audit_page(result, png))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -102,8 +103,10 @@ def apply_promotion(city: str, version: str, decision: PromotionDecision, run_id
 ASSESSMENTS = ("diagnostics", "bias_audit", "patrol_diagnostics", "patrol_overrides")
 
 
-def log_assessment(name: str, payload: dict, metrics: dict[str, float], html: str | None = None, figure=None) -> None:
-    """Log one assessment into the active run (re-running replaces the files; metrics keep their history)."""
+def log_assessment(name: str, payload: dict, metrics: dict[str, float], html: str | None = None,
+                   png: bytes | None = None) -> None:
+    """Log one assessment into the active run (re-running replaces the files; metrics keep their history).
+    ``png``: the figure already rendered for the HTML section, logged as it is rather than drawn again."""
     if name not in ASSESSMENTS:
         raise ValueError(f"unknown assessment {name!r}; expected one of {', '.join(ASSESSMENTS)}")
     finite = {f"{name}.{key}"[:250]: float(value) for key, value in metrics.items()
@@ -113,8 +116,11 @@ def log_assessment(name: str, payload: dict, metrics: dict[str, float], html: st
     mlflow.log_dict(payload, f"{name}/{name}.json")
     if html is not None:
         mlflow.log_text(html, f"{name}/{name}.html")
-    if figure is not None:
-        mlflow.log_figure(figure, f"{name}/{name}.png")
+    if png is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"{name}.png"
+            path.write_bytes(png)
+            mlflow.log_artifact(str(path), artifact_path=name)
     mlflow.set_tag(f"assessment.{name}", pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"))
 
 
