@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import statistics
 import threading
 import time
 from datetime import UTC, datetime
@@ -157,32 +158,39 @@ def test_oversized_headers_get_a_431_fast_while_healthz_stays_fast(tmp_path):
             if server.started:
                 break
             time.sleep(0.1)
-        answers: dict[str, bytes] = {}
+        import requests
 
-        def flood():
-            with socket.create_connection(("127.0.0.1", port)) as conn:
-                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-                try:
-                    for _ in range(64):  # up to 64 MB of one header, slowly
-                        conn.sendall(b"X-Big: " + b"a" * (2**20 - 9) + b"\r\n")
-                        time.sleep(0.01)
-                except OSError:
-                    pass
-                answers["flood"] = conn.recv(200)
+        def healthz_seconds() -> float:
+            started = time.perf_counter()
+            assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+            return time.perf_counter() - started
+
+        alone = statistics.median(healthz_seconds() for _ in range(10))
+        answers: list[bytes] = []
+        flood_until = time.monotonic() + 2.0
+
+        def flood():  # one header of up to 64 MB, slowly, again and again for two seconds
+            while time.monotonic() < flood_until:
+                with socket.create_connection(("127.0.0.1", port)) as conn:
+                    conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                    try:
+                        for _ in range(64):
+                            conn.sendall(b"X-Big: " + b"a" * (2**20 - 9) + b"\r\n")
+                            time.sleep(0.01)
+                    except OSError:
+                        pass
+                    answers.append(conn.recv(200))
 
         flooding = threading.Thread(target=flood)
         flooding.start()
-        import requests
-
         timings = []
-        while flooding.is_alive() and len(timings) < 50:
-            started = time.perf_counter()
-            assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-            timings.append(time.perf_counter() - started)
+        while flooding.is_alive() and len(timings) < 200:
+            timings.append(healthz_seconds())
         flooding.join(10)
-        assert answers["flood"].startswith(b"HTTP/1.1 431")
-        timings.sort()
-        assert timings and timings[len(timings) // 2] < 0.05, timings
+        assert answers and all(a.startswith(b"HTTP/1.1 431") for a in answers), answers[:3]
+        # measured while the flood ran (it lasts two seconds whatever the machine's load); on a loaded machine
+        # /healthz is slow even alone, so the bound is relative to that too
+        assert len(timings) >= 5 and statistics.median(timings) < max(0.05, 3 * alone), (alone, timings)
     finally:
         server.should_exit = True
         thread.join(10)
