@@ -31,6 +31,37 @@ def require_shared(*relative: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_schema_from_a_template(tmp_path_factory):
+    """MLflow builds every new SQLite registry by replaying its schema migrations (3-13 s each on this machine,
+    and the suite makes dozens). The first registry of each test process is built that way and kept as a template;
+    later ones are copied from it with SQLite's backup API: the same tables and the same alembic revision."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+    import mlflow.store.model_registry.sqlalchemy_store as registry_store
+
+    replay = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+
+    def initialize_tables(engine):
+        database = engine.url.database
+        if engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            return replay(engine)
+        source, target = (Path(database), template) if not template.exists() else (template, Path(database))
+        if source == Path(database):
+            replay(engine)
+        engine.dispose()  # no pooled connection keeps the old (empty) schema
+        with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+            src.backup(dst)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(db_utils, "_initialize_tables", initialize_tables)
+    mp.setattr(registry_store, "_initialize_tables", initialize_tables)
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return require_shared()
@@ -101,7 +132,7 @@ SERVICE_MODULES = {"test_api", "test_map", "test_map_areas", "test_patrols", "te
                    "test_postgres", "test_browser", "test_live_update", "test_realised_accuracy", "test_drift",
                    "test_transparency"}
 BROWSER_MODULES = {"test_browser"}
-SLOW_MODULES = {"test_cli_forecasting", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
+SLOW_MODULES = {"test_cli_forecasting", "test_cli_training", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
                 "test_browser", "test_store_concurrency", "test_dask", "test_live_update", "test_retrain", "test_batch",
                 "test_realised_accuracy", "test_drift", "test_transparency"}
 SLOW_TESTS = {
@@ -119,7 +150,24 @@ SLOW_TESTS = {
 }
 
 
+# --- scheduling: heaviest modules first ------------------------------------------------------------------
+# `pytest -n 2 --dist loadscope` hands whole modules to the two workers in collection order; started last, one
+# minute-long module leaves the other worker idle. So the heaviest modules (measured with --durations=0, module
+# totals, heaviest first) are collected first, the rest keep their order: longest-processing-time-first scheduling.
+HEAVIEST_FIRST = ["test_cli_forecasting", "test_dask", "test_batch", "test_browser", "test_retrain", "test_cli_training",
+                  "test_hot_swap", "test_schemathesis", "test_tracking", "test_store_concurrency", "test_references",
+                  "test_baseline_champion", "02_researcher_claim_test", "03_feedback_loops_and_bias", "test_server",
+                  "test_metrics_endpoint", "test_any_city", "test_huge_k", "01_analyst_quickstart", "test_report",
+                  "test_dev_tools", "test_map", "test_drift", "test_live_update"]
+
+
+def _heaviest_first(items: list) -> None:
+    rank = {module: i for i, module in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: tests keep their order in a module
+
+
 def pytest_collection_modifyitems(config, items):
+    _heaviest_first(items)
     for item in items:
         module = item.path.stem
         name = f"{item.path.name}::{item.originalname if hasattr(item, 'originalname') else item.name}"
