@@ -4,8 +4,10 @@ own command-line errors."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psycopg
@@ -40,15 +42,17 @@ def test_closed_ancestor_finds_the_first_private_folder(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*XDG_RUNTIME_DIR")  # pgserver's lock path fallback (platformdirs), harmless
-def test_throwaway_server_starts_with_the_test_database_and_is_gone_after_stop(tmp_path):
+def test_throwaway_server_starts_with_the_test_database_and_is_gone_after_stop():
     import pgserver._commands
 
-    pgdata = tmp_path / "pg"
-    pgdata.mkdir()
+    # a folder of its own under /tmp, as dev.sh makes: as root the server runs as the user `pgserver`, which must
+    # reach it, and pytest closes /tmp/pytest-of-<user> to other users whenever another pytest session starts
+    pgdata = Path(tempfile.mkdtemp(prefix="hotspots-pg-test."))
     started = helper("start", str(pgdata))
     if os.geteuid() == 0 and closed_ancestor(pgserver._commands.POSTGRES_BIN_PATH) is not None:
         # as root, a private folder above .venv: refuse (dev.sh falls back to Debian's server) and say why
         assert started.returncode == REFUSED and "to other users" in started.stderr
+        shutil.rmtree(pgdata)
         return
     try:
         assert started.returncode == 0, started.stderr
