@@ -62,6 +62,26 @@ def mlflow_schema_from_a_template(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sqlite_without_fsync():
+    """SQLite in the test process commits without waiting for the disk (PRAGMA synchronous=OFF): MLflow's
+    registry uses a rollback journal, and each of its thousands of commits in the suite waits ~20 ms for fsync
+    here. A commit is still atomic and survives the process being killed; only an OS crash could lose it, which
+    no test simulates. Servers started as subprocesses keep the product's settings."""
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def no_fsync(dbapi_connection, _record) -> None:
+        if isinstance(dbapi_connection, sqlite3.Connection):
+            dbapi_connection.execute("PRAGMA synchronous=OFF")
+
+    event.listen(Engine, "connect", no_fsync)
+    yield
+    event.remove(Engine, "connect", no_fsync)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return require_shared()
