@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +120,7 @@ def deviance_curve(model: str, part: pd.DataFrame, columns: list[str], checkpoin
 
 
 @contextmanager
-def _client(cluster: Any, workers: int = 2) -> Iterator[Any]:
+def local_client(cluster: Any, workers: int = 2) -> Iterator[Any]:
     """A Client for ``cluster`` (address or Client), or a LocalCluster of one-thread workers without one."""
     if cluster is not None:
         with connect(cluster) as client:
@@ -129,7 +129,8 @@ def _client(cluster: Any, workers: int = 2) -> Iterator[Any]:
     try:
         from distributed import Client, LocalCluster
     except ImportError as exc:
-        raise ValueError(f"the pooled model trains with lightgbm.dask and needs Dask's `distributed` ({exc}); {INSTALL}") from None
+        raise ValueError(f"the pooled model trains with lightgbm.dask, which needs Dask's `distributed` ({exc}); "
+                         f"{INSTALL}") from None
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as local, \
             Client(local) as client:
         yield client
@@ -142,7 +143,8 @@ class _PinnedClient:
     which decides each worker's row order and which worker is LightGBM's rank 0)."""
 
     def __init__(self, client: Any, pins: list[str]):
-        self._client, self._pins, self._order = client, pins, {}
+        self._client, self._pins = client, pins
+        self._order: dict[Any, int] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -213,7 +215,7 @@ class PooledLightGBM(Forecaster):
                 "force_row_wise": True, "n_jobs": 1, "verbosity": -1}
 
     def _fit(self, panel: CountPanel, until: int) -> None:
-        with _client(self.cluster) as client:
+        with local_client(self.cluster) as client:
             fitted = train_pooled(client, [panel, *self.others], [until] + [None] * len(self.others), self)[0]
         self.__dict__.update({k: getattr(fitted, k) for k in
                               ("booster_", "columns_", "rate_", "best_iteration_", "train_rows_", "cities_")})
@@ -254,7 +256,7 @@ def _windows(panel: CountPanel, until: int, model: PooledLightGBM) -> tuple[list
     return chunks(start, valid_start), chunks(valid_start, until)
 
 
-def train_pooled(client: Any, sources: list[Any], cutoffs: list[int | None], model: PooledLightGBM,
+def train_pooled(client: Any, sources: Sequence[Any], cutoffs: Sequence[int | None], model: PooledLightGBM,
                  category: str | list[str] | None = None,
                  progress: Callable[[str], None] | None = None) -> list[PooledLightGBM]:
     """Train one pooled booster on every city's rows before its cutoff and return one fitted forecaster per city.
@@ -267,7 +269,9 @@ def train_pooled(client: Any, sources: list[Any], cutoffs: list[int | None], mod
     if not workers:
         raise ValueError("the Dask cluster has no workers; start some with `dask worker ADDRESS`")
     run = uuid.uuid4().hex[:10]
-    train_parts, valid_parts, rates, panels, scattered, pins = [], [], [], [], [], []
+    train_parts: list[Any] = []
+    valid_parts: list[Any] = []
+    rates, panels, scattered, pins = [], [], [], []
     for i, (source, cutoff) in enumerate(zip(sources, cutoffs)):
         # the city's calendar and span come from the sparse panel (the client builds no rows)
         panel = source if isinstance(source, CountPanel) else load_panel(source)
@@ -290,7 +294,7 @@ def train_pooled(client: Any, sources: list[Any], cutoffs: list[int | None], mod
     if progress:
         progress(f"pooled rows: {len(train_parts)} training and {len(valid_parts)} validation partitions of "
                  f"{len(sources)} cities on {len(workers)} workers")
-    regressor = lgb.DaskLGBMRegressor(client=_PinnedClient(client, pins), **model.lgb_params())
+    regressor = lgb.DaskLGBMRegressor(client=_PinnedClient(client, pins), **model.lgb_params())  # type: ignore[arg-type]
     regressor.fit(rows[columns], rows["label"], sample_weight=rows["weight"])
     booster = regressor.to_local().booster_
     text = booster.model_to_string()
@@ -302,7 +306,7 @@ def train_pooled(client: Any, sources: list[Any], cutoffs: list[int | None], mod
     n_rows = int(sum(client.submit(len, p, pure=False).result() for p in train_parts))
     client.cancel(train_parts + valid_parts + scattered)
     out = []
-    for (panel, until), rate in zip(panels, rates):
+    for (_, until), rate in zip(panels, rates):
         fitted = copy.copy(model)
         fitted.booster_, fitted.columns_, fitted.rate_ = lgb.Booster(model_str=text), list(columns), rate
         fitted.best_iteration_, fitted.train_rows_, fitted.cities_ = best, n_rows, len(sources)
