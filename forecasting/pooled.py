@@ -43,6 +43,7 @@ RATE_COLUMN = "city_log_rate"
 PER_CITY = "lightgbm"  # the per-city model the pooled one is compared with (a registry name)
 
 _panels: dict[tuple[str, int], CountPanel] = {}  # per worker process: a city's panel is read once
+KEEP_PANELS = 4  # panels kept per process (a worker holds the cities pinned to it; sparse counts are small)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ def load_panel(folder: str | Path) -> CountPanel:
                          "(panel.json, counts.parquet, study_area.*)") from None
     key = (str(path), stamp)
     if key not in _panels:
-        _panels.clear()  # one city per worker at a time is the plan; keep memory bounded by it
+        for old in [k for k in _panels if k[0] == key[0]] + list(_panels)[: max(0, len(_panels) - KEEP_PANELS + 1)]:
+            _panels.pop(old, None)  # a rewritten panel, or the oldest beyond the few kept
         _panels[key] = CountPanel.load(path)
     return _panels[key]
 

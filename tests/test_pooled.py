@@ -14,16 +14,17 @@ import mlflow
 import numpy as np
 import polars as pl
 import pytest
+from conftest import toronto_box_panel
 from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 from features.panel import CountPanel
 from features.settings import Settings
 from forecasting.base import NotFittedError
+from forecasting.claim import ClaimResult
 from forecasting.pooled import PooledLightGBM, load_panel, train_pooled
-from forecasting.pooled_backtest import CANNOT_TELL, HELPS, HURTS
+from forecasting.pooled_backtest import CANNOT_TELL, HELPS, HURTS, pooling_verdict
 from serving.cli import app
-from tests.conftest import toronto_box_panel
 
 BOXES = {"downtown": ((43.640, 43.665), (-79.400, -79.370)),
          "east": ((43.660, 43.690), (-79.350, -79.310)),
@@ -169,3 +170,14 @@ def test_bad_panels_are_one_line_naming_the_fix(cities, tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     shutil.rmtree(tmp_path / "data", ignore_errors=True)
+
+
+def test_the_verdict_reads_the_paired_intervals():
+    def claim(low: float, high: float) -> ClaimResult:
+        return ClaimResult("pooled", "lightgbm", 0.01, 1.0, 0.2, 0.2, 1.0, 0.9, 1.1, (low + high) / 2, low, high,
+                           0.95, 100, 300, "undetermined")
+
+    assert pooling_verdict([claim(0.01, 0.03), claim(-0.01, 0.02)]) == HELPS
+    assert pooling_verdict([claim(-0.03, -0.01), claim(-0.01, 0.02)]) == HURTS
+    assert pooling_verdict([claim(0.01, 0.03), claim(-0.03, -0.01)]) == CANNOT_TELL
+    assert pooling_verdict([claim(-0.01, 0.01), claim(-0.02, 0.02)]) == CANNOT_TELL
