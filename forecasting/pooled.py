@@ -214,7 +214,7 @@ class PooledLightGBM(Forecaster):
                 "max_bin": self.max_bin, "num_leaves": self.num_leaves, "min_child_samples": self.min_child_samples,
                 "colsample_bytree": self.feature_fraction, "subsample": self.bagging_fraction, "subsample_freq": 1,
                 "reg_lambda": self.lambda_l2, "random_state": self.seed, "deterministic": True,
-                "force_row_wise": True, "n_jobs": 1, "verbosity": -1}
+                "force_row_wise": True, "verbosity": -1}  # threads: lightgbm.dask uses each worker's
 
     def _fit(self, panel: CountPanel, until: int) -> None:
         with local_client(self.cluster) as client:
