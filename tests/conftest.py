@@ -174,7 +174,7 @@ SLOW_TESTS = {
 # `pytest -n 2 --dist loadscope` hands whole modules to the two workers in collection order; started last, one
 # minute-long module leaves the other worker idle. So the heaviest modules (measured with --durations=0, module
 # totals, heaviest first) are collected first, the rest keep their order: longest-processing-time-first scheduling.
-HEAVIEST_FIRST = ["test_cli_forecasting", "test_dask", "test_batch", "test_browser", "test_retrain", "test_cli_training",
+HEAVIEST_FIRST = ["test_cli_forecasting", "test_dask", "test_batch", "test_pooled", "test_browser", "test_retrain", "test_cli_training",
                   "test_hot_swap", "test_schemathesis", "test_tracking", "test_store_concurrency", "test_references",
                   "test_baseline_champion", "02_researcher_claim_test", "03_feedback_loops_and_bias", "test_server",
                   "test_metrics_endpoint", "test_any_city", "test_huge_k", "01_analyst_quickstart", "test_report",
