@@ -174,11 +174,12 @@ SLOW_TESTS = {
 # `pytest -n 2 --dist loadscope` hands whole modules to the two workers in collection order; started last, one
 # minute-long module leaves the other worker idle. So the heaviest modules (measured with --durations=0, module
 # totals, heaviest first) are collected first, the rest keep their order: longest-processing-time-first scheduling.
-HEAVIEST_FIRST = ["test_cli_forecasting", "test_dask", "test_batch", "test_pooled", "test_browser", "test_retrain", "test_cli_training",
-                  "test_hot_swap", "test_schemathesis", "test_tracking", "test_store_concurrency", "test_references",
-                  "test_baseline_champion", "02_researcher_claim_test", "03_feedback_loops_and_bias", "test_server",
-                  "test_metrics_endpoint", "test_any_city", "test_huge_k", "01_analyst_quickstart", "test_report",
-                  "test_dev_tools", "test_map", "test_drift", "test_live_update"]
+HEAVIEST_FIRST = ["test_cli_forecasting", "test_schemathesis", "test_cli_training", "test_dask", "test_any_city",
+                  "test_hot_swap", "test_batch", "test_browser", "test_pooled", "test_retrain", "test_feedback_loop",
+                  "test_forecasters", "test_store_concurrency", "03_feedback_loops_and_bias", "test_server",
+                  "02_researcher_claim_test", "test_idempotency", "test_metrics_endpoint", "test_tracking",
+                  "test_references", "test_diagnostics", "test_baseline_champion", "test_tamper_and_limits",
+                  "test_conformance", "test_map", "test_ingest_messages", "test_bias_audit", "01_analyst_quickstart"]
 
 
 def _heaviest_first(items: list) -> None:
