@@ -7,7 +7,9 @@ city-wide request does not hold up a cold forecast of another shift on the same 
 
 from __future__ import annotations
 
+import json
 import shutil
+import sqlite3
 import statistics
 import threading
 import time
@@ -52,6 +54,15 @@ def test_every_cell_as_json_and_geojson_with_the_first_ones_explained(svc):
     geo = get(svc, "/v1/hotspots.geojson", city=CITY, coverage=1.0, shift=shift).json()
     assert len(geo["features"]) == n and geo["hotspots"]["selection"]["explained_cells"] == EXPLAINED_CELLS
     assert [f["properties"]["top_features"] for f in geo["features"]] == [h["top_features"] for h in body["hotspots"]]
+    # each audit row records the cells handed out, in rank order, as json.dumps writes them (a city-wide one is
+    # sliced from the forecast's ranked ids, encoded once)
+    near = get(svc, "/v1/hotspots", city=CITY, k=n - 3, shift=shift).json()
+    with sqlite3.connect(svc.settings.data_dir / "serving.db") as raw:
+        rows = raw.execute("SELECT flagged FROM audit_log WHERE flagged IS NOT NULL ORDER BY id DESC LIMIT 4").fetchall()
+    ranked = [h["h3"] for h in body["hotspots"]]
+    assert [row[0] for row in rows] == [json.dumps(ranked[: n - 3]), json.dumps(ranked), json.dumps(ranked[:7]),
+                                        json.dumps(ranked)]
+    assert [h["h3"] for h in near["hotspots"]] == ranked[: n - 3]
 
 
 def test_the_png_is_bounded_to_a_printable_number_of_cells(svc):
