@@ -17,6 +17,7 @@ registry and promotes it; without a panel it ingests Toronto and builds one firs
 
     python -m experiments.bench_service --runs 3
     python -m experiments.bench_service --runs 3 --swap-every 2   # the champion alias moved during the load
+    python -m experiments.bench_service --runs 3 --swap-every 2 --swap-new   # to a new version each time
 prints the figures and writes experiments/results/bench_service.json (machine and load average included: the
 machine is shared, so the load at the time is part of the result).
 """
@@ -158,8 +159,9 @@ def http_implementation() -> str:
 # --- alias swaps during the load ---------------------------------------------------------------------------
 
 
-def swap_versions(env: dict[str, str], work: Path) -> tuple[str, str]:
-    """(champion version, a second registry version of the same model files) to move the alias between. A
+def swap_versions(env: dict[str, str], work: Path) -> tuple[str, str, str, str | None]:
+    """(champion version, a second registry version of the same model files, their source and run id) to move
+    the alias between. A
     source folder's registry is only read: it is copied into the work folder first (its artifacts stay where
     they are, read from there) and ``env`` points the service at the copy."""
     from mlflow.tracking import MlflowClient
@@ -181,15 +183,17 @@ def swap_versions(env: dict[str, str], work: Path) -> tuple[str, str]:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     champion = client.get_model_version_by_alias(registered_name(CITY), CHAMPION)
     other = client.create_model_version(registered_name(CITY), champion.source, run_id=champion.run_id)
-    return str(champion.version), str(other.version)
+    return str(champion.version), str(other.version), champion.source, champion.run_id
 
 
 class AliasSwapper(threading.Thread):
-    """Moves the champion alias between two versions every ``every`` seconds until stopped."""
+    """Moves the champion alias between two versions every ``every`` seconds until stopped; with ``new``, to a
+    version registered anew each time (same files): every swap is then a download, an unpickling and a warm-up
+    of the recently asked forecasts, as for a newly promoted champion, not a rollback to a version kept loaded."""
 
-    def __init__(self, uri: str, versions: tuple[str, str], every: float):
+    def __init__(self, uri: str, versions: tuple[str, str, str, str | None], every: float, new: bool = False):
         super().__init__(daemon=True)
-        self.uri, self.versions, self.every = uri, versions, every
+        self.uri, self.versions, self.every, self.new = uri, versions, every, new
         self.moves: list[str] = []
         self.stopped = threading.Event()
 
@@ -201,6 +205,9 @@ class AliasSwapper(threading.Thread):
         client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         while not self.stopped.wait(self.every):
             version = self.versions[(len(self.moves) + 1) % 2]
+            if self.new:
+                version = str(client.create_model_version(registered_name(CITY), self.versions[2],
+                                                          run_id=self.versions[3]).version)
             client.set_registered_model_alias(registered_name(CITY), CHAMPION, version)
             self.moves.append(version)
 
@@ -266,6 +273,9 @@ def main() -> None:
     parser.add_argument("--swap-every", type=float, default=0.0,
                         help="move the champion alias between two versions of the model every this many seconds "
                              "during each wrk run (the service re-reads the registry every second); 0: no swaps")
+    parser.add_argument("--swap-new", action="store_true",
+                        help="with --swap-every: move the alias to a version registered anew each time (a new "
+                             "champion to load and warm up), not back and forth between two (rollbacks)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_service.json")
     args = parser.parse_args()
     if not Path(WRK).is_file():
@@ -298,7 +308,7 @@ def main() -> None:
             swapper = None
             if versions:
                 swapper = AliasSwapper(env.get("HOTSPOTS_MLFLOW_TRACKING_URI") or Settings(data_dir=work).tracking_uri,
-                                       versions, args.swap_every)
+                                       versions, args.swap_every, args.swap_new)
                 swapper.start()
             result = run_wrk(url, key, args.threads, args.connections, args.duration)
             if swapper is not None:
@@ -330,7 +340,8 @@ def main() -> None:
         "setup": {**setup, "city": CITY, "resolution": 9, "cells": n_cells, "workers": 1,
                   "uvicorn": http_implementation(), "access_log": args.access_log, "url": url.replace(base, ""),
                   "wrk": {"threads": args.threads, "connections": args.connections, "seconds": args.duration},
-                  "alias_swaps": ({"every_seconds": args.swap_every, "versions": list(versions),
+                  "alias_swaps": ({"every_seconds": args.swap_every, "versions": list(versions[:2]),
+                                   "new_version_each_move": args.swap_new,
                                    "service_reload_seconds": 1.0} if versions else None),
                   "path": "key verified (2 s cache), forecast and body from cache, audit row committed per response"},
         "runs": runs,

@@ -36,14 +36,15 @@ class AuditLog:
         self._writing = False
 
     def record(self, principal: Principal, endpoint: str, params: dict[str, Any], response_bytes: int,
-               city: str | None = None, model_version: str | None = None, flagged: list[str] | None = None) -> int:
+               city: str | None = None, model_version: str | None = None, flagged: list[str] | str | None = None) -> int:
         """Write one entry and return its id once it is committed (raises if it cannot be written). ``flagged``:
-        the H3 ids a hotspots response handed out, in rank order (scored later by the accuracy record)."""
+        the H3 ids a hotspots response handed out, in rank order (scored later by the accuracy record), or their
+        JSON array already encoded (a city-wide response slices it from its forecast's cached ranking)."""
         values = dict(at=utcnow(), key_id=principal.key_id, role=principal.role.value, endpoint=endpoint,
                       params=json.dumps(params, sort_keys=True, default=str), city=city,
                       model_version=model_version, response_bytes=int(response_bytes))
         if flagged is not None:
-            values["flagged"] = json.dumps(list(flagged))
+            values["flagged"] = flagged if isinstance(flagged, str) else json.dumps(list(flagged))
         done: Future = Future()
         with self._lock:
             self._queue.put((values, done))

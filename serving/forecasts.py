@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hotspots.serving")
 WARM_FORECASTS = 8  # per city: the recently asked forecasts a new champion computes before it is swapped in
 WARM_EXPLAINED = 20  # and the cells it explains in each (the default k)
-RANKED_ENTRIES = 8  # whole rankings kept serialised (JSON ~1.5 MB, GeoJSON ~4 MB for 6,000 cells)
+RANKED_ENTRIES = 12  # whole rankings kept serialised (JSON ~3 MB, GeoJSON ~5 MB, ranked ids 0.1 MB for 6,000 cells)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 # Background refreshes start at least this long after the previous one ended, even with refresh_seconds 0: a
 # registry read is tens of ms of Python, and back-to-back reads would take the GIL from the requests.
 MIN_REFRESH_GAP = 0.25
+# A background refresh (registry read, model unpickling, warm-up forecasts) runs at this nice on its own thread
+# (Linux applies nice per thread): on a busy machine the request threads get the CPU first, the swap waits.
+REFRESH_NICE = 10
 
 
 class RegistryUnreachable(RuntimeError):
@@ -104,6 +107,8 @@ class ModelStore:
         self.registry_reachable: bool | None = None
         self.registry_error: str | None = None
         self._states: dict[str, CityState] = {}
+        # the last KEEP_COPIES versions loaded, in memory: an alias moved back (a rollback) is not unpickled again
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()
         self._last_refresh: float | None = None
         # called with a city's next state when its model or panel changed, before that state is swapped in
@@ -138,6 +143,7 @@ class ModelStore:
     def _refresh_in_background(self) -> None:
         """Runs with ``_lock`` held (taken by :meth:`maybe_refresh`), releases it when done."""
         try:
+            _lower_priority()
             self._refresh_locked()
         except Exception:  # noqa: BLE001 - a failed refresh must not fail anything: keep the snapshot
             log.exception("model refresh failed; still serving the previous snapshot")
@@ -288,6 +294,11 @@ class ModelStore:
         name = registered_name(city)
         folder = self.local_root / city
         target = folder / f"v{version}"
+        kept = self._loaded.get((name, version))
+        if kept is not None and (target / "MLmodel").is_file():  # registry versions are immutable
+            model = replace(kept, source="registry", loaded_at=_now())
+            self._write_pointer(folder, model)
+            return model
         if not (target / "MLmodel").is_file():  # registry versions are immutable: a complete copy is reusable
             partial = folder / f".v{version}-{uuid.uuid4().hex[:8]}.partial"
             uri = self.settings.tracking_uri
@@ -306,6 +317,9 @@ class ModelStore:
         model = LoadedModel(name, version, _load_forecaster(target), "registry", run_id, _now(), target,
                             _trained(client, run_id))
         self._write_pointer(folder, model)
+        self._loaded[(name, version)] = model
+        for old in list(self._loaded)[:-KEEP_COPIES]:
+            del self._loaded[old]
         return model
 
     def _write_pointer(self, folder: Path, model: LoadedModel) -> None:
@@ -398,6 +412,14 @@ def _mismatch(model: LoadedModel, panel: CountPanel) -> str | None:
         return (f"champion version {model.version} of {model.name} was trained on shifts starting {starts}, the panel "
                 f"has {','.join(panel.calendar.labels)}: rebuild the panel or promote a model trained on these shifts")
     return None
+
+
+def _lower_priority() -> None:
+    """Nice the calling thread by REFRESH_NICE (Linux: per thread; elsewhere, or when refused, nothing)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REFRESH_NICE)
+    except (AttributeError, OSError) as exc:
+        log.debug("background refresh keeps the normal priority: %s", exc)
 
 
 def _storage_uri(client, name: str, version: str) -> str:

@@ -149,12 +149,12 @@ def toronto_box_panel(incidents, lat: tuple[float, float], lon: tuple[float, flo
 # single slow tests of otherwise fast modules are named, so the list of what the fast loop leaves out is in one place.
 SERVICE_MODULES = {"test_api", "test_map", "test_map_areas", "test_patrols", "test_patrol_overrides",
                    "test_metrics_endpoint", "test_model_cards", "test_server", "test_hot_swap", "test_schemathesis",
-                   "test_postgres", "test_browser", "test_live_update", "test_realised_accuracy", "test_drift",
+                   "test_postgres", "test_browser", "test_live_update", "test_realised_accuracy", "test_drift", "test_huge_k",
                    "test_transparency"}
 BROWSER_MODULES = {"test_browser"}
 SLOW_MODULES = {"test_cli_forecasting", "test_cli_training", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
                 "test_browser", "test_store_concurrency", "test_dask", "test_live_update", "test_retrain", "test_batch",
-                "test_realised_accuracy", "test_drift", "test_transparency", "test_pooled"}
+                "test_realised_accuracy", "test_drift", "test_transparency", "test_pooled", "test_huge_k"}
 SLOW_TESTS = {
     "test_any_city.py::test_new_city_walkthrough_runs_end_to_end",
     "test_metrics_endpoint.py::test_worker_processes_are_summed_with_a_multiprocess_dir",

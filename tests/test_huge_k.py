@@ -7,7 +7,9 @@ city-wide request does not hold up a cold forecast of another shift on the same 
 
 from __future__ import annotations
 
+import json
 import shutil
+import sqlite3
 import statistics
 import threading
 import time
@@ -52,6 +54,15 @@ def test_every_cell_as_json_and_geojson_with_the_first_ones_explained(svc):
     geo = get(svc, "/v1/hotspots.geojson", city=CITY, coverage=1.0, shift=shift).json()
     assert len(geo["features"]) == n and geo["hotspots"]["selection"]["explained_cells"] == EXPLAINED_CELLS
     assert [f["properties"]["top_features"] for f in geo["features"]] == [h["top_features"] for h in body["hotspots"]]
+    # each audit row records the cells handed out, in rank order, as json.dumps writes them (a city-wide one is
+    # sliced from the forecast's ranked ids, encoded once)
+    near = get(svc, "/v1/hotspots", city=CITY, k=n - 3, shift=shift).json()
+    with sqlite3.connect(svc.settings.data_dir / "serving.db") as raw:
+        rows = raw.execute("SELECT flagged FROM audit_log WHERE flagged IS NOT NULL ORDER BY id DESC LIMIT 4").fetchall()
+    ranked = [h["h3"] for h in body["hotspots"]]
+    assert [row[0] for row in rows] == [json.dumps(ranked[: n - 3]), json.dumps(ranked), json.dumps(ranked[:7]),
+                                        json.dumps(ranked)]
+    assert [h["h3"] for h in near["hotspots"]] == ranked[: n - 3]
 
 
 def test_the_png_is_bounded_to_a_printable_number_of_cells(svc):
@@ -75,6 +86,9 @@ def test_explanations_come_from_a_copy_of_the_booster_with_the_same_contribution
                        model.booster_.predict(X, num_iteration=model.best_iteration_, pred_contrib=True))
 
 
+PAIRS = 7  # interleaved (alone, together) measurements of a cold forecast
+
+
 def test_a_huge_k_request_does_not_slow_a_concurrent_cold_forecast(svc):
     """Cold forecasts of fresh shifts, timed alone, then while city-wide requests (every cell but a few, a body
     made anew each time) run back to back on an already computed forecast of the same model: slowed by a bounded
@@ -85,7 +99,7 @@ def test_a_huge_k_request_does_not_slow_a_concurrent_cold_forecast(svc):
     # (the first city-wide request of a forecast does it); later city-wide requests are slices of it
     for path in ("/v1/hotspots", "/v1/hotspots.geojson"):
         assert get(svc, path, city=CITY, k=n, shift=warm_shift).status_code == 200
-    days = iter(range(1, 29))  # 11 used  # same shift of day, a fresh day each time: every forecast below is cold
+    days = iter(range(1, 29))  # 15 used  # same shift of day, a fresh day each time: every forecast below is cold
 
     def cold() -> float:
         shift = f"2020-01-{next(days):02d}T14:00:00-05:00"
@@ -107,7 +121,7 @@ def test_a_huge_k_request_does_not_slow_a_concurrent_cold_forecast(svc):
             i += 1
 
     alone, together = [], []
-    for _ in range(5):  # interleaved, so a change in the shared machine's load hits both alike
+    for _ in range(PAIRS):  # interleaved, so a change in the shared machine's load hits both alike
         alone.append(cold())
         stop.clear()
         thread = threading.Thread(target=city_wide, daemon=True)
@@ -117,10 +131,12 @@ def test_a_huge_k_request_does_not_slow_a_concurrent_cold_forecast(svc):
         stop.set()
         thread.join(60)
     assert huge and all(status == 200 for status, _ in huge), huge
-    ratio = statistics.median(together) / statistics.median(alone)
+    # each pair is seconds apart, so its ratio sees one load; the median of the pairs ignores the odd pair that a
+    # burst of another process's work lands on
+    ratio = statistics.median(t / a for t, a in zip(together, alone))
     print(f"cold forecast alone {alone}, with city-wide requests {together}; ratio {ratio:.2f}; "
           f"city-wide requests {len(huge)}, median {statistics.median(s for _, s in huge):.3f} s")
-    # The issue's target is 1.5x; the merged service measures about 2.2x on this 2-core machine (the city-wide body is
-    # built in Python and holds the GIL between yields), so this guards against regressions at 3x until the body is
-    # built outside Python. The gap is recorded in the issue, not hidden here.
-    assert ratio <= 3.0, f"alone {alone}, with a huge-k request running {together}"
+    # The issue's target. A city-wide request is now a slice of its forecast's ranking (body and audited ids, no
+    # per-cell work) in one trip to the thread pool: about 11 ms of CPU, where it was 16 ms, and before the ranking
+    # was cached, seconds. What is left is the framework's and the audit commit's, as for any request.
+    assert ratio <= 1.5, f"alone {alone}, with a huge-k request running {together}"

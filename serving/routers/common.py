@@ -74,11 +74,20 @@ async def prepare_off_loop(models: ModelStore, forecasts: ForecastService, query
 
 async def respond(request: Request, forecasts: ForecastService, audit: AuditLog, principal: Principal, p: Prepared,
                   variant: Hashable, make: Callable[[], bytes], params: dict[str, Any],
-                  media_type: str = "application/json", flagged: list[str] | None = None) -> Response:
+                  media_type: str = "application/json", flagged: list[str] | str | None = None) -> Response:
     """The (cached) body ``variant`` of the forecast, made and audited in the thread pool, then sent; ``flagged``
-    (the H3 ids a hotspots response hands out) goes into the audit row for the accuracy record."""
-    body = await run_in_threadpool(forecasts.body, p.forecast, variant, make)
-    return await run_in_threadpool(audited, request, audit, principal, body, p, params, media_type, flagged)
+    (the H3 ids a hotspots response hands out, or their JSON array) goes into the audit row for the accuracy record."""
+    return await run_in_threadpool(_made_and_audited, request, forecasts, audit, principal, p, variant, make, params,
+                                   media_type, flagged)
+
+
+def _made_and_audited(request: Request, forecasts: ForecastService, audit: AuditLog, principal: Principal,
+                      p: Prepared, variant: Hashable, make: Callable[[], bytes], params: dict[str, Any],
+                      media_type: str, flagged: list[str] | str | None) -> Response:
+    """One trip to the thread pool for both: each trip is a few thread hand-overs, and a request that others
+    wait on should make as few as it can."""
+    return audited(request, audit, principal, forecasts.body(p.forecast, variant, make), p, params, media_type,
+                   flagged)
 
 
 def context(p: Prepared) -> dict[str, Any]:
@@ -104,7 +113,7 @@ def audit_params(p: Prepared, query: _Query, **extra: Any) -> dict[str, Any]:
 
 
 def audited(request: Request, audit: AuditLog, principal: Principal, body: BaseModel | bytes, p: Prepared,
-            params: dict[str, Any], media_type: str = "application/json", flagged: list[str] | None = None) -> Response:
+            params: dict[str, Any], media_type: str = "application/json", flagged: list[str] | str | None = None) -> Response:
     """Serialise (unless given bytes, e.g. a cached body), write the audit entry (no entry, no forecast), then
     send."""
     content = body if isinstance(body, bytes) else body.model_dump_json().encode("utf-8")

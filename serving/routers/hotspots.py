@@ -5,6 +5,7 @@ selected) and differ only in their renderer."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from serving.areas import CellAreas
+from serving.areas import AreaNames, CellAreas
 from serving.audit import AuditLog
 from serving.briefing import render_briefing
 from serving.checks import EXPLAINED_CELLS, PNG_MAX_K, check_selected
@@ -119,6 +120,7 @@ class HotspotsRequest:
     p: Prepared
     n: int  # cells returned
     areas: CellAreas  # the city's area names (per cell)
+    flagged: str  # the H3 ids handed out, in rank order, as a JSON array (recorded in the audit row)
 
     @property
     def k(self) -> int | None:
@@ -138,12 +140,8 @@ class HotspotsRequest:
         variant = (kind, p.shift.requested, p.shift.after_data, self.n, q.coverage)
         return await respond(self.request, self.forecasts, self.audit, self.principal, p, variant,
                              lambda: render(self), audit_params(p, q, k=self.k, coverage=q.coverage, **params),
-                             media_type=media_type, flagged=self.flagged())
+                             media_type=media_type, flagged=self.flagged)
 
-    def flagged(self) -> list[str]:
-        """The H3 ids this response hands out, in rank order (recorded in its audit row)."""
-        h3_ids = self.p.panel.study_area.h3_ids
-        return [h3_ids[i] for i in self.p.forecast.order[: self.n].tolist()]
 
 
 async def prepared_hotspots(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()],
@@ -153,8 +151,28 @@ async def prepared_hotspots(request: Request, principal: Planner, query: Annotat
     p = await prepare_off_loop(models, forecasts, query, now, query.k, query.coverage, max_k)
     n = select_cells(p.panel, p.forecast, query.k, query.coverage, service.default_k)
     check_selected(n, query.coverage, max_k)
-    areas = await run_in_threadpool(names.get, p.state.city, p.state.panel_token, p.panel.study_area)
-    return HotspotsRequest(request, principal, query, forecasts, audit, service.default_k, p, n, areas)
+    areas, flagged = await run_in_threadpool(_areas_and_flagged, names, forecasts, p, n)
+    return HotspotsRequest(request, principal, query, forecasts, audit, service.default_k, p, n, areas, flagged)
+
+
+def _areas_and_flagged(names: AreaNames, forecasts: ForecastService, p: Prepared, n: int) -> tuple[CellAreas, str]:
+    """The city's area names, and the first ``n`` ranked H3 ids as the JSON array json.dumps would write: for
+    a city-wide selection a slice of the forecast's ranked ids, encoded once (no per-cell work per request)."""
+    areas = names.get(p.state.city, p.state.panel_token, p.panel.study_area)
+    h3_ids, top = p.panel.study_area.h3_ids, p.forecast.order
+    if n <= EXPLAINED_CELLS:
+        return areas, json.dumps([h3_ids[i] for i in top[:n].tolist()])
+
+    def make() -> tuple[bytes, np.ndarray]:
+        return _joined([f'"{h3_ids[i]}"'.encode() for i in top.tolist()], b", ")
+
+    joined, ends = forecasts.ranked.get_or_compute((p.forecast.key, "flagged"), make)[0]
+    return areas, "[" + joined[: int(ends[n - 1])].decode() + "]"
+
+
+def _joined(parts: list[bytes], sep: bytes) -> tuple[bytes, np.ndarray]:
+    """``parts`` joined by ``sep``, and where each part ends: the first n parts are ``joined[:ends[n - 1]]``."""
+    return sep.join(parts), np.cumsum([len(part) + len(sep) for part in parts]) - len(sep)
 
 
 PreparedHotspots = Annotated[HotspotsRequest, Depends(prepared_hotspots)]
@@ -185,8 +203,7 @@ def _ranked(r: HotspotsRequest, kind: str) -> tuple[bytes, np.ndarray]:
     f = r.p.forecast
 
     def make() -> tuple[bytes, np.ndarray]:
-        parts = [_ITEM[kind].to_json(item) for item in yielding(_items(r, kind, f.order.size))]
-        return b",".join(parts), np.cumsum([len(part) + 1 for part in parts]) - 1
+        return _joined([_ITEM[kind].to_json(item) for item in yielding(_items(r, kind, f.order.size))], b",")
 
     return r.forecasts.ranked.get_or_compute((f.key, kind), make)[0]
 
@@ -198,11 +215,12 @@ def _body(r: HotspotsRequest, kind: str, envelope: BaseModel, field: str) -> byt
     marker = f'"{field}":[]'.encode()
     at = head.index(marker) + len(marker) - 1  # the list's closing bracket
     if r.n <= EXPLAINED_CELLS:
-        items = b",".join(_ITEM[kind].to_json(item) for item in _items(r, kind, r.n))
+        items: bytes | memoryview = b",".join(_ITEM[kind].to_json(item) for item in _items(r, kind, r.n))
     else:
         joined, ends = _ranked(r, kind)
-        items = joined[: int(ends[r.n - 1])]
-    return head[:at] + items + head[at:]
+        items = memoryview(joined)[: int(ends[r.n - 1])]
+    # one join, one copy: `head + slice + tail` of a city-wide body is three megabyte allocations and copies
+    return b"".join((head[:at], items, head[at:]))
 
 
 def render_json(r: HotspotsRequest) -> bytes:
