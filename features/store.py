@@ -147,15 +147,8 @@ class Staged:
     def add_chunk(self, rows: pl.DataFrame) -> None:
         """Spill one chunk's rows to the staging folder, a file per month."""
         assert self.folder is not None, "add_chunk needs a staging folder"
-        rows = rows.cast(CANONICAL_SCHEMA)  # type: ignore[arg-type]  # polars#14468
-        self._keys.append(index_keys(rows))
         self._chunks += 1
-        if rows.height:
-            for (month,), part in rows.with_columns(month_key().alias("_m")).partition_by(
-                    "_m", as_dict=True, maintain_order=True).items():
-                target = self.folder / f"month={month}" / f"chunk-{self._chunks:06d}.parquet"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                part.drop("_m").write_parquet(target, compression="lz4", statistics=False)
+        self._keys.append(spill(self.folder, f"chunk-{self._chunks:06d}", rows))
 
     def add_keys(self, keys: pl.DataFrame) -> None:
         """Index keys of rows that another process spilled into this staging folder (the Dask path)."""
@@ -282,7 +275,10 @@ class IncidentStore:
 
     @contextmanager
     def staging(self, source: str) -> Iterator[Staged]:
-        """A staging folder for a batch too large for memory (removed afterwards, committed or not)."""
+        """A staging folder for a batch too large for memory (removed afterwards, committed or not). The caller
+        holds the writer lock."""
+        for stale in self.path(source).glob(f"{STAGING_PREFIX}*"):  # the writer lock is held: a dead writer's
+            shutil.rmtree(stale, ignore_errors=True)
         folder = self.path(source) / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
         folder.mkdir(parents=True, exist_ok=True)
         staged = Staged(folder)
@@ -400,7 +396,7 @@ class IncidentStore:
         return committed
 
     def _remove_leftovers(self, source: str, manifest: Manifest | None = None) -> None:
-        for path in leftovers(self.path(source), manifest or self.manifest(source)):
+        for path in leftovers(self.path(source), manifest or self.manifest(source), staging=False):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -489,14 +485,28 @@ class IncidentStore:
         return pl.concat([read_parquet_or_explain(f, "the quarantine file") for f in files]) if files else pl.DataFrame()
 
 
-def leftovers(folder: Path, manifest: Manifest | None) -> list[Path]:
-    """Files and staging folders in a source's partition folder that the committed manifest does not name: the
-    new files of a write that crashed before its manifest swap, or old files a crash kept from being deleted."""
+def spill(folder: Path, name: str, rows: pl.DataFrame) -> pl.DataFrame:
+    """Write rows into a staging folder as ``month=M/<name>.parquet`` files (one per month; a task on another
+    machine can do this on a shared folder) and return their index keys."""
+    rows = rows.cast(CANONICAL_SCHEMA)  # type: ignore[arg-type]  # polars#14468
+    if rows.height:
+        for (month,), part in rows.with_columns(month_key().alias("_m")).partition_by(
+                "_m", as_dict=True, maintain_order=True).items():
+            target = folder / f"month={month}" / f"{name}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part.drop("_m").write_parquet(target, compression="lz4", statistics=False)
+    return index_keys(rows)
+
+
+def leftovers(folder: Path, manifest: Manifest | None, staging: bool = True) -> list[Path]:
+    """Files in a source's partition folder that the committed manifest does not name (the new files of a write
+    that crashed before its manifest swap, or old files a crash kept from being deleted) and, with ``staging``,
+    staging folders (a writer's batch in progress, or a dead writer's)."""
     if not folder.is_dir():
         return []
     named = set(manifest.files()) if manifest else set()
     found: Iterable[Path] = [*folder.glob("month=*/*.parquet"), *folder.glob("_ids-*.parquet"),
-                             *folder.glob(f"{STAGING_PREFIX}*")]
+                             *(folder.glob(f"{STAGING_PREFIX}*") if staging else [])]
     return sorted(p for p in found if str(p.relative_to(folder)) not in named)
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from features.area_rule import far_from_bulk, span_note
+from features.area_rule import FixedBulk, far_from_bulk, span_note
 from features.calendar import localize
 from features.profile import RowRule, SourceProfile, expand_formats, is_aware_format
 
@@ -68,6 +68,20 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "raw_x": pl.String(),
     "raw_y": pl.String(),
 }
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """What a chunk's validation needs to know about the rest of its file, so that every verdict is the one a
+    whole-file validation gives: the far-from-bulk rule measured on the whole file's usable points, and the ids
+    kept by earlier chunks (later copies are duplicate_id). With ``usable_only`` validation stops early and
+    returns the usable points (latitude, longitude) as ``incidents``: the first pass that measures the rule.
+    Chunk results carry every unmapped value (the caller keeps the top ones) and no span note (the caller
+    writes it from the whole file's extent)."""
+
+    area: FixedBulk = field(default_factory=lambda: FixedBulk(None, None))
+    seen: pl.Series | None = None
+    usable_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -298,10 +312,12 @@ def validate(
     now: datetime | None = None,
     future_tolerance: timedelta = timedelta(hours=1),
     boundary=None,
+    chunk: ChunkContext | None = None,
 ) -> ValidationResult:
     """Split raw rows (from :func:`features.ingest.read_raw`) into canonical incidents and quarantine.
 
-    ``boundary`` is an optional shapely (multi)polygon in WGS84: points outside it are out_of_area.
+    ``boundary`` is an optional shapely (multi)polygon in WGS84: points outside it are out_of_area. ``chunk``:
+    the rows are one chunk of a larger file, judged as the whole file would be (see :class:`ChunkContext`).
     """
     now = now or datetime.now(UTC)
     spec = profile.columns
@@ -364,10 +380,16 @@ def validate(
         # the robust default area: judged on the points every earlier check lets through
         earlier = pl.any_horizontal([failed for _, failed in checks]).fill_null(True)
         usable = work.select(~earlier).to_series().to_numpy()
-        rule = far_from_bulk(work["latitude"].fill_null(np.nan).to_numpy(), work["longitude"].fill_null(np.nan).to_numpy(),
-                             usable, profile.area.outlier_factor)
-        if rule.note():
-            notes.append(rule.note())  # type: ignore[arg-type]
+        lat_np, lon_np = work["latitude"].fill_null(np.nan).to_numpy(), work["longitude"].fill_null(np.nan).to_numpy()
+        if chunk is not None and chunk.usable_only:
+            return ValidationResult(incidents=pl.DataFrame({"latitude": lat_np[usable], "longitude": lon_np[usable]}),
+                                    quarantine=pl.DataFrame(schema=QUARANTINE_SCHEMA))
+        if chunk is not None:
+            rule = chunk.area.applied(lat_np, lon_np, usable)
+        else:
+            rule = far_from_bulk(lat_np, lon_np, usable, profile.area.outlier_factor)
+            if rule.note():
+                notes.append(rule.note())  # type: ignore[arg-type]
         outside = outside | pl.lit(pl.Series("far", rule.far))
     checks.append(("out_of_area", outside))
     checks.append(("excluded_category", pl.col("_excluded")))
@@ -379,8 +401,11 @@ def validate(
     work = work.with_columns(reason.otherwise(None).alias("reason"))
 
     # duplicate ids among otherwise-valid rows: the first in file order is kept
+    repeated = ~pl.col("incident_id").is_first_distinct().over(pl.col("reason").is_null())
+    if chunk is not None and chunk.seen is not None:  # kept by an earlier chunk of the same file
+        repeated = repeated | pl.col("incident_id").is_in(chunk.seen.implode())
     work = work.with_columns(
-        pl.when(pl.col("reason").is_null() & ~pl.col("incident_id").is_first_distinct().over(pl.col("reason").is_null()))
+        pl.when(pl.col("reason").is_null() & repeated)
         .then(pl.lit("duplicate_id"))
         .otherwise(pl.col("reason"))
         .alias("reason")
@@ -399,8 +424,10 @@ def validate(
         "raw_time", "raw_category", "raw_x", "raw_y",
     )
     unmapped_top = (work.filter(pl.col("_unmapped")).group_by("_norm").len()
-                    .sort(["len", "_norm"], descending=[True, False]).head(UNMAPPED_SHOWN))
-    note = span_note(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy())
+                    .sort(["len", "_norm"], descending=[True, False]))
+    if chunk is None:
+        unmapped_top = unmapped_top.head(UNMAPPED_SHOWN)
+    note = None if chunk else span_note(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy())
     if note:
         notes.append(note)
     return ValidationResult(incidents=incidents.cast(CANONICAL_SCHEMA),  # type: ignore[arg-type]  # polars#14468: dict keys
