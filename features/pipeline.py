@@ -25,7 +25,14 @@ from features.profile import SourceProfile
 from features.settings import Settings
 from features.store import IncidentStore, spill
 from features.storelock import atomic_write_text, cannot_write
-from features.validation import UNMAPPED_SHOWN, ChunkContext, ValidationResult, reason_counts, validate
+from features.validation import (
+    UNMAPPED_SHOWN,
+    ChunkContext,
+    ValidationResult,
+    reason_counts,
+    stable_digests,
+    validate,
+)
 
 
 class AccountingError(RuntimeError):
@@ -196,6 +203,7 @@ class ChunkOutcome:
     unmapped: dict[str, int]
     extent: tuple[float, float, float, float] | None
     ids: pl.Series | None = None  # the kept ids (the local path's running set of ids seen)
+    digests: pl.DataFrame | None = None  # (digest, n) of the chunk's rows, for derived ids
 
 
 @dataclass(frozen=True)
@@ -209,31 +217,53 @@ class ChunkJob:
     boundary: object = None
     area: FixedBulk = field(default_factory=lambda: FixedBulk(None, None))
 
-    def validated(self, chunk: Chunk, seen: pl.Series | None = None,
-                  usable_only: bool = False) -> tuple[ChunkRows, ValidationResult]:
+    def validated(self, chunk: Chunk, seen: pl.Series | None = None, usable_only: bool = False,
+                  before: pl.DataFrame | None = None) -> tuple[ChunkRows, ValidationResult]:
         raw = read_chunk(self.plan, chunk, self.profile)
         result = validate(raw.frame, self.profile, now=self.now, future_tolerance=self.future_tolerance,
-                          boundary=self.boundary, chunk=ChunkContext(self.area, seen, usable_only))
+                          boundary=self.boundary, chunk=ChunkContext(self.area, seen, usable_only, before))
         return raw, result
+
+    @property
+    def derived_ids(self) -> bool:
+        return not self.profile.columns.id
 
     def usable(self, chunk: Chunk) -> pl.DataFrame:
         """Pass 1 (only for the far-from-bulk rule): the usable points of the chunk."""
         return self.validated(chunk, usable_only=True)[1].incidents
 
-    def kept_ids(self, chunk: Chunk) -> pl.Series:
-        """The ids the chunk keeps before duplicates across chunks are judged (the cluster path)."""
-        return self.validated(chunk)[1].incidents["incident_id"]
+    def digests(self, chunk: Chunk) -> pl.DataFrame:
+        """(digest, n) of the chunk's rows, for ids derived from content (the cluster path)."""
+        raw = read_chunk(self.plan, chunk, self.profile)
+        return stable_digests(raw.frame, self.profile).value_counts(name="n").cast({"n": pl.UInt32})
 
-    def stage(self, chunk: Chunk, folder: Path, seen: pl.Series | None) -> ChunkOutcome:
-        """Validate the chunk (``seen``: its ids kept by an earlier chunk) and spill its incidents to ``folder``."""
-        raw, result = self.validated(chunk, seen)
+    def kept_ids(self, chunk: Chunk, before: pl.DataFrame | None = None) -> pl.Series:
+        """The ids the chunk keeps before duplicates across chunks are judged (the cluster path)."""
+        return self.validated(chunk, before=before)[1].incidents["incident_id"]
+
+    def stage(self, chunk: Chunk, folder: Path, seen: pl.Series | None,
+              before: pl.DataFrame | None = None) -> ChunkOutcome:
+        """Validate the chunk (``seen``: its ids kept by an earlier chunk; ``before``: identical rows before it,
+        for derived ids) and spill its incidents to ``folder``."""
+        raw, result = self.validated(chunk, seen, before=before)
         keys = spill(folder, f"chunk-{chunk.index:06d}", result.incidents)
         inc = result.incidents
         extent = ((inc["latitude"].min(), inc["latitude"].max(), inc["longitude"].min(), inc["longitude"].max())
                   if inc.height else None)
+        digests = (stable_digests(raw.frame, self.profile).value_counts(name="n").cast({"n": pl.UInt32})
+                   if self.derived_ids else None)
         return ChunkOutcome(raw.frame.height + raw.rejected.height, keys,
                             pl.concat([result.quarantine, raw.rejected]), raw.notes, raw.malformed,
-                            result.unmapped, extent, inc["incident_id"])  # type: ignore[arg-type]
+                            result.unmapped, extent, inc["incident_id"], digests)  # type: ignore[arg-type]
+
+
+def _running(before: pl.DataFrame | None, counts: pl.DataFrame | None) -> pl.DataFrame | None:
+    """Identical-row counts of the chunks so far, plus one more chunk's."""
+    if counts is None:
+        return before
+    if before is None:
+        return counts
+    return pl.concat([before, counts]).group_by("digest").agg(pl.col("n").sum())
 
 
 def _area_rule(job: ChunkJob, profile: SourceProfile, boundary, mapped: Callable) -> FixedBulk:
@@ -265,20 +295,28 @@ def _ingest_chunks(plan: InputPlan, profile: SourceProfile, store: IncidentStore
         assert staged.folder is not None
         if client is None:
             seen = pl.Series("incident_id", [], dtype=pl.String)
+            before: pl.DataFrame | None = None
             outcomes = []
             for chunk in chunks:
-                outcome = job.stage(chunk, staged.folder, seen)
+                outcome = job.stage(chunk, staged.folder, seen, before)
                 seen = pl.concat([seen, outcome.ids]) if outcome.ids is not None else seen
-                outcome.ids = None
+                before = _running(before, outcome.digests)
+                outcome.ids = outcome.digests = None
                 outcomes.append(outcome)
         else:
-            kept = mapped(job.kept_ids, chunks)
+            befores: list[pl.DataFrame | None] = [None] * len(chunks)
+            if job.derived_ids:
+                running = None
+                for i, counts in enumerate(mapped(job.digests, chunks)):
+                    befores[i] = running
+                    running = _running(running, counts)
+            kept = client.gather([client.submit(job.kept_ids, c, b, pure=False) for c, b in zip(chunks, befores)])
             first = (pl.concat([pl.DataFrame({"incident_id": ids, "chunk": i}) for i, ids in enumerate(kept)])
                      .group_by("incident_id").agg(pl.col("chunk").min().alias("first")))
             seens = [ids.to_frame().join(first, on="incident_id").filter(pl.col("first") < i)["incident_id"]
                      for i, ids in enumerate(kept)]
-            outcomes = client.gather([client.submit(job.stage, c, staged.folder, s, pure=False)
-                                      for c, s in zip(chunks, seens)])
+            outcomes = client.gather([client.submit(job.stage, c, staged.folder, s, b, pure=False)
+                                      for c, s, b in zip(chunks, seens, befores)])
         for outcome in outcomes:
             tally.add(outcome)
             staged.add_keys(outcome.keys)

@@ -73,8 +73,9 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
 @dataclass(frozen=True)
 class ChunkContext:
     """What a chunk's validation needs to know about the rest of its file, so that every verdict is the one a
-    whole-file validation gives: the far-from-bulk rule measured on the whole file's usable points, and the ids
-    kept by earlier chunks (later copies are duplicate_id). With ``usable_only`` validation stops early and
+    whole-file validation gives: the far-from-bulk rule measured on the whole file's usable points, the ids
+    kept by earlier chunks (later copies are duplicate_id), and for derived ids the count of identical rows
+    before the chunk. With ``usable_only`` validation stops early and
     returns the usable points (latitude, longitude) as ``incidents``: the first pass that measures the rule.
     Chunk results carry every unmapped value (the caller keeps the top ones) and no span note (the caller
     writes it from the whole file's extent)."""
@@ -82,6 +83,7 @@ class ChunkContext:
     area: FixedBulk = field(default_factory=lambda: FixedBulk(None, None))
     seen: pl.Series | None = None
     usable_only: bool = False
+    before: pl.DataFrame | None = None  # derived ids: (digest, n) identical rows in earlier chunks
 
 
 @dataclass(frozen=True)
@@ -221,9 +223,8 @@ def _coordinates(frame: pl.DataFrame, profile: SourceProfile) -> tuple[pl.Series
     return lon, lat
 
 
-def _stable_ids(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
-    """Ids for sources that publish none: a digest of the row's content plus its ordinal among identical rows,
-    so re-ingesting the same file yields the same ids and genuine repeats stay distinct."""
+def stable_digests(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
+    """A digest of each row's content (the profile's columns): identical rows share it."""
     cols = [c for c in profile.required_columns()]
     content = frame.select(pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in cols], separator="|")).to_series()
     uniques = content.unique()
@@ -231,8 +232,21 @@ def _stable_ids(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
         {"content": uniques, "digest": [hashlib.blake2b(s.encode(), digest_size=8).hexdigest() for s in uniques]}
     )
     keyed = pl.DataFrame({"content": content}).join(digests, on="content", how="left", maintain_order="left")
+    return keyed["digest"]
+
+
+def _stable_ids(frame: pl.DataFrame, profile: SourceProfile, before: pl.DataFrame | None = None) -> pl.Series:
+    """Ids for sources that publish none: a digest of the row's content plus its ordinal among identical rows,
+    so re-ingesting the same file yields the same ids and genuine repeats stay distinct. ``before``: (digest, n)
+    identical rows in earlier chunks of the same file, so the ordinals run on across chunks."""
+    keyed = stable_digests(frame, profile).to_frame("digest")
+    if before is not None and before.height:
+        keyed = keyed.join(before, on="digest", how="left", maintain_order="left").with_columns(pl.col("n").fill_null(0))
+    else:
+        keyed = keyed.with_columns(pl.lit(0, pl.UInt32).alias("n"))
     return keyed.select(
-        (pl.col("digest") + "-" + pl.int_range(pl.len()).over("content").cast(pl.String)).alias("incident_id")
+        (pl.col("digest") + "-" + (pl.int_range(pl.len()).over("digest") + pl.col("n")).cast(pl.String))
+        .alias("incident_id")
     ).to_series()
 
 
@@ -336,7 +350,7 @@ def validate(
         *[_row_rule(frame, rule).alias(f"_rule{i}") for i, rule in enumerate(profile.rows)],
     )
     if not spec.id:
-        work = work.with_columns(_stable_ids(frame, profile))
+        work = work.with_columns(_stable_ids(frame, profile, chunk.before if chunk else None))
     lon, lat = _coordinates(frame, profile)
     work = work.with_columns(_parse_time(frame, profile).alias("occurred_at"), lon, lat)
 
