@@ -20,7 +20,7 @@ from features.calendar import ShiftCalendar
 from features.grid import StudyArea
 from features.hints import nothing_stored_hint
 from features.ingest import Chunk, ChunkRows, InputPlan, chunk_notes, plan_input, read_chunk, read_raw
-from features.panel import BinningReport, CountPanel, build_panel, with_cells
+from features.panel import COUNTS_SCHEMA, BinningReport, CountPanel, build_panel, with_cells
 from features.profile import SourceProfile
 from features.settings import Settings
 from features.store import IncidentStore, spill
@@ -385,4 +385,56 @@ def build_city_panel(
     calendar = ShiftCalendar.from_strings(profile.timezone, list(shift_starts or settings.shift_starts))
     panel, report = build_panel(incidents, study_area, calendar, profile.categories.canonical,
                                 first_shift=first_shift, end_shift=end_shift)
+    return CityPanel(panel, report)
+
+
+def build_city_panel_by_month(
+    store: IncidentStore,
+    profile: SourceProfile,
+    settings: Settings | None = None,
+    *,
+    source: str | None = None,
+    resolution: int | None = None,
+    shift_starts: Sequence[str] | None = None,
+    boundary=None,
+    study_area: StudyArea | None = None,
+    name: str | None = None,
+) -> CityPanel:
+    """:func:`build_city_panel` over the stored months one at a time, so memory is bounded by a month, not by
+    the store: a first pass finds the occupied cells and the shift range, a second bins each month with them
+    fixed and sums the counts (a shift that spans two months is summed back together)."""
+    settings = settings or Settings()
+    source = source or profile.name
+    res = study_area.resolution if study_area is not None else (settings.h3_resolution if resolution is None else resolution)
+    calendar = ShiftCalendar.from_strings(profile.timezone, list(shift_starts or settings.shift_starts))
+    files = store.partition_files(source)
+    cells, first, last = [], None, None
+    for path in files:
+        month = pl.read_parquet(path, columns=["occurred_at", "latitude", "longitude"])
+        if month.height == 0:
+            continue
+        if study_area is None and boundary is None:
+            cells.append(np.unique(with_cells(month, res)["h3_cell"].to_numpy()))
+        shifts = calendar.shift_ids(month["occurred_at"])
+        low, high = int(shifts.min()), int(shifts.max())
+        first, last = (low, high) if first is None or last is None else (min(first, low), max(last, high))
+    name = name or profile.name
+    if study_area is None:
+        study_area = (StudyArea.from_boundary(boundary, res, name) if boundary is not None
+                      else StudyArea.from_cells(np.unique(np.concatenate(cells)) if cells else np.array([], np.uint64),
+                                                res, name=name))
+    first_shift = 0 if first is None else first
+    end_shift = first_shift if last is None else last + 1
+    parts, reports = [], []
+    for path in files:
+        panel, report = build_panel(with_cells(pl.read_parquet(path), res), study_area, calendar,
+                                    profile.categories.canonical, first_shift=first_shift, end_shift=end_shift)
+        parts.append(panel.counts)
+        reports.append(report)
+    counts = (pl.concat([pl.DataFrame(schema=COUNTS_SCHEMA), *parts]).group_by("shift", "cell", "category")
+              .agg(pl.col("count").sum()).sort("shift", "cell", "category")
+              .cast(COUNTS_SCHEMA))  # type: ignore[arg-type]  # polars#14468: dict[str, ...] keys
+    panel = CountPanel(study_area, calendar, tuple(profile.categories.canonical), first_shift, end_shift, counts)
+    report = BinningReport(*(sum(getattr(r, f) for r in reports) for f in
+                             ("incidents", "binned", "outside_study_area", "outside_period")))
     return CityPanel(panel, report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -116,3 +117,29 @@ def test_retention_drops_whole_months_unread_and_trims_the_boundary_month(tmp_pa
     assert deleted == {"t": 2}
     assert store.read("t")["incident_id"].sort().to_list() == ["c", "d"]
     assert [f.level for f in verify_store(tmp_path)].count("error") == 0
+
+
+def test_a_panel_binned_month_by_month_equals_the_whole_store_binned_at_once(tmp_path):
+    from features.pipeline import build_city_panel, build_city_panel_by_month
+    from features.profile import load_profile
+    from features.settings import Settings
+
+    rng = np.random.default_rng(3)
+    n = 4000
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    incidents = pl.DataFrame({
+        "incident_id": [f"i{k}" for k in range(n)],
+        "occurred_at": [start + timedelta(minutes=int(m)) for m in rng.integers(0, 200 * 24 * 60, n)],
+        "timezone": "America/Toronto", "category": rng.choice(["assault", "robbery", "auto_theft"], n).tolist(),
+        "latitude": 43.70 + rng.normal(0, 0.02, n), "longitude": -79.40 + rng.normal(0, 0.03, n),
+        "source": "toronto-mci"}).cast(CANONICAL_SCHEMA)  # type: ignore[arg-type]
+    store = IncidentStore(tmp_path)
+    store.add(incidents, "toronto-mci")
+    assert len(store.partition_files("toronto-mci")) >= 6
+    profile, settings = load_profile("toronto-mci"), Settings(data_dir=tmp_path, h3_resolution=8)
+    whole = build_city_panel(store.read("toronto-mci"), profile, settings)
+    by_month = build_city_panel_by_month(store, profile, settings)
+    assert by_month.report == whole.report
+    assert np.array_equal(by_month.panel.study_area.cells, whole.panel.study_area.cells)
+    assert (by_month.panel.first_shift, by_month.panel.end_shift) == (whole.panel.first_shift, whole.panel.end_shift)
+    assert by_month.panel.counts.equals(whole.panel.counts)
