@@ -242,7 +242,7 @@ class ChunkJob:
         return self.validated(chunk, before=before)[1].incidents["incident_id"]
 
     def stage(self, chunk: Chunk, folder: Path, seen: pl.Series | None,
-              before: pl.DataFrame | None = None) -> ChunkOutcome:
+              before: pl.DataFrame | None = None, local: bool = True) -> ChunkOutcome:
         """Validate the chunk (``seen``: its ids kept by an earlier chunk; ``before``: identical rows before it,
         for derived ids) and spill its incidents to ``folder``."""
         raw, result = self.validated(chunk, seen, before=before)
@@ -251,10 +251,11 @@ class ChunkJob:
         extent = ((inc["latitude"].min(), inc["latitude"].max(), inc["longitude"].min(), inc["longitude"].max())
                   if inc.height else None)
         digests = (stable_digests(raw.frame, self.profile).value_counts(name="n").cast({"n": pl.UInt32})
-                   if self.derived_ids else None)
+                   if self.derived_ids and local else None)
         return ChunkOutcome(raw.frame.height + raw.rejected.height, keys,
                             pl.concat([result.quarantine, raw.rejected]), raw.notes, raw.malformed,
-                            result.unmapped, extent, inc["incident_id"], digests)  # type: ignore[arg-type]
+                            result.unmapped, extent, inc["incident_id"] if local else None,  # type: ignore[arg-type]
+                            digests)
 
 
 def _running(before: pl.DataFrame | None, counts: pl.DataFrame | None) -> pl.DataFrame | None:
@@ -315,11 +316,13 @@ def _ingest_chunks(plan: InputPlan, profile: SourceProfile, store: IncidentStore
                      .group_by("incident_id").agg(pl.col("chunk").min().alias("first")))
             seens = [ids.to_frame().join(first, on="incident_id").filter(pl.col("first") < i)["incident_id"]
                      for i, ids in enumerate(kept)]
-            outcomes = client.gather([client.submit(job.stage, c, staged.folder, s, b, pure=False)
+            del kept, first  # the client keeps only what the commit needs
+            outcomes = client.gather([client.submit(job.stage, c, staged.folder, s, b, False, pure=False)
                                       for c, s, b in zip(chunks, seens, befores)])
         for outcome in outcomes:
             tally.add(outcome)
             staged.add_keys(outcome.keys)
+        del outcomes
         added = store.commit(staged, profile.name, plan.path.name, now)
         quarantine = pl.concat(tally.quarantine).sort("source_row")
         store.write_quarantine(quarantine, profile.name, plan.fingerprint, plan.path.name)

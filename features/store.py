@@ -155,7 +155,9 @@ class Staged:
         self._keys.append(keys.cast(INDEX_SCHEMA))  # type: ignore[arg-type]  # polars#14468
 
     def keys(self) -> pl.DataFrame:
-        return pl.concat(self._keys) if self._keys else pl.DataFrame(schema=INDEX_SCHEMA)
+        if len(self._keys) > 1:
+            self._keys = [pl.concat(self._keys, rechunk=True)]  # one copy, not the parts and their concatenation
+        return self._keys[0] if self._keys else pl.DataFrame(schema=INDEX_SCHEMA)
 
     def months(self) -> list[str]:
         if self.folder is None:
@@ -310,12 +312,15 @@ class IncidentStore:
                     REVISION_SCHEMA), source)  # type: ignore[arg-type]  # polars#14468
             incoming = pl.concat([new_keys, changed.select(list(INDEX_SCHEMA))])
             leaving = changed.select("incident_id", pl.col("month_old").alias("month"))
-            months = sorted(set(incoming["month"].unique().to_list()) | set(leaving["month"].unique().to_list()))
+            arriving = {str(m): part.select("incident_id") for (m,), part in
+                        incoming.partition_by("month", as_dict=True).items()}
+            departing = {str(m): part.select("incident_id") for (m,), part in
+                         leaving.partition_by("month", as_dict=True).items()}
+            empty = pl.DataFrame(schema={"incident_id": pl.String()})
             replaced = {}
-            for month in months:
+            for month in sorted(set(arriving) | set(departing)):
                 old = self._read_month(source, manifest, month)
-                out_ids = leaving.filter(pl.col("month") == month).select("incident_id")
-                in_ids = incoming.filter(pl.col("month") == month).select("incident_id")
+                out_ids, in_ids = departing.get(month, empty), arriving.get(month, empty)
                 rows = staged.rows(month).join(in_ids, on="incident_id", how="semi") if in_ids.height else None
                 kept = old.join(out_ids, on="incident_id", how="anti") if out_ids.height else old
                 replaced[month] = pl.concat([kept, rows]) if rows is not None else kept
