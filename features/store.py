@@ -240,16 +240,20 @@ class IncidentStore:
         return pl.scan_parquet(files)
 
     def read(self, source: str, start: datetime | None = None, end: datetime | None = None) -> pl.DataFrame:
-        files = self.partition_files(source, start, end)  # only the months [start, end) can touch
-        frame = self._scan(files)
-        if start is not None:
-            frame = frame.filter(pl.col("occurred_at") >= start)
-        if end is not None:
-            frame = frame.filter(pl.col("occurred_at") < end)
-        try:
-            return frame.collect()
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise unreadable(_culprit(files) or self.path(source), "the incident store", exc) from None
+        for attempt in range(3):
+            files = self.partition_files(source, start, end)  # only the months [start, end) can touch
+            frame = self._scan(files)
+            if start is not None:
+                frame = frame.filter(pl.col("occurred_at") >= start)
+            if end is not None:
+                frame = frame.filter(pl.col("occurred_at") < end)
+            try:
+                return frame.collect()
+            except (pl.exceptions.PolarsError, OSError) as exc:
+                if attempt < 2 and not all(f.exists() for f in files):
+                    continue  # a writer committed a newer version and removed these files meanwhile: read that
+                raise unreadable(_culprit(files) or self.path(source), "the incident store", exc) from None
+        raise AssertionError("unreachable")
 
     def count(self, source: str) -> int:
         manifest = self.manifest(source)

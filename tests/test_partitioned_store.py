@@ -143,3 +143,20 @@ def test_a_panel_binned_month_by_month_equals_the_whole_store_binned_at_once(tmp
     assert np.array_equal(by_month.panel.study_area.cells, whole.panel.study_area.cells)
     assert (by_month.panel.first_shift, by_month.panel.end_shift) == (whole.panel.first_shift, whole.panel.end_shift)
     assert by_month.panel.counts.equals(whole.panel.counts)
+
+
+def test_a_reader_racing_a_commit_reads_the_newer_version(tmp_path, monkeypatch):
+    """Readers take no lock: one that listed the files just before a commit removed them reads the new version."""
+    store = IncidentStore(tmp_path)
+    store.add(rows(["a", "b"], [0, 40]), "t")
+    stale = store.partition_files("t")
+    store.add(rows(["a", "b"], [0, 40], category="assault"), "t")  # both months rewritten, old files deleted
+    assert not any(p.exists() for p in stale)
+    real, calls = IncidentStore.partition_files, []
+
+    def listed_before_the_commit(self, source, start=None, end=None):
+        calls.append(source)
+        return stale if len(calls) == 1 else real(self, source, start, end)
+
+    monkeypatch.setattr(IncidentStore, "partition_files", listed_before_the_commit)
+    assert store.read("t")["category"].to_list() == ["assault", "assault"] and len(calls) == 2
