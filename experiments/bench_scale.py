@@ -4,10 +4,11 @@ City k is Chicago moved k x 0.5 degrees north and k x 28 days later (whole weeks
 times are kept), with its own source name (``chicago-s<k>``) and its profile's area moved with it.
 
 Stages:
-  1. ingest + validate + H3 binning of every city, one Dask task per city on ``--ingest-workers`` worker
-     processes, into one shared data folder; each task reports its wall time and its worker's peak RSS
-     (sampled every 20 ms). The store is still one file per source: a task's peak is bounded by its city's
-     file, not by a partition (the partitioned store is not built yet).
+  1. out-of-core ingest + validation + H3 binning of every city into one shared data folder (the partitioned
+     store): each city's export is cut into ``--chunk-rows`` chunks that ``--ingest-workers`` worker processes
+     (``--memory-limit`` each) read, validate and spill by month as Dask tasks; the client commits month by month;
+     then a worker bins the city month by month. The RSS of every worker process and of the client is sampled
+     every 50 ms: the record has each one's peak, per city and overall.
   2. a backtest grid (``hotspots batch``'s code) over the first ``--grid-cities`` cities on 1 and on 2 worker
      processes: wall time of each and the speed-up; each point's own seconds feed the estimate.
   3. a written estimate, from the measured per-point cost, of 100 cities x 3 resolutions on a 16-node cluster.
@@ -15,6 +16,7 @@ Stages:
 Full run (the lead's):   python -m experiments.bench_scale
 Small check:             python -m experiments.bench_scale --cities 2 --since 2017-06-01 --grid-cities 2 \\
                              --test-start 2018-09-01 --test-end 2018-10-01 --out /tmp/bench_scale_small.json
+Ingest only (1 city):     python -m experiments.bench_scale --cities 1 --skip-grid --out /tmp/bench_ingest_1.json
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import polars as pl
 import psutil
 
 from features.paths import DataPaths
-from features.pipeline import build_city_panel, ingest_file
+from features.pipeline import build_city_panel_by_month, ingest_on_cluster
 from features.profile import load_profile, profile_from_text
 from features.settings import Settings
 from features.store import IncidentStore
@@ -64,34 +66,77 @@ def make_city(source: Path, k: int, out: Path, since: date | None) -> tuple[Path
     return export, profile.to_toml()
 
 
-def ingest_and_bin(export: str, profile_toml: str, data_dir: str, resolution: int) -> dict:
-    """One city's ingest, validation and binning (a task): wall time, rows and this process's peak RSS."""
-    process, peak, stop = psutil.Process(), [0], threading.Event()
+class PeakRss:
+    """Peak resident memory of a set of processes (the Dask workers and this client), sampled every 50 ms."""
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.02)
+    def __init__(self, pids: dict[str, int]):
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peaks = {name: 0 for name in pids}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    peak[0] = process.memory_info().rss
-    sampler.start()
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for name, process in self.processes.items():
+                try:
+                    self.peaks[name] = max(self.peaks[name], process.memory_info().rss)
+                except psutil.Error:
+                    pass  # a worker restarted by its nanny: its replacement is not followed
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def gb(self) -> dict[str, float]:
+        return {name: round(peak / 1e9, 3) for name, peak in self.peaks.items()}
+
+
+def bin_city(profile_toml: str, profile_path: str, data_dir: str, resolution: int) -> dict:
+    """One city's panel, binned month by month from the store's partitions (a task)."""
     started = time.perf_counter()
-    try:
-        profile = profile_from_text(profile_toml, Path(data_dir) / f"{Path(export).stem}.toml")
-        store = IncidentStore(data_dir)
-        summary = ingest_file(export, profile, store, write_report=False)
-        ingested = time.perf_counter() - started
-        settings = Settings(data_dir=data_dir, h3_resolution=resolution)
-        built = build_city_panel(store.read(profile.name), profile, settings, name=profile.name)
-        with store.writing(f"panel of {profile.name}"):
-            built.panel.save(DataPaths(settings).panel(profile.name))
-    finally:
-        stop.set()
-        sampler.join()
-    return {"city": profile.name, "input_rows": summary.input_rows, "stored": summary.stored_new,
-            "ingest_seconds": ingested, "seconds": time.perf_counter() - started, "peak_rss_gb": peak[0] / 1e9,
-            "worker_pid": os.getpid(), "cells": built.panel.n_cells}
+    profile = profile_from_text(profile_toml, Path(profile_path))
+    store = IncidentStore(data_dir)
+    settings = Settings(data_dir=data_dir, h3_resolution=resolution)
+    built = build_city_panel_by_month(store, profile, settings, name=profile.name)
+    with store.writing(f"panel of {profile.name}"):
+        built.panel.save(DataPaths(settings).panel(profile.name))
+    return {"cells": built.panel.n_cells, "binned": built.report.binned, "seconds": time.perf_counter() - started}
+
+
+def ingest_cities(client, cities: list[tuple[Path, str]], data: Path, args) -> dict:
+    """Stage 1: every city ingested out of core (chunks as tasks) and binned by month, one city after another."""
+    pids = {f"worker-{i}": pid for i, pid in enumerate(sorted(client.run(os.getpid).values()))}
+    pids["client"] = os.getpid()
+    rows, total = [], time.perf_counter()
+    with PeakRss(pids) as overall:
+        for export, toml in cities:
+            profile_path = data / f"{export.stem}.toml"
+            profile = profile_from_text(toml, profile_path)
+            load = os.getloadavg()
+            with PeakRss(pids) as peak:
+                started = time.perf_counter()
+                summary = ingest_on_cluster(export, profile, IncidentStore(data), client, chunk_rows=args.chunk_rows,
+                                            write_report=False)
+                ingested = time.perf_counter() - started
+                binned = client.submit(bin_city, toml, str(profile_path), str(data), args.resolution, pure=False).result()
+                seconds = time.perf_counter() - started
+            row = {"city": profile.name, "input_rows": summary.input_rows, "stored": summary.stored_new,
+                   "balanced": summary.balanced, "ingest_seconds": ingested, "bin_seconds": binned["seconds"],
+                   "seconds": seconds, "cells": binned["cells"], "peak_rss_gb": peak.gb(), "load_before": load,
+                   "load_after": os.getloadavg()}
+            rows.append(row)
+            print(f"  {row['city']:<12} {row['input_rows']:>10,} rows  ingest {ingested:6.1f} s  bin "
+                  f"{binned['seconds']:5.1f} s  peak RSS GB {row['peak_rss_gb']}  load {load[0]:.1f}", flush=True)
+    workers = {k: v for k, v in overall.gb().items() if k != "client"}
+    return {"wall_seconds": time.perf_counter() - total, "workers": args.ingest_workers,
+            "memory_limit": args.memory_limit, "chunk_rows": args.chunk_rows,
+            "rows": sum(r["input_rows"] for r in rows), "max_peak_rss_gb_per_worker": max(workers.values()),
+            "peak_rss_gb": overall.gb(), "load_after": os.getloadavg(), "cities": rows}
 
 
 def grid_file(folder: Path, name: str, cities: list[str], args) -> Path:
@@ -112,6 +157,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=9)
     parser.add_argument("--ingest-workers", type=int, default=2)
     parser.add_argument("--memory-limit", default="2GB", help="Per worker (the issue's bound).")
+    parser.add_argument("--chunk-rows", type=int, default=1_000_000, help="Rows per ingest chunk (a task).")
+    parser.add_argument("--skip-grid", action="store_true", help="Stage 1 only (ingest and binning).")
     parser.add_argument("--grid-cities", type=int, default=4)
     parser.add_argument("--forecasters", nargs="+", default=["lightgbm", "naive", "all_history"])
     parser.add_argument("--n-estimators", type=int, default=100)
@@ -139,20 +186,16 @@ def main() -> None:
 
         with LocalCluster(n_workers=args.ingest_workers, threads_per_worker=1, processes=True,
                           memory_limit=args.memory_limit, dashboard_address=None) as cluster, Client(cluster) as client:
-            started = time.perf_counter()
-            futures = [client.submit(ingest_and_bin, str(export), toml, str(data), args.resolution, pure=False)
-                       for export, toml in cities]
-            ingests = client.gather(futures)
-            wall = time.perf_counter() - started
-        for row in ingests:
-            print(f"  {row['city']:<12} {row['input_rows']:>10,} rows  {row['seconds']:6.1f} s  "
-                  f"peak RSS {row['peak_rss_gb']:.2f} GB", flush=True)
-        record["ingest"] = {"wall_seconds": wall, "workers": args.ingest_workers, "memory_limit": args.memory_limit,
-                            "rows": sum(r["input_rows"] for r in ingests),
-                            "max_peak_rss_gb": max(r["peak_rss_gb"] for r in ingests), "load_after": os.getloadavg(),
-                            "cities": ingests}
-        print(f"ingest + binning: {record['ingest']['rows']:,} rows in {wall:.1f} s on {args.ingest_workers} workers, "
-              f"max peak RSS per task {record['ingest']['max_peak_rss_gb']:.2f} GB", flush=True)
+            record["ingest"] = ingest_cities(client, cities, data, args)
+        ingests = record["ingest"]["cities"]
+        print(f"ingest + binning: {record['ingest']['rows']:,} rows in {record['ingest']['wall_seconds']:.1f} s on "
+              f"{args.ingest_workers} workers, max peak RSS per worker {record['ingest']['max_peak_rss_gb_per_worker']:.2f}"
+              f" GB (client {record['ingest']['peak_rss_gb']['client']:.2f} GB)", flush=True)
+        if args.skip_grid:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(record, indent=2, default=str))
+            print(f"written to {args.out}")
+            return
 
         names = [r["city"] for r in ingests][: args.grid_cities]
         settings = Settings(data_dir=data)
@@ -180,7 +223,8 @@ def main() -> None:
         tasks = 100 * 3
         record["estimate_100_cities_3_resolutions_16_nodes"] = {
             "point_seconds_mean": per_point, "ingest_seconds_per_city": ingest_per_city, "slots": slots,
-            "backtest_hours": tasks * per_point / slots / 3600, "ingest_hours": 100 * ingest_per_city / slots / 3600,
+            "backtest_hours": tasks * per_point / slots / 3600,
+            "ingest_hours": 100 * ingest_per_city * args.ingest_workers / slots / 3600,
             "assumptions": f"{tasks} points of the measured mean cost (resolution 9's; 8 and 10 taken as equal), "
                            f"{slots} one-thread slots (16 nodes x {args.cores_per_node} cores), perfect packing "
                            "(tasks >> slots), shared folder not the bottleneck",

@@ -53,6 +53,26 @@ def far_from_bulk(lat: np.ndarray, lon: np.ndarray, usable: np.ndarray, factor: 
     return BulkRule(far, (lat0, lon0), radius)
 
 
+@dataclass(frozen=True)
+class FixedBulk:
+    """The rule measured once on a whole file (``measure``), applied to each chunk of it (``applied``)."""
+
+    centre: tuple[float, float] | None
+    radius_km: float | None
+
+    @classmethod
+    def measure(cls, lat: np.ndarray, lon: np.ndarray, factor: float) -> FixedBulk:
+        rule = far_from_bulk(lat, lon, np.ones(lat.shape[0], dtype=bool), factor)
+        return cls(rule.centre, rule.radius_km)
+
+    def applied(self, lat: np.ndarray, lon: np.ndarray, usable: np.ndarray) -> BulkRule:
+        far = np.zeros(lat.shape[0], dtype=bool)
+        if self.centre is not None and self.radius_km is not None and usable.any():
+            dist = distances_km(lat[usable], lon[usable], *self.centre)
+            far[np.flatnonzero(usable)[dist > self.radius_km]] = True
+        return BulkRule(far, self.centre, self.radius_km)
+
+
 def span_km(lat: np.ndarray, lon: np.ndarray) -> float:
     """Diagonal of the points' bounding box in km (0 for fewer than two points)."""
     if lat.size < 2:

@@ -39,6 +39,7 @@ class CsvRows:
     frame: pl.DataFrame
     rejected: pl.DataFrame  # QUARANTINE_SCHEMA
     notes: list[str] = field(default_factory=list)
+    malformed: list[int] = field(default_factory=list)  # rows with an unmatched quote (in ``rejected`` too)
 
 
 # --- bytes -> UTF-8 ---------------------------------------------------------------------------------------
@@ -161,10 +162,15 @@ def _rejected_row(row: int, reason: str, fields: list[str], header: list[str], p
             "raw_y": raw(profile.coordinates.y)}
 
 
-def read_rows(data: bytes, profile: SourceProfile, name: str) -> CsvRows:
+def read_rows(data: bytes, profile: SourceProfile, name: str, *, row_offset: int = 0,
+              prior: tuple[int, int | None] = (0, None), note_malformed: bool = True) -> CsvRows:
     """Decoded, LF-ended CSV bytes -> the profile's columns. Fast path: polars on the whole file. Lines with an
     unmatched quote would make polars fail or silently merge lines, so when there are any, every line is split
-    by Python's csv module instead, and only the bad lines are quarantined."""
+    by Python's csv module instead, and only the bad lines are quarantined.
+
+    A chunk of a larger file is its header line plus whole lines: ``row_offset`` rows came before it,
+    ``prior`` is (how many, shortest) last-column lengths of those rows (for the cut-off check of the last line),
+    and with ``note_malformed=False`` the caller writes one note for every chunk's malformed lines."""
     first_end = data.find(b"\n")
     header_line = (data if first_end < 0 else data[:first_end]).rstrip(b"\r").decode("utf-8")
     header = parse_header(header_line, profile, name)
@@ -181,37 +187,60 @@ def read_rows(data: bytes, profile: SourceProfile, name: str) -> CsvRows:
     if last >= 1 and not data.endswith(b"\n"):
         line = data[ends[-1] + 1:]
         fields = None if quotes[last] % 2 else _fields(line, profile.delimiter)
-        shape = _cut_shape(fields, header, data[: ends[-1] + 1], profile.delimiter)
+        shape = _cut_shape(fields, header, data[: ends[-1] + 1], profile.delimiter, prior)
         if shape:
-            notes.append(f"the last line (line {last + 1}) ends mid-row with no line end ({shape}): the file was "
-                         f"cut off; quarantined as truncated_row, ingest the complete export to store it")
-            rejected.append(_rejected_row(last, "truncated_row", _lenient(line, profile.delimiter), header, profile))
+            notes.append(f"the last line (line {row_offset + last + 1}) ends mid-row with no line end ({shape}): "
+                         f"the file was cut off; quarantined as truncated_row, ingest the complete export to store it")
+            rejected.append(_rejected_row(row_offset + last, "truncated_row", _lenient(line, profile.delimiter),
+                                          header, profile))
             data, quotes = data[: ends[-1] + 1], quotes[:last]
     odd = np.flatnonzero(quotes % 2 == 1)
     frame = None
+    malformed: list[int] = []
     if odd.size == 0:
         try:
-            frame = _polars(data, required, profile.delimiter).with_row_index("source_row", offset=1)
+            frame = _polars(data, required, profile.delimiter).with_row_index("source_row", offset=1 + row_offset)
         except pl.exceptions.PolarsError:
             frame = None  # e.g. a quote inside an unquoted value: the line-by-line reader below copes
     if frame is None:
         frame, bad = _python_rows(data, header, required, profile.delimiter)
+        frame = frame.with_columns(pl.col("source_row") + row_offset)
         for row, fields in bad:
-            rejected.append(_rejected_row(row, "malformed_row", fields, header, profile))
-        shown = ", ".join(str(row + 1) for row, _ in bad[:MAX_NOTES]) + (
-            f" and {len(bad) - MAX_NOTES} more" if len(bad) > MAX_NOTES else "")
-        if bad:
-            notes.append(f"line{'s' if len(bad) > 1 else ''} {shown} of {name} ha{'ve' if len(bad) > 1 else 's'} an "
-                         f"unmatched quote (\"): quarantined as malformed_row; the other rows were read")
+            rejected.append(_rejected_row(row_offset + row, "malformed_row", fields, header, profile))
+        malformed = [row_offset + row for row, _ in bad]
+        if bad and note_malformed:
+            notes.append(malformed_note(malformed, name))
     rejected_frame = (pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA, orient="row") if rejected
                       else pl.DataFrame(schema=QUARANTINE_SCHEMA))
-    return CsvRows(frame=frame, rejected=rejected_frame, notes=notes)
+    return CsvRows(frame=frame, rejected=rejected_frame, notes=notes, malformed=malformed)
+
+
+def malformed_note(rows: list[int], name: str) -> str:
+    """The note for lines with an unmatched quote (``rows``: their row numbers, line = row + 1)."""
+    shown = ", ".join(str(row + 1) for row in rows[:MAX_NOTES]) + (
+        f" and {len(rows) - MAX_NOTES} more" if len(rows) > MAX_NOTES else "")
+    return (f"line{'s' if len(rows) > 1 else ''} {shown} of {name} ha{'ve' if len(rows) > 1 else 's'} an "
+            f"unmatched quote (\"): quarantined as malformed_row; the other rows were read")
+
+
+def last_column_lengths(data: bytes, delimiter: str) -> tuple[int, int | None]:
+    """(how many, shortest) non-empty last-column values among the data lines of LF-ended CSV bytes with a header."""
+    others = pl.Series(data.split(b"\n")[1:], dtype=pl.Binary).cast(pl.String, strict=False).drop_nulls()
+    lengths = others.str.strip_chars_end("\r").str.split(delimiter).list.last().str.len_chars()
+    lengths = lengths.filter(lengths > 0)
+    return lengths.len(), cast("int | None", lengths.min())
+
+
+def _merge_lengths(a: tuple[int, int | None], b: tuple[int, int | None]) -> tuple[int, int | None]:
+    mins = [m for m in (a[1], b[1]) if m is not None]
+    return a[0] + b[0], min(mins) if mins else None
 
 
 MIN_ROWS_FOR_LENGTH_CHECK = 20
 
 
-def _cut_shape(fields: list[str] | None, header: list[str], before: bytes, delimiter: str) -> str | None:
+def _cut_shape(fields: list[str] | None, header: list[str], before: bytes, delimiter: str,
+               prior: tuple[int, int | None] = (0, None)) -> str | None:
     """Why a last line without a line end looks cut off, or None. Shape: an open quote or too few fields. When
     the cut falls inside the last column (``-87.6`` for ``-87.627080475``) the field count is complete, so
     the last value is also compared with that column in every other row: shorter than all of them (with at
@@ -220,11 +249,8 @@ def _cut_shape(fields: list[str] | None, header: list[str], before: bytes, delim
         return "an open quote"
     if len(fields) < len(header):
         return f"{len(fields)} of {len(header)} fields"
-    others = pl.Series(before.split(b"\n")[1:], dtype=pl.Binary).cast(pl.String, strict=False).drop_nulls()
-    lengths = others.str.strip_chars_end("\r").str.split(delimiter).list.last().str.len_chars()
-    lengths = lengths.filter(lengths > 0)
-    shortest = cast("int | None", lengths.min())  # string lengths; None when there are none
-    if lengths.len() >= MIN_ROWS_FOR_LENGTH_CHECK and shortest is not None and len(fields[-1]) < shortest:
+    count, shortest = _merge_lengths(last_column_lengths(before, delimiter), prior)  # None when there are none
+    if count >= MIN_ROWS_FOR_LENGTH_CHECK and shortest is not None and len(fields[-1]) < shortest:
         return (f"its last value {fields[-1]!r} is shorter than that column in every other row, "
                 f"{shortest} characters or more")
     return None

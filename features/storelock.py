@@ -157,7 +157,8 @@ def _claim(folder: Path, what: str) -> None:
 
 def stale_temp_files(folder: Path) -> list[Path]:
     """Temporary files left by interrupted writes (``.<name>.<random>.tmp`` beside their target)."""
-    patterns = ("incidents/.*.tmp", "revisions/.*.tmp", "quarantine/*/.*.tmp", "profiles/.*.tmp")
+    patterns = ("incidents/.*.tmp", "incidents/*/.*.tmp", "incidents/*/month=*/.*.tmp", "revisions/.*.tmp",
+                "quarantine/*/.*.tmp", "profiles/.*.tmp")
     return sorted(p for pattern in patterns for p in folder.glob(pattern))
 
 

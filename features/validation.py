@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from features.area_rule import far_from_bulk, span_note
+from features.area_rule import FixedBulk, far_from_bulk, span_note
 from features.calendar import localize
 from features.profile import RowRule, SourceProfile, expand_formats, is_aware_format
 
@@ -68,6 +68,22 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "raw_x": pl.String(),
     "raw_y": pl.String(),
 }
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """What a chunk's validation needs to know about the rest of its file, so that every verdict is the one a
+    whole-file validation gives: the far-from-bulk rule measured on the whole file's usable points, the ids
+    kept by earlier chunks (later copies are duplicate_id), and for derived ids the count of identical rows
+    before the chunk. With ``usable_only`` validation stops early and
+    returns the usable points (latitude, longitude) as ``incidents``: the first pass that measures the rule.
+    Chunk results carry every unmapped value (the caller keeps the top ones) and no span note (the caller
+    writes it from the whole file's extent)."""
+
+    area: FixedBulk = field(default_factory=lambda: FixedBulk(None, None))
+    seen: pl.Series | None = None
+    usable_only: bool = False
+    before: pl.DataFrame | None = None  # derived ids: (digest, n) identical rows in earlier chunks
 
 
 @dataclass(frozen=True)
@@ -207,9 +223,8 @@ def _coordinates(frame: pl.DataFrame, profile: SourceProfile) -> tuple[pl.Series
     return lon, lat
 
 
-def _stable_ids(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
-    """Ids for sources that publish none: a digest of the row's content plus its ordinal among identical rows,
-    so re-ingesting the same file yields the same ids and genuine repeats stay distinct."""
+def stable_digests(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
+    """A digest of each row's content (the profile's columns): identical rows share it."""
     cols = [c for c in profile.required_columns()]
     content = frame.select(pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in cols], separator="|")).to_series()
     uniques = content.unique()
@@ -217,8 +232,21 @@ def _stable_ids(frame: pl.DataFrame, profile: SourceProfile) -> pl.Series:
         {"content": uniques, "digest": [hashlib.blake2b(s.encode(), digest_size=8).hexdigest() for s in uniques]}
     )
     keyed = pl.DataFrame({"content": content}).join(digests, on="content", how="left", maintain_order="left")
+    return keyed["digest"]
+
+
+def _stable_ids(frame: pl.DataFrame, profile: SourceProfile, before: pl.DataFrame | None = None) -> pl.Series:
+    """Ids for sources that publish none: a digest of the row's content plus its ordinal among identical rows,
+    so re-ingesting the same file yields the same ids and genuine repeats stay distinct. ``before``: (digest, n)
+    identical rows in earlier chunks of the same file, so the ordinals run on across chunks."""
+    keyed = stable_digests(frame, profile).to_frame("digest")
+    if before is not None and before.height:
+        keyed = keyed.join(before, on="digest", how="left", maintain_order="left").with_columns(pl.col("n").fill_null(0))
+    else:
+        keyed = keyed.with_columns(pl.lit(0, pl.UInt32).alias("n"))
     return keyed.select(
-        (pl.col("digest") + "-" + pl.int_range(pl.len()).over("content").cast(pl.String)).alias("incident_id")
+        (pl.col("digest") + "-" + (pl.int_range(pl.len()).over("digest") + pl.col("n")).cast(pl.String))
+        .alias("incident_id")
     ).to_series()
 
 
@@ -298,10 +326,12 @@ def validate(
     now: datetime | None = None,
     future_tolerance: timedelta = timedelta(hours=1),
     boundary=None,
+    chunk: ChunkContext | None = None,
 ) -> ValidationResult:
     """Split raw rows (from :func:`features.ingest.read_raw`) into canonical incidents and quarantine.
 
-    ``boundary`` is an optional shapely (multi)polygon in WGS84: points outside it are out_of_area.
+    ``boundary`` is an optional shapely (multi)polygon in WGS84: points outside it are out_of_area. ``chunk``:
+    the rows are one chunk of a larger file, judged as the whole file would be (see :class:`ChunkContext`).
     """
     now = now or datetime.now(UTC)
     spec = profile.columns
@@ -320,7 +350,7 @@ def validate(
         *[_row_rule(frame, rule).alias(f"_rule{i}") for i, rule in enumerate(profile.rows)],
     )
     if not spec.id:
-        work = work.with_columns(_stable_ids(frame, profile))
+        work = work.with_columns(_stable_ids(frame, profile, chunk.before if chunk else None))
     lon, lat = _coordinates(frame, profile)
     work = work.with_columns(_parse_time(frame, profile).alias("occurred_at"), lon, lat)
 
@@ -364,10 +394,16 @@ def validate(
         # the robust default area: judged on the points every earlier check lets through
         earlier = pl.any_horizontal([failed for _, failed in checks]).fill_null(True)
         usable = work.select(~earlier).to_series().to_numpy()
-        rule = far_from_bulk(work["latitude"].fill_null(np.nan).to_numpy(), work["longitude"].fill_null(np.nan).to_numpy(),
-                             usable, profile.area.outlier_factor)
-        if rule.note():
-            notes.append(rule.note())  # type: ignore[arg-type]
+        lat_np, lon_np = work["latitude"].fill_null(np.nan).to_numpy(), work["longitude"].fill_null(np.nan).to_numpy()
+        if chunk is not None and chunk.usable_only:
+            return ValidationResult(incidents=pl.DataFrame({"latitude": lat_np[usable], "longitude": lon_np[usable]}),
+                                    quarantine=pl.DataFrame(schema=QUARANTINE_SCHEMA))
+        if chunk is not None:
+            rule = chunk.area.applied(lat_np, lon_np, usable)
+        else:
+            rule = far_from_bulk(lat_np, lon_np, usable, profile.area.outlier_factor)
+            if rule.note():
+                notes.append(rule.note())  # type: ignore[arg-type]
         outside = outside | pl.lit(pl.Series("far", rule.far))
     checks.append(("out_of_area", outside))
     checks.append(("excluded_category", pl.col("_excluded")))
@@ -379,8 +415,11 @@ def validate(
     work = work.with_columns(reason.otherwise(None).alias("reason"))
 
     # duplicate ids among otherwise-valid rows: the first in file order is kept
+    repeated = ~pl.col("incident_id").is_first_distinct().over(pl.col("reason").is_null())
+    if chunk is not None and chunk.seen is not None:  # kept by an earlier chunk of the same file
+        repeated = repeated | pl.col("incident_id").is_in(chunk.seen.implode())
     work = work.with_columns(
-        pl.when(pl.col("reason").is_null() & ~pl.col("incident_id").is_first_distinct().over(pl.col("reason").is_null()))
+        pl.when(pl.col("reason").is_null() & repeated)
         .then(pl.lit("duplicate_id"))
         .otherwise(pl.col("reason"))
         .alias("reason")
@@ -399,8 +438,10 @@ def validate(
         "raw_time", "raw_category", "raw_x", "raw_y",
     )
     unmapped_top = (work.filter(pl.col("_unmapped")).group_by("_norm").len()
-                    .sort(["len", "_norm"], descending=[True, False]).head(UNMAPPED_SHOWN))
-    note = span_note(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy())
+                    .sort(["len", "_norm"], descending=[True, False]))
+    if chunk is None:
+        unmapped_top = unmapped_top.head(UNMAPPED_SHOWN)
+    note = None if chunk else span_note(incidents["latitude"].to_numpy(), incidents["longitude"].to_numpy())
     if note:
         notes.append(note)
     return ValidationResult(incidents=incidents.cast(CANONICAL_SCHEMA),  # type: ignore[arg-type]  # polars#14468: dict keys

@@ -15,7 +15,8 @@ from typing import Literal
 
 import polars as pl
 
-from features.storelock import stale_temp_files
+from features.store import INDEX_SCHEMA, MANIFEST, IncidentStore, Manifest, leftovers, month_key
+from features.storelock import StoreError, stale_temp_files
 from features.validation import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, is_known_reason
 
 Level = Literal["ok", "warning", "error"]
@@ -55,7 +56,9 @@ def verify_store(data_dir: str | Path) -> list[Finding]:
     for stale in stale_temp_files(root):
         findings.append(Finding("warning", f"{stale} is left over from an interrupted write (the store itself is "
                                 "intact)", "nothing: the next ingest removes it (or delete it)"))
-    stores = {p.stem: p for p in sorted((root / "incidents").glob("*.parquet"))}
+    store = IncidentStore(root)
+    stores = {source: store.path(source) if store.manifest_path(source).is_file() else store.legacy_path(source)
+              for source in store.sources()}
     if not stores:
         findings.append(Finding("warning", f"no incidents stored in {root}", "run `hotspots ingest SOURCE FILE`"))
     incidents: dict[str, pl.DataFrame] = {}
@@ -80,7 +83,8 @@ def verify_store(data_dir: str | Path) -> list[Finding]:
 
 
 def _check_incidents(source: str, path: Path, findings: list[Finding]) -> pl.DataFrame | None:
-    frame = _read(path, findings, "restore it from a backup, or move it aside and ingest the source's exports again")
+    fix = "restore it from a backup, or move it aside and ingest the source's exports again"
+    frame = _read(path, findings, fix) if path.is_file() else _read_partitions(source, path, findings, fix)
     if frame is None:
         return None
     problems = []
@@ -101,6 +105,51 @@ def _check_incidents(source: str, path: Path, findings: list[Finding]) -> pl.Dat
                                 "move it aside and ingest the source's exports again"))
         return None
     findings.append(Finding("ok", f"{path}: {frame.height:,} incidents, ids unique"))
+    return frame
+
+
+def _read_partitions(source: str, folder: Path, findings: list[Finding], fix: str) -> pl.DataFrame | None:
+    """A partitioned store: the files its manifest names, each readable, each month's rows in their month, the id
+    index matching the rows; files no manifest names are the leftovers of an interrupted write."""
+    try:
+        manifest = Manifest.load(folder / MANIFEST)
+    except StoreError as exc:
+        findings.append(Finding("error", str(exc).split(": run")[0], fix))
+        return None
+    for path in leftovers(folder, manifest):
+        findings.append(Finding("warning", f"{path} is left over from an interrupted write that was not applied "
+                                "(the store is the version its manifest names, intact)",
+                                "nothing: the next ingest removes it (or delete it)"))
+    parts, bad = [], False
+    for month in sorted(manifest.months):
+        path = folder / manifest.months[month]["file"]
+        if not path.is_file():
+            findings.append(Finding("error", f"{path} is missing: a half-applied or damaged write "
+                                    f"({folder / MANIFEST} names it)", fix))
+            bad = True
+            continue
+        frame = _read(path, findings, "move it aside and ingest the source's exports again")
+        if frame is None:
+            bad = True
+            continue
+        wrong = frame.height != int(manifest.months[month]["rows"]) or (
+            "occurred_at" in frame.columns and frame.filter(month_key() != month).height > 0)
+        if wrong:
+            findings.append(Finding("error", f"{path}: its rows do not match the manifest's month {month} "
+                                    f"({frame.height:,} rows, {manifest.months[month]['rows']:,} expected)", fix))
+            bad = True
+            continue
+        parts.append(frame)
+    if bad:
+        return None
+    frame = pl.concat(parts) if parts else pl.DataFrame(schema=CANONICAL_SCHEMA)
+    index = _read(folder / manifest.ids, findings, fix) if manifest.ids else pl.DataFrame(schema=INDEX_SCHEMA)
+    if index is None:
+        return None
+    if dict(frame.schema) == CANONICAL_SCHEMA and (index.height != frame.height or index.join(
+            frame.select("incident_id", month_key().alias("month")), on=["incident_id", "month"], how="anti").height):
+        findings.append(Finding("error", f"{folder}: the id index does not match the stored rows", fix))
+        return None
     return frame
 
 

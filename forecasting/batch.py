@@ -202,8 +202,11 @@ def point_folder(data_dir: str | Path, point: GridPoint) -> Path:
 def inputs_stamp(data_dir: str | Path, source: str) -> list[list[Any]]:
     """Names, sizes and modification times of the source's stored incidents: a new ingest changes it, so a
     point whose inputs changed is computed again instead of being taken as done."""
-    path = IncidentStore(data_dir).path(source)
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path] if path.is_file() else []
+    store = IncidentStore(data_dir)
+    try:  # the committed partitions (or an unconverted single file): a new ingest changes their names
+        files = store.partition_files(source)
+    except FileNotFoundError:
+        files = []
     return [[str(f.relative_to(Path(data_dir))), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 

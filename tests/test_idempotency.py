@@ -310,7 +310,8 @@ def test_cli_toronto_ingest_twice_is_idempotent(runner, tmp_path):
     assert first["already stored"] == 0
     incidents = snapshot(tmp_path, "incidents")
     quarantine = snapshot(tmp_path, "quarantine")
-    assert list(incidents) == ["incidents/toronto-mci.parquet"]
+    assert "incidents/toronto-mci/_manifest.json" in incidents  # partitioned by month under one manifest
+    assert sum(name.startswith("incidents/toronto-mci/month=") for name in incidents) > 12
 
     result, out = invoke(runner, "ingest", "toronto-mci", "--data-dir", tmp_path)
     assert result.exit_code == 0, out

@@ -225,7 +225,7 @@ def test_unreadable_store_is_reported_not_overwritten(tmp_path):
     """Finding 1: a later ingest into a broken store printed `balanced: True`. Now it stops and says why."""
     code, out = ingest(tmp_path, MALFORMED / "dst.csv")
     assert code == 0, out
-    store = IncidentStore(tmp_path / "data").path("testville")
+    store = IncidentStore(tmp_path / "data").partition_files("testville")[0]
     store.write_bytes(store.read_bytes()[:100])
     damaged = store.read_bytes()
     code, out = ingest(tmp_path, MALFORMED / "all_reasons.csv")
@@ -244,7 +244,7 @@ def test_other_store_commands_explain_a_damaged_or_wrong_folder(tmp_path):
     quarantine.write_bytes(b"PAR1 not really")
     code, out = run("quarantine", "testville", "--data-dir", data)
     assert_one_line_error(code, out, f"the quarantine file {quarantine} is unreadable", "hotspots verify")
-    store = IncidentStore(data).path("testville")
+    store = IncidentStore(data).partition_files("testville")[0]
     store.write_bytes(store.read_bytes()[:-30])
     code, out = run("panel", "testville", "--profile", TESTVILLE, "--data-dir", data)
     assert_one_line_error(code, out, f"the incident store {store} is unreadable")

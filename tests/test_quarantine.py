@@ -178,7 +178,7 @@ def test_only_canonical_columns_are_stored(testville, tmp_path):
     """Block and free-text Description (SECRET... markers) never reach the store, the quarantine or the report."""
     summary, store = ingest(MALFORMED / "all_reasons.csv", testville, tmp_path)
     assert "SECRET" in (MALFORMED / "all_reasons.csv").read_text()
-    incidents = pl.read_parquet(store.path("testville"))
+    incidents = pl.read_parquet(store.partition_files("testville"))
     quarantine_files = list((store.data_dir / "quarantine" / "testville").glob("*.parquet"))
     assert len(quarantine_files) == 1
     quarantine = pl.read_parquet(quarantine_files[0])

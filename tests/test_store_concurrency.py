@@ -24,8 +24,8 @@ import pytest
 from features.pipeline import ingest_file
 from features.profile import load_profile
 from features.sources.toronto import materialise
-from features.store import IncidentStore
-from features.storelock import StoreBusy, write_lock
+from features.store import IncidentStore, leftovers
+from features.storelock import StoreBusy, StoreError, write_lock
 from features.verify import verify_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_parallel_ingests_never_corrupt_or_lose_a_row(toronto_slices, tmp_path):
         assert sum(s["new"] for s in this_round) == expected.height
         assert sum(s["updated"] for s in this_round) == 0
         assert [f.level for f in verify_store(folder / "data")].count("error") == 0
-        assert not list((folder / "data" / "incidents").glob(".*.tmp"))
+        assert not list((folder / "data" / "incidents").rglob(".*.tmp"))
 
 
 # --- kill -9 during a write ---------------------------------------------------------------------------------
@@ -155,6 +155,17 @@ def versions(tmp_path: Path, n: int = 40_000) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def mid_write(store: IncidentStore) -> list[Path]:
+    """Signs of a write in progress: temporary files, or partition files the committed manifest does not name
+    (new ones not yet swapped in, or old ones not yet deleted)."""
+    folder = store.path("testville")
+    try:
+        named = leftovers(folder, store.manifest(folder.name))
+    except StoreError:
+        named = []
+    return [*folder.rglob(".*.tmp"), *named]
+
+
 def test_kill_9_during_a_write_leaves_old_or_new_and_no_lock(tmp_path):
     profile = load_profile(TESTVILLE)
     a, b = versions(tmp_path)
@@ -171,7 +182,7 @@ def test_kill_9_during_a_write_leaves_old_or_new_and_no_lock(tmp_path):
                                   cwd=REPO, env=python_env(), stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         # wait for the store to exist, then for a temporary file of the store: a write in progress
-        while not (store.path("testville").is_file() and list((data / "incidents").glob(".testville.parquet.*.tmp"))):
+        while not (store.manifest_path("testville").is_file() and mid_write(store)):
             assert writer.poll() is None, writer.stderr.read()
             assert time.monotonic() < deadline, "no store write seen in 60 s"
             time.sleep(0.001)
@@ -179,7 +190,7 @@ def test_kill_9_during_a_write_leaves_old_or_new_and_no_lock(tmp_path):
         writer.send_signal(signal.SIGKILL)
         writer.wait(timeout=30)
         assert writer.returncode == -signal.SIGKILL
-        killed_mid_write += bool(list((data / "incidents").glob(".testville.parquet.*.tmp")))
+        killed_mid_write += bool(mid_write(store))
 
         got = store.read("testville").sort("incident_id")  # readable, and one whole version
         assert got.equals(expected[0]) or got.equals(expected[1]), f"trial {trial}: a torn store"
@@ -191,7 +202,7 @@ def test_kill_9_during_a_write_leaves_old_or_new_and_no_lock(tmp_path):
         summary = ingest_file(a, profile, quick)
         assert summary.balanced and summary.stored_new == 0
         assert quick.read("testville").sort("incident_id").equals(expected[0])
-        assert not list((data / "incidents").glob(".*.tmp"))
+        assert not mid_write(quick)
     assert killed_mid_write >= 1, "no kill landed while a temporary file was being written"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from features.store import IncidentStore
 from features.storelock import stale_temp_files
 from features.verify import verify_store
 from serving.cli import app
@@ -48,7 +49,7 @@ def test_a_healthy_folder(folder):
     found = levels(verify_store(folder))
     assert found["error"] == [] and found["warning"] == []
     text = "\n".join(found["ok"])
-    assert "testville.parquet: 10 incidents, ids unique" in text
+    assert "incidents/testville: 10 incidents, ids unique" in text
     assert "quarantine: 1 file(s), 16 rows" in text
     assert "ingest summaries: 2, each one's rows add up" in text
     assert "panels/testville-r9: 10 binned incidents, matches the store" in text
@@ -80,7 +81,7 @@ def test_panel_out_of_date_after_a_revision_and_after_new_data(folder, tmp_path)
 
 
 def test_damaged_files_are_named_with_what_to_do(folder):
-    store = folder / "incidents" / "testville.parquet"
+    store = IncidentStore(folder).partition_files("testville")[0]
     store.write_bytes(store.read_bytes()[:-40])
     quarantine = next((folder / "quarantine" / "testville").glob("*.parquet"))
     quarantine.write_bytes(b"not parquet")
@@ -88,7 +89,7 @@ def test_damaged_files_are_named_with_what_to_do(folder):
     summary = json.loads(report.read_text())
     summary["stored_new"] -= 1
     report.write_text(json.dumps(summary))
-    (folder / "incidents" / ".testville.parquet.abc123.tmp").write_bytes(b"half a file")
+    (store.parent / f".{store.name}.abc123.tmp").write_bytes(b"half a file")
     (folder / "panels" / "testville-r9" / "counts.parquet").write_bytes(b"")
 
     errors = levels(verify_store(folder))["error"]
@@ -98,7 +99,7 @@ def test_damaged_files_are_named_with_what_to_do(folder):
     assert f"{report}: 20 input rows but 19 accounted for" in text
     assert "panel" in text and "unreadable" in text and "hotspots panel testville" in text
     warnings = levels(verify_store(folder))["warning"]
-    assert any(".testville.parquet.abc123.tmp is left over from an interrupted write" in w for w in warnings)
+    assert any(f".{store.name}.abc123.tmp is left over from an interrupted write" in w for w in warnings)
     code, out = run("verify", "--data-dir", folder, "--quiet")
     assert code == 1
     assert "4 error(s), 1 warning(s)" in out and "ok " not in out
