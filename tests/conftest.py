@@ -155,8 +155,11 @@ BROWSER_MODULES = {"test_browser"}
 SLOW_MODULES = {"test_cli_forecasting", "test_cli_training", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
                 "test_browser", "test_store_concurrency", "test_dask", "test_live_update", "test_retrain", "test_batch",
                 "test_realised_accuracy", "test_drift", "test_transparency", "test_pooled", "test_huge_k",
-                "test_dask_ingest"}
+                "test_dask_ingest", "test_baseline_champion"}
 SLOW_TESTS = {
+    "test_forecasters.py::test_recency_weighted_full_history",
+    "test_map.py::test_briefing_png_is_a_real_printable_map",
+    "test_idempotency.py::test_cli_toronto_ingest_twice_is_idempotent",
     "test_chunked_ingest.py::test_a_chunked_csv_gives_the_whole_file_verdicts",
     "test_any_city.py::test_new_city_walkthrough_runs_end_to_end",
     "test_metrics_endpoint.py::test_worker_processes_are_summed_with_a_multiprocess_dir",
