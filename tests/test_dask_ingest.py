@@ -83,3 +83,29 @@ def test_a_partitioned_ingest_on_the_cluster_gives_the_local_store(toronto_slice
     again = ingest_on_cluster(toronto_slice, profile, cluster, client, chunk_bytes=CHUNK)
     assert (again.stored_new, again.updated) == (0, 0) and again.balanced
     assert {p: p.stat().st_mtime_ns for p in cluster.partition_files("toronto-mci")} == before
+
+
+def test_the_ingest_command_takes_the_cluster_and_stores_what_a_local_ingest_stores(toronto_slice, client, tmp_path,
+                                                                                   monkeypatch):
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    monkeypatch.delenv("HOTSPOTS_DASK_SCHEDULER", raising=False)
+    monkeypatch.setattr(ingest_module, "CHUNK_BYTES", CHUNK)  # the slice is chunked as a large export would be
+    runner = CliRunner()
+    local = runner.invoke(app, ["ingest", "toronto-mci", str(toronto_slice), "--data-dir", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+    on_cluster = runner.invoke(app, ["ingest", "toronto-mci", str(toronto_slice), "--data-dir", str(tmp_path / "cluster"),
+                                     "--cluster", client.scheduler.address])
+    assert on_cluster.exit_code == 0, on_cluster.output
+    assert "balanced: True" in on_cluster.output
+    counts = lambda output: output.split("input rows")[1].split("balanced")[0]  # noqa: E731 - the summary's counts
+    assert counts(on_cluster.output) == counts(local.output)
+    stored = {name: IncidentStore(tmp_path / name).read("toronto-mci") for name in ("local", "cluster")}
+    assert stored["cluster"].height > ROWS * 0.9 and stored["cluster"].equals(stored["local"])
+
+    unreachable = runner.invoke(app, ["ingest", "toronto-mci", str(toronto_slice), "--data-dir", str(tmp_path / "x"),
+                                      "--cluster", "tcp://127.0.0.1:9"])
+    assert unreachable.exit_code == 2 and "cannot reach the Dask scheduler" in unreachable.output
+    assert not (tmp_path / "x" / "incidents").exists()  # nothing was read or stored

@@ -72,24 +72,42 @@ def ingest(
     data_dir: Path | None = DataDir,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Refuse (exit 2) instead of waiting when another "
                                           "process is writing the data folder.")] = False,
+    cluster: Annotated[str | None, typer.Option(
+        "--cluster", help="Read, validate and spill a large export's chunks as tasks on this Dask scheduler, e.g. "
+                          "tcp://10.0.0.5:8786 (extra `dask`; default: setting dask_scheduler, env "
+                          "HOTSPOTS_DASK_SCHEDULER; unset: in this process). The workers must see the input file "
+                          "and the data folder at the same paths. The store is the same as a local ingest's.")] = None,
 ) -> None:
     """Validate a city export into the incident store; rejected rows go to quarantine with a reason."""
-    from features.pipeline import ingest_file
+    from contextlib import ExitStack
+
+    from features.pipeline import ingest_file, ingest_on_cluster
     from features.store import IncidentStore
     from features.storelock import StoreError
+    from forecasting.cluster import connect
 
     settings = project_settings(data_dir)
     prof = source_profile(source, profile, settings)
     file = input_path(prof.name, path, settings)
     shape = read_boundary(boundary) if boundary else None
-    try:
-        with stage(f"ingest {file.name}"):
-            summary = ingest_file(
-                file, prof, IncidentStore(settings.data_dir, wait=not no_wait, on_wait=console.print), encoding=encoding,
-                boundary=shape, future_tolerance=timedelta(minutes=settings.future_tolerance_minutes),
-            )
-    except (IngestError, StoreError) as exc:
-        fail(str(exc))
+    store = IncidentStore(settings.data_dir, wait=not no_wait, on_wait=console.print)
+    tolerance = timedelta(minutes=settings.future_tolerance_minutes)
+    address = cluster or settings.dask_scheduler
+    with ExitStack() as open_client:
+        client = None
+        if address:
+            try:  # before any work: a wrong address fails in seconds
+                client = open_client.enter_context(connect(address))
+            except ValueError as exc:
+                fail(str(exc))
+        try:
+            with stage(f"ingest {file.name}"):
+                summary = (ingest_on_cluster(file, prof, store, client, encoding=encoding, boundary=shape,
+                                             future_tolerance=tolerance) if client is not None
+                           else ingest_file(file, prof, store, encoding=encoding, boundary=shape,
+                                            future_tolerance=tolerance))
+        except (IngestError, StoreError) as exc:
+            fail(str(exc))
     for line in summary.lines():
         console.print(line, soft_wrap=True, highlight=False, markup=False)
     console.print(f"summary written to {summary.report_path}")
