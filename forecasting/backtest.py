@@ -21,7 +21,14 @@ from features.panel import CountPanel
 from forecasting import registry
 from forecasting.base import Forecaster
 from forecasting.cluster import connect, run_groups, worker_threads
-from forecasting.metrics import DEFAULT_COVERAGES, HEADLINE_COVERAGES, MetricSummary, shift_hits, summarise
+from forecasting.metrics import (
+    DEFAULT_COVERAGES,
+    HEADLINE_COVERAGES,
+    MetricSummary,
+    rank_cells,
+    shift_hits,
+    summarise,
+)
 from forecasting.refits import plan_groups, refit_step
 
 
@@ -49,6 +56,12 @@ class BacktestResult:
     fit_seconds: dict[str, float]
     predict_seconds: dict[str, float]
     last_models: dict[str, Forecaster] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Forecasts and counts are final once the backtest has run: frozen, so every score of them (summaries,
+        claim tests, report) can reuse one ranking per forecaster (``forecasting.metrics.shift_hits``)."""
+        self.observed = _frozen(self.observed)
+        self.predictions = {name: _frozen(pred) for name, pred in self.predictions.items()}
 
     def summaries(self, coverages=DEFAULT_COVERAGES, n_boot: int = 1000, seed: int = 0) -> dict[str, MetricSummary]:
         return {
@@ -79,6 +92,12 @@ class BacktestResult:
                 )
             )
         return pl.concat(frames)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    out = np.array(a, dtype=np.float64, copy=a.base is not None or a.dtype != np.float64)
+    out.setflags(write=False)
+    return out
 
 
 def run_backtest(
@@ -159,17 +178,18 @@ def _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, pred
 
 def per_category_hit_rates(result: BacktestResult, panel: CountPanel, coverages=HEADLINE_COVERAGES) -> pl.DataFrame:
     """Hit rate of each forecaster's (all-crime) map against each category's incidents."""
-    rows = []
-    for category in panel.categories:
-        observed = build_targets(panel, result.origins, category).reshape(result.origins.size, panel.n_cells)
-        if observed.sum() == 0:
-            continue
-        for name, pred in result.predictions.items():
-            h = shift_hits(pred, observed, result.areas, result.origins, coverages)
+    observed = {category: build_targets(panel, result.origins, category).reshape(result.origins.size, panel.n_cells)
+                for category in panel.categories}
+    observed = {category: counts for category, counts in observed.items() if counts.sum() > 0}
+    found: dict[tuple[str, str], list[dict]] = {}
+    for name, pred in result.predictions.items():
+        order = rank_cells(pred, result.origins)  # the random tie order does not depend on the counts: rank once
+        for category, counts in observed.items():
+            h = shift_hits(pred, counts, result.areas, result.origins, coverages, order=order)
             rates = h.hits.sum(axis=0) / h.crimes.sum()
-            rows += [
+            found[category, name] = [
                 {"category": category, "forecaster": name, "coverage": float(c), "hit_rate": float(r),
                  "crimes": float(h.crimes.sum())}
                 for c, r in zip(h.coverages, rates)
             ]
-    return pl.DataFrame(rows)
+    return pl.DataFrame([row for category in observed for name in result.predictions for row in found[category, name]])
