@@ -7,6 +7,7 @@ is touched once, here, after the forecasters' settings are fixed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -29,7 +30,7 @@ from forecasting.metrics import (
     shift_hits,
     summarise,
 )
-from forecasting.refits import plan_groups, refit_step
+from forecasting.refits import plan_groups, refit_step, run_in_processes
 
 
 def default_forecasters(seed: int = 0, lightgbm: dict | None = None) -> dict[str, Callable[[], Forecaster]]:
@@ -111,12 +112,15 @@ def run_backtest(
     cluster: Any = None,
     pieces: int | None = None,
     retries: int = 3,
+    processes: int | None = None,
 ) -> BacktestResult:
     """Forecast every shift starting in [test_start, test_end) (local dates), refitting monthly.
 
     ``cluster`` (a Dask scheduler address or ``distributed.Client``) runs the refit series as tasks
     (``forecasting.cluster``): warm-started series whole, the others cut into up to ``pieces`` runs (default: the
-    cluster's threads); the result is identical to the local run. Without it everything runs in this process."""
+    cluster's threads); the result is identical to the local run. Without it the refit series run here, in
+    ``processes`` local processes (default: both cores of a 2-core machine for a backtest big enough to repay a
+    worker's start-up, ``local_processes``), cut the same way and identical to the run in one process."""
     forecasters = forecasters or default_forecasters()
     zone = ZoneInfo(panel.calendar.timezone)
     to_dt = lambda d: datetime(d.year, d.month, d.day, tzinfo=zone)  # noqa: E731
@@ -131,6 +135,11 @@ def run_backtest(
     if cluster is not None:
         models = _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, predictions, fit_seconds,
                                  predict_seconds, pieces, retries, progress)
+    elif (processes or local_processes(panel, origins.size)) > 1:
+        workers = processes or local_processes(panel, origins.size)
+        groups = plan_groups(forecasters, len(blocks) - 1, workers)
+        results = run_in_processes(panel, origins, blocks, groups, forecasters, category, workers, progress)
+        models = _assemble(groups, results, origins, blocks, predictions, fit_seconds, predict_seconds)
     else:
         models = {name: make() for name, make in forecasters.items()}  # refitted in place: caches and warm starts carry over
         for refit, (cutoff, stop) in enumerate(zip(blocks[:-1], blocks[1:]), start=1):
@@ -159,13 +168,19 @@ def _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, pred
                     predict_seconds, pieces, retries, progress) -> dict[str, Forecaster]:
     """The refit groups as Dask tasks, written into ``predictions`` in the plan's fixed order; returns the model
     of each forecaster's last group (as the local run's last refit)."""
-    models: dict[str, Forecaster] = {}
     with connect(cluster) as client:
         groups = plan_groups(forecasters, len(blocks) - 1, pieces or worker_threads(client))
         results = run_groups(client, panel, origins, blocks, groups, forecasters, category, retries, progress)
+    return _assemble(groups, results, origins, blocks, predictions, fit_seconds, predict_seconds)
+
+
+def _assemble(groups, results, origins, blocks, predictions, fit_seconds, predict_seconds) -> dict[str, Forecaster]:
+    """Write each group's forecasts into ``predictions`` in the plan's fixed order; returns the model of each
+    forecaster's last group (as the sequential run's last refit)."""
+    models: dict[str, Forecaster] = {}
     missing = [g for g in groups if g.key not in results]
     if missing or len(results) != len(groups):
-        raise RuntimeError(f"the cluster returned {len(results)} results for {len(groups)} tasks (missing {missing})")
+        raise RuntimeError(f"the refits returned {len(results)} results for {len(groups)} tasks (missing {missing})")
     for group in groups:
         result = results[group.key]
         rows = np.flatnonzero((origins >= blocks[group.first]) & (origins < blocks[group.stop]))
@@ -174,6 +189,15 @@ def _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, pred
         predict_seconds[group.forecaster] += result.predict_seconds
         models[group.forecaster] = result.model
     return models
+
+
+def local_processes(panel: CountPanel, n_shifts: int) -> int:
+    """Processes for a local backtest: 2 when the machine has 2 cores and the backtest is big (a city-sized
+    panel over months: a worker's start-up is a few seconds), else 1 (tests, small panels)."""
+    return 2 if (os.cpu_count() or 1) >= 2 and panel.n_cells * n_shifts >= LOCAL_PARALLEL_CELL_SHIFTS else 1
+
+
+LOCAL_PARALLEL_CELL_SHIFTS = 1_000_000  # Toronto res 9 over a year: 6.8 M
 
 
 def per_category_hit_rates(result: BacktestResult, panel: CountPanel, coverages=HEADLINE_COVERAGES) -> pl.DataFrame:

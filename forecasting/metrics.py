@@ -107,7 +107,7 @@ def shift_hits(
         if all(ref() is obj for ref, obj in zip(refs, (expected, observed))):
             return found
     if order is None:
-        order = rank_cells(expected, shift_ids, seed, worst_first=observed if ties == "pessimistic" else None)
+        order = _ranking(expected, observed if ties == "pessimistic" else None, shift_ids, seed)
     rows = np.arange(expected.shape[0])[:, None]
     obs_ranked = observed[rows, order]
     exp_ranked = expected[rows, order]
@@ -117,7 +117,9 @@ def shift_hits(
     cum_area = np.cumsum(area_ranked, axis=1)
     total_area = areas.sum()
     # k per shift and coverage: first rank whose cumulative area reaches the target
-    k = np.stack([np.minimum((cum_area < c * total_area - 1e-12).sum(axis=1) + 1, areas.size) for c in coverages], axis=1)
+    # (the count of cumulative areas below the target: a binary search per shift, cum_area strictly increases)
+    targets = coverages * total_area - 1e-12
+    k = np.minimum(np.stack([np.searchsorted(row, targets, side="left") for row in cum_area]) + 1, areas.size)
     idx = k - 1
     best_sorted = np.cumsum(-np.sort(-observed, axis=1), axis=1)
     out = ShiftHits(
@@ -141,6 +143,27 @@ def shift_hits(
 
 _HITS: dict = {}  # memo of shift_hits for frozen arrays, oldest first
 _HITS_KEEP = 256  # a few KB each (per-shift figures at a few coverages)
+
+
+_ORDERS: dict = {}  # rankings of frozen forecasts, dropped when the forecast array is freed
+
+
+def _ranking(expected: np.ndarray, worst_first: np.ndarray | None, shift_ids, seed: int) -> np.ndarray:
+    """``rank_cells``, remembered for frozen arrays (a backtest's forecasts): the claim tests, the report's
+    curves and the per-category rates ask for other coverages of the same ranking."""
+    arrays = (expected,) if worst_first is None else (expected, worst_first)
+    if not all(_frozen(a) for a in arrays):
+        return rank_cells(expected, shift_ids, seed, worst_first=worst_first)
+    key = (*map(id, arrays), np.asarray(shift_ids, dtype=np.int64).tobytes(), int(seed))
+    found = _ORDERS.get(key)
+    if found is not None and all(ref() is a for ref, a in zip(found[0], arrays)):
+        return found[1]
+    order = rank_cells(expected, shift_ids, seed, worst_first=worst_first)
+    order = order.astype(np.int32) if expected.shape[1] < 2**31 else order  # half the memory while remembered
+    _ORDERS[key] = (tuple(weakref.ref(a) for a in arrays), order)
+    for a in arrays:
+        weakref.finalize(a, _ORDERS.pop, key, None)
+    return order
 
 
 def _frozen(a: np.ndarray) -> bool:

@@ -103,6 +103,7 @@ SERVICE_MODULES = {"test_api", "test_map", "test_map_areas", "test_patrols", "te
 BROWSER_MODULES = {"test_browser"}
 SLOW_MODULES = {"test_cli_forecasting", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
                 "test_browser", "test_store_concurrency", "test_dask", "test_live_update", "test_retrain", "test_batch",
+                "test_local_processes",
                 "test_realised_accuracy", "test_drift", "test_transparency"}
 SLOW_TESTS = {
     "test_any_city.py::test_new_city_walkthrough_runs_end_to_end",

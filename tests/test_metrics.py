@@ -122,6 +122,10 @@ def test_frozen_arrays_are_scored_once_and_identically():
     assert shift_hits(frozen_e.copy(), frozen_o, areas, ids) is not first  # another array is scored anew
     for field in ("hits", "best", "predicted_in", "area_share", "n_flagged"):
         assert np.array_equal(getattr(first, field), getattr(fresh, field))
+    for ties in ("random", "pessimistic"):  # other coverages reuse the remembered ranking: same figures
+        again = shift_hits(frozen_e, frozen_o, areas, ids, coverages=[0.01, 0.3, 1.0], ties=ties)
+        anew = shift_hits(expected, observed, areas, ids, coverages=[0.01, 0.3, 1.0], ties=ties)
+        assert np.array_equal(again.hits, anew.hits) and np.array_equal(again.n_flagged, anew.n_flagged)
 
 
 def test_bootstrap_replicates_at_once_equal_one_at_a_time():
