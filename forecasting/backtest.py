@@ -7,6 +7,7 @@ is touched once, here, after the forecasters' settings are fixed.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -193,7 +194,10 @@ def _assemble(groups, results, origins, blocks, predictions, fit_seconds, predic
 
 def local_processes(panel: CountPanel, n_shifts: int) -> int:
     """Processes for a local backtest: 2 when the machine has 2 cores and the backtest is big (a city-sized
-    panel over months: a worker's start-up is a few seconds), else 1 (tests, small panels)."""
+    panel over months: a worker's start-up is a few seconds), else 1 (tests, small panels, and inside a daemonic
+    process such as a Dask worker, which may not start processes of its own)."""
+    if multiprocessing.current_process().daemon:
+        return 1
     return 2 if (os.cpu_count() or 1) >= 2 and panel.n_cells * n_shifts >= LOCAL_PARALLEL_CELL_SHIFTS else 1
 
 
