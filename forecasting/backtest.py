@@ -7,6 +7,8 @@ is touched once, here, after the forecasters' settings are fixed.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -21,8 +23,15 @@ from features.panel import CountPanel
 from forecasting import registry
 from forecasting.base import Forecaster
 from forecasting.cluster import connect, run_groups, worker_threads
-from forecasting.metrics import DEFAULT_COVERAGES, HEADLINE_COVERAGES, MetricSummary, shift_hits, summarise
-from forecasting.refits import plan_groups, refit_step
+from forecasting.metrics import (
+    DEFAULT_COVERAGES,
+    HEADLINE_COVERAGES,
+    MetricSummary,
+    rank_cells,
+    shift_hits,
+    summarise,
+)
+from forecasting.refits import plan_groups, refit_step, run_in_processes
 
 
 def default_forecasters(seed: int = 0, lightgbm: dict | None = None) -> dict[str, Callable[[], Forecaster]]:
@@ -49,6 +58,12 @@ class BacktestResult:
     fit_seconds: dict[str, float]
     predict_seconds: dict[str, float]
     last_models: dict[str, Forecaster] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Forecasts and counts are final once the backtest has run: frozen, so every score of them (summaries,
+        claim tests, report) can reuse one ranking per forecaster (``forecasting.metrics.shift_hits``)."""
+        self.observed = _frozen(self.observed)
+        self.predictions = {name: _frozen(pred) for name, pred in self.predictions.items()}
 
     def summaries(self, coverages=DEFAULT_COVERAGES, n_boot: int = 1000, seed: int = 0) -> dict[str, MetricSummary]:
         return {
@@ -81,6 +96,12 @@ class BacktestResult:
         return pl.concat(frames)
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    out = np.array(a, dtype=np.float64, copy=a.base is not None or a.dtype != np.float64)
+    out.setflags(write=False)
+    return out
+
+
 def run_backtest(
     panel: CountPanel,
     test_start: date,
@@ -92,12 +113,15 @@ def run_backtest(
     cluster: Any = None,
     pieces: int | None = None,
     retries: int = 3,
+    processes: int | None = None,
 ) -> BacktestResult:
     """Forecast every shift starting in [test_start, test_end) (local dates), refitting monthly.
 
     ``cluster`` (a Dask scheduler address or ``distributed.Client``) runs the refit series as tasks
     (``forecasting.cluster``): warm-started series whole, the others cut into up to ``pieces`` runs (default: the
-    cluster's threads); the result is identical to the local run. Without it everything runs in this process."""
+    cluster's threads); the result is identical to the local run. Without it the refit series run here, in
+    ``processes`` local processes (default: both cores of a 2-core machine for a backtest big enough to repay a
+    worker's start-up, ``local_processes``), cut the same way and identical to the run in one process."""
     forecasters = forecasters or default_forecasters()
     zone = ZoneInfo(panel.calendar.timezone)
     to_dt = lambda d: datetime(d.year, d.month, d.day, tzinfo=zone)  # noqa: E731
@@ -112,6 +136,11 @@ def run_backtest(
     if cluster is not None:
         models = _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, predictions, fit_seconds,
                                  predict_seconds, pieces, retries, progress)
+    elif (processes or local_processes(panel, origins.size)) > 1:
+        workers = processes or local_processes(panel, origins.size)
+        groups = plan_groups(forecasters, len(blocks) - 1, workers)
+        results = run_in_processes(panel, origins, blocks, groups, forecasters, category, workers, progress)
+        models = _assemble(groups, results, origins, blocks, predictions, fit_seconds, predict_seconds)
     else:
         models = {name: make() for name, make in forecasters.items()}  # refitted in place: caches and warm starts carry over
         for refit, (cutoff, stop) in enumerate(zip(blocks[:-1], blocks[1:]), start=1):
@@ -140,13 +169,19 @@ def _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, pred
                     predict_seconds, pieces, retries, progress) -> dict[str, Forecaster]:
     """The refit groups as Dask tasks, written into ``predictions`` in the plan's fixed order; returns the model
     of each forecaster's last group (as the local run's last refit)."""
-    models: dict[str, Forecaster] = {}
     with connect(cluster) as client:
         groups = plan_groups(forecasters, len(blocks) - 1, pieces or worker_threads(client))
         results = run_groups(client, panel, origins, blocks, groups, forecasters, category, retries, progress)
+    return _assemble(groups, results, origins, blocks, predictions, fit_seconds, predict_seconds)
+
+
+def _assemble(groups, results, origins, blocks, predictions, fit_seconds, predict_seconds) -> dict[str, Forecaster]:
+    """Write each group's forecasts into ``predictions`` in the plan's fixed order; returns the model of each
+    forecaster's last group (as the sequential run's last refit)."""
+    models: dict[str, Forecaster] = {}
     missing = [g for g in groups if g.key not in results]
     if missing or len(results) != len(groups):
-        raise RuntimeError(f"the cluster returned {len(results)} results for {len(groups)} tasks (missing {missing})")
+        raise RuntimeError(f"the refits returned {len(results)} results for {len(groups)} tasks (missing {missing})")
     for group in groups:
         result = results[group.key]
         rows = np.flatnonzero((origins >= blocks[group.first]) & (origins < blocks[group.stop]))
@@ -157,19 +192,32 @@ def _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, pred
     return models
 
 
+def local_processes(panel: CountPanel, n_shifts: int) -> int:
+    """Processes for a local backtest: 2 when the machine has 2 cores and the backtest is big (a city-sized
+    panel over months: a worker's start-up is a few seconds), else 1 (tests, small panels, and inside a daemonic
+    process such as a Dask worker, which may not start processes of its own)."""
+    if multiprocessing.current_process().daemon:
+        return 1
+    return 2 if (os.cpu_count() or 1) >= 2 and panel.n_cells * n_shifts >= LOCAL_PARALLEL_CELL_SHIFTS else 1
+
+
+LOCAL_PARALLEL_CELL_SHIFTS = 1_000_000  # Toronto res 9 over a year: 6.8 M
+
+
 def per_category_hit_rates(result: BacktestResult, panel: CountPanel, coverages=HEADLINE_COVERAGES) -> pl.DataFrame:
     """Hit rate of each forecaster's (all-crime) map against each category's incidents."""
-    rows = []
-    for category in panel.categories:
-        observed = build_targets(panel, result.origins, category).reshape(result.origins.size, panel.n_cells)
-        if observed.sum() == 0:
-            continue
-        for name, pred in result.predictions.items():
-            h = shift_hits(pred, observed, result.areas, result.origins, coverages)
+    observed = {category: build_targets(panel, result.origins, category).reshape(result.origins.size, panel.n_cells)
+                for category in panel.categories}
+    observed = {category: counts for category, counts in observed.items() if counts.sum() > 0}
+    found: dict[tuple[str, str], list[dict]] = {}
+    for name, pred in result.predictions.items():
+        order = rank_cells(pred, result.origins)  # the random tie order does not depend on the counts: rank once
+        for category, counts in observed.items():
+            h = shift_hits(pred, counts, result.areas, result.origins, coverages, order=order)
             rates = h.hits.sum(axis=0) / h.crimes.sum()
-            rows += [
+            found[category, name] = [
                 {"category": category, "forecaster": name, "coverage": float(c), "hit_rate": float(r),
                  "crimes": float(h.crimes.sum())}
                 for c, r in zip(h.coverages, rates)
             ]
-    return pl.DataFrame(rows)
+    return pl.DataFrame([row for category in observed for name in result.predictions for row in found[category, name]])

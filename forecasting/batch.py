@@ -286,7 +286,7 @@ def _compute(point: GridPoint, data_dir: Path, out: Path, digest: str) -> dict[s
     if firsts.size == 0:
         raise ValueError(f"no shift starts on {start}")
     strongest = choose_strongest(panel, int(firsts[0]), baselines, point.strongest_days) if baselines else None
-    result = run_backtest(panel, start, end, forecasters)
+    result = run_backtest(panel, start, end, forecasters, processes=1)  # the grid is parallel by point already
     summaries = result.summaries(n_boot=point.n_boot, seed=point.seed)
     result.tidy().write_parquet(out / "results.parquet")
     write_forecasts(out, panel, result.origins, result.observed, result.predictions)

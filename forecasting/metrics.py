@@ -13,6 +13,7 @@ worst a tie order could do. Count maps with many ties (naive, KDE) can lose much
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,21 +24,47 @@ HEADLINE_COVERAGES = (0.01, 0.05)
 TIE_SEED = 20240101
 
 
+def tiebreak_order(shift_ids: np.ndarray, n_cells: int, seed: int = TIE_SEED) -> np.ndarray:
+    """(n_shifts, n_cells): the cells of each shift in tie-break order (the inverse of its seeded permutation).
+    The same for every forecaster, so the last one is kept: a backtest's scoring draws it once, not per call."""
+    shift_ids = np.atleast_1d(np.asarray(shift_ids, dtype=np.int64))
+    key = (int(seed), int(n_cells), shift_ids.tobytes())
+    found = _TIEBREAK[0]
+    if found is not None and found[0] == key:
+        return found[1]
+    keys = np.empty((shift_ids.size, n_cells), dtype=np.intp)
+    for i, sid in enumerate(shift_ids):
+        keys[i] = np.random.default_rng([seed, int(sid)]).permutation(n_cells)
+    order = np.empty_like(keys)
+    np.put_along_axis(order, keys, np.broadcast_to(np.arange(n_cells, dtype=np.intp), keys.shape), axis=1)
+    order.setflags(write=False)
+    _TIEBREAK[0] = (key, order)  # one assignment: threads (the service) see the old pair or the new one
+    return order
+
+
+_TIEBREAK: list = [None]
+
+
+def _stable_by(order: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """``order`` re-sorted by ``key`` (per row, ascending), keeping the present order among equal keys."""
+    return np.take_along_axis(order, np.argsort(np.take_along_axis(key, order, axis=1), axis=1, kind="stable"), axis=1)
+
+
 def rank_cells(expected: np.ndarray, shift_ids: np.ndarray | int, seed: int = TIE_SEED,
                worst_first: np.ndarray | None = None) -> np.ndarray:
     """Cell order (best first) for each shift: by expected count, ties by a seeded random permutation.
 
     ``expected`` is (n_shifts, n_cells) or (n_cells,); returns indices of the same shape. ``worst_first`` (the
-    observed counts, same shape) orders ties by fewer observed incidents first: the pessimistic bound."""
-    expected = np.atleast_2d(expected)
-    shift_ids = np.atleast_1d(np.asarray(shift_ids, dtype=np.int64))
-    observed = None if worst_first is None else np.atleast_2d(worst_first)
-    order = np.empty(expected.shape, dtype=np.int64)
-    for i, (row, sid) in enumerate(zip(expected, shift_ids)):
-        tiebreak = np.random.default_rng([seed, int(sid)]).permutation(row.size)
-        keys = (tiebreak, -row) if observed is None else (tiebreak, observed[i], -row)
-        order[i] = np.lexsort(keys)
-    return order
+    observed counts, same shape) orders ties by fewer observed incidents first: the pessimistic bound.
+    Stable sorts from the tie-break order, all shifts at once: the same order as a per-shift lexsort of
+    (tie-break, [observed,] -expected)."""
+    expected = np.atleast_2d(np.asarray(expected))
+    order = tiebreak_order(np.asarray(shift_ids), expected.shape[1], seed)
+    if order.shape[0] != expected.shape[0]:
+        raise ValueError(f"{order.shape[0]} shift ids for {expected.shape[0]} rows of forecasts")
+    if worst_first is not None:
+        order = _stable_by(order, np.atleast_2d(worst_first))
+    return _stable_by(order, -expected)
 
 
 def cells_for_coverage(areas: np.ndarray, order: np.ndarray, coverage: float) -> int:
@@ -62,28 +89,38 @@ class ShiftHits:
 
 def shift_hits(
     expected: np.ndarray, observed: np.ndarray, areas: np.ndarray, shift_ids: np.ndarray,
-    coverages=DEFAULT_COVERAGES, seed: int = TIE_SEED, ties: str = "random",
+    coverages=DEFAULT_COVERAGES, seed: int = TIE_SEED, ties: str = "random", order: np.ndarray | None = None,
 ) -> ShiftHits:
-    """``ties``: "random" (the project's rule) or "pessimistic" (tied cells with fewer incidents first)."""
+    """``ties``: "random" (the project's rule) or "pessimistic" (tied cells with fewer incidents first).
+    ``order``: the ranking of ``expected`` under that rule when the caller has it already (``rank_cells``).
+
+    Results for read-only arrays (a backtest's forecasts and counts) are remembered, so the summaries, the
+    claim tests and the report rank each forecaster once instead of once per use."""
     if ties not in ("random", "pessimistic"):
         raise ValueError(f"ties must be 'random' or 'pessimistic', got {ties!r}")
     expected = np.atleast_2d(np.asarray(expected, dtype=np.float64))
     observed = np.atleast_2d(np.asarray(observed, dtype=np.float64))
-    order = rank_cells(expected, shift_ids, seed, worst_first=observed if ties == "pessimistic" else None)
     coverages = np.asarray(coverages, dtype=np.float64)
+    key = _memo_key(expected, observed, areas, shift_ids, coverages, seed, ties) if order is None else None
+    if key is not None and key in _HITS:
+        refs, found = _HITS[key]
+        if all(ref() is obj for ref, obj in zip(refs, (expected, observed))):
+            return found
+    if order is None:
+        order = _ranking(expected, observed if ties == "pessimistic" else None, shift_ids, seed)
     rows = np.arange(expected.shape[0])[:, None]
-    obs_ranked = observed[rows, order]
-    exp_ranked = expected[rows, order]
-    area_ranked = areas[order]
-    cum_obs = np.cumsum(obs_ranked, axis=1)
-    cum_exp = np.cumsum(exp_ranked, axis=1)
-    cum_area = np.cumsum(area_ranked, axis=1)
+    cum_area = np.cumsum(areas[order], axis=1)
     total_area = areas.sum()
     # k per shift and coverage: first rank whose cumulative area reaches the target
-    k = np.stack([np.minimum((cum_area < c * total_area - 1e-12).sum(axis=1) + 1, areas.size) for c in coverages], axis=1)
+    # (the count of cumulative areas below the target: a binary search per shift, cum_area strictly increases)
+    targets = coverages * total_area - 1e-12
+    k = np.minimum(np.stack([np.searchsorted(row, targets, side="left") for row in cum_area]) + 1, areas.size)
     idx = k - 1
-    best_sorted = np.cumsum(-np.sort(-observed, axis=1), axis=1)
-    return ShiftHits(
+    head = order[:, : int(k.max())]  # only the ranks any coverage reaches (a cumsum's prefix is the same numbers)
+    cum_obs = np.cumsum(observed[rows, head], axis=1)
+    cum_exp = np.cumsum(expected[rows, head], axis=1)
+    best_sorted = _best_cumulative(observed)
+    out = ShiftHits(
         coverages=coverages,
         hits=np.take_along_axis(cum_obs, idx, axis=1),
         best=np.take_along_axis(best_sorted, idx, axis=1),
@@ -93,17 +130,82 @@ def shift_hits(
         predicted=expected.sum(axis=1),
         n_flagged=k,
     )
+    if key is not None:
+        for a in (out.hits, out.best, out.predicted_in, out.area_share, out.crimes, out.predicted, out.n_flagged):
+            a.setflags(write=False)  # shared by every caller from now on
+        while len(_HITS) >= _HITS_KEEP:
+            _HITS.pop(next(iter(_HITS)))
+        _HITS[key] = ((weakref.ref(expected), weakref.ref(observed)), out)
+    return out
+
+
+_HITS: dict = {}  # memo of shift_hits for frozen arrays, oldest first
+_HITS_KEEP = 256  # a few KB each (per-shift figures at a few coverages)
+
+
+def _best_cumulative(observed: np.ndarray) -> np.ndarray:
+    """Per shift, the cumulative counts of the busiest cells first (the best any map of k cells could catch);
+    remembered for frozen counts, which every forecaster of a backtest is scored against."""
+    if not _frozen(observed):
+        return np.cumsum(-np.sort(-observed, axis=1), axis=1)
+    found = _BEST.get(id(observed))
+    if found is not None and found[0]() is observed:
+        return found[1]
+    best = np.cumsum(-np.sort(-observed, axis=1), axis=1)
+    _BEST[id(observed)] = (weakref.ref(observed), best)
+    weakref.finalize(observed, _BEST.pop, id(observed), None)
+    return best
+
+
+_BEST: dict = {}
+_ORDERS: dict = {}  # rankings of frozen forecasts, dropped when the forecast array is freed
+
+
+def _ranking(expected: np.ndarray, worst_first: np.ndarray | None, shift_ids, seed: int) -> np.ndarray:
+    """``rank_cells``, remembered for frozen arrays (a backtest's forecasts): the claim tests, the report's
+    curves and the per-category rates ask for other coverages of the same ranking."""
+    arrays = (expected,) if worst_first is None else (expected, worst_first)
+    if not all(_frozen(a) for a in arrays):
+        return rank_cells(expected, shift_ids, seed, worst_first=worst_first)
+    key = (*map(id, arrays), np.asarray(shift_ids, dtype=np.int64).tobytes(), int(seed))
+    found = _ORDERS.get(key)
+    if found is not None and all(ref() is a for ref, a in zip(found[0], arrays)):
+        return found[1]
+    order = rank_cells(expected, shift_ids, seed, worst_first=worst_first)
+    order = order.astype(np.int32) if expected.shape[1] < 2**31 else order  # half the memory while remembered
+    _ORDERS[key] = (tuple(weakref.ref(a) for a in arrays), order)
+    for a in arrays:
+        weakref.finalize(a, _ORDERS.pop, key, None)
+    return order
+
+
+def _frozen(a: np.ndarray) -> bool:
+    """An array nobody can change any more: read-only and owning its data (not a view of a writable array)."""
+    return not a.flags.writeable and a.base is None
+
+
+def _memo_key(expected, observed, areas, shift_ids, coverages, seed, ties) -> tuple | None:
+    """Key of a remembered ``shift_hits``: only for frozen forecasts and counts (checked by identity through a
+    weak reference, so a freed array's id reused by another never matches)."""
+    if not (_frozen(expected) and _frozen(observed)):
+        return None
+    return (id(expected), id(observed), np.asarray(areas).tobytes(), np.asarray(shift_ids, dtype=np.int64).tobytes(),
+            coverages.tobytes(), int(seed), ties)
 
 
 def pooled(h: ShiftHits, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Pooled hit rate, PAI, PEI*, RRI per coverage; ``weights`` (n_shifts,) for bootstrap replicates."""
-    w = np.ones(h.crimes.size) if weights is None else weights
+    """Pooled hit rate, PAI, PEI*, RRI per coverage; ``weights`` (n_shifts,) for one bootstrap replicate, or
+    (n_boot, n_shifts) for all of them at once (each figure then (n_boot, n_cov))."""
+    w = np.ones(h.crimes.size) if weights is None else np.asarray(weights, dtype=np.float64)
+    many = w.ndim == 2
+    col = (lambda v: v[:, None]) if many else (lambda v: v)  # noqa: E731
     crimes = w @ h.crimes
     hits = w @ h.hits
-    hit_rate = hits / crimes if crimes > 0 else np.full(h.coverages.size, np.nan)
-    area = (w @ h.area_share) / w.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hit_rate = np.where(col(crimes) > 0, hits / col(crimes), np.nan)
+    area = (w @ h.area_share) / col(w.sum(axis=-1))
     best = w @ h.best
-    predicted_share = (w @ h.predicted_in) / max(w @ h.predicted, 1e-12)
+    predicted_share = (w @ h.predicted_in) / col(np.maximum(w @ h.predicted, 1e-12))
     return {
         "hit_rate": hit_rate,
         "pai": hit_rate / area,
@@ -177,11 +279,10 @@ def summarise(expected: np.ndarray, observed: np.ndarray, areas: np.ndarray, shi
     """Pooled metrics with day-block bootstrap percentile intervals."""
     h = shift_hits(expected, observed, areas, shift_ids, coverages)
     point = pooled(h)
-    weights = bootstrap_weights(day_blocks(shift_ids, per_day), n_boot, seed)
-    reps = [pooled(h, w) for w in weights]
+    reps = pooled(h, bootstrap_weights(day_blocks(shift_ids, per_day), n_boot, seed))  # every replicate at once
     alpha = (1 - level) / 2
-    low = {k: np.nanquantile(np.stack([r[k] for r in reps]), alpha, axis=0) for k in point}
-    high = {k: np.nanquantile(np.stack([r[k] for r in reps]), 1 - alpha, axis=0) for k in point}
+    low = {k: np.nanquantile(reps[k], alpha, axis=0) for k in point}
+    high = {k: np.nanquantile(reps[k], 1 - alpha, axis=0) for k in point}
     worst = pooled(shift_hits(expected, observed, areas, shift_ids, coverages, ties="pessimistic"))
     return MetricSummary(np.asarray(coverages), point, low, high, poisson_deviance(expected, observed),
                          int(np.atleast_2d(expected).shape[0]), float(np.sum(observed)),

@@ -93,3 +93,28 @@ def plan_groups(forecasters: dict[str, Callable[[], Forecaster]], n_refits: int,
         edges = np.linspace(0, n_refits, n + 1).round().astype(int)
         out += [RefitGroup(name, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
     return out
+
+
+def run_in_processes(panel: CountPanel, origins: np.ndarray, blocks: list[int], groups: list[RefitGroup],
+                     forecasters: dict[str, Callable[[], Forecaster]], category: str | None = None,
+                     processes: int = 2, progress: Callable[[str], None] | None = None) -> dict[tuple[str, int], GroupResult]:
+    """Every group in a pool of ``processes`` local processes (both cores of a laptop); results by
+    ``RefitGroup.key``, so the caller assembles them exactly as the sequential run would. Warm-started series
+    (uncuttable, the longest) start first. Workers are spawned, never forked: a forked child of a process that
+    has run LightGBM's OpenMP threads can hang."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ordered = sorted(groups, key=lambda g: (not chained(forecasters[g.forecaster]()), g.first - g.stop))
+    results: dict[tuple[str, int], GroupResult] = {}
+    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(refit_group, panel, origins, blocks, group, forecasters[group.forecaster], category): group
+                   for group in ordered}
+        for done, future in enumerate(as_completed(futures), start=1):
+            group = futures[future]
+            result = future.result()
+            results[group.key] = result
+            if progress:
+                progress(f"task {done}/{len(futures)}: {group.forecaster} refits {group.first + 1}-{group.stop} of "
+                         f"{len(blocks) - 1} ({sum(result.step_seconds):.1f} s)")
+    return results

@@ -155,7 +155,7 @@ BROWSER_MODULES = {"test_browser"}
 SLOW_MODULES = {"test_cli_forecasting", "test_cli_training", "test_tracking", "test_server", "test_hot_swap", "test_schemathesis",
                 "test_browser", "test_store_concurrency", "test_dask", "test_live_update", "test_retrain", "test_batch",
                 "test_realised_accuracy", "test_drift", "test_transparency", "test_pooled", "test_huge_k",
-                "test_dask_ingest", "test_baseline_champion"}
+                "test_dask_ingest", "test_baseline_champion", "test_local_processes"}
 SLOW_TESTS = {
     "test_forecasters.py::test_recency_weighted_full_history",
     "test_map.py::test_briefing_png_is_a_real_printable_map",

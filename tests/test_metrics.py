@@ -88,3 +88,53 @@ def test_summary_interval_contains_point_and_curve_is_monotone():
     assert s.point["hit_rate"][1] > s.point["hit_rate"][0]
     grid, curve = hit_rate_curve(truth, observed, np.ones(200), np.arange(90))
     assert curve[0] == 0 and curve[-1] == pytest.approx(1.0) and np.all(np.diff(curve) >= -1e-12)
+
+
+def _lexsort_ranking(expected, shift_ids, observed=None, seed=20240101):
+    """The former per-shift ranking, kept here as the reference the vectorised one must equal."""
+    out = np.empty(expected.shape, dtype=np.int64)
+    for i, (row, sid) in enumerate(zip(expected, shift_ids)):
+        tiebreak = np.random.default_rng([seed, int(sid)]).permutation(row.size)
+        out[i] = np.lexsort((tiebreak, -row) if observed is None else (tiebreak, observed[i], -row))
+    return out
+
+
+def test_vectorised_ranking_equals_per_shift_lexsort_with_ties():
+    rng = np.random.default_rng(3)
+    expected = rng.integers(0, 4, size=(40, 300)).astype(float)  # many ties
+    observed = rng.poisson(0.5, size=expected.shape).astype(float)
+    ids = np.arange(1000, 1040)
+    assert np.array_equal(rank_cells(expected, ids), _lexsort_ranking(expected, ids))
+    assert np.array_equal(rank_cells(expected, ids, worst_first=observed), _lexsort_ranking(expected, ids, observed))
+    assert np.array_equal(rank_cells(expected[3], 1003)[0], _lexsort_ranking(expected[3:4], [1003])[0])
+
+
+def test_frozen_arrays_are_scored_once_and_identically():
+    rng = np.random.default_rng(4)
+    expected, observed = rng.gamma(0.3, size=(30, 200)), rng.poisson(0.4, size=(30, 200)).astype(float)
+    areas, ids = rng.uniform(0.5, 1.5, 200), np.arange(30)
+    fresh = shift_hits(expected, observed, areas, ids)
+    frozen_e, frozen_o = expected.copy(), observed.copy()
+    frozen_e.setflags(write=False)
+    frozen_o.setflags(write=False)
+    first = shift_hits(frozen_e, frozen_o, areas, ids)
+    assert shift_hits(frozen_e, frozen_o, areas, ids) is first  # remembered
+    assert shift_hits(frozen_e.copy(), frozen_o, areas, ids) is not first  # another array is scored anew
+    for field in ("hits", "best", "predicted_in", "area_share", "n_flagged"):
+        assert np.array_equal(getattr(first, field), getattr(fresh, field))
+    for ties in ("random", "pessimistic"):  # other coverages reuse the remembered ranking: same figures
+        again = shift_hits(frozen_e, frozen_o, areas, ids, coverages=[0.01, 0.3, 1.0], ties=ties)
+        anew = shift_hits(expected, observed, areas, ids, coverages=[0.01, 0.3, 1.0], ties=ties)
+        assert np.array_equal(again.hits, anew.hits) and np.array_equal(again.n_flagged, anew.n_flagged)
+
+
+def test_bootstrap_replicates_at_once_equal_one_at_a_time():
+    rng = np.random.default_rng(5)
+    expected, observed = rng.gamma(0.3, size=(60, 100)), rng.poisson(0.4, size=(60, 100)).astype(float)
+    h = shift_hits(expected, observed, np.ones(100), np.arange(60), coverages=[0.01, 0.05, 0.2])
+    weights = bootstrap_weights(np.arange(60) // 3, 50, seed=0)
+    together = pooled(h, weights)
+    for k, w in enumerate(weights):
+        one = pooled(h, w)
+        for name, values in one.items():
+            np.testing.assert_allclose(together[name][k], values, rtol=1e-12, equal_nan=True)
