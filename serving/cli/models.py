@@ -308,7 +308,8 @@ def run(
     from serving.cli.service import ensure_planner_key, serve_forever, show_new_key
     from serving.keys import Role
 
-    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir, no_wait=False)
+    ingest(source=source, path=path, profile=None, encoding=None, boundary=None, data_dir=data_dir, no_wait=False,
+           cluster=None)
     source = source_profile(source, None, project_settings(data_dir)).name  # a profile file's source name
     panel(source=source, resolution=resolution, boundary=None, layer=None, profile=None, data_dir=data_dir)
     if quick:
