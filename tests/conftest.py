@@ -117,6 +117,18 @@ def toronto_incidents(toronto_store):
     return toronto_store.read("toronto-mci")
 
 
+def toronto_through_the_cli(root: Path, resolution: int) -> Path:
+    """A data folder made as a user makes it: `hotspots ingest toronto-mci` then `hotspots panel`."""
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    for args in (["ingest", "toronto-mci"], ["panel", "toronto-mci", "--resolution", str(resolution)]):
+        result = CliRunner().invoke(app, [*args, "--data-dir", str(root)])
+        assert result.exit_code == 0, result.output
+    return root
+
+
 TORONTO_CATEGORIES = ["assault", "auto_theft", "break_and_enter", "robbery", "theft_over"]
 
 

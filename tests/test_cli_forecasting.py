@@ -6,7 +6,7 @@ import re
 from datetime import UTC
 
 import pytest
-from conftest import require_shared
+from conftest import require_shared, toronto_through_the_cli
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -18,11 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    for args in (["ingest", "toronto-mci"], ["panel", "toronto-mci", "--resolution", "8"]):
-        result = runner.invoke(app, [*args, "--data-dir", str(root)])
-        assert result.exit_code == 0, result.output
-    return root
+    return toronto_through_the_cli(tmp_path_factory.mktemp("cli"), resolution=8)
 
 
 @pytest.fixture(scope="module")

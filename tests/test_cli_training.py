@@ -4,7 +4,7 @@ test_cli_forecasting.py so that the two heavy modules run on different test work
 import json
 
 import pytest
-from conftest import require_shared
+from conftest import require_shared, toronto_through_the_cli
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -16,11 +16,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    for args in (["ingest", "toronto-mci"], ["panel", "toronto-mci", "--resolution", "8"]):
-        result = runner.invoke(app, [*args, "--data-dir", str(root)])
-        assert result.exit_code == 0, result.output
-    return root
+    return toronto_through_the_cli(tmp_path_factory.mktemp("cli"), resolution=8)
 
 
 def test_backtest_takes_shift_starts_and_writes_per_cell_forecasts(data_dir, monkeypatch):
