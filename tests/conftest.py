@@ -192,7 +192,8 @@ SLOW_TESTS = {
 # minute-long module leaves the other worker idle. So the heaviest modules (measured with --durations=0, module
 # totals, heaviest first) are collected first, the rest keep their order: longest-processing-time-first scheduling.
 HEAVIEST_FIRST = ["test_cli_forecasting", "test_schemathesis", "test_cli_training", "test_dask", "test_any_city",
-                  "test_hot_swap", "test_batch", "test_browser", "test_pooled", "test_retrain", "test_feedback_loop",
+                  "test_hot_swap", "test_batch", "test_browser", "test_pooled", "test_dask_ingest", "test_retrain",
+                  "test_local_processes", "test_feedback_loop",
                   "test_forecasters", "test_store_concurrency", "03_feedback_loops_and_bias", "test_server",
                   "02_researcher_claim_test", "test_idempotency", "test_metrics_endpoint", "test_tracking",
                   "test_references", "test_diagnostics", "test_baseline_champion", "test_tamper_and_limits",
