@@ -55,8 +55,27 @@ def _explainer(booster: lgb.Booster, iteration: int | None) -> tuple[lgb.Booster
         return found
 
 
+class BoosterAsText:
+    """Pickling of a forecaster holding a LightGBM ``booster_``: the booster travels as LightGBM's own text model
+    (portable across versions, inspectable); the rest as the Forecaster contract pickles it (no training caches)."""
+
+    booster_: lgb.Booster | None
+
+    def __getstate__(self) -> dict:
+        state: dict = super().__getstate__()  # type: ignore[assignment]  # the Forecaster's, next in the MRO
+        if self.booster_ is not None:
+            state["booster_"] = self.booster_.model_to_string()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        booster = state.get("booster_")
+        if isinstance(booster, str):
+            state = {**state, "booster_": lgb.Booster(model_str=booster)}
+        super().__setstate__(state)  # type: ignore[misc]
+
+
 @dataclass
-class LightGBMForecaster(Forecaster):
+class LightGBMForecaster(BoosterAsText, Forecaster):
     objective: str = "poisson"  # or "tweedie", or a ranking objective (RANKING_OBJECTIVES)
     train_days: int | None = 730  # None: the whole history
     valid_days: int = 56
@@ -83,20 +102,6 @@ class LightGBMForecaster(Forecaster):
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     learned: ClassVar[bool] = True
     transient: ClassVar[tuple[str, ...]] = ("_cache",)
-
-    def __getstate__(self) -> dict:
-        """The booster travels as LightGBM's own text model (portable across versions, inspectable), the
-        training-row cache not at all."""
-        state = super().__getstate__()
-        if self.booster_ is not None:
-            state["booster_"] = self.booster_.model_to_string()
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        booster = state.get("booster_")
-        if isinstance(booster, str):
-            state = {**state, "booster_": lgb.Booster(model_str=booster)}
-        super().__setstate__(state)
 
     def _chunk(self, panel: CountPanel, lo: int, hi: int, sample: bool):
         """Rows for origins [lo, hi). Chunks only depend on data before ``hi``, so they are cached per panel

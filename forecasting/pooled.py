@@ -37,6 +37,7 @@ from features.matrix import FeatureConfig, build_features, build_targets
 from features.panel import CountPanel
 from forecasting.base import Forecaster, NotFittedError
 from forecasting.cluster import INSTALL, connect
+from forecasting.lgbm import BoosterAsText
 
 UNSCALED = ("cell_lat", "cell_lon")  # besides the calendar's cal_* columns: not counts, left as they are
 RATE_COLUMN = "city_log_rate"
@@ -164,7 +165,7 @@ class _PinnedClient:
 
 
 @dataclass
-class PooledLightGBM(Forecaster):
+class PooledLightGBM(BoosterAsText, Forecaster):  # the booster pickled as text, as the per-city model's
     """The pooled model as one city's forecaster. ``fit(panel, until)`` trains on this panel together with the
     saved panels in ``others`` (on ``cluster``, else a local 2-worker cluster); :func:`train_pooled` trains once
     for many cities and hands each its own instance (same booster, the city's own rate)."""
@@ -194,19 +195,6 @@ class PooledLightGBM(Forecaster):
     train_rows_: int = field(default=0, init=False, repr=False)
     cities_: int = field(default=0, init=False, repr=False)
     learned: ClassVar[bool] = True
-
-    def __getstate__(self) -> dict:
-        """The booster travels as LightGBM's text model, as the per-city model's does."""
-        state = super().__getstate__()
-        if self.booster_ is not None:
-            state["booster_"] = self.booster_.model_to_string()
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        booster = state.get("booster_")
-        if isinstance(booster, str):
-            state = {**state, "booster_": lgb.Booster(model_str=booster)}
-        super().__setstate__(state)
 
     def lgb_params(self) -> dict[str, Any]:
         """DaskLGBMRegressor arguments: the per-city model's Poisson settings, one thread per worker."""
