@@ -129,6 +129,16 @@ def toronto_through_the_cli(root: Path, resolution: int) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def client():
+    """A real two-process Dask LocalCluster (one thread per worker) and its client, per test module."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
 TORONTO_CATEGORIES = ["assault", "auto_theft", "break_and_enter", "robbery", "theft_over"]
 
 

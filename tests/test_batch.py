@@ -14,7 +14,6 @@ from pathlib import Path
 import mlflow
 import polars as pl
 import pytest
-from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 from features.paths import DataPaths
@@ -67,13 +66,6 @@ def seed_folder(toronto_incidents, tmp_path_factory) -> Path:
 
 def fresh(seed_folder: Path, tmp_path: Path, name: str) -> Path:
     return Path(shutil.copytree(seed_folder, tmp_path / name))
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import polars as pl
 import pytest
-from distributed import Client, LocalCluster, get_worker
+from distributed import get_worker
 
 from features.calendar import ShiftCalendar
 from features.grid import StudyArea
@@ -42,13 +42,6 @@ def panel():
     first = cal.shift_of(datetime(2019, 1, 1, 12, tzinfo=UTC))
     end = cal.shift_of(datetime(2020, 4, 2, 12, tzinfo=UTC))
     return simulate(city, first, end, seed=5, burn_in_shifts=30).panel()
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from distributed import Client, LocalCluster
 
 import features.ingest as ingest_module
 from features.ingest import plan_input
@@ -32,13 +31,6 @@ def toronto_slice(tmp_path_factory) -> Path:
     path = root / "slice.csv"
     path.write_bytes(b"".join(lines) + lines[5])
     return path
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as c:
-        yield c
 
 
 def summary_of(summary) -> dict:

@@ -15,7 +15,6 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import toronto_box_panel
-from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 from features.panel import CountPanel
@@ -50,13 +49,6 @@ def cities(toronto_incidents, tmp_path_factory) -> dict[str, str]:
         panel.save(root / name)
         out[name] = str(root / name)
     return out
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as c:
-        yield c
 
 
 def trees(model: PooledLightGBM) -> str:
