@@ -5,6 +5,7 @@ unless HOTSPOTS_REQUIRE_SHARED_DATA=1 (CI sets it in .ci/run), which turns the s
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,24 @@ def client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as c:
         yield c
+
+
+def synthetic_downtown_panel(rings: int, per_day: float, background_seed: int, seed: int, start: datetime):
+    """A small synthetic city (resolution 8, ``rings`` around downtown Toronto) simulated from ``start`` to 2 April
+    2020: a panel with a known intensity for tests that need three monthly refits in 2020."""
+    import h3
+
+    from features.calendar import ShiftCalendar
+    from features.grid import StudyArea
+    from features.synthetic import SyntheticCity, simulate, smooth_background
+
+    area = StudyArea([h3.str_to_int(c) for c in h3.grid_disk(h3.latlng_to_cell(43.65, -79.38, 8), rings)], 8)
+    cal = ShiftCalendar("America/Toronto")
+    city = SyntheticCity(study_area=area, calendar=cal,
+                         background=smooth_background(area, total_per_day=per_day, seed=background_seed))
+    first = cal.shift_of(start + timedelta(hours=12))
+    end = cal.shift_of(datetime(2020, 4, 2, 12, tzinfo=UTC))
+    return simulate(city, first, end, seed=seed, burn_in_shifts=30).panel()
 
 
 TORONTO_CATEGORIES = ["assault", "auto_theft", "break_and_enter", "robbery", "theft_over"]

@@ -10,17 +10,14 @@ from datetime import UTC, date, datetime
 from functools import partial
 
 import cloudpickle
-import h3
 import mlflow
 import numpy as np
 import polars as pl
 import pytest
+from conftest import synthetic_downtown_panel
 from distributed import get_worker
 
-from features.calendar import ShiftCalendar
-from features.grid import StudyArea
 from features.settings import Settings
-from features.synthetic import SyntheticCity, simulate, smooth_background
 from forecasting import registry
 from forecasting.backtest import run_backtest
 from forecasting.baselines import Naive
@@ -36,12 +33,7 @@ START, END = date(2020, 1, 1), date(2020, 4, 1)  # three monthly refits
 
 @pytest.fixture(scope="module")
 def panel():
-    area = StudyArea([h3.str_to_int(c) for c in h3.grid_disk(h3.latlng_to_cell(43.65, -79.38, 8), 5)], 8)
-    cal = ShiftCalendar("America/Toronto")
-    city = SyntheticCity(study_area=area, calendar=cal, background=smooth_background(area, total_per_day=40, seed=1))
-    first = cal.shift_of(datetime(2019, 1, 1, 12, tzinfo=UTC))
-    end = cal.shift_of(datetime(2020, 4, 2, 12, tzinfo=UTC))
-    return simulate(city, first, end, seed=5, burn_in_shifts=30).panel()
+    return synthetic_downtown_panel(5, 40, 1, 5, datetime(2019, 1, 1, tzinfo=UTC))
 
 
 @pytest.fixture(scope="module")

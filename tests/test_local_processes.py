@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
-import h3
 import numpy as np
 import pytest
+from conftest import synthetic_downtown_panel
 
-from features.calendar import ShiftCalendar
-from features.grid import StudyArea
-from features.synthetic import SyntheticCity, simulate, smooth_background
 from forecasting import registry
 from forecasting.backtest import local_processes, run_backtest
 
@@ -20,12 +17,7 @@ START, END = date(2020, 1, 1), date(2020, 4, 1)  # three monthly refits
 
 @pytest.fixture(scope="module")
 def panel():
-    area = StudyArea([h3.str_to_int(c) for c in h3.grid_disk(h3.latlng_to_cell(43.65, -79.38, 8), 4)], 8)
-    cal = ShiftCalendar("America/Toronto")
-    city = SyntheticCity(study_area=area, calendar=cal, background=smooth_background(area, total_per_day=30, seed=2))
-    first = cal.shift_of(datetime(2019, 3, 1, 12, tzinfo=UTC))
-    end = cal.shift_of(datetime(2020, 4, 2, 12, tzinfo=UTC))
-    return simulate(city, first, end, seed=7, burn_in_shifts=30).panel()
+    return synthetic_downtown_panel(4, 30, 2, 7, datetime(2019, 3, 1, tzinfo=UTC))
 
 
 def forecasters() -> dict:
