@@ -311,6 +311,10 @@ class AreaNames:
         self.settings = settings
         self._cache: ComputeOnceCache[CellAreas] = ComputeOnceCache(size)
 
+    def peek(self, city: str, panel_token: str) -> CellAreas | None:
+        """The city's area names when already computed (a lookup: safe on the event loop), else None."""
+        return self._cache.peek((city, panel_token))
+
     def get(self, city: str, panel_token: str, study_area: StudyArea) -> CellAreas:
         return self._cache.get_or_compute((city, panel_token),
                                           lambda: with_locations(city_areas(self.settings, city, study_area),

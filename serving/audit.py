@@ -9,6 +9,7 @@ one. A failed batch is retried row by row, so one bad entry cannot fail the othe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import threading
@@ -40,25 +41,31 @@ class AuditLog:
         """Write one entry and return its id once it is committed (raises if it cannot be written). ``flagged``:
         the H3 ids a hotspots response handed out, in rank order (scored later by the accuracy record), or their
         JSON array already encoded (a city-wide response slices it from its forecast's cached ranking)."""
-        values = dict(at=utcnow(), key_id=principal.key_id, role=principal.role.value, endpoint=endpoint,
-                      params=json.dumps(params, sort_keys=True, default=str), city=city,
-                      model_version=model_version, response_bytes=int(response_bytes))
-        if flagged is not None:
-            values["flagged"] = flagged if isinstance(flagged, str) else json.dumps(list(flagged))
+        done = self._submit(_entry(principal, endpoint, params, response_bytes, city, model_version, flagged))
+        return done.result(timeout=self.WAIT_SECONDS)
+
+    async def record_async(self, principal: Principal, endpoint: str, params: dict[str, Any], response_bytes: int,
+                           city: str | None = None, model_version: str | None = None,
+                           flagged: list[str] | str | None = None) -> int:
+        """:meth:`record` awaited on the event loop: a request that only waits for its commit holds no pool thread
+        (a cached forecast then makes no thread-pool trip at all)."""
+        done = self._submit(_entry(principal, endpoint, params, response_bytes, city, model_version, flagged))
+        async with asyncio.timeout(self.WAIT_SECONDS):
+            return await asyncio.wrap_future(done)
+
+    def _submit(self, values: dict[str, Any]) -> Future:
+        """Queue one entry for the writer thread (started when idle); its future resolves when it is committed."""
         done: Future = Future()
         with self._lock:
             self._queue.put((values, done))
             if not self._writing:
                 self._writing = True
                 threading.Thread(target=self._write_loop, name="audit-writer", daemon=True).start()
-        return done.result(timeout=self.WAIT_SECONDS)
+        return done
 
     def record_refusal(self, key: str | None, endpoint: str, status: int, reason: str) -> int:
         """A refused request (401/403) is audited too: the key id it claimed (never the secret), the reason."""
-        parsed = split_key(key) if key else None
-        key_id = parsed[0][:32] if parsed else ("none" if not key else "malformed")
-        principal = SimpleNamespace(key_id=key_id, role=SimpleNamespace(value="refused"))
-        return self.record(principal, endpoint[:200], {"status": status, "reason": reason}, 0)  # type: ignore[arg-type]
+        return self.record(*refusal_entry(key, endpoint, status, reason))
 
     def _write_loop(self) -> None:
         while True:
@@ -105,3 +112,21 @@ class AuditLog:
                        response_bytes=r.response_bytes)
             for r in rows
         ]
+
+
+def _entry(principal: Principal, endpoint: str, params: dict[str, Any], response_bytes: int, city: str | None,
+           model_version: str | None, flagged: list[str] | str | None) -> dict[str, Any]:
+    values = dict(at=utcnow(), key_id=principal.key_id, role=principal.role.value, endpoint=endpoint,
+                  params=json.dumps(params, sort_keys=True, default=str), city=city,
+                  model_version=model_version, response_bytes=int(response_bytes))
+    if flagged is not None:
+        values["flagged"] = flagged if isinstance(flagged, str) else json.dumps(list(flagged))
+    return values
+
+
+def refusal_entry(key: str | None, endpoint: str, status: int, reason: str) -> tuple[Any, str, dict[str, Any], int]:
+    """The audit entry of a refused request: the key id it claimed (never the secret), or none/malformed."""
+    parsed = split_key(key) if key else None
+    key_id = parsed[0][:32] if parsed else ("none" if not key else "malformed")
+    principal = SimpleNamespace(key_id=key_id, role=SimpleNamespace(value="refused"))
+    return principal, endpoint[:200], {"status": status, "reason": reason}, 0

@@ -32,6 +32,11 @@ class ComputeOnceCache(Generic[V]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def peek(self, key: Hashable) -> V | None:
+        """The value when it is already computed (no work, never waits: safe on the event loop), else None."""
+        with self._lock:
+            return self._data.get(key)  # a read moves the key to the recent end
+
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> tuple[V, bool]:
         """(value, hit)."""
         with self._lock:
@@ -69,9 +74,12 @@ class BodyCache:
     def current_bytes(self) -> int:
         return int(self._data.currsize)
 
-    def get_or_make(self, key: Hashable, make: Callable[[], bytes]) -> bytes:
+    def peek(self, key: Hashable) -> bytes | None:
         with self._lock:
-            found = self._data.get(key)
+            return self._data.get(key)
+
+    def get_or_make(self, key: Hashable, make: Callable[[], bytes]) -> bytes:
+        found = self.peek(key)
         if found is not None:
             return found
         body = make()  # two threads may both make it: the bodies are identical

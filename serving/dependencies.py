@@ -5,17 +5,19 @@ thread-pool round trip each. Those that may block (the model refresh, key verifi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
+from starlette.concurrency import run_in_threadpool
 
 from features.panel import CountPanel
 from features.settings import Settings
 from serving.areas import AreaNames
-from serving.audit import AuditLog
+from serving.audit import AuditLog, refusal_entry
 from serving.errors import ApiError
 from serving.forecasts import ForecastService
 from serving.keys import KeyStore, Permission, Principal, roles_with
@@ -32,14 +34,33 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_models(request: Request) -> ModelStore:
+async def get_models(request: Request) -> ModelStore:
+    """The model store; a refresh that is due starts in a background thread (never waited for), and only the
+    very first one (an app started without its lifespan) runs in line, in the thread pool."""
     store: ModelStore = request.app.state.models
-    store.maybe_refresh()
+    if store.refreshed:
+        store.maybe_refresh()
+    else:
+        await run_in_threadpool(store.maybe_refresh)
     return store
 
 
-async def get_keys(request: Request) -> KeyStore:
-    return request.app.state.keys
+@dataclass(frozen=True)
+class ForecastServices:
+    """What the forecast routes use, as one dependency. FastAPI resolves each dependency of a request anew (tens
+    of microseconds each, whatever it returns), and a cached forecast is otherwise little more than that
+    bookkeeping: one node instead of five."""
+
+    models: ModelStore
+    forecasts: ForecastService
+    audit: AuditLog
+    areas: AreaNames
+    settings: Settings
+
+
+async def get_forecast_services(request: Request) -> ForecastServices:
+    state = request.app.state
+    return ForecastServices(await get_models(request), state.forecasts, state.audit, state.areas, state.settings)
 
 
 async def get_audit(request: Request) -> AuditLog:
@@ -67,28 +88,31 @@ async def get_now() -> datetime:
     return datetime.now(UTC)
 
 
-def require(permission: Permission) -> Callable[..., Principal]:
-    """Dependency: the caller's key must be valid (else 401) and its role must allow ``permission`` (else 403)."""
+def require(permission: Permission) -> Callable[..., Awaitable[Principal]]:
+    """Dependency: the caller's key must be valid (else 401) and its role must allow ``permission`` (else 403).
+    A key verified in the last seconds is checked on the event loop (a hash and a lookup); others, and the audit
+    entry of a refusal, in the thread pool (database reads and writes)."""
 
-    def _check(request: Request, key: Annotated[str | None, Security(api_key_header)],
-               keys: Annotated[KeyStore, Depends(get_keys)], audit: Annotated[AuditLog, Depends(get_audit)]) -> Principal:
-        def refuse(status: int, reason: str):
+    async def _check(request: Request, key: Annotated[str | None, Security(api_key_header)]) -> Principal:
+        keys: KeyStore = request.app.state.keys  # read here, not as sub-dependencies: each costs per request
+        audit: AuditLog = request.app.state.audit
+        async def refuse(status: int, reason: str) -> ApiError:
             try:  # refused requests are audited too; a failing log must not turn a 401 into a 500
-                audit.record_refusal(key, request.url.path, status, reason)
+                await audit.record_async(*refusal_entry(key, request.url.path, status, reason))
             except Exception:  # noqa: BLE001
                 pass
             return ApiError(status, reason)
 
         if not key:
-            raise refuse(401, f"missing API key: send it in the {API_KEY_HEADER} header")
-        found = keys.verify(key)
+            raise await refuse(401, f"missing API key: send it in the {API_KEY_HEADER} header")
+        found = keys.recently_verified(key) or await run_in_threadpool(keys.verify, key)
         if found is None:
-            raise refuse(401, "invalid or revoked API key")
+            raise await refuse(401, "invalid or revoked API key")
         principal = Principal(*found)
         if not principal.can(permission):
             allowed = ", ".join(role.value for role in roles_with(permission))
-            raise refuse(403, f"role {principal.role.value!r} may not access {permission.value}; this needs one of: "
-                              f"{allowed}")
+            raise await refuse(403, f"role {principal.role.value!r} may not access {permission.value}; this needs "
+                                    f"one of: {allowed}")
         return principal
 
     return _check
@@ -139,5 +163,6 @@ Auditor = Annotated[Principal, Depends(require(Permission.audit))]
 Patrols = Annotated[PatrolLog, Depends(get_patrols)]
 Metrics = Annotated[ServiceMetrics, Depends(get_metrics)]
 Areas = Annotated[AreaNames, Depends(get_areas)]
+Services = Annotated[ForecastServices, Depends(get_forecast_services)]
 PatrolRecorder = Annotated[Principal, Depends(require(Permission.patrols))]
 PatrolReader = Annotated[Principal, Depends(require(Permission.patrol_log))]

@@ -71,10 +71,22 @@ class ForecastService:
         with self._locks_guard:
             return self._model_locks.setdefault((model.name, model.version), threading.Lock())
 
+    @staticmethod
+    def _key(state: CityState, shift_id: int, category: str) -> Hashable:
+        return (state.city, shift_id, category, _ready(state)[1].version, state.panel_token)
+
+    def cached(self, state: CityState, shift_id: int, category: str) -> Forecast | None:
+        """The forecast when it is already computed (a lookup: safe on the event loop), else None."""
+        forecast = self.cache.peek(self._key(state, shift_id, category))
+        if forecast is not None:
+            self._remember(state.city, shift_id, category)
+            if self.metrics is not None:
+                self.metrics.forecast_lookup(state.city, True)
+        return forecast
+
     def forecast(self, state: CityState, shift_id: int, category: str) -> tuple[Forecast, bool]:
         """(forecast, cache hit)."""
-        _, model = _ready(state)
-        key = (state.city, shift_id, category, model.version, state.panel_token)
+        key = self._key(state, shift_id, category)
         forecast, hit = self.cache.get_or_compute(key, lambda: self._compute(state, shift_id, category, key))
         self._remember(state.city, shift_id, category)
         if self.metrics is not None:
@@ -98,7 +110,7 @@ class ForecastService:
         for shift_id, category in reversed(recent):  # the most recent first
             if category != model.target or not panel.first_shift <= shift_id <= panel.end_shift:
                 continue  # the new model forecasts another category, or the panel changed
-            key = (state.city, shift_id, category, model.version, state.panel_token)
+            key = self._key(state, shift_id, category)
             try:
                 forecast, _ = self.cache.get_or_compute(key, partial(self._compute, state, shift_id, category, key))
                 forecast.top_features(forecast.order[:WARM_EXPLAINED])
@@ -108,6 +120,10 @@ class ForecastService:
     def body(self, forecast: Forecast, variant: Hashable, make: Callable[[], bytes]) -> bytes:
         """The response body ``variant`` (endpoint, parameters as asked) of a forecast, made once and kept."""
         return self.bodies.get_or_make((forecast.key, forecast.model.source, variant), make)
+
+    def cached_body(self, forecast: Forecast, variant: Hashable) -> bytes | None:
+        """The body ``variant`` when it is already made (a lookup), else None."""
+        return self.bodies.peek((forecast.key, forecast.model.source, variant))
 
     def _compute(self, state: CityState, shift_id: int, category: str, key: Hashable = None) -> Forecast:
         panel, model = _ready(state)

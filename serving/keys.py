@@ -122,14 +122,22 @@ class KeyStore:
 
     def verify(self, key: str | None) -> tuple[str, Role] | None:
         """(key id, role) of an active key, else None."""
+        return self.recently_verified(key) or self._verify_stored(key)
+
+    def recently_verified(self, key: str | None) -> tuple[str, Role] | None:
+        """(key id, role) when this key was verified within ``cache_seconds`` (a hash and a lookup: safe on the
+        event loop), else None (unknown: :meth:`verify` it)."""
+        parsed = split_key(key) if key else None
+        if parsed is None:
+            return None
+        hit = self._verified.get(_token(*parsed))
+        return (hit[1], hit[2]) if hit is not None and hit[0] > time.monotonic() else None
+
+    def _verify_stored(self, key: str | None) -> tuple[str, Role] | None:
         parsed = split_key(key) if key else None
         if parsed is None:
             return None
         key_id, secret = parsed
-        token, now = hashlib.sha256(f"{key_id}_{secret}".encode()).digest(), time.monotonic()
-        hit = self._verified.get(token)
-        if hit is not None and hit[0] > now:
-            return hit[1], hit[2]
         with self.db.session() as session:
             row = session.get(ApiKeyRow, key_id)
         if row is None:
@@ -137,6 +145,7 @@ class KeyStore:
             return None
         if not hmac.compare_digest(row.digest, _digest(row.salt, secret)) or row.revoked_at is not None:
             return None
+        token, now = _token(key_id, secret), time.monotonic()
         with self._verified_lock:
             if len(self._verified) >= self.cache_entries:
                 self._verified = {t: h for t, h in self._verified.items() if h[0] > now}
@@ -149,6 +158,11 @@ class KeyStore:
             rows = session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)).all()
         return [KeyInfo(r.key_id, r.name, Role(r.role), as_utc(r.created_at), r.revoked_at and as_utc(r.revoked_at))
                 for r in rows]
+
+
+def _token(key_id: str, secret: str) -> bytes:
+    """What the verified-key cache is keyed by (never the secret itself)."""
+    return hashlib.sha256(f"{key_id}_{secret}".encode()).digest()
 
 
 # --- module-level helpers (for the CLI): the store of the configured data folder -----------------------

@@ -125,6 +125,11 @@ class ModelStore:
         return self._states.get(city)
 
     # --- refreshing --------------------------------------------------------------------------------
+    @property
+    def refreshed(self) -> bool:
+        """Whether a first snapshot exists (before it, :meth:`maybe_refresh` refreshes in line)."""
+        return self._last_refresh is not None
+
     def maybe_refresh(self) -> None:
         """Never waits for a load: before the first snapshot (start-up) it refreshes in line (there is nothing to
         serve yet); afterwards, when one is due and none is running, a background thread refreshes."""

@@ -1,9 +1,10 @@
 """What the forecast routes share: checking a request against the city's panel and model, the context block
 of a response, and the audited response.
 
-The CPU-heavy parts (feature building and predicting on a cache miss, serialising or drawing a body) and the
-blocking ones (waiting for the audit entry to commit) run in the thread pool, never on the event loop, so one
-slow forecast does not hold up the other requests (``/healthz`` included)."""
+The CPU-heavy parts (feature building and predicting on a cache miss, serialising or drawing a body) run in the
+thread pool, never on the event loop, so one slow forecast does not hold up the other requests (``/healthz``
+included). A request whose forecast and body are cached does only lookups, so it stays on the event loop and
+awaits its audit entry's commit there: no thread-pool trip (each costs thread hand-overs under the GIL)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import Request, Response
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from features.panel import CountPanel
@@ -46,21 +46,31 @@ class Prepared:
         return ready_panel(self.state)
 
 
-def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
-            k: int | None = None, coverage: float | None = None, max_k: int | None = None) -> Prepared:
+def checked(models: ModelStore, query: _Query, now: datetime, k: int | None = None, coverage: float | None = None,
+            max_k: int | None = None) -> tuple[CityState, ResolvedShift, str]:
     """Checks in the order a caller can act on: city (404), parameters against the panel (422), a champion
-    (503), the category against the model (422). Then the (cached) forecast."""
+    (503), the category against the model (422). Lookups and date arithmetic only: safe on the event loop."""
     state = city_state(models, query.city)
     panel = ready_panel(state)
     shift = resolve_shift(panel, query.shift, now)
     check_k(panel, k, coverage, max_k)
     check_category(panel, query.category, state.city)
     model = ready_model(state)
-    category = resolve_category(model, query.category, state.city)
+    return state, shift, resolve_category(model, query.category, state.city)
+
+
+def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
+            k: int | None = None, coverage: float | None = None, max_k: int | None = None) -> Prepared:
+    """:func:`checked`, then the (cached) forecast."""
+    return _forecast(forecasts, *checked(models, query, now, k, coverage, max_k))
+
+
+def _forecast(forecasts: ForecastService, state: CityState, shift: ResolvedShift, category: str) -> Prepared:
     try:
         forecast, hit = forecasts.forecast(state, shift.shift_id, category)
     except Exception as exc:  # noqa: BLE001 - a model that cannot run on this panel: say so, never a bare 500
         log.exception("forecast failed for %s at shift %s", state.city, shift.shift_id)
+        model = ready_model(state)
         raise ApiError(503, f"the champion model of {state.city} (version {model.version}) failed on shift "
                             f"{shift.shift_id}: {type(exc).__name__}: {exc}") from exc
     return Prepared(state, shift, category, forecast, hit)
@@ -68,26 +78,30 @@ def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: 
 
 async def prepare_off_loop(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
                            k: int | None = None, coverage: float | None = None, max_k: int | None = None) -> Prepared:
-    """:func:`prepare` in the thread pool (a cache miss builds features and runs the model: seconds of CPU)."""
-    return await run_in_threadpool(prepare, models, forecasts, query, now, k, coverage, max_k)
+    """:func:`prepare` with the forecast taken from the cache on the event loop, or computed in the thread pool
+    on a miss (features of the shift and the model over every cell: seconds of CPU)."""
+    state, shift, category = checked(models, query, now, k, coverage, max_k)
+    forecast = forecasts.cached(state, shift.shift_id, category)
+    if forecast is not None:
+        return Prepared(state, shift, category, forecast, True)
+    return await run_in_threadpool(_forecast, forecasts, state, shift, category)
 
 
 async def respond(request: Request, forecasts: ForecastService, audit: AuditLog, principal: Principal, p: Prepared,
                   variant: Hashable, make: Callable[[], bytes], params: dict[str, Any],
                   media_type: str = "application/json", flagged: list[str] | str | None = None) -> Response:
-    """The (cached) body ``variant`` of the forecast, made and audited in the thread pool, then sent; ``flagged``
-    (the H3 ids a hotspots response hands out, or their JSON array) goes into the audit row for the accuracy record."""
-    return await run_in_threadpool(_made_and_audited, request, forecasts, audit, principal, p, variant, make, params,
-                                   media_type, flagged)
-
-
-def _made_and_audited(request: Request, forecasts: ForecastService, audit: AuditLog, principal: Principal,
-                      p: Prepared, variant: Hashable, make: Callable[[], bytes], params: dict[str, Any],
-                      media_type: str, flagged: list[str] | str | None) -> Response:
-    """One trip to the thread pool for both: each trip is a few thread hand-overs, and a request that others
-    wait on should make as few as it can."""
-    return audited(request, audit, principal, forecasts.body(p.forecast, variant, make), p, params, media_type,
-                   flagged)
+    """The body ``variant`` of the forecast (from the body cache, else made in the thread pool), audited (the
+    request awaits its entry's commit on the event loop, holding no thread), then sent; ``flagged`` (the H3 ids a
+    hotspots response hands out, or their JSON array) goes into the audit row for the accuracy record."""
+    content = forecasts.cached_body(p.forecast, variant)
+    if content is None:
+        content = await run_in_threadpool(forecasts.body, p.forecast, variant, make)
+    try:
+        await audit.record_async(principal, request.url.path, params, len(content), city=p.state.city,
+                                 model_version=p.forecast.model.version, flagged=flagged)
+    except Exception as exc:  # noqa: BLE001
+        raise ApiError(503, "the audit log cannot be written; forecasts are not served without an audit entry") from exc
+    return _response(content, p, media_type)
 
 
 def context(p: Prepared) -> dict[str, Any]:
@@ -112,15 +126,6 @@ def audit_params(p: Prepared, query: _Query, **extra: Any) -> dict[str, Any]:
     return params
 
 
-def audited(request: Request, audit: AuditLog, principal: Principal, body: BaseModel | bytes, p: Prepared,
-            params: dict[str, Any], media_type: str = "application/json", flagged: list[str] | str | None = None) -> Response:
-    """Serialise (unless given bytes, e.g. a cached body), write the audit entry (no entry, no forecast), then
-    send."""
-    content = body if isinstance(body, bytes) else body.model_dump_json().encode("utf-8")
-    try:
-        audit.record(principal, request.url.path, params, len(content), city=p.state.city,
-                     model_version=p.forecast.model.version, flagged=flagged)
-    except Exception as exc:  # noqa: BLE001
-        raise ApiError(503, "the audit log cannot be written; forecasts are not served without an audit entry") from exc
+def _response(content: bytes, p: Prepared, media_type: str) -> Response:
     headers = {**FORECAST_HEADERS, "X-Cache": "hit" if p.cache_hit else "miss", "X-Model-Version": p.forecast.model.version}
     return Response(content=content, media_type=media_type, headers=headers)

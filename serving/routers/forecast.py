@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from serving.dependencies import Audit, Forecasts, Models, Now, Planner
+from serving.dependencies import Now, Planner, Services
 from serving.routers.common import audit_params, context, prepare_off_loop, respond
 from serving.routers.hotspots import ERRORS
 from serving.schemas import CellForecast, ForecastQuery, ForecastResponse
@@ -17,9 +17,9 @@ router = APIRouter(tags=["forecast"])
 
 @router.get("/forecast", response_model=ForecastResponse, responses=ERRORS,
             summary="Expected count of every study-area cell for a shift")
-async def forecast(request: Request, principal: Planner, query: Annotated[ForecastQuery, Query()], models: Models,
-                   forecasts: Forecasts, audit: Audit, now: Now) -> Response:
-    p = await prepare_off_loop(models, forecasts, query, now)
+async def forecast(request: Request, principal: Planner, query: Annotated[ForecastQuery, Query()],
+                   services: Services, now: Now) -> Response:
+    p = await prepare_off_loop(services.models, services.forecasts, query, now)
 
     def make() -> bytes:
         h3_ids = p.panel.study_area.h3_ids
@@ -29,5 +29,6 @@ async def forecast(request: Request, principal: Planner, query: Annotated[Foreca
             cells=[CellForecast(h3=h, expected_count=float(e)) for h, e in zip(h3_ids, expected.tolist())],
         ).model_dump_json().encode()
 
-    return await respond(request, forecasts, audit, principal, p, ("forecast", p.shift.requested, p.shift.after_data),
+    variant = ("forecast", p.shift.requested, p.shift.after_data)
+    return await respond(request, services.forecasts, services.audit, principal, p, variant,
                          make, audit_params(p, query))

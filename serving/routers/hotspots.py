@@ -5,7 +5,6 @@ selected) and differ only in their renderer."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from serving.areas import AreaNames, CellAreas
 from serving.audit import AuditLog
 from serving.briefing import render_briefing
 from serving.checks import EXPLAINED_CELLS, PNG_MAX_K, check_selected
-from serving.dependencies import Areas, Audit, Forecasts, Models, Now, Planner, Settings_
+from serving.dependencies import Now, Planner, Services
 from serving.errors import ApiError
 from serving.forecasts import ForecastService, select_cells
 from serving.geometry import hexagon_ring
@@ -145,29 +144,41 @@ class HotspotsRequest:
 
 
 async def prepared_hotspots(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()],
-                            models: Models, forecasts: Forecasts, audit: Audit, service: Settings_,
-                            now: Now, names: Areas) -> HotspotsRequest:
+                            services: Services, now: Now) -> HotspotsRequest:
     max_k = PNG_MAX_K if request.url.path.endswith(".png") else None
-    p = await prepare_off_loop(models, forecasts, query, now, query.k, query.coverage, max_k)
-    n = select_cells(p.panel, p.forecast, query.k, query.coverage, service.default_k)
+    forecasts, default_k = services.forecasts, services.settings.default_k
+    p = await prepare_off_loop(services.models, forecasts, query, now, query.k, query.coverage, max_k)
+    n = select_cells(p.panel, p.forecast, query.k, query.coverage, default_k)
     check_selected(n, query.coverage, max_k)
-    areas, flagged = await run_in_threadpool(_areas_and_flagged, names, forecasts, p, n)
-    return HotspotsRequest(request, principal, query, forecasts, audit, service.default_k, p, n, areas, flagged)
+    areas_and_flagged = _cached_areas_and_flagged(services.areas, forecasts, p, n)
+    if areas_and_flagged is None:
+        areas_and_flagged = await run_in_threadpool(_areas_and_flagged, services.areas, forecasts, p, n)
+    return HotspotsRequest(request, principal, query, forecasts, services.audit, default_k, p, n, *areas_and_flagged)
 
 
 def _areas_and_flagged(names: AreaNames, forecasts: ForecastService, p: Prepared, n: int) -> tuple[CellAreas, str]:
-    """The city's area names, and the first ``n`` ranked H3 ids as the JSON array json.dumps would write: for
-    a city-wide selection a slice of the forecast's ranked ids, encoded once (no per-cell work per request)."""
+    """The city's area names, and the first ``n`` ranked H3 ids as the JSON array json.dumps would write: a slice
+    of the forecast's ranked ids, encoded once per forecast (no per-cell work per request)."""
     areas = names.get(p.state.city, p.state.panel_token, p.panel.study_area)
     h3_ids, top = p.panel.study_area.h3_ids, p.forecast.order
-    if n <= EXPLAINED_CELLS:
-        return areas, json.dumps([h3_ids[i] for i in top[:n].tolist()])
 
     def make() -> tuple[bytes, np.ndarray]:
         return _joined([f'"{h3_ids[i]}"'.encode() for i in top.tolist()], b", ")
 
-    joined, ends = forecasts.ranked.get_or_compute((p.forecast.key, "flagged"), make)[0]
-    return areas, "[" + joined[: int(ends[n - 1])].decode() + "]"
+    return areas, _first(forecasts.ranked.get_or_compute((p.forecast.key, "flagged"), make)[0], n)
+
+
+def _cached_areas_and_flagged(names: AreaNames, forecasts: ForecastService, p: Prepared,
+                              n: int) -> tuple[CellAreas, str] | None:
+    """:func:`_areas_and_flagged` when both are cached (lookups and one slice: on the event loop), else None."""
+    areas = names.peek(p.state.city, p.state.panel_token)
+    ranked = forecasts.ranked.peek((p.forecast.key, "flagged"))
+    return None if areas is None or ranked is None else (areas, _first(ranked, n))
+
+
+def _first(ranked: tuple[bytes, np.ndarray], n: int) -> str:
+    joined, ends = ranked
+    return "[" + joined[: int(ends[n - 1])].decode() + "]" if n > 0 else "[]"
 
 
 def _joined(parts: list[bytes], sep: bytes) -> tuple[bytes, np.ndarray]:
