@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated
@@ -30,37 +29,69 @@ from serving.cli.data import ingest, panel
 
 app = typer.Typer()
 
-Params = typer.Option(None, "--param", help="A forecaster parameter as KEY=VALUE, e.g. --param n_estimators=50 "
-                                             "--param train_days=365 (repeatable).")
+Params = typer.Option(None, "--param", help="A forecaster parameter as KEY=VALUE for LightGBM, or NAME.KEY=VALUE for "
+                                             "the forecaster NAME, e.g. --param n_estimators=50 --param "
+                                             "sepp.bandwidth_m=150 (repeatable).")
+SCALARS = (bool, int, float, str)
 
 
-def parse_params(pairs: list[str] | None, forecaster_type: type) -> dict[str, object]:
-    """KEY=VALUE pairs typed after the forecaster's own fields, or a message naming the fields it has."""
-    allowed = {f.name: f for f in fields(forecaster_type) if f.init and f.name not in ("category", "features")}
+def parse_params(pairs: list[str] | None, name: str) -> dict[str, object]:
+    """KEY=VALUE pairs typed after the forecaster's own parameters (its get_params), or a message naming them."""
+    from forecasting import registry
+
+    defaults = {key: value for key, value in registry.make(name).get_params(deep=False).items()
+                if key not in ("category", "features", "name") and (value is None or isinstance(value, SCALARS))}
     out: dict[str, object] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in allowed:
-            fail(f"--param {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(allowed))}")
-        default = getattr(forecaster_type(), key)
-        try:
-            out[key] = type(default)(raw) if not isinstance(default, bool) else raw.lower() in ("1", "true", "yes")
-        except ValueError:
-            fail(f"--param {key}={raw!r}: {key} must be of type {type(default).__name__}, e.g. {key}={default}")
+        if not sep or key not in defaults:
+            fail(f"--param {pair!r}: {name} has no parameter {key!r}; it has {', '.join(sorted(defaults))}")
+        out[key] = _typed(name, key, raw.strip(), defaults[key])
     return out
 
 
+def _typed(name: str, key: str, raw: str, default: object) -> object:
+    """``raw`` as the type of the default (a None default: none, an int, a float, else the text)."""
+    if isinstance(default, bool):
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            fail(f"--param {key}={raw!r}: {name}'s {key} is true or false")
+        return raw.lower() in ("1", "true", "yes")
+    kinds = [type(default)] if default is not None else [int, float, str]
+    if default is None and raw.lower() == "none":
+        return None
+    for kind in kinds:
+        try:
+            return kind(raw)
+        except ValueError:
+            continue
+    fail(f"--param {key}={raw!r}: {name}'s {key} must be of type {type(default).__name__}, e.g. {key}={default}")
+
+
+def params_by_forecaster(pairs: list[str] | None, chosen: list[str],
+                         bare: str = "lightgbm") -> dict[str, dict[str, object]]:
+    """--param pairs per forecaster: NAME.KEY=VALUE for NAME, a bare KEY=VALUE for ``bare``."""
+    grouped: dict[str, list[str]] = {}
+    for pair in pairs or []:
+        key = pair.partition("=")[0]
+        name, dot, rest = key.partition(".")
+        name = name.strip() if dot else bare
+        if name not in chosen:
+            fail(f"--param {pair!r} is for {name}, which this run does not fit (forecasters: {', '.join(chosen)})")
+        grouped.setdefault(name, []).append(pair[len(key) - len(rest):] if dot else pair)
+    return {name: parse_params(group, name) for name, group in grouped.items()}
+
+
 def chosen_factories(forecaster: list[str] | None, param: list[str] | None) -> dict:
-    """The factories of the --forecaster names (default: every registered one but those run by request),
-    --param applied to LightGBM."""
+    """The factories of the --forecaster names (default: every registered one but those run by request), with
+    their --param values."""
     from forecasting import registry
 
     chosen = forecaster or registry.default_names()
     unknown = [f for f in chosen if f not in registry.names()]
     if unknown:
         fail(f"unknown forecaster(s) {unknown}; choose from {registry.names()}")
-    return registry.factories(chosen, params={"lightgbm": parse_params(param, registry.forecaster_type("lightgbm"))})
+    return registry.factories(chosen, params=params_by_forecaster(param, chosen))
 
 
 @app.command()
@@ -98,7 +129,7 @@ def train(
     built = load_panel(settings, source)
     zone = ZoneInfo(built.calendar.timezone)
     cutoff = built.end_shift if until is None else built.calendar.shift_of(until.replace(tzinfo=until.tzinfo or zone))
-    params = parse_params(param, registry.forecaster_type(forecaster))
+    params = params_by_forecaster(param, [forecaster], bare=forecaster).get(forecaster, {})
     model = registry.make(forecaster, **params)
     if category is not None:
         model.set_params(category=category)
