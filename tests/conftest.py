@@ -101,6 +101,21 @@ def chicago_parquet() -> Path:
     return require_shared("chicago", "chicago_crimes_2001_2018.parquet")
 
 
+_SESSION: dict[str, pytest.TempPathFactory] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remember_tmp_path_factory(tmp_path_factory):
+    """For helpers called outside fixtures (service_support) that build session-wide folders with built_once."""
+    _SESSION["factory"] = tmp_path_factory
+    yield
+    _SESSION.clear()
+
+
+def session_tmp_path_factory() -> pytest.TempPathFactory:
+    return _SESSION["factory"]
+
+
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """A folder built by the first test process of the session that asks for it, then read by every process: the
     xdist workers of one run share their basetemp's parent, so an exclusive lock there makes the others wait for

@@ -3,11 +3,10 @@ embedded MLflow registry and promoted to champion, and MLflow's process-wide URI
 
 from __future__ import annotations
 
-import atexit
 import os
+import pickle
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -16,10 +15,11 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-from conftest import toronto_box_panel
+from conftest import built_once, session_tmp_path_factory, toronto_box_panel
 from mlflow.tracking import MlflowClient
 
 from features.matrix import build_features
+from features.panel import CountPanel
 from features.paths import DataPaths
 from features.settings import Settings
 from forecasting.lgbm import LightGBMForecaster
@@ -99,19 +99,28 @@ _TEMPLATES: dict[int, SimpleNamespace] = {}
 
 
 def _served_city_template(incidents) -> SimpleNamespace:
-    """Built once per test process: the panel, the trained model and a registry holding it as champion. Creating
-    an MLflow store and training are the slow parts of every service test module; each module gets a copy."""
+    """The panel, the trained model and a registry holding it as champion: creating an MLflow store and training
+    are the slow parts of every service test module, so they are built once per test session (the first process
+    that needs them builds, the other xdist workers wait and read) and each module gets a copy."""
     key = id(incidents)
     if key not in _TEMPLATES:
-        root = Path(tempfile.mkdtemp(prefix="hotspots-served-city-"))
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        def build(root: Path) -> None:
+            settings = Settings(data_dir=root / "data")
+            _, panel = toronto_box_panel(incidents, *BOX, PANEL_START, PANEL_END)
+            panel.save(DataPaths(settings).panel(CITY))
+            panel.save(DataPaths(settings).panel(BARE))
+            model = quick_lgbm().fit(panel)
+            (root / "version").write_text(register(settings, model, panel, promote=True))
+            (root / "model.pkl").write_bytes(pickle.dumps(model))
+
+        root = built_once(session_tmp_path_factory(), "served-city", build)
         settings = Settings(data_dir=root / "data")
-        _, panel = toronto_box_panel(incidents, *BOX, PANEL_START, PANEL_END)
-        panel.save(DataPaths(settings).panel(CITY))
-        panel.save(DataPaths(settings).panel(BARE))
-        model = quick_lgbm().fit(panel)
-        version = register(settings, model, panel, promote=True)
-        _TEMPLATES[key] = SimpleNamespace(settings=settings, panel=panel, model=model, version=version)
+        # as in the process that registered it: MLflow's process-wide URIs point at a dead server
+        mlflow.set_tracking_uri(DECOY)
+        mlflow.set_registry_uri(DECOY)
+        _TEMPLATES[key] = SimpleNamespace(settings=settings, panel=CountPanel.load(DataPaths(settings).panel(CITY)),
+                                          model=pickle.loads((root / "model.pkl").read_bytes()),
+                                          version=(root / "version").read_text())
     return _TEMPLATES[key]
 
 
