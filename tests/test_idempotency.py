@@ -13,6 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import toronto_first_ingest
 from typer.testing import CliRunner
 
 from features.pipeline import ingest_file
@@ -301,10 +302,9 @@ def test_cli_retention(runner, tmp_path):
     assert result.exit_code == 2  # min=1
 
 
-def test_cli_toronto_ingest_twice_is_idempotent(runner, tmp_path):
-    result, out = invoke(runner, "ingest", "toronto-mci", "--data-dir", tmp_path)
-    assert result.exit_code == 0, out
-    first = summary_numbers(out)
+def test_cli_toronto_ingest_twice_is_idempotent(runner, tmp_path, tmp_path_factory):
+    # the first ingest into an empty folder is the session's shared one (conftest), run by the same command
+    first = summary_numbers(toronto_first_ingest(tmp_path_factory, tmp_path))
     assert first["input rows"] > 200_000
     assert first["stored (new)"] + first["quarantined"] == first["input rows"]
     assert first["already stored"] == 0
