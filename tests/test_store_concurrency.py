@@ -42,6 +42,7 @@ from features.profile import load_profile
 from features.store import IncidentStore
 profile = load_profile("toronto-mci")
 file, *rounds = sys.argv[1:]
+print("ready", flush=True)
 for round_dir in rounds:
     go = Path(round_dir) / "go"
     while not go.exists():
@@ -89,7 +90,9 @@ def test_parallel_ingests_never_corrupt_or_lose_a_row(toronto_slices, tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for path in toronto_slices
     ]
-    time.sleep(1.0)  # let them import
+    # every writer has paid its imports before the first round is released (a fixed sleep under-waited on a busy
+    # machine and over-waited on a quiet one); the lines that follow are the summaries
+    assert [w.stdout.readline() for w in writers] == ["ready\n"] * N_WRITERS, [w.communicate() for w in writers]
     for folder in rounds:
         (folder / "go").touch()
         # next round only when every writer of this one is done, so the rounds do not overlap each other
