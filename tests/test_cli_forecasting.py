@@ -4,7 +4,6 @@ assessments (diagnose, audit) logged into the backtest's MLflow run."""
 import json
 import re
 from datetime import UTC
-from functools import partial
 
 import pytest
 from conftest import require_shared, toronto_through_the_cli
@@ -12,7 +11,6 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from features.settings import Settings
-from forecasting import registry
 from serving.cli import app
 
 runner = CliRunner()
@@ -26,7 +24,7 @@ def data_dir(tmp_path_factory):
 # SEPP's EM on a year of shifts was half of this module's time (four fits: strongest-baseline choice, two refits,
 # registration). The tests here are about the CLI flow (stage lines, claim, promotion, diagnose, audit) with SEPP
 # as one of the compared forecasters, not about SEPP's estimates (test_forecasters.py and test_dask.py test those):
-# a registry entry with a shorter fitting window, as test_dask.py and test_local_processes.py use, keeps every step.
+# a shorter fitting window, as test_dask.py and test_local_processes.py use, keeps every step.
 SEPP_FIT_DAYS = 90
 
 
@@ -34,11 +32,10 @@ SEPP_FIT_DAYS = 90
 def backtested(data_dir):
     mp = pytest.MonkeyPatch()
     mp.delenv("HOTSPOTS_MLFLOW_TRACKING_URI", raising=False)
-    mp.setitem(registry.FORECASTERS, "sepp", partial(registry.FORECASTERS["sepp"], fit_days=SEPP_FIT_DAYS))
     result = runner.invoke(app, [
         "backtest", "toronto-mci", "--resolution", "8", "--test-start", "2021-11-01", "--test-end", "2022-01-01",
         "--forecaster", "naive", "--forecaster", "kde", "--forecaster", "sepp", "--n-boot", "200",
-        "--data-dir", str(data_dir),
+        "--param", f"sepp.fit_days={SEPP_FIT_DAYS}", "--data-dir", str(data_dir),
     ])
     mp.undo()
     assert result.exit_code == 0, result.output
@@ -62,6 +59,7 @@ def test_backtest_then_claim(data_dir, backtested):
     promotion = json.loads((folder / "promotion.json").read_text())
     assert promotion["promote"] and promotion["baseline"] == protocol["strongest_baseline"]
     assert (folder / "report.html").stat().st_size > 10_000
+    assert _run(data_dir, folder)[0].data.params["sepp.fit_days"] == str(SEPP_FIT_DAYS)  # --param reached SEPP
 
     claim = runner.invoke(app, ["claim", "toronto-mci", "--candidate", "sepp", "--baseline", "naive", "--ratio", "1.1",
                                 "--coverage", "0.05", "--n-boot", "300", "--data-dir", str(data_dir)])
