@@ -110,13 +110,14 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
         if key in self._cache:
             return self._cache[key]
         origins = np.arange(lo, hi)
-        matrix = build_features(panel, origins, self.features)
         y = build_targets(panel, origins, self.category)
-        if sample:
+        if sample:  # the rows kept are chosen first, and only their features are built
             rng = np.random.default_rng([self.seed, lo, hi])
-            keep = (y > 0) | (rng.random(y.size) < self.zero_rate)
-            rows = (matrix.X[keep], y[keep], np.where(y > 0, 1.0, 1.0 / self.zero_rate)[keep], matrix.origin[keep])
+            keep = np.flatnonzero((y > 0) | (rng.random(y.size) < self.zero_rate))
+            matrix = build_features(panel, origins, self.features, rows=keep)
+            rows = (matrix.X, y[keep], np.where(y > 0, 1.0, 1.0 / self.zero_rate)[keep], matrix.origin)
         else:
+            matrix = build_features(panel, origins, self.features)
             rows = (matrix.X, y, np.ones(y.size), matrix.origin)
         self.columns_ = matrix.columns
         self._cache[key] = rows
