@@ -25,6 +25,7 @@ import sys
 import time
 from datetime import date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -33,8 +34,10 @@ from features.matrix import build_targets
 from features.panel import CountPanel
 from features.paths import DataPaths
 from features.settings import Settings
-from forecasting.lgbm import LightGBMForecaster
 from forecasting.metrics import HEADLINE_COVERAGES, poisson_deviance, pooled, shift_hits
+
+if TYPE_CHECKING:  # imported by the fit's own process only: this one must not load LightGBM's OpenMP runtime
+    from forecasting.lgbm import LightGBMForecaster
 
 # the settings before issue 15's speed work: the same forecaster with its former defaults
 OLD = {"learning_rate": 0.05, "max_bin": 255, "zero_rate": 0.05, "early_stopping_rounds": 50, "chunk_shifts": 90}
@@ -61,6 +64,8 @@ def fit_once(panel_folder: str, cutoff: str, end: str, params: dict) -> dict:
     to_dt = lambda d: datetime(d.year, d.month, d.day, tzinfo=zone)  # noqa: E731
     first, last = to_dt(date.fromisoformat(cutoff)), to_dt(date.fromisoformat(end))
     origins = panel.calendar.shift_range(first, last)
+    from forecasting.lgbm import LightGBMForecaster
+
     model = LightGBMForecaster(**params)
     load, cpu, started = os.getloadavg()[0], os.times(), time.perf_counter()
     model.fit(panel, panel.calendar.shift_of(first))
