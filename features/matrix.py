@@ -5,6 +5,11 @@ start. The dense history loaded here stops at the last origin (exclusive), and e
 cumulative sums indexed at the origin, so later shifts cannot reach a row. A row's values do not depend on
 which other origins are built with it (train/serve consistency).
 
+``rows`` builds only some (origin, cell) rows, e.g. a model's training rows after zeros are sampled: the same
+arithmetic on the same history, gathered per row instead of over every cell (a feature that needs the
+neighbours, such as a ring mean, is computed over every cell of the row's origin and then gathered), so a row's
+values are identical to the full matrix's row.
+
 Long-history features (parent cells' all-history rates, ring means of the long-run rate, the seasonal rates)
 add the totals of shifts before the loaded history, taken from the sparse rows of shifts < that start, to the
 history's cumulative sums at the origin: still only shifts < t, and the same value whatever history is loaded.
@@ -47,18 +52,23 @@ class FeatureConfig:
 
 @dataclass
 class FeatureMatrix:
-    X: np.ndarray  # (n_origins * n_cells, n_features) float32, origin-major
+    X: np.ndarray  # (n_origins * n_cells, n_features) float32, origin-major; (rows.size, n_features) with rows
     columns: list[str]
     origins: np.ndarray  # shift ids, sorted
     n_cells: int
     meta: dict = field(default_factory=dict)
+    rows: np.ndarray | None = None  # the origin-major flat indices (origin position * n_cells + cell) built
 
     @property
     def origin(self) -> np.ndarray:
+        if self.rows is not None:
+            return self.origins[self.rows // self.n_cells]
         return np.repeat(self.origins, self.n_cells)
 
     @property
     def cell(self) -> np.ndarray:
+        if self.rows is not None:
+            return (self.rows % self.n_cells).astype(np.int32)
         return np.tile(np.arange(self.n_cells, dtype=np.int32), self.origins.size)
 
     def column(self, name: str) -> np.ndarray:
@@ -74,7 +84,13 @@ def cumulative(counts: np.ndarray, dtype=np.float64) -> np.ndarray:
     """Cumulative sums down the rows with a leading zero row (``cum[i]`` = sum of rows before i), so every
     trailing-window sum is one subtraction."""
     cum = np.zeros((counts.shape[0] + 1, *counts.shape[1:]), dtype=dtype)
-    np.cumsum(counts, axis=0, out=cum[1:])
+    if counts.shape[0] == 0 or counts[0].size < 64:  # short rows: numpy's own loop
+        np.cumsum(counts, axis=0, out=cum[1:])
+        return cum
+    # wide rows: one vector add per row is the same sequential sum as np.cumsum(axis=0), which walks the rows
+    # column by column and takes 3-4x longer on a (shifts, cells) history
+    for i in range(counts.shape[0]):
+        np.add(cum[i], counts[i], out=cum[i + 1], dtype=cum.dtype)
     return cum
 
 
@@ -85,6 +101,28 @@ def window_sums(cum: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
     simulator's trailing patrol and crime counts."""
     ends = np.asarray(ends, dtype=np.int64)
     return cum[ends] - cum[np.maximum(ends - length, 0)]
+
+
+class _Rows:
+    """The rows a matrix is built for: every (origin, cell), or the flat origin-major indices ``flat``. Blocks
+    are (n_origins, n_cells) arrays for every row, 1-D per-row arrays otherwise."""
+
+    def __init__(self, origins: np.ndarray, n_cells: int, flat: np.ndarray | None = None):
+        self.origins, self.n_cells, self.flat = origins, n_cells, flat  # origins sorted and unique
+        self.position, self.cell = np.divmod(flat, n_cells) if flat is not None else (origins[:0], origins[:0])
+        self.origin = origins[self.position]
+
+    def take(self, block: np.ndarray) -> np.ndarray:
+        """The rows of a block computed over every (origin, cell)."""
+        return block if self.flat is None else block.reshape(-1)[self.flat]
+
+    def per_origin(self, values: np.ndarray) -> np.ndarray:
+        """A value per origin, the same in every cell (a broadcast view over every row)."""
+        return np.broadcast_to(values[:, None], (self.origins.size, self.n_cells)) if self.flat is None else values[self.position]
+
+    def per_cell(self, values: np.ndarray) -> np.ndarray:
+        """A value per cell, the same at every origin (a broadcast view over every row)."""
+        return np.broadcast_to(values, (self.origins.size, self.n_cells)) if self.flat is None else values[self.cell]
 
 
 class _History:
@@ -101,8 +139,24 @@ class _History:
         """Sum of counts over [o - shifts, o) for each origin (history before h0 is empty by construction)."""
         return window_sums(self.cum, origins - self.h0, shifts).astype(np.float32)
 
-    def lagged(self, origins: np.ndarray, stride: int, n: int) -> np.ndarray:
-        """sum_{k=1..n} counts[o - k*stride]: the same shift of day (stride = shifts/day) or week."""
+    def window_at(self, at: _Rows, shifts: int) -> np.ndarray:
+        """:meth:`window` for the rows of ``at`` (the same subtraction, per row)."""
+        if at.flat is None:
+            return self.window(at.origins, shifts)
+        ends = at.origin - self.h0
+        return (self.cum[ends, at.cell] - self.cum[np.maximum(ends - shifts, 0), at.cell]).astype(np.float32)
+
+    def since_start(self, at: _Rows) -> np.ndarray:
+        """Cumulative counts from h0 to each row's origin."""
+        return self.cum[at.origins - self.h0] if at.flat is None else self.cum[at.origin - self.h0, at.cell]
+
+    def lagged(self, origins: np.ndarray, stride: int, n: int, cells: np.ndarray | None = None) -> np.ndarray:
+        """sum_{k=1..n} counts[o - k*stride]: the same shift of day (stride = shifts/day) or week. With ``cells``,
+        one value per (origin, cell) pair instead of every cell of each origin."""
+        if cells is not None:
+            pad, cum = self._strided_cumulative(stride)
+            d, q = np.divmod(origins - (self.h0 - pad), stride)
+            return (cum[d, q, cells] - cum[np.maximum(d - n, 0), q, cells]).astype(np.float32)
         if origins.size * n <= self.counts.shape[0]:  # a few origins (a served shift): gather the rows directly
             rows = origins[:, None] - self.h0 - stride * np.arange(1, n + 1)[None, :]
             inside = rows >= 0
@@ -128,12 +182,13 @@ class _History:
 
         Computed by one recursive filter, then truncated exactly at the horizon so the value does not depend
         on where the loaded history starts."""
-        from scipy.signal import lfilter
-
         g = np.exp(-1.0 / tau_shifts)
-        # e[i] = sum_{s < i} counts[s] g^(i-1-s)  for i = 0..T  (e[0] = 0)
+        # e[i] = sum_{s < i} counts[s] g^(i-1-s)  for i = 0..T  (e[0] = 0): the recursion e[i+1] = g e[i] + counts[i]
+        # one row at a time, the same arithmetic as scipy's lfilter([1], [1, -g]) in a fifth of its time
         e = np.zeros((self.counts.shape[0] + 1, self.counts.shape[1]), dtype=np.float64)
-        e[1:] = lfilter([1.0], [1.0, -g], self.counts.astype(np.float64), axis=0)
+        for i in range(self.counts.shape[0]):
+            np.multiply(e[i], g, out=e[i + 1])
+            e[i + 1] += self.counts[i]
         hi = origins - self.h0
         lo = hi - horizon
         tail = np.where(lo[:, None] >= 0, e[np.maximum(lo, 0)] * g**horizon, 0.0)
@@ -221,75 +276,100 @@ def _seasonal_rates(panel: CountPanel, history: _History, origins: np.ndarray) -
     return out
 
 
-def build_features(panel: CountPanel, origins: int | np.ndarray, config: FeatureConfig = FeatureConfig()) -> FeatureMatrix:
-    """Feature matrix for one origin or many (vectorised over cells and origins, no per-origin loop)."""
+def build_features(panel: CountPanel, origins: int | np.ndarray, config: FeatureConfig = FeatureConfig(),
+                   rows: np.ndarray | None = None) -> FeatureMatrix:
+    """Feature matrix for one origin or many (vectorised over cells and origins, no per-origin loop).
+
+    ``rows``: only these origin-major flat indices (origin position * n_cells + cell, sorted), e.g. the rows a
+    model keeps after sampling zeros; each row's values are those of the full matrix's row."""
     origins = np.unique(np.atleast_1d(np.asarray(origins, dtype=np.int64)))
     if origins[0] < panel.first_shift:
         raise ValueError(f"origin {int(origins[0])} precedes the panel's first shift {panel.first_shift}")
+    n_cells = panel.n_cells
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows[0] < 0 or rows[-1] >= origins.size * n_cells or np.any(np.diff(rows) <= 0)):
+            raise ValueError(f"rows must be sorted unique indices below {origins.size * n_cells} "
+                             f"(origins x cells); give np.flatnonzero of a mask over the full matrix")
+    at = _Rows(origins, n_cells, rows)
     per_day = panel.calendar.per_day
     horizon = config.lookback(per_day)
     h0 = max(panel.first_shift, int(origins[0]) - horizon)
     h1 = int(origins[-1])
     history = _History(panel.dense(h0, h1, dtype=np.float32), h0)
-    n_cells = panel.n_cells
     blocks: dict[str, np.ndarray] = {}
+    full: dict[int, np.ndarray] = {}  # window days -> (origins, cells) sums, for features that need every cell
 
-    blocks["count_prev_shift"] = history.window(origins, 1)
+    def window(days: int) -> np.ndarray:
+        if days not in full:
+            full[days] = history.window(origins, days * per_day)
+        return full[days]
+
+    def lagged(stride: int, n: int) -> np.ndarray:
+        return history.lagged(origins, stride, n) if rows is None else history.lagged(at.origin, stride, n, at.cell)
+
+    blocks["count_prev_shift"] = history.window_at(at, 1)
+    parent_days = config.parent_window_days if config.parent_resolutions else ()
     for days in config.window_days:
-        blocks[f"count_{days}d"] = history.window(origins, days * per_day)
+        needs_cells = days in config.spatial_window_days or days in parent_days
+        blocks[f"count_{days}d"] = at.take(window(days)) if needs_cells else history.window_at(at, days * per_day)
     for days in config.same_shift_days:
-        blocks[f"same_shift_{days}d"] = history.lagged(origins, per_day, days)
-    blocks[f"same_weekday_shift_{config.same_weekday_weeks}w"] = history.lagged(origins, 7 * per_day, config.same_weekday_weeks)
+        blocks[f"same_shift_{days}d"] = lagged(per_day, days)
+    blocks[f"same_weekday_shift_{config.same_weekday_weeks}w"] = lagged(7 * per_day, config.same_weekday_weeks)
     for days in config.spatial_window_days:
-        own = blocks.get(f"count_{days}d")
-        own = history.window(origins, days * per_day) if own is None else own
-        blocks[f"ring1_mean_{days}d"] = _neighbour_mean(own, panel.study_area.ring1)
-        blocks[f"ring2_mean_{days}d"] = _neighbour_mean(own, panel.study_area.ring2)
+        blocks[f"ring1_mean_{days}d"] = at.take(_neighbour_mean(window(days), panel.study_area.ring1))
+        blocks[f"ring2_mean_{days}d"] = at.take(_neighbour_mean(window(days), panel.study_area.ring2))
     for tau_days in config.decay_days:  # floats, unlike the day counts above
         decayed = history.decayed(origins, tau_days * per_day, horizon)
         label = f"{tau_days:g}d"
-        blocks[f"near_repeat_{label}"] = decayed
-        blocks[f"near_repeat_ring1_{label}"] = _neighbour_mean(decayed, panel.study_area.ring1)
+        blocks[f"near_repeat_{label}"] = at.take(decayed)
+        blocks[f"near_repeat_ring1_{label}"] = at.take(_neighbour_mean(decayed, panel.study_area.ring1))
 
     # long-run rate per shift since the panel starts: older history enters as one per-cell total
     before = panel.cell_totals(panel.first_shift, h0) if h0 > panel.first_shift else np.zeros(n_cells)
     elapsed = np.maximum(origins - panel.first_shift, 1).astype(np.float64)
-    since_h0 = history.cum[origins - h0]
-    blocks["long_run_rate"] = ((before[None, :] + since_h0) / elapsed[:, None]).astype(np.float32)
-    if config.spatial_all_history:
-        blocks["ring1_mean_all"] = _neighbour_mean(blocks["long_run_rate"], panel.study_area.ring1)
-        blocks["ring2_mean_all"] = _neighbour_mean(blocks["long_run_rate"], panel.study_area.ring2)
+
+    def long_run_rate(at: _Rows) -> np.ndarray:
+        return ((at.per_cell(before) + history.since_start(at)) / at.per_origin(elapsed)).astype(np.float32)
+
+    long_run = long_run_rate(_Rows(origins, n_cells)) if (config.spatial_all_history or config.parent_resolutions) else None
+    blocks["long_run_rate"] = long_run_rate(at) if long_run is None else at.take(long_run)
+    if long_run is not None and config.spatial_all_history:
+        blocks["ring1_mean_all"] = at.take(_neighbour_mean(long_run, panel.study_area.ring1))
+        blocks["ring2_mean_all"] = at.take(_neighbour_mean(long_run, panel.study_area.ring2))
     seasonal = _seasonal_rates(panel, history, origins) if config.seasonal else {}
-    blocks.update(seasonal)
+    blocks.update({name: at.take(values) for name, values in seasonal.items()})
     for res in config.parent_resolutions:
         parent, n_parents = _parent_index(panel, res)
-        for window in config.parent_window_days:
-            if window is None:  # all history, as a rate per shift
-                own, label = blocks["long_run_rate"], "all"
+        for window_days in config.parent_window_days:
+            if window_days is None:  # all history, as a rate per shift
+                assert long_run is not None  # built above whenever there are parent resolutions
+                own, label = long_run, "all"
             else:
-                found = blocks.get(f"count_{window}d")
-                own, label = (history.window(origins, window * per_day) if found is None else found), f"{window}d"
-            blocks[f"parent_r{res}_{label}"] = _parent_sum(own, parent, n_parents)
+                own, label = window(window_days), f"{window_days}d"
+            blocks[f"parent_r{res}_{label}"] = at.take(_parent_sum(own, parent, n_parents))
         for name, values in seasonal.items():
-            blocks[f"parent_r{res}_{name}"] = _parent_sum(values, parent, n_parents)
+            blocks[f"parent_r{res}_{name}"] = at.take(_parent_sum(values, parent, n_parents))
+    full.clear()
 
     c0 = max(panel.first_shift, int(origins[0]) - config.category_window_days * per_day)  # all they reach
     for name in panel.categories:
         cat_history = _History(panel.dense(c0, h1, category=name), c0)
-        blocks[f"cat_{name}_{config.category_window_days}d"] = cat_history.window(origins, config.category_window_days * per_day)
+        blocks[f"cat_{name}_{config.category_window_days}d"] = cat_history.window_at(at, config.category_window_days * per_day)
 
     for name, values in panel.calendar.features(origins).items():
-        blocks[name] = np.repeat(values[:, None], n_cells, axis=1)
+        blocks[name] = at.per_origin(values)
     if config.include_location:
         lat, lon = panel.study_area.centroids
-        blocks["cell_lat"] = np.broadcast_to(lat.astype(np.float32), (origins.size, n_cells))
-        blocks["cell_lon"] = np.broadcast_to(lon.astype(np.float32), (origins.size, n_cells))
+        blocks["cell_lat"] = at.per_cell(lat.astype(np.float32))
+        blocks["cell_lon"] = at.per_cell(lon.astype(np.float32))
 
     columns = list(blocks)
-    X = np.empty((origins.size * n_cells, len(columns)), dtype=np.float32)
+    X = np.empty((origins.size * n_cells if rows is None else rows.size, len(columns)), dtype=np.float32)
     for j, name in enumerate(columns):
         X[:, j] = blocks.pop(name).reshape(-1)
-    return FeatureMatrix(X=X, columns=columns, origins=origins, n_cells=n_cells, meta={"config": config.__dict__})
+    return FeatureMatrix(X=X, columns=columns, origins=origins, n_cells=n_cells, meta={"config": config.__dict__},
+                         rows=rows)
 
 
 def build_targets(panel: CountPanel, origins: int | np.ndarray, category: str | list[str] | None = None) -> np.ndarray:

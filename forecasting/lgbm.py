@@ -13,22 +13,35 @@ are dropped. A ranker's score is a log-scale relevance, served as ``exp(score)``
 a count. ``train_days=None`` trains on the whole history, and ``recency_half_life_days`` weights each origin's rows
 by 0.5 ** (age / half-life) so older years count less instead of not at all.
 
-Speed (issue 15): a fit is feature building (about a quarter at the former settings) plus boosting (three
-quarters); building LightGBM's binned Dataset is about 1%, so it is rebuilt per fit rather than cached. Boosting
-time is rows x rounds x bins: ``learning_rate`` 0.1 with ``early_stopping_rounds`` 30 needs fewer rounds than 0.05
-with 50, ``max_bin`` 63 cuts histogram work. A zero rate of 0.02 and a rate of 0.15 were faster still but lost
-validation hit rate and deviance (``experiments/bench_lgbm_speed.py`` prints the figures). Feature chunks of 360
-shifts (a third of the 365-day lookback each reloads) halve feature building against 90.
+Speed (issue 15): the training rows are chosen first (every positive cell-shift and the zeros sampled with the
+chunk's own seed) and features are built for those rows only (``build_features(rows=)``, the same values as the
+full matrix's rows), so feature building no longer grows with the ~95% of cell-shifts that are dropped zeros. What
+is left of a fit is mostly boosting: rows x rounds x features. ``learning_rate`` 0.1 with
+``early_stopping_rounds`` 30 needs fewer rounds than 0.05 with 50, ``max_bin`` 63 cuts histogram work, and
+LightGBM's OpenMP threads sleep rather than spin while they wait (see below), which matters whenever the two
+cores are shared. Building LightGBM's binned Dataset is about 1.6 CPU-s (the validation set reuses the
+training set's bins), so it is rebuilt per fit: reusing one refit's bins in the next would chain the refits.
+Tried on the validation window (Sep-Dec 2020) and not taken, each losing hit rate or deviance for little time:
+a zero rate of 0.02, learning rate 0.15, ``max_bin`` 31, ``num_leaves`` 15, ``feature_fraction`` 0.5,
+``bagging_fraction`` 0.5, GOSS (``experiments/bench_lgbm_speed.py`` prints the figures).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import lightgbm as lgb
+# LightGBM's OpenMP threads spin while they wait for each other at every barrier (GNU libgomp's default). With
+# both cores shared (another fit, a second backtest process, the service), a spinning thread holds a core the
+# other needs: a fit at load 4.5 on 2 cores took 145 s (81 CPU-s) spinning and 32 s (18.5 CPU-s) sleeping, and
+# one thread is no faster than two that sleep. libgomp reads the policy once, when LightGBM loads it; a value
+# set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import lightgbm as lgb  # noqa: E402  (after the wait policy is set)
 import numpy as np
 import pandas as pd
 
@@ -110,13 +123,14 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
         if key in self._cache:
             return self._cache[key]
         origins = np.arange(lo, hi)
-        matrix = build_features(panel, origins, self.features)
         y = build_targets(panel, origins, self.category)
-        if sample:
+        if sample:  # the rows kept are chosen first, and only their features are built
             rng = np.random.default_rng([self.seed, lo, hi])
-            keep = (y > 0) | (rng.random(y.size) < self.zero_rate)
-            rows = (matrix.X[keep], y[keep], np.where(y > 0, 1.0, 1.0 / self.zero_rate)[keep], matrix.origin[keep])
+            keep = np.flatnonzero((y > 0) | (rng.random(y.size) < self.zero_rate))
+            matrix = build_features(panel, origins, self.features, rows=keep)
+            rows = (matrix.X, y[keep], np.where(y > 0, 1.0, 1.0 / self.zero_rate)[keep], matrix.origin)
         else:
+            matrix = build_features(panel, origins, self.features)
             rows = (matrix.X, y, np.ones(y.size), matrix.origin)
         self.columns_ = matrix.columns
         self._cache[key] = rows

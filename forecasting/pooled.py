@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
@@ -37,7 +36,7 @@ from features.matrix import FeatureConfig, build_features, build_targets
 from features.panel import CountPanel
 from forecasting.base import Forecaster, NotFittedError
 from forecasting.cluster import INSTALL, connect
-from forecasting.lgbm import BoosterAsText
+from forecasting.lgbm import BoosterAsText, lgb  # lightgbm as forecasting.lgbm loads it (OpenMP threads that sleep)
 
 UNSCALED = ("cell_lat", "cell_lon")  # besides the calendar's cal_* columns: not counts, left as they are
 RATE_COLUMN = "city_log_rate"

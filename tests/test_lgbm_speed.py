@@ -1,5 +1,6 @@
 """The speed settings of the LightGBM forecaster change time only: the feature-chunk grid gives the same training
-rows, and the binning setting reaches LightGBM."""
+rows, the sampled rows (features built only for the rows kept) are the full matrix's rows under the same zero
+sampling, and the binning setting reaches LightGBM."""
 
 from datetime import UTC, datetime
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import toronto_box_panel
 
+from features.matrix import build_features, build_targets
 from forecasting.lgbm import LightGBMForecaster
 
 
@@ -37,3 +39,26 @@ def test_max_bin_reaches_lightgbm_and_fits_are_deterministic(panel):
     assert "[max_bin: 15]" in one.booster_.model_to_string()
     origins = np.arange(cutoff, cutoff + 6)
     assert np.array_equal(one.predict(panel, origins), two.predict(panel, origins))
+
+
+def test_sampled_rows_are_the_full_matrix_rows_the_sampling_keeps(panel):
+    """Positives and zeros drawn with the chunk's own seed, weights 1 and 1/zero_rate, features to the bit: what
+    the forecaster trained on before it built features only for the rows it keeps."""
+    stop = panel.first_shift + 400 * 3
+    start = stop - 90 * 3
+    model = LightGBMForecaster(chunk_shifts=360, zero_rate=0.1, seed=7)
+    X, y, w, o = model._rows(panel.until(stop), start, stop, sample=True)
+    origins = np.arange(start, stop)
+    full = build_features(panel.until(stop), origins, model.features)
+    target = build_targets(panel.until(stop), origins)
+    lo, hi = start, (start // 360 + 1) * 360  # the chunks of the 360-shift grid the span covers
+    keep = []
+    for a, b in zip([lo, hi], [hi, stop]):
+        yy = target[(a - start) * panel.n_cells:(b - start) * panel.n_cells]
+        keep.append((yy > 0) | (np.random.default_rng([7, a, b]).random(yy.size) < 0.1))
+    keep = np.concatenate(keep)
+    assert 0 < (target[keep] == 0).sum() < (target == 0).sum()  # zeros were sampled, not all kept
+    np.testing.assert_array_equal(X, full.X[keep])
+    np.testing.assert_array_equal(y, target[keep])
+    np.testing.assert_array_equal(w, np.where(target > 0, 1.0, 10.0)[keep])
+    np.testing.assert_array_equal(o, full.origin[keep])
