@@ -224,12 +224,14 @@ def run_tracked_backtest(
             mlflow.log_metrics({f"{candidate}_minus_{p.baseline}.hit_rate_low.{p.coverage * 100:g}pct": p.difference_low
                                 for p in pairwise})
             (out_dir / "pairwise.json").write_text(json.dumps([p.as_dict() for p in pairwise], indent=2))
+        say("save the forecasts (per-cell Parquet, predictions.npz)")
         result.tidy().write_parquet(out_dir / "results.parquet")
         write_forecasts(out_dir, panel, result.origins, result.observed, result.predictions)
         importance = result.last_models[candidate].feature_importance() if candidate is not None else None
         save_backtest(out_dir, result.origins, result.observed, result.areas, result.predictions,
                       {**meta, "winner": winner, "candidate": candidate,
                        "importance_of": candidate if importance is not None else None})
+        say("report")
         write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
                      summaries=summaries, claims=claims + others + pairwise,
                      per_category=per_category_hit_rates(result, panel), meta=meta,
