@@ -4,7 +4,8 @@ and the machine's load average beside it.
 1. LightGBM single fit on Toronto (all data up to the end of 2020, the default 2-year training window) and on
    Chicago 2012-2017 (training window covering the six years).
 2. The full Toronto 2021 backtest: every registered forecaster, monthly refits, 1,095 shifts, with each
-   forecaster's fit and predict seconds (which forecaster costs what).
+   forecaster's fit and predict seconds (which forecaster costs what), and the strongest-baseline choice run in
+   the same process pool, as ``hotspots backtest`` runs them.
 3. ``hotspots run toronto-mci --no-serve`` end to end in a fresh data folder (a child process: wall time and
    its peak RSS).
 
@@ -40,7 +41,7 @@ from features.pipeline import build_city_panel, ingest_file
 from features.profile import load_profile
 from features.sources.toronto import materialise
 from features.store import IncidentStore
-from forecasting.backtest import run_backtest
+from forecasting.backtest import default_forecasters, run_backtest
 from forecasting.lgbm import LightGBMForecaster
 
 RESULTS = Path(__file__).parent / "results"
@@ -116,18 +117,22 @@ def main() -> None:
               f"peak {figures['toronto_train']['peak_rss_gb']:.2f} GB, load {loads}", flush=True)
 
         if backtest_runs:
+            forecasters = default_forecasters()
+            baselines = {name: make for name, make in forecasters.items() if not make().learned}
             loads, runs, per_forecaster = [], [], []
             for _ in range(backtest_runs):
                 loads.append(load())
                 memory.reset()
                 started = time.perf_counter()
-                result = run_backtest(toronto, date(2021, 1, 1), date(2022, 1, 1))
+                result = run_backtest(toronto, date(2021, 1, 1), date(2022, 1, 1), forecasters,
+                                      strongest_from=baselines)  # as `hotspots backtest`: the choice in the pool
                 runs.append((time.perf_counter() - started, memory.peak / 1e9))
                 per_forecaster.append({name: {"fit_seconds": round(result.fit_seconds[name], 2),
                                               "predict_seconds": round(result.predict_seconds[name], 2)}
                                        for name in result.predictions})
             figures["toronto_backtest_2021"] = figure(runs, loads, shifts=int(result.origins.size),
-                                                      forecasters=len(result.predictions), per_forecaster=per_forecaster)
+                                                      forecasters=len(result.predictions), per_forecaster=per_forecaster,
+                                                      strongest=result.strongest.name if result.strongest else None)
             print(f"Toronto 2021 backtest: median {figures['toronto_backtest_2021']['median_seconds']:.1f} s, "
                   f"peak {figures['toronto_backtest_2021']['peak_rss_gb']:.2f} GB, load {loads}", flush=True)
             for name, took in per_forecaster[-1].items():

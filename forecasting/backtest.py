@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -32,6 +33,14 @@ from forecasting.metrics import (
     summarise,
 )
 from forecasting.refits import plan_groups, refit_step, run_in_processes
+from forecasting.strongest import (
+    VALIDATION_DAYS,
+    StrongestChoice,
+    choose_strongest,
+    score_baseline,
+    strongest_of,
+    validation_origins,
+)
 
 
 def default_forecasters(seed: int = 0, lightgbm: dict | None = None) -> dict[str, Callable[[], Forecaster]]:
@@ -58,6 +67,7 @@ class BacktestResult:
     fit_seconds: dict[str, float]
     predict_seconds: dict[str, float]
     last_models: dict[str, Forecaster] = field(default_factory=dict)
+    strongest: StrongestChoice | None = None  # chosen on the validation window when the backtest was asked to
 
     def __post_init__(self) -> None:
         """Forecasts and counts are final once the backtest has run: frozen, so every score of them (summaries,
@@ -114,6 +124,8 @@ def run_backtest(
     pieces: int | None = None,
     retries: int = 3,
     processes: int | None = None,
+    strongest_from: dict[str, Callable[[], Forecaster]] | None = None,
+    strongest_days: int = VALIDATION_DAYS,
 ) -> BacktestResult:
     """Forecast every shift starting in [test_start, test_end) (local dates), refitting monthly.
 
@@ -121,7 +133,10 @@ def run_backtest(
     (``forecasting.cluster``): warm-started series whole, the others cut into up to ``pieces`` runs (default: the
     cluster's threads); the result is identical to the local run. Without it the refit series run here, in
     ``processes`` local processes (default: both cores of a 2-core machine for a backtest big enough to repay a
-    worker's start-up, ``local_processes``), cut the same way and identical to the run in one process."""
+    worker's start-up, ``local_processes``), cut the same way and identical to the run in one process.
+    ``strongest_from`` (baselines by name) also chooses the strongest baseline on the ``strongest_days`` before
+    the test period (``forecasting.strongest``), in the same pool as the refits when there is one, with the
+    choice of the sequential ``choose_strongest``: ``BacktestResult.strongest``."""
     forecasters = forecasters or default_forecasters()
     zone = ZoneInfo(panel.calendar.timezone)
     to_dt = lambda d: datetime(d.year, d.month, d.day, tzinfo=zone)  # noqa: E731
@@ -133,13 +148,23 @@ def run_backtest(
     predictions = {name: np.zeros((origins.size, panel.n_cells)) for name in forecasters}
     fit_seconds = {name: 0.0 for name in forecasters}
     predict_seconds = {name: 0.0 for name in forecasters}
+    strongest = None
+    if strongest_from and (cluster is not None or (processes or local_processes(panel, origins.size)) == 1):
+        strongest = choose_strongest(panel, int(origins[0]), strongest_from, strongest_days)
     if cluster is not None:
         models = _run_on_cluster(cluster, panel, origins, blocks, forecasters, category, predictions, fit_seconds,
                                  predict_seconds, pieces, retries, progress)
     elif (processes or local_processes(panel, origins.size)) > 1:
         workers = processes or local_processes(panel, origins.size)
         groups = plan_groups(forecasters, len(blocks) - 1, workers)
-        results = run_in_processes(panel, origins, blocks, groups, forecasters, category, workers, progress)
+        window = validation_origins(panel, int(origins[0]), strongest_days) if strongest_from else origins[:0]
+        side = {f"strongest baseline: score {name}": partial(score_baseline, panel, int(origins[0]), window, make)
+                for name, make in (strongest_from or {}).items()}
+        results, scored = run_in_processes(panel, origins, blocks, groups, forecasters, category, workers, progress,
+                                           side)
+        if strongest_from:
+            strongest = strongest_of(panel, int(origins[0]), window, {name: scored[key] for key, name in
+                                                                      zip(side, strongest_from)})
         models = _assemble(groups, results, origins, blocks, predictions, fit_seconds, predict_seconds)
     else:
         models = {name: make() for name, make in forecasters.items()}  # refitted in place: caches and warm starts carry over
@@ -161,7 +186,7 @@ def run_backtest(
     return BacktestResult(
         origins=origins, observed=observed, predictions=predictions, areas=panel.study_area.areas_km2,
         per_day=panel.calendar.per_day, cutoffs=blocks[:-1], fit_seconds=fit_seconds,
-        predict_seconds=predict_seconds, last_models=models,
+        predict_seconds=predict_seconds, last_models=models, strongest=strongest,
     )
 
 

@@ -137,35 +137,43 @@ class SEPP(Forecaster):
         return 1.0 / (1.0 - self.g_)
 
     def _fit(self, panel: CountPanel, until: int) -> None:
+        """EM over the shifts with incidents only: the intensity matters where events are (the log-likelihood's
+        first term) and its integral has a closed form (the second), so a year of a city costs its events and
+        their same-cell predecessors within the kernel's support, not cells x shifts."""
         start = max(panel.first_shift, until - self.fit_days * panel.calendar.per_day)
-        n = panel.dense(start, until, category=self.category, dtype=np.float64)
-        T, n_events = n.shape[0], n.sum()
-        if n_events == 0:
-            self.mu_, self.theta_, self.g_ = np.zeros(n.shape[1]), 0.0, 0.5
+        T = until - start
+        events = _cell_events(panel, start, until, self.category)
+        cell, n = events.cell, events.count
+        if n.size == 0:
+            self.mu_, self.theta_, self.g_ = np.zeros(panel.n_cells), 0.0, 0.5
             return
-        if self.warm_start and self.mu_ is not None and self.mu_.size == n.shape[1]:
+        if self.warm_start and self.mu_ is not None and self.mu_.size == panel.n_cells:
             mu, theta, g = np.maximum(self.mu_, 1e-12), max(self.theta_, 0.05), self.g_
         else:
-            mu = np.maximum(n.sum(axis=0) / T, 1e-12) * 0.5
+            mu = np.maximum(np.bincount(cell, weights=n, minlength=panel.n_cells) / T, 1e-12) * 0.5
             theta, g = 0.5, 1.0 - 1.0 / 6.0
-        remaining = (T - 1 - np.arange(T))[:, None]  # shifts left in the window after each event's shift
-        has = n > 0
+        remaining = (T - 1 - events.shift).astype(np.float64)  # shifts left in the window after each event's shift
+        pairs: _TriggerPairs | None = None
         previous, n_iter = -np.inf, 0
         while n_iter < self.max_iter:
             n_iter += 1
-            a, d = self._excitation(n, g)
+            if pairs is None or not pairs.covers(g):  # rebuilt with room to spare: g moves a little each step
+                pairs = _TriggerPairs.of(events, min(2 * _support(g, T), max(T - 1, 1)), T)
+            a, d = pairs.excitation(g)
             trig_rate = theta * (1 - g) * a
-            lam = mu[None, :] + trig_rate
-            ratio = np.where(has, n / np.where(has, lam, 1.0), 0.0)
-            background = (ratio * mu[None, :]).sum(axis=0)
+            mu_at = mu[cell]
+            lam = mu_at + trig_rate
+            ratio = n / lam
+            background = np.bincount(cell, weights=ratio * mu_at, minlength=panel.n_cells)
             triggered = (ratio * trig_rate).sum()
             lag_weighted = (ratio * theta * (1 - g) * d).sum()
-            mu = np.maximum(background / T, 1e-12)
             kernel_mass = (n * (1 - g**remaining)).sum()
+            lam_total = T * mu.sum() + theta * kernel_mass  # sum of lam over every cell and shift, in closed form
+            mu = np.maximum(background / T, 1e-12)
             theta = float(min(triggered / max(kernel_mass, 1e-12), 0.999))
             mean_lag = max(lag_weighted / max(triggered, 1e-12), 1.0 + 1e-6)
             g = float(np.clip(1.0 - 1.0 / mean_lag, 1e-6, 1 - 1e-6))
-            loglik = float(np.sum(np.where(has, n * np.log(np.where(has, lam, 1.0)), 0.0)) - lam.sum())
+            loglik = float((n * np.log(lam)).sum() - lam_total)
             if abs(loglik - previous) <= self.tol * max(1.0, abs(loglik)):
                 break
             previous = loglik
@@ -180,6 +188,71 @@ class SEPP(Forecaster):
         if self.mu_ is None:  # predict() checks fit first
             raise NotFittedError(f"{type(self).__name__} must be fitted before predict")
         return self.mu_[None, :] + self.theta_ * (1 - self.g_) * a[origins - lo]
+
+
+# Pairs whose kernel weight lag * g^(lag - 1) is below this are left out of SEPP's fit: far below float64's
+# resolution of any intensity they would be added to (every event contributes at least 1 to its own cell's sum).
+KERNEL_EPS = 1e-18
+
+
+@dataclass(frozen=True)
+class _CellEvents:
+    """The (cell, shift) pairs with incidents in a window, sorted by cell then shift; shift counted from the
+    window's start."""
+
+    cell: np.ndarray
+    shift: np.ndarray
+    count: np.ndarray
+
+
+def _cell_events(panel: CountPanel, start: int, stop: int, category) -> _CellEvents:
+    rows = panel.slice(start, stop, category)
+    span = stop - start
+    key = rows["cell"].to_numpy().astype(np.int64) * span + (rows["shift"].to_numpy() - start)
+    keys, inverse = np.unique(key, return_inverse=True)  # categories of one cell and shift summed
+    count = np.bincount(inverse, weights=rows["count"].to_numpy().astype(np.float64), minlength=keys.size)
+    return _CellEvents(keys // span, keys % span, count)
+
+
+def _support(g: float, T: int) -> int:
+    """The longest lag whose kernel weight lag * g^(lag - 1) reaches ``KERNEL_EPS`` (at most the window)."""
+    lags = np.arange(1, max(T, 1) + 1, dtype=np.float64)
+    with np.errstate(under="ignore"):
+        kept = np.flatnonzero(lags * g ** (lags - 1) >= KERNEL_EPS)
+    return int(kept[-1]) + 1 if kept.size else 1
+
+
+@dataclass(frozen=True)
+class _TriggerPairs:
+    """Each event's earlier events of the same cell within ``horizon`` shifts, as a sparse (event x lag - 1)
+    matrix of the earlier counts: the excitation at every event is then one sparse product per EM step."""
+
+    by_lag: sp.csr_matrix
+    horizon: int
+    complete: bool  # the horizon spans the whole window: every pair is in
+
+    @classmethod
+    def of(cls, events: _CellEvents, horizon: int, T: int) -> _TriggerPairs:
+        key = events.cell * T + events.shift  # sorted (cell-major), as _cell_events returns them
+        first = np.searchsorted(key, np.maximum(key - horizon, events.cell * T), side="left")
+        idx = np.arange(key.size)
+        k = idx - first  # earlier events of the same cell within the horizon
+        later = np.repeat(idx, k)
+        earlier = np.repeat(first - np.cumsum(k) + k, k) + np.arange(k.sum())
+        lag = events.shift[later] - events.shift[earlier]
+        matrix = sp.csr_matrix((events.count[earlier], (later, lag - 1)), shape=(key.size, horizon))
+        return cls(matrix, horizon, horizon >= T - 1)
+
+    def covers(self, g: float) -> bool:
+        return self.complete or _support(g, self.horizon + 1) <= self.horizon
+
+    def excitation(self, g: float) -> tuple[np.ndarray, np.ndarray]:
+        """A and D of ``SEPP._excitation`` at the events: sum n' g^(lag - 1) and sum n' lag g^(lag - 1)."""
+        lags = np.arange(1, self.horizon + 1, dtype=np.float64)
+        with np.errstate(under="ignore"):
+            weights = g ** (lags - 1)
+        out = self.by_lag @ np.column_stack([weights, lags * weights])
+        return out[:, 0], out[:, 1]
 
 
 def _history_totals(panel: CountPanel, origins: np.ndarray, category) -> np.ndarray:

@@ -11,8 +11,10 @@ run in parallel and still give the same numbers, to the bit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -97,24 +99,43 @@ def plan_groups(forecasters: dict[str, Callable[[], Forecaster]], n_refits: int,
 
 def run_in_processes(panel: CountPanel, origins: np.ndarray, blocks: list[int], groups: list[RefitGroup],
                      forecasters: dict[str, Callable[[], Forecaster]], category: str | None = None,
-                     processes: int = 2, progress: Callable[[str], None] | None = None) -> dict[tuple[str, int], GroupResult]:
-    """Every group in a pool of ``processes`` local processes (both cores of a laptop); results by
-    ``RefitGroup.key``, so the caller assembles them exactly as the sequential run would. Warm-started series
-    (uncuttable, the longest) start first. Workers are spawned, never forked: a forked child of a process that
-    has run LightGBM's OpenMP threads can hang."""
+                     processes: int = 2, progress: Callable[[str], None] | None = None,
+                     side: Mapping[str, Callable[[], Any]] | None = None,
+                     ) -> tuple[dict[tuple[str, int], GroupResult], dict[str, Any]]:
+    """Every group in a pool of ``processes`` local processes (both cores of a laptop), with ``side`` jobs
+    (picklable calls, such as the strongest-baseline scores) in the same pool; group results by
+    ``RefitGroup.key``, so the caller assembles them exactly as the sequential run would, and side results by
+    name. Learned forecasters' pieces (the longest) start first, then warm-started series (uncuttable), the
+    side jobs, the rest longest first. Workers are spawned, never forked: a forked child of a process that has
+    run LightGBM's OpenMP threads can hang."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    ordered = sorted(groups, key=lambda g: (not chained(forecasters[g.forecaster]()), g.first - g.stop))
+    made = {name: make() for name, make in forecasters.items()}
+    ordered = sorted(groups, key=lambda g: (not made[g.forecaster].learned, not chained(made[g.forecaster]),
+                                            g.first - g.stop))
+    n_chained = sum(chained(made[g.forecaster]) or made[g.forecaster].learned for g in ordered)
+    jobs: list[tuple[RefitGroup | str, Callable[[], Any]]] = [
+        (g, partial(refit_group, panel, origins, blocks, g, forecasters[g.forecaster], category)) for g in ordered]
+    jobs[n_chained:n_chained] = [(name, job) for name, job in (side or {}).items()]
     results: dict[tuple[str, int], GroupResult] = {}
+    side_results: dict[str, Any] = {}
     with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(refit_group, panel, origins, blocks, group, forecasters[group.forecaster], category): group
-                   for group in ordered}
+        futures = {pool.submit(_timed, job): key for key, job in jobs}
         for done, future in enumerate(as_completed(futures), start=1):
-            group = futures[future]
-            result = future.result()
-            results[group.key] = result
+            key = futures[future]
+            result, seconds = future.result()
+            if isinstance(key, RefitGroup):
+                results[key.key] = result
+                what = f"{key.forecaster} refits {key.first + 1}-{key.stop} of {len(blocks) - 1}"
+            else:
+                side_results[key] = result
+                what = key
             if progress:
-                progress(f"task {done}/{len(futures)}: {group.forecaster} refits {group.first + 1}-{group.stop} of "
-                         f"{len(blocks) - 1} ({sum(result.step_seconds):.1f} s)")
-    return results
+                progress(f"task {done}/{len(futures)}: {what} ({seconds:.1f} s)")
+    return results, side_results
+
+
+def _timed(job: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return job(), time.perf_counter() - t0

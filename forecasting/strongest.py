@@ -47,25 +47,47 @@ class StrongestChoice:
 def choose_strongest(panel: CountPanel, test_start: int, baselines: dict[str, Callable[[], Forecaster]],
                      valid_days: int = VALIDATION_DAYS, coverages=HEADLINE_COVERAGES) -> StrongestChoice:
     """Score ``baselines`` on the ``valid_days`` before shift ``test_start`` and name the best. The panel is cut
-    at ``test_start`` first: nothing of the test period can reach the choice."""
+    at ``test_start`` first: nothing of the test period can reach the choice. The same as scoring each baseline
+    anywhere (``validation_origins``, ``score_baseline``: a local process) and naming the best (``strongest_of``)."""
     if not baselines:
         raise ValueError("no baseline to choose the strongest from: include at least one non-learned forecaster")
+    origins = validation_origins(panel, test_start, valid_days)
+    scores = {name: score_baseline(panel, test_start, origins, make, coverages) for name, make in baselines.items()}
+    return strongest_of(panel, test_start, origins, scores)
+
+
+def validation_origins(panel: CountPanel, test_start: int, valid_days: int = VALIDATION_DAYS) -> np.ndarray:
+    """The shifts of the validation window: the ``valid_days`` before ``test_start``, after the panel's first day."""
     per_day = panel.calendar.per_day
-    known = panel.until(int(test_start))
-    start = max(known.first_shift + per_day, int(test_start) - valid_days * per_day)
+    start = max(panel.first_shift + per_day, int(test_start) - valid_days * per_day)
     origins = np.arange(start, int(test_start), dtype=np.int64)
     if origins.size < per_day:
         raise ValueError(f"no validation window before the test period: the panel starts at shift {panel.first_shift}, "
                          f"the test period at {test_start}; give the panel at least {valid_days} more days before it")
+    return origins
+
+
+Scores = tuple[dict[str, float], dict[str, float]]  # coverage -> hit rate, with random and with pessimistic ties
+
+
+def score_baseline(panel: CountPanel, test_start: int, origins: np.ndarray, make: Callable[[], Forecaster],
+                   coverages=HEADLINE_COVERAGES) -> Scores:
+    """One baseline's validation hit rates: fitted at the window's start on the panel cut at ``test_start``,
+    forecasting every shift of the window from the history before it. A pure function of its arguments."""
+    known = panel.until(int(test_start))
     observed = known.dense(int(origins[0]), int(origins[-1]) + 1, dtype=np.float64)
-    areas = known.study_area.areas_km2
-    rates: dict[str, dict[str, float]] = {}
-    worst: dict[str, dict[str, float]] = {}
-    for name, make in baselines.items():
-        pred = make().fit(known, int(origins[0])).predict(known, origins)
-        for ties, out in (("random", rates), ("pessimistic", worst)):
-            h = pooled(shift_hits(pred, observed, areas, origins, coverages, ties=ties))["hit_rate"]
-            out[name] = {f"{c:g}": float(r) for c, r in zip(coverages, h)}
+    pred = make().fit(known, int(origins[0])).predict(known, origins)
+    rates = []
+    for ties in ("random", "pessimistic"):
+        h = pooled(shift_hits(pred, observed, known.study_area.areas_km2, origins, coverages, ties=ties))["hit_rate"]
+        rates.append({f"{c:g}": float(r) for c, r in zip(coverages, h)})
+    return rates[0], rates[1]
+
+
+def strongest_of(panel: CountPanel, test_start: int, origins: np.ndarray, scores: dict[str, Scores]) -> StrongestChoice:
+    """The best mean validation hit rate (the first of equals in ``scores``' order) and every score."""
+    rates = {name: score[0] for name, score in scores.items()}
+    worst = {name: score[1] for name, score in scores.items()}
     best = max(rates, key=lambda n: (float(np.mean(list(rates[n].values()))), -list(rates).index(n)))
     cal = panel.calendar
     return StrongestChoice(best, rates, worst, str(cal.local_date(int(origins[0]))),

@@ -4,6 +4,7 @@ to the bit, for a warm-started series (SEPP), a cut learned one (LightGBM) and a
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import synthetic_downtown_panel
 
 from forecasting import registry
 from forecasting.backtest import local_processes, run_backtest
+from forecasting.strongest import choose_strongest
 
 START, END = date(2020, 1, 1), date(2020, 4, 1)  # three monthly refits
 
@@ -43,3 +45,23 @@ def test_two_processes_equal_one(panel):
 
 def test_small_backtests_stay_in_one_process(panel):
     assert local_processes(panel, 273) == 1  # a 61-cell test panel: a worker's start-up would not pay
+
+
+def test_strongest_choice_in_the_pool_equals_the_sequential_choice(panel):
+    """The strongest-baseline scores run as side jobs of the refits' pool: the same choice and hit rates as
+    ``choose_strongest`` in this process, and as the one-process backtest."""
+    baselines = registry.factories(["naive", "sepp", "all_history", "exp_weighted"], params={"sepp": {"fit_days": 90}})
+    refits = registry.factories(["naive", "sepp"], params={"sepp": {"fit_days": 90}})
+    messages: list[str] = []
+    two = run_backtest(panel, START, END, refits, processes=2, progress=messages.append, strongest_from=baselines,
+                       strongest_days=21)
+    one = run_backtest(panel, START, END, refits, processes=1, strongest_from=baselines, strongest_days=21)
+    zone = ZoneInfo(panel.calendar.timezone)
+    first = int(panel.calendar.shift_range(datetime(2020, 1, 1, tzinfo=zone), datetime(2020, 1, 2, tzinfo=zone))[0])
+    sequential = choose_strongest(panel, first, baselines, valid_days=21)
+    assert two.strongest == one.strongest == sequential
+    assert list(sequential.hit_rates) == list(baselines) and sequential.n_shifts == 21 * panel.calendar.per_day
+    assert sum("strongest baseline" in m for m in messages) == 4 and len(messages) == 4 + 3  # naive 2, sepp 1
+    for name, pred in one.predictions.items():
+        assert np.array_equal(two.predictions[name], pred), name
+    assert run_backtest(panel, START, END, refits, processes=1).strongest is None  # not asked: not chosen

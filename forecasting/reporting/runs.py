@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import mlflow
 import numpy as np
@@ -29,7 +28,7 @@ from forecasting.reporting.assess import assess, assess_training
 from forecasting.reporting.report import write_report
 from forecasting.reporting.tracking import apply_promotion, code_version, configure, log_model
 from forecasting.saved import protocol_of, save_backtest, write_forecasts
-from forecasting.strongest import VALIDATION_DAYS, StrongestChoice, choose_strongest
+from forecasting.strongest import VALIDATION_DAYS, StrongestChoice
 
 Progress = Callable[[str], None]
 
@@ -62,12 +61,6 @@ def _register(model: Forecaster, panel: CountPanel, source: str):
     """Log a fitted forecaster as the registered pyfunc model of the city, with its input rows as signature."""
     sample = model.model_inputs(panel, panel.end_shift - 1).head(200)
     return log_model(model, sample, source)
-
-
-def _first_test_shift(panel: CountPanel, test_start: date) -> int:
-    zone = ZoneInfo(panel.calendar.timezone)
-    start = datetime(test_start.year, test_start.month, test_start.day, tzinfo=zone)
-    return int(panel.calendar.shift_range(start, start + timedelta(days=2))[0])
 
 
 def _log_strongest(choice: StrongestChoice, out_dir: Path) -> None:
@@ -183,10 +176,14 @@ def run_tracked_backtest(
     say = progress or (lambda message: None)
     with mlflow.start_run(run_name=f"backtest-{source}-{test_start:%Y%m%d}-{test_end:%Y%m%d}") as run:
         mlflow.set_tags({"kind": "backtest", "city": source})
-        strongest = None
         if baselines:
-            say(f"choose the strongest baseline on the {strongest_days} days before the test period")
-            strongest = choose_strongest(panel, _first_test_shift(panel, test_start), baselines, strongest_days)
+            say(f"backtest, and choose the strongest baseline on the {strongest_days} days before the test period")
+        if cluster is not None:
+            mlflow.set_tag("dask_scheduler", address_of(cluster))
+        result = run_backtest(panel, test_start, test_end, forecasters, progress=say, cluster=cluster,
+                              strongest_from=baselines, strongest_days=strongest_days)
+        strongest = result.strongest
+        if strongest is not None:
             say(strongest.sentence())
         meta = protocol_of(panel, source, test_start=str(test_start), test_end=str(test_end), refit="monthly",
                            code_version=code_version(),
@@ -198,9 +195,6 @@ def run_tracked_backtest(
         mlflow.log_params({k: v for k, v in params.items() if v is not None})
         if strongest is not None:
             _log_strongest(strongest, out_dir)
-        if cluster is not None:
-            mlflow.set_tag("dask_scheduler", address_of(cluster))
-        result = run_backtest(panel, test_start, test_end, forecasters, progress=say, cluster=cluster)
         say("metrics and intervals")
         summaries = result.summaries(n_boot=n_boot)
         claims, others = [], []
@@ -230,12 +224,14 @@ def run_tracked_backtest(
             mlflow.log_metrics({f"{candidate}_minus_{p.baseline}.hit_rate_low.{p.coverage * 100:g}pct": p.difference_low
                                 for p in pairwise})
             (out_dir / "pairwise.json").write_text(json.dumps([p.as_dict() for p in pairwise], indent=2))
+        say("save the forecasts (per-cell Parquet, predictions.npz)")
         result.tidy().write_parquet(out_dir / "results.parquet")
         write_forecasts(out_dir, panel, result.origins, result.observed, result.predictions)
         importance = result.last_models[candidate].feature_importance() if candidate is not None else None
         save_backtest(out_dir, result.origins, result.observed, result.areas, result.predictions,
                       {**meta, "winner": winner, "candidate": candidate,
                        "importance_of": candidate if importance is not None else None})
+        say("report")
         write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
                      summaries=summaries, claims=claims + others + pairwise,
                      per_category=per_category_hit_rates(result, panel), meta=meta,
