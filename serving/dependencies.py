@@ -1,7 +1,8 @@
 """FastAPI dependencies: settings, the shared stores, the clock, and API-key authentication by role.
 
-Dependencies that only read app state are ``async``: FastAPI then runs them on the event loop instead of a
-thread-pool round trip each. Those that may block (the model refresh, key verification) stay plain functions."""
+Every dependency is ``async``: FastAPI then runs it on the event loop instead of a thread-pool round trip each.
+Work that may block (the first model refresh, verifying a key not seen in the last seconds) is sent to the thread
+pool from inside them."""
 
 from __future__ import annotations
 
@@ -90,12 +91,13 @@ async def get_now() -> datetime:
 
 def require(permission: Permission) -> Callable[..., Awaitable[Principal]]:
     """Dependency: the caller's key must be valid (else 401) and its role must allow ``permission`` (else 403).
-    A key verified in the last seconds is checked on the event loop (a hash and a lookup); others, and the audit
-    entry of a refusal, in the thread pool (database reads and writes)."""
+    A key verified in the last seconds is checked on the event loop (a hash and a lookup), others in the thread
+    pool (a database read); a refusal's audit entry is awaited on the loop like every other entry."""
 
     async def _check(request: Request, key: Annotated[str | None, Security(api_key_header)]) -> Principal:
         keys: KeyStore = request.app.state.keys  # read here, not as sub-dependencies: each costs per request
         audit: AuditLog = request.app.state.audit
+
         async def refuse(status: int, reason: str) -> ApiError:
             try:  # refused requests are audited too; a failing log must not turn a 401 into a 500
                 await audit.record_async(*refusal_entry(key, request.url.path, status, reason))

@@ -42,7 +42,7 @@ class Prepared:
 
     @property
     def panel(self) -> CountPanel:
-        """The city's panel (:func:`prepare` checked there is one)."""
+        """The city's panel (:func:`checked` made sure there is one)."""
         return ready_panel(self.state)
 
 
@@ -59,12 +59,6 @@ def checked(models: ModelStore, query: _Query, now: datetime, k: int | None = No
     return state, shift, resolve_category(model, query.category, state.city)
 
 
-def prepare(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
-            k: int | None = None, coverage: float | None = None, max_k: int | None = None) -> Prepared:
-    """:func:`checked`, then the (cached) forecast."""
-    return _forecast(forecasts, *checked(models, query, now, k, coverage, max_k))
-
-
 def _forecast(forecasts: ForecastService, state: CityState, shift: ResolvedShift, category: str) -> Prepared:
     try:
         forecast, hit = forecasts.forecast(state, shift.shift_id, category)
@@ -78,7 +72,7 @@ def _forecast(forecasts: ForecastService, state: CityState, shift: ResolvedShift
 
 async def prepare_off_loop(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
                            k: int | None = None, coverage: float | None = None, max_k: int | None = None) -> Prepared:
-    """:func:`prepare` with the forecast taken from the cache on the event loop, or computed in the thread pool
+    """:func:`checked`, then the forecast: from the cache on the event loop, or computed in the thread pool
     on a miss (features of the shift and the model over every cell: seconds of CPU)."""
     state, shift, category = checked(models, query, now, k, coverage, max_k)
     forecast = forecasts.cached(state, shift.shift_id, category)
