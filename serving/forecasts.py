@@ -79,19 +79,21 @@ class ForecastService:
         """The forecast when it is already computed (a lookup: safe on the event loop), else None."""
         forecast = self.cache.peek(self._key(state, shift_id, category))
         if forecast is not None:
-            self._remember(state.city, shift_id, category)
-            if self.metrics is not None:
-                self.metrics.forecast_lookup(state.city, True)
+            self._looked_up(state.city, shift_id, category, hit=True)
         return forecast
 
     def forecast(self, state: CityState, shift_id: int, category: str) -> tuple[Forecast, bool]:
         """(forecast, cache hit)."""
         key = self._key(state, shift_id, category)
         forecast, hit = self.cache.get_or_compute(key, lambda: self._compute(state, shift_id, category, key))
-        self._remember(state.city, shift_id, category)
-        if self.metrics is not None:
-            self.metrics.forecast_lookup(state.city, hit)
+        self._looked_up(state.city, shift_id, category, hit)
         return forecast, hit
+
+    def _looked_up(self, city: str, shift_id: int, category: str, hit: bool) -> None:
+        """A forecast was asked for: remember it (a new champion warms it up) and count the cache hit or miss."""
+        self._remember(city, shift_id, category)
+        if self.metrics is not None:
+            self.metrics.forecast_lookup(city, hit)
 
     def _remember(self, city: str, shift_id: int, category: str) -> None:
         with self._locks_guard:
