@@ -194,9 +194,11 @@ def toronto_through_the_cli(tmp_path_factory, resolution: int) -> Path:
     return private_copy(built, tmp_path_factory.mktemp("cli") / "data")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client():
-    """A real two-process Dask LocalCluster (one thread per worker) and its client, per test module."""
+    """A real two-process Dask LocalCluster (one thread per worker) and its client, once per test process: starting
+    one and importing the product in its workers costs about 12 CPU-seconds, and ``SHARED_SCOPES`` sends every
+    module that uses it to the same test process. Tests that kill a worker wait for the nanny's replacement."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
@@ -287,12 +289,30 @@ SLOW_TESTS = {
 # Order of the module totals of a full `-n 2 --durations=0` run at load 6-18, less what the session-wide builds
 # (built_once) and the lighter fixtures saved in each module.
 HEAVIEST_FIRST = ["test_schemathesis", "test_store_concurrency", "test_cli_forecasting", "test_browser", "test_any_city",
-                  "test_dask", "test_cli_training", "test_hot_swap", "test_forecasters", "test_batch", "test_dask_ingest",
-                  "test_pooled", "test_retrain", "test_metrics_endpoint", "test_huge_k", "03_feedback_loops_and_bias",
+                  "test_dask", "test_batch", "test_dask_ingest", "test_pooled", "test_cli_training", "test_hot_swap",
+                  "test_forecasters", "test_retrain", "test_metrics_endpoint", "test_huge_k", "03_feedback_loops_and_bias",
                   "test_feedback_loop", "test_diagnostics", "02_researcher_claim_test", "test_map", "test_server",
                   "test_baseline_champion", "test_tracking", "test_conformance", "test_live_update",
                   "test_local_processes", "test_idempotency", "test_bias_audit", "test_references",
                   "01_analyst_quickstart", "test_report", "test_drift", "test_tamper_and_limits"]
+
+
+# Modules run by one test process as one unit of work, so that a session fixture they share is built once.
+SHARED_SCOPES = {module: "dask-cluster" for module in ("test_dask", "test_batch", "test_dask_ingest", "test_pooled")}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` (pyproject's addopts), with the modules of ``SHARED_SCOPES`` merged into one scope."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LoadScopeSharingFixtures(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return SHARED_SCOPES.get(Path(module).stem, module)
+
+    return LoadScopeSharingFixtures(config, log)
 
 
 def _heaviest_first(items: list) -> None:
