@@ -73,7 +73,8 @@ def toronto_slices(tmp_path_factory) -> list[Path]:
 
 
 def line_within(process: subprocess.Popen, seconds: float) -> str:
-    """The process's next stdout line, failing (with its stderr) if none comes within ``seconds``."""
+    """The process's next stdout line, failing (with its stderr) if none comes within ``seconds``. (select sees
+    the pipe, not the reader's buffer: fine here, as a writer prints nothing more until it is sent the next line.)"""
     ready, _, _ = select.select([process.stdout], [], [], seconds)
     if not ready:
         process.kill()
