@@ -1,6 +1,7 @@
-"""The planner's map page in a real browser against the real server process.
+"""The planner's map page in a real browser against the real server.
 
-uvicorn serves a data folder built by ``served_city`` (small real Toronto panel, registered champion);
+uvicorn (``serving.app:create_app --factory``, settings from the environment; in a thread of the test process)
+serves a data folder built by ``served_city`` (small real Toronto panel, registered champion);
 Debian's Chromium, driven by Playwright, loads /map, signs in with a planner key, sees the hexes and the
 ranked list agree with /v1/hotspots, switches shift, hovers a hex, prints to one page and saves a screenshot
 that must not be blank. Every request the page makes must go to the service (no CDN, no tiles unless set).
@@ -12,10 +13,8 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
+import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+import uvicorn
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 from service_support import BARE, CITY, free_port, isolated_mlflow_env, served_city
@@ -30,7 +30,6 @@ from service_support import BARE, CITY, free_port, isolated_mlflow_env, served_c
 from serving.db import Database
 from serving.keys import KeyStore, Role
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("HOTSPOTS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -45,22 +44,11 @@ def chromium_path() -> str:
     return CHROMIUM
 
 
-def wait_until_healthy(base: str, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.25)
-    pytest.fail(f"the server did not answer /healthz within {seconds} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(toronto_incidents, tmp_path_factory):
+    """uvicorn serving ``serving.app:create_app --factory`` (settings from HOTSPOTS_* variables, as the deployment
+    runs it) on a loopback port, in a thread of this test process: a server process of its own cost 6-8 CPU-s of
+    imports this process has already paid, and the page talks to it over real HTTP all the same."""
     chromium_path()  # fail early, before training anything, when the browser is missing
     root = tmp_path_factory.mktemp("browser")
     with isolated_mlflow_env():
@@ -71,27 +59,33 @@ def server(toronto_incidents, tmp_path_factory):
     finally:
         db.dispose()
     port = free_port()
-    env = {name: value for name, value in os.environ.items() if not name.startswith(("HOTSPOTS_", "MLFLOW_"))}
-    env.update(HOTSPOTS_DATA_DIR=str(city.settings.data_dir.resolve()), HOTSPOTS_MODEL_REFRESH_SECONDS="3600",
-               HOTSPOTS_CONFIG=str(root / "no-config.toml"), PYTHONUNBUFFERED="1")
-    log_path = root / "server.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "serving.app:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(port)],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_until_healthy(base, proc, log_path)
-            yield SimpleNamespace(base=base, key=key, panel=city.panel, version=city.version, log=log_path)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    env = pytest.MonkeyPatch()
+    for name in [n for n in os.environ if n.startswith(("HOTSPOTS_", "MLFLOW_"))]:
+        env.delenv(name)
+    env.setenv("HOTSPOTS_DATA_DIR", str(city.settings.data_dir.resolve()))
+    env.setenv("HOTSPOTS_MODEL_REFRESH_SECONDS", "3600")
+    env.setenv("HOTSPOTS_CONFIG", str(root / "no-config.toml"))
+    uvicorn_server = uvicorn.Server(uvicorn.Config("serving.app:create_app", factory=True, host="127.0.0.1",
+                                                   port=port, log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 90
+        while not uvicorn_server.started:
+            if not thread.is_alive():
+                pytest.fail("the server stopped while starting (its error is in the captured log above)")
+            if time.monotonic() > deadline:
+                pytest.fail("the server did not start within 90 s")
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
+            assert response.status == 200
+        yield SimpleNamespace(base=base, key=key, panel=city.panel, version=city.version)
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(timeout=30)
+        env.undo()
+        assert not thread.is_alive(), "the server did not stop within 30 s"
 
 
 @pytest.fixture(scope="module")

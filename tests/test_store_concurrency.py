@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -30,12 +31,16 @@ from features.verify import verify_store
 
 REPO = Path(__file__).resolve().parents[1]
 TESTVILLE = Path(__file__).parent / "fixtures" / "profiles" / "testville.toml"
-N_WRITERS, ROUNDS, SLICE_ROWS = 4, 3, 2_500
+# 1,000 rows a slice (was 2,500): each slice's rows still fall in 43-64 monthly partitions and every pair of slices
+# shares 4-29 of them (was 77-98), so writers still rewrite each other's partitions; an ingest costs about the
+# partitions and rows it rewrites
+N_WRITERS, ROUNDS, SLICE_ROWS = 4, 3, 1_000
 
-# one process = ROUNDS ingests, each into its own data folder, each released by a "go" file so that the N
-# processes hit the store at the same moment (imports are paid once, before the first round)
+# one process = ROUNDS ingests, each into its own data folder, each released by a line on its stdin so that the N
+# processes hit the store at the same moment (imports are paid once, before the first round; a writer waiting for
+# the line blocks instead of polling a file); after each ingest its summary is the next line on its stdout
 WRITER = """
-import json, sys, time
+import json, sys
 from pathlib import Path
 from features.pipeline import ingest_file
 from features.profile import load_profile
@@ -44,9 +49,7 @@ profile = load_profile("toronto-mci")
 file, *rounds = sys.argv[1:]
 print("ready", flush=True)
 for round_dir in rounds:
-    go = Path(round_dir) / "go"
-    while not go.exists():
-        time.sleep(0.002)
+    assert sys.stdin.readline() == "go\\n"
     s = ingest_file(file, profile, IncidentStore(Path(round_dir) / "data"))
     print(json.dumps({"new": s.stored_new, "updated": s.updated, "already": s.already_stored,
                       "quarantined": s.quarantined_total, "input": s.input_rows, "balanced": s.balanced}), flush=True)
@@ -69,6 +72,16 @@ def toronto_slices(tmp_path_factory) -> list[Path]:
     return paths
 
 
+def line_within(process: subprocess.Popen, seconds: float) -> str:
+    """The process's next stdout line, failing (with its stderr) if none comes within ``seconds``. (select sees
+    the pipe, not the reader's buffer: fine here, as a writer prints nothing more until it is sent the next line.)"""
+    ready, _, _ = select.select([process.stdout], [], [], seconds)
+    if not ready:
+        process.kill()
+        raise AssertionError(f"no line in {seconds} s: {process.communicate()}")
+    return process.stdout.readline()
+
+
 def python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "POLARS_MAX_THREADS": "1"}
 
@@ -87,25 +100,26 @@ def test_parallel_ingests_never_corrupt_or_lose_a_row(toronto_slices, tmp_path):
         folder.mkdir()
     writers = [
         subprocess.Popen([sys.executable, "-c", WRITER, str(path), *map(str, rounds)], cwd=REPO, env=python_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for path in toronto_slices
     ]
     # every writer has paid its imports before the first round is released (a fixed sleep under-waited on a busy
-    # machine and over-waited on a quiet one); the lines that follow are the summaries
-    assert [w.stdout.readline() for w in writers] == ["ready\n"] * N_WRITERS, [w.communicate() for w in writers]
-    for folder in rounds:
-        (folder / "go").touch()
+    # machine and over-waited on a quiet one)
+    assert [line_within(w, 120) for w in writers] == ["ready\n"] * N_WRITERS
+    summaries: list[list[dict]] = [[] for _ in writers]
+    for _folder in rounds:
+        for w in writers:
+            w.stdin.write("go\n")
+            w.stdin.flush()
         # next round only when every writer of this one is done, so the rounds do not overlap each other
-        deadline = time.monotonic() + 60
-        while len(list((folder / "data" / "reports" / "ingest").glob("*.json"))) < N_WRITERS:
-            assert time.monotonic() < deadline, "writers did not finish a round in 60 s"
-            assert all(w.poll() in (None, 0) for w in writers), [w.communicate() for w in writers]
-            time.sleep(0.01)
+        for w, mine in zip(writers, summaries):
+            line = line_within(w, 60)
+            assert line, w.communicate()
+            mine.append(json.loads(line))
     outputs = [w.communicate(timeout=60) for w in writers]
-    for writer, (_out, err) in zip(writers, outputs):
+    for writer, (out, err) in zip(writers, outputs):
         assert writer.returncode == 0, err
-        assert "Traceback" not in err
-    summaries = [[json.loads(line) for line in out.splitlines()] for out, _ in outputs]
+        assert "Traceback" not in err and out == ""
 
     for r, folder in enumerate(rounds):
         store = IncidentStore(folder / "data")
@@ -135,6 +149,7 @@ from features.profile import load_profile
 from features.store import IncidentStore
 profile = load_profile(sys.argv[1])
 store = IncidentStore(sys.argv[2])
+print("ready", flush=True)
 while True:  # every ingest revises every row: each one rewrites the whole store
     for file in sys.argv[3:]:
         ingest_file(file, profile, store)
@@ -182,7 +197,10 @@ def test_kill_9_during_a_write_leaves_old_or_new_and_no_lock(tmp_path):
     killed_mid_write = 0
     for trial in range(3):
         writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(TESTVILLE), str(data), str(a), str(b)],
-                                  cwd=REPO, env=python_env(), stderr=subprocess.PIPE)
+                                  cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # the polling below starts once the writer has paid its imports: polling every millisecond through them
+        # cost a core for a second or more per trial
+        assert line_within(writer, 120) == "ready\n"
         deadline = time.monotonic() + 60
         # wait for the store to exist, then for a temporary file of the store: a write in progress
         while not (store.manifest_path("testville").is_file() and mid_write(store)):
