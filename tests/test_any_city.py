@@ -364,9 +364,9 @@ def test_new_city_walkthrough_runs_end_to_end(toronto_incidents, tmp_path, monke
     """A small generated city (two years of downtown Toronto in the ISO-offset shape) through the script:
     profile init -> profile check -> hotspots run mycity.toml EXPORT --quick --no-serve.
 
-    bash runs the script as a user would; its three `hotspots` calls are recorded with their arguments and then run
-    in this test process through the CLI's app (the same entry point as the installed `hotspots` script, whose
-    presence is checked). Three product processes cost 27 CPU-s, 70% of it interpreter start, imports and MLflow's
+    bash runs the script as a user would; its three `hotspots` calls are recorded with their arguments, the first
+    is run through the installed `hotspots` script, the other two in this test process through the CLI's app (the
+    script's entry point). Three product processes cost 27 CPU-s, 70% of it interpreter start, imports and MLflow's
     schema migrations; the commands' own work is what this test is about."""
     box = toronto_incidents.filter(pl.col("latitude").is_between(43.64, 43.68) & pl.col("longitude").is_between(-79.42, -79.37)
                                    & pl.col("occurred_at").dt.year().is_between(2019, 2020)).sort("occurred_at")
@@ -384,6 +384,12 @@ def test_new_city_walkthrough_runs_end_to_end(toronto_incidents, tmp_path, monke
     assert [" ".join(["hotspots", *a]) for a in argv] == [
         c.replace('"$EXPORT"', export.name).replace('"$ZONE"', "America/Toronto") for c in walkthrough_commands()]
 
+    # the first call (profile init, the lightest) through the installed console script, as a process of its own
+    first = subprocess.run([str(venv_bin / "hotspots"), *argv[0]], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120, env={"PATH": f"{venv_bin}:/usr/bin:/bin", "HOME": str(tmp_path),
+                                             "HOTSPOTS_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(REPO)})
+    assert first.returncode == 0 and "draft written to mycity.toml" in first.stdout, first.stdout + first.stderr
+
     from service_support import isolated_mlflow_env  # MLflow's process-wide URIs are restored afterwards
 
     monkeypatch.chdir(tmp_path)
@@ -391,7 +397,7 @@ def test_new_city_walkthrough_runs_end_to_end(toronto_incidents, tmp_path, monke
         env.setenv("HOTSPOTS_DATA_DIR", str(tmp_path / "data"))
         env.setenv("HOTSPOTS_H3_RESOLUTION", "8")
         outputs = []
-        for args in argv:
+        for args in argv[1:]:
             result = CliRunner().invoke(app, args)
             assert result.exit_code == 0, f"hotspots {' '.join(args)}\n{result.output[-3000:]}"
             outputs.append(result.output)
