@@ -38,25 +38,30 @@ def require_shared(*relative: str) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_schema_from_a_template(tmp_path_factory):
     """MLflow builds every new SQLite registry by replaying its schema migrations (3-13 s each on this machine,
-    and the suite makes dozens). The first registry of each test process is built that way and kept as a template;
-    later ones are copied from it with SQLite's backup API: the same tables and the same alembic revision."""
+    and the suite makes dozens). The first registry the session asks for is built that way into a template, once
+    for all test processes (``built_once``: each xdist worker replayed them before); every registry is copied
+    from it with SQLite's backup API: the same tables and the same alembic revision."""
     import sqlite3
 
     import mlflow.store.db.utils as db_utils
     import mlflow.store.model_registry.sqlalchemy_store as registry_store
+    from sqlalchemy import create_engine
 
     replay = db_utils._initialize_tables
-    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+
+    def build(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        engine = create_engine(f"sqlite:///{folder / 'mlflow.db'}")
+        replay(engine)
+        engine.dispose()
 
     def initialize_tables(engine):
         database = engine.url.database
         if engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
             return replay(engine)
-        source, target = (Path(database), template) if not template.exists() else (template, Path(database))
-        if source == Path(database):
-            replay(engine)
+        template = built_once(tmp_path_factory, "mlflow-template", build) / "mlflow.db"
         engine.dispose()  # no pooled connection keeps the old (empty) schema
-        with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        with sqlite3.connect(template) as src, sqlite3.connect(database) as dst:
             src.backup(dst)
 
     mp = pytest.MonkeyPatch()

@@ -180,6 +180,20 @@ def _halves(lon0: float) -> gpd.GeoDataFrame:
                             geometry=[west, east], crs=4326)
 
 
+def test_the_join_overlays_polygons_and_cells_once(monkeypatch):
+    """Counts and rates come from one polygon-cell overlay (tobler's area table, most of a join's time): the
+    rates are not a second overlay of the same geometry. Their values are checked by hand below."""
+    import importlib
+
+    module = importlib.import_module("tobler.area_weighted.area_interpolate")  # the module, not its function
+    tables = []
+    real = module._area_tables_binning
+    monkeypatch.setattr(module, "_area_tables_binning", lambda *a, **k: tables.append(1) or real(*a, **k))
+    area, lon0 = _toy_area()
+    join = join_to_cells(_halves(lon0), area, {"x": "pop_x", "y": "pop_y"}, intensive=["rate"])
+    assert len(tables) == 1 and np.isfinite(join.rates["rate"].to_numpy()).all() and join.counts["x"].sum() > 0
+
+
 def test_intensive_variables_are_area_weighted_and_coverage_reported():
     area, lon0 = _toy_area()
     layer = _halves(lon0)

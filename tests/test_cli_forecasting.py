@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from features.settings import Settings
+from forecasting.area_presets import default_layer
 from serving.cli import app
 
 runner = CliRunner()
@@ -70,6 +71,13 @@ def test_backtest_then_claim(data_dir, backtested):
     # the backtest ran its winner's diagnostics without a learned forecaster or "lightgbm" in it
     assert json.loads((folder / "diagnostics.json").read_text())["model"] == promotion["winner"]
     assert set(summary["references"]) == {"static_clairvoyant", "shift_of_day_clairvoyant"}
+    # and its bias audit on the source's own area layer when that is on this machine (else it says it skipped it);
+    # test_cli_training.py's backtest runs without one
+    if default_layer("toronto-mci") is not None:
+        audited = json.loads((folder / "bias_audit.json").read_text())
+        assert promotion["winner"] in {r["forecaster"] for r in audited["rows"]}
+    else:
+        assert not (folder / "bias_audit.json").exists() and "the bias audit is skipped" in " ".join(result.output.split())
 
     missing = runner.invoke(app, ["claim", "toronto-mci", "--candidate", "lightgbm", "--data-dir", str(data_dir)])
     assert missing.exit_code == 2 and "no forecasts of ['lightgbm']" in missing.output

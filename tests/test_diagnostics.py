@@ -3,6 +3,8 @@ the dose regression against a known truth (simulated patrols: a known rate ratio
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from datetime import UTC, datetime
 
@@ -12,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import toronto_box_panel
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
 from features.calendar import ShiftCalendar
@@ -34,7 +36,8 @@ from forecasting.measures import gini, jaccard, top_share
 from forecasting.metrics import shift_hits
 from forecasting.patrol_dose import dose_bin_edges, patrol_diagnostics
 from forecasting.reporting.assess import log_diagnostics
-from forecasting.reporting.diagnostics_view import diagnostics_figure, diagnostics_page, diagnostics_section
+from forecasting.reporting.diagnostics_view import diagnostics_page, diagnostics_section
+from forecasting.reporting.templating import png_data_uri
 
 # --- hand-computed toy cases -------------------------------------------------------------------------
 
@@ -245,9 +248,17 @@ def patrolled_city():
     return panel, patrols, origins, mu[rows], total[rows].astype(float), dose[rows]
 
 
-def test_dose_regression_recovers_the_known_rate_ratios(patrolled_city):
+@pytest.fixture(scope="module")
+def dose_result(patrolled_city):
+    """The default (offset) analysis of the patrolled city, shared by the regression and the bins tests (they
+    made the same call with the same arguments, each 1-2 CPU-s)."""
     panel, patrols, origins, mu, observed, _ = patrolled_city
-    result = patrol_diagnostics(patrols, panel, origins, mu, observed, n_boot=200)
+    return patrol_diagnostics(patrols, panel, origins, mu, observed, n_boot=200)
+
+
+def test_dose_regression_recovers_the_known_rate_ratios(patrolled_city, dose_result):
+    panel, patrols, origins, mu, observed, _ = patrolled_city
+    result = dose_result
     reg = {(r["outcome"], r["term"]): r for r in result.regression.iter_rows(named=True)}
     for term, truth in (("prev_shift", TRUE_RR_PREV_SHIFT), ("prev_day", TRUE_RR_PREV_DAY)):
         r = reg[("all", term)]
@@ -275,9 +286,9 @@ def test_dose_regression_with_the_expected_count_as_covariate(patrolled_city):
     assert 0.9 < reg["log_expected"]["coef"] < 1.1  # the slope on log(expected) of a calibrated forecast
 
 
-def test_dose_bins_hand_computed(patrolled_city):
+def test_dose_bins_hand_computed(patrolled_city, dose_result):
     panel, patrols, origins, mu, observed, dose = patrolled_city
-    result = patrol_diagnostics(patrols, panel, origins, mu, observed, n_boot=200)
+    result = dose_result
     bins = result.bins.filter(pl.col("outcome") == "all")
     assert bins["bin"].to_list() == ["0", "(0, 15]", "(15, 30]", "(30, 60]", ">60"]
     masks = [dose == 0, (dose > 0) & (dose <= 15), (dose > 15) & (dose <= 30), (dose > 30) & (dose <= 60), dose > 60]
@@ -371,16 +382,17 @@ def test_result_exports(toronto_naive, tmp_path):
     payload = json.loads(json.dumps(d.payload(), allow_nan=False))
     assert payload["patrol"] is None and "no patrol log" in payload["patrol_note"]
     assert len(payload["flags"]) == 4 and payload["flags"][0]["lorenz"]["flag_share"][-1] == pytest.approx(1.0)
+    # the figure is drawn once (each drawing of this 13 x 9.5 inch figure was a quarter of the module's CPU): the
+    # section draws it, the page and the pixel check reuse the PNG the section embeds, as log_diagnostics does
     section = diagnostics_section(d)
     assert section.startswith('<section class="diagnostics">') and section.endswith("</section>")
-    page = diagnostics_page(d, "Toronto <toy>")
+    assert f"{d.flags[('naive', '5pct')].gini:.3f}" in section and section.count("data:image/png;base64,") == 1
+    png = base64.b64decode(section.split("data:image/png;base64,")[1].split('"')[0])
+    page = diagnostics_page(d, "Toronto <toy>", png=png)
     assert page.startswith("<!DOCTYPE html>") and "<h1>Toronto &lt;toy&gt;</h1>" in page
     assert page.count("data:image/png;base64,") == 1 and f"{d.flags[('naive', '5pct')].gini:.3f}" in page
-    assert f"{d.flags[('naive', '5pct')].gini:.3f}" in section and "data:image/png;base64," in section
-    fig = diagnostics_figure(d)
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+    assert png_data_uri(png) in page
+    pixels = imread(io.BytesIO(png), format="png")[..., :3] * 255
     assert pixels.std() > 10  # not blank
     with pytest.raises(KeyError, match="no predictions"):
         diagnose(preds, observed, panel.study_area.areas_km2, origins, 3, model="lightgbm")

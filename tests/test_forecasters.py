@@ -224,8 +224,13 @@ def test_ranking_objective_fits_and_predicts(toronto_panel, objective):
 
 
 def test_recency_weighted_full_history(toronto_panel):
-    """train_days=None trains on every origin since the panel starts; the half-life only reweights them."""
-    panel = toronto_panel
+    """train_days=None trains on every origin since the panel starts; the half-life only reweights them.
+    The panel here starts in March 2020 (about 650 days before the cutoff, still well over 1.5 x the 240-day
+    window, and 3.6 half-lives): the module's panel from 2018 made each whole-history fit build 2.2x the rows."""
+    full_panel = toronto_panel
+    first = full_panel.calendar.shift_of(datetime(2020, 3, 1, 12, tzinfo=UTC))
+    panel = CountPanel(full_panel.study_area, full_panel.calendar, full_panel.categories, first,
+                       full_panel.end_shift, full_panel.counts.filter(pl.col("shift") >= first))
     cutoff = panel.end_shift - 60
     few = dict(n_estimators=12)  # the rows and weights are under test, not the trees
     windowed = small_lgbm(**few).fit(panel, cutoff)

@@ -177,9 +177,10 @@ def decode(content: bytes) -> np.ndarray:
 
 
 def colour_stats(pixels: np.ndarray) -> tuple[int, float]:
-    """(distinct colours, share of pixels that are not the most common colour)."""
-    flat = pixels.reshape(-1, 3)
-    colours, counts = np.unique(flat, axis=0, return_counts=True)
+    """(distinct colours, share of pixels that are not the most common colour). Each colour is packed into one
+    integer (0xRRGGBB): np.unique over 2 M pixel rows (axis=0) took 4.5 CPU-s a page, over the integers 0.05 s."""
+    flat = pixels.reshape(-1, 3).astype(np.uint32)
+    colours, counts = np.unique(flat[:, 0] << 16 | flat[:, 1] << 8 | flat[:, 2], return_counts=True)
     return len(colours), 1 - counts.max() / flat.shape[0]
 
 
