@@ -203,7 +203,8 @@ def test_planner_page_end_to_end(page, server, tmp_path):
     page.screenshot(path=str(shot))
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (VIEWPORT["height"], VIEWPORT["width"])
-    colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+    flat = pixels.reshape(-1, 3).astype(np.uint32)  # each colour packed into one integer: np.unique(axis=0) is 90x slower
+    colours, counts = np.unique(flat[:, 0] << 16 | flat[:, 1] << 8 | flat[:, 2], return_counts=True)
     assert len(colours) > 200, len(colours)
     assert 1 - counts.max() / counts.sum() > 0.3  # the most common colour (background) is not most of it
     reds = np.all(np.abs(pixels.astype(int) - (128, 0, 38)) <= 8, axis=2) | (
