@@ -269,6 +269,17 @@ SLOW_MODULES = {"test_cli_forecasting", "test_cli_training", "test_tracking", "t
                 "test_realised_accuracy", "test_drift", "test_transparency", "test_pooled", "test_huge_k",
                 "test_dask_ingest", "test_baseline_champion", "test_local_processes"}
 SLOW_TESTS = {
+    # fits a model (the leakage, conformance and property tests stay in the fast loop although they fit small ones)
+    "test_forecasters.py::test_sepp_recovers_known_parameters_on_the_synthetic_city",
+    "test_forecasters.py::test_lightgbm_hand_case_learns_a_constant_hotspot",
+    "test_forecasters.py::test_lightgbm_is_deterministic_and_beats_a_constant",
+    "test_forecasters.py::test_ranking_objective_fits_and_predicts",
+    "test_blend.py::test_fixed_weights_give_either_part",
+    "test_blend.py::test_blend_is_the_weighted_geometric_mean",
+    "test_diagnostics.py::test_gain_share_groups_a_real_lightgbm_fit",
+    "test_api.py::test_new_champion_is_picked_up_after_refresh",
+    # starts a real PostgreSQL server
+    "test_dev_tools.py::test_throwaway_server_starts_with_the_test_database_and_is_gone_after_stop",
     "test_forecasters.py::test_recency_weighted_full_history",
     "test_map.py::test_briefing_png_is_a_real_printable_map",
     "test_idempotency.py::test_cli_toronto_ingest_twice_is_idempotent",
