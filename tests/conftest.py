@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,16 +200,36 @@ def toronto_through_the_cli(tmp_path_factory, resolution: int) -> Path:
     return private_copy(built, tmp_path_factory.mktemp("cli") / "data")
 
 
-@pytest.fixture(scope="session")
-def client():
-    """A real two-process Dask LocalCluster (one thread per worker) and its client, once per test process: starting
-    one and importing the product in its workers costs about 12 CPU-seconds, and ``SHARED_SCOPES`` sends every
-    module that uses it to the same test process. Tests that kill a worker wait for the nanny's replacement."""
-    from distributed import Client, LocalCluster
+_DASK: dict[str, Any] = {}  # the running LocalCluster and its Client, while tests that use them run
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as c:
-        yield c
+
+@pytest.fixture
+def client():
+    """A real two-process Dask LocalCluster (one thread per worker) and its client, started by the first test that
+    asks and kept for the next ones: starting one and importing the product in its workers costs about 12 CPU-s,
+    and ``SHARED_SCOPES`` sends every module that uses it to one test process, one after the other. It is closed as
+    soon as the next test is not in one of those modules (``pytest_runtest_teardown``): idle, it still burns a
+    fifth of a core.
+    Tests that kill a worker wait for the nanny's replacement."""
+    if "client" not in _DASK:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        _DASK.update(cluster=cluster, client=Client(cluster))
+    return _DASK["client"]
+
+
+def _close_dask() -> None:
+    client, cluster = _DASK.pop("client", None), _DASK.pop("cluster", None)
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if "client" in _DASK and (nextitem is None or SHARED_SCOPES.get(nextitem.path.stem) != "dask-cluster"):
+        _close_dask()
 
 
 def synthetic_downtown_panel(rings: int, per_day: float, background_seed: int, seed: int, start: datetime):
