@@ -334,7 +334,8 @@ HEAVIEST_FIRST = ["test_schemathesis", "test_store_concurrency", "test_cli_forec
                   "01_analyst_quickstart", "test_report", "test_drift", "test_tamper_and_limits"]
 
 
-# Modules run by one test process as one unit of work, so that a session fixture they share is built once.
+# Modules run by one test process as one unit of work, one after the other, so that the Dask cluster they share
+# (``client``) is started once and closed when they are done.
 SHARED_SCOPES = {module: "dask-cluster" for module in ("test_dask", "test_batch", "test_dask_ingest", "test_pooled")}
 
 
