@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pytest
 from conftest import built_once, session_tmp_path_factory, toronto_box_panel
 from mlflow.tracking import MlflowClient
@@ -150,6 +151,14 @@ def asgi_service(incidents, root, before_start=None) -> Iterator[SimpleNamespace
         keys = {role: app.state.keys.create_key(role, f"test {role.value}") for role in Role}
         with TestClient(app) as client:
             yield SimpleNamespace(client=client, app=app, keys=keys, **vars(city))
+
+
+def colour_stats(pixels: np.ndarray) -> tuple[int, float]:
+    """(distinct colours, share of pixels that are not the most common colour). Each colour is packed into one
+    integer (0xRRGGBB): np.unique over 2 M pixel rows (axis=0) took 4.5 CPU-s a page, over the integers 0.05 s."""
+    flat = pixels.reshape(-1, 3).astype(np.uint32)
+    colours, counts = np.unique(flat[:, 0] << 16 | flat[:, 1] << 8 | flat[:, 2], return_counts=True)
+    return len(colours), 1 - counts.max() / flat.shape[0]
 
 
 def get(svc, path, role: Role | None = Role.planner, **params):

@@ -15,7 +15,7 @@ import shapely
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
-from service_support import BARE, CITY, asgi_service, get, problem
+from service_support import BARE, CITY, asgi_service, colour_stats, get, problem
 
 from features.settings import Settings
 from serving.app import create_app
@@ -174,14 +174,6 @@ def test_city_area_is_the_union_of_the_study_area_cells(svc):
 def decode(content: bytes) -> np.ndarray:
     assert content[:8] == PNG_MAGIC
     return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
-
-
-def colour_stats(pixels: np.ndarray) -> tuple[int, float]:
-    """(distinct colours, share of pixels that are not the most common colour). Each colour is packed into one
-    integer (0xRRGGBB): np.unique over 2 M pixel rows (axis=0) took 4.5 CPU-s a page, over the integers 0.05 s."""
-    flat = pixels.reshape(-1, 3).astype(np.uint32)
-    colours, counts = np.unique(flat[:, 0] << 16 | flat[:, 1] << 8 | flat[:, 2], return_counts=True)
-    return len(colours), 1 - counts.max() / flat.shape[0]
 
 
 def test_briefing_png_is_a_real_printable_map(svc):
