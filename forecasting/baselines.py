@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.signal import lfilter
 from scipy.spatial import cKDTree
 
 from features.panel import CountPanel
@@ -124,6 +123,8 @@ class SEPP(Forecaster):
     @staticmethod
     def _excitation(counts: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray]:
         """A[s] = sum_{s'<s} n[s'] g^(s-1-s'),  D[s] = sum_{s'<s} n[s'] (s-s') g^(s-1-s')  (per cell)."""
+        from scipy.signal import lfilter  # here, not at the top: scipy.signal costs ~1 s to import (CLI, service)
+
         prev = np.zeros_like(counts)
         prev[1:] = counts[:-1]
         a = lfilter([1.0], [1.0, -g], prev, axis=0)
@@ -310,6 +311,8 @@ class ExpWeighted(Forecaster):
 
     @staticmethod
     def _weighted(panel: CountPanel, origins: np.ndarray, half_life_days: float, category) -> np.ndarray:
+        from scipy.signal import lfilter  # here, not at the top: scipy.signal costs ~1 s to import (CLI, service)
+
         d = 0.5 ** (1.0 / (half_life_days * panel.calendar.per_day))
         first = int(origins[0])
         rows = panel.slice(panel.first_shift, first, category)

@@ -18,7 +18,6 @@ from starlette.concurrency import run_in_threadpool
 
 from serving.areas import AreaNames, CellAreas
 from serving.audit import AuditLog
-from serving.briefing import render_briefing
 from serving.checks import EXPLAINED_CELLS, PNG_MAX_K, check_selected
 from serving.dependencies import Now, Planner, Services
 from serving.errors import ApiError
@@ -244,7 +243,10 @@ def render_geojson(r: HotspotsRequest) -> bytes:
 
 
 def render_png(r: HotspotsRequest) -> bytes:
-    """About half a second of matplotlib: drawn once per forecast and selection."""
+    """About half a second of matplotlib: drawn once per forecast and selection. The briefing module (matplotlib,
+    ~1 s to import) is loaded by the first PNG asked for, not by every service start and CLI command."""
+    from serving.briefing import render_briefing
+
     cells, selection = r.hotspots()
     return render_briefing(r.p.panel.study_area.cells,
                            HotspotsResponse(**context(r.p), selection=selection, hotspots=cells))
