@@ -26,6 +26,11 @@ from pydantic_settings import (
 DEFAULT_CONFIG_FILE = "hotspots.toml"
 TABLE = "hotspots"
 
+# MLflow 3 sends usage telemetry to its vendor by default. A police deployment's tracking must stay on its own
+# machines (and work offline), so the product turns it off before any MLflow call; a user who wants it sets
+# MLFLOW_DISABLE_TELEMETRY=false (or DO_NOT_TRACK) explicitly.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 def _config_source(settings_cls: type[BaseSettings]) -> TomlConfigSettingsSource:
     """pydantic-settings' TOML source on the configured file, reading the ``[hotspots]`` table when there is one."""

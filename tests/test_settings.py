@@ -41,3 +41,20 @@ def test_config_file_top_level_and_service_fields(monkeypatch, tmp_path):
     assert (s.h3_resolution, s.default_k, s.model_refresh_seconds) == (10, 7, 5.0)
     monkeypatch.setenv("HOTSPOTS_DEFAULT_K", "3")
     assert Settings().default_k == 3
+
+
+def test_mlflow_usage_telemetry_is_off_unless_the_user_turns_it_on():
+    """A police deployment's tracking never phones MLflow's vendor: the product disables MLflow 3's telemetry,
+    and an explicit user setting still wins."""
+    import os
+    import subprocess
+    import sys
+
+    # MLflow's own reading of its switch (its other heuristics, e.g. "running under pytest", are beside the point)
+    probe = ("import features.settings; from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY; "
+             "print(MLFLOW_DISABLE_TELEMETRY.get())")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    for value, expected in ((None, "True"), ("false", "False")):
+        run_env = env if value is None else {**env, "MLFLOW_DISABLE_TELEMETRY": value}
+        out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
