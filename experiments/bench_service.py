@@ -18,6 +18,7 @@ registry and promotes it; without a panel it ingests Toronto and builds one firs
     python -m experiments.bench_service --runs 3
     python -m experiments.bench_service --runs 3 --swap-every 2   # the champion alias moved during the load
     python -m experiments.bench_service --runs 3 --swap-every 2 --swap-new   # to a new version each time
+    python -m experiments.bench_service --runs 4 --swap-every 2 --interleave  # still and moving, alternated
 prints the figures and writes experiments/results/bench_service.json (machine and load average included: the
 machine is shared, so the load at the time is part of the result).
 """
@@ -258,6 +259,32 @@ def cold_shifts(panel_dir: Path, n: int, offset: int) -> list[str]:
     return [shift_start_local(panel, panel.end_shift - offset - j).isoformat() for j in range(1, n + 1)]
 
 
+def measured_run(args, server: psutil.Process, url: str, base: str, key: str, env: dict[str, str], work: Path,
+                 versions: tuple[str, str, str, str | None] | None, cold_offset: int) -> dict:
+    """One wrk run (the alias moved during it when ``versions`` is given), the server's CPU per request, then
+    cold forecasts of shifts not asked before."""
+    cpu = sum(server.cpu_times()[:2])
+    swapper = None
+    if versions:
+        swapper = AliasSwapper(env.get("HOTSPOTS_MLFLOW_TRACKING_URI") or Settings(data_dir=work).tracking_uri,
+                               versions, args.swap_every, args.swap_new)
+        swapper.start()
+    result = run_wrk(url, key, args.threads, args.connections, args.duration)
+    if swapper is not None:
+        result["alias_moves"] = len(swapper.stop())
+        served = requests.get(f"{base}/readyz", timeout=30).json()["cities"]
+        result["served_version_after"] = {c["city"]: c["model_version"] for c in served}.get(CITY)
+    result["server_cpu_ms_per_request"] = 1000 * (sum(server.cpu_times()[:2]) - cpu) / result["requests"]
+    result["cold"] = cold_times(base, key, cold_shifts(work / "panels" / PANEL, args.cold, cold_offset))
+    result["load_average_1m"] = os.getloadavg()[0]
+    return result
+
+
+def medians(runs: list[dict]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in ("requests_per_second", "p50_ms", "p99_ms",
+                                                               "server_cpu_ms_per_request")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("/work/runs/toronto"),
@@ -276,6 +303,10 @@ def main() -> None:
     parser.add_argument("--swap-new", action="store_true",
                         help="with --swap-every: move the alias to a version registered anew each time (a new "
                              "champion to load and warm up), not back and forth between two (rollbacks)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="with --swap-every: each round runs the load once with the alias still and once with it "
+                             "moving (order alternating), on the same server refreshing every second, so the two "
+                             "share the machine's state; medians per mode")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_service.json")
     args = parser.parse_args()
     if not Path(WRK).is_file():
@@ -296,7 +327,7 @@ def main() -> None:
     process = start_server(work, port, env, args.access_log, reload_seconds=1.0 if versions else None)
     server = psutil.Process(process.pid)
     load_before = os.getloadavg()
-    runs = []
+    runs: list[dict] = []
     try:
         warm = requests.get(url, headers={"X-API-Key": key}, timeout=120)
         if warm.status_code != 200:
@@ -304,31 +335,24 @@ def main() -> None:
         n_cells = warm.json()["selection"]["study_area_cells"]
         run_wrk(url, key, args.threads, args.connections, 3)  # settle: connections, caches, allocator
         for i in range(args.runs):
-            cpu = sum(server.cpu_times()[:2])
-            swapper = None
-            if versions:
-                swapper = AliasSwapper(env.get("HOTSPOTS_MLFLOW_TRACKING_URI") or Settings(data_dir=work).tracking_uri,
-                                       versions, args.swap_every, args.swap_new)
-                swapper.start()
-            result = run_wrk(url, key, args.threads, args.connections, args.duration)
-            if swapper is not None:
-                result["alias_moves"] = len(swapper.stop())
-                served = requests.get(f"{base}/readyz", timeout=30).json()["cities"]
-                result["served_version_after"] = {c["city"]: c["model_version"] for c in served}.get(CITY)
-            result["server_cpu_ms_per_request"] = 1000 * (sum(server.cpu_times()[:2]) - cpu) / result["requests"]
-            result["cold"] = cold_times(base, key, cold_shifts(work / "panels" / PANEL, args.cold, i * args.cold))
-            result["load_average_1m"] = os.getloadavg()[0]
-            runs.append(result)
-            print(f"run {i + 1}/{args.runs}: {result['requests_per_second']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
-                  f"p99 {result['p99_ms']:.1f} ms, {result['server_cpu_ms_per_request']:.2f} ms server CPU per request, "
-                  f"non-2xx {result['non_2xx']}, alias moves {result.get('alias_moves', 0)}; cold "
-                  + ", ".join(f"{c['seconds']:.2f}" for c in result["cold"]) + " s", flush=True)
+            modes = [bool(versions)] if not args.interleave else ([False, True] if i % 2 == 0 else [True, False])
+            for moving in modes:
+                result = measured_run(args, server, url, base, key, env, work, versions if moving else None,
+                                      cold_offset=len(runs) * args.cold)
+                result["mode"] = "moves" if moving else "still"
+                runs.append(result)
+                print(f"run {i + 1}/{args.runs} ({result['mode']}): {result['requests_per_second']:.0f} req/s, "
+                      f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+                      f"{result['server_cpu_ms_per_request']:.2f} ms server CPU per request, non-2xx "
+                      f"{result['non_2xx']}, alias moves {result.get('alias_moves', 0)}; cold "
+                      + ", ".join(f"{c['seconds']:.2f}" for c in result["cold"]) + " s", flush=True)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
 
-    median = {k: statistics.median(r[k] for r in runs) for k in ("requests_per_second", "p50_ms", "p99_ms",
-                                                                "server_cpu_ms_per_request")}
+    median = medians(runs)
+    by_mode = {mode: medians([r for r in runs if r["mode"] == mode]) for mode in ("still", "moves")} \
+        if args.interleave else None
     cold_all = [c["seconds"] for r in runs for c in r["cold"]]
     median["cold_seconds"] = statistics.median(cold_all)
     summary = {
@@ -346,6 +370,7 @@ def main() -> None:
                   "path": "key verified (2 s cache), forecast and body from cache, audit row committed per response"},
         "runs": runs,
         "median": median,
+        "median_by_mode": by_mode,
         "cold_max_seconds": max(cold_all),
         "targets": TARGETS,
         "meets_targets": {"requests_per_second": median["requests_per_second"] >= TARGETS["requests_per_second"],
@@ -354,11 +379,14 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    print(f"\nmedian of {args.runs} runs, {os.cpu_count()} cores, one worker ({summary['setup']['uvicorn']}):")
+    print(f"\nmedian of {len(runs)} runs, {os.cpu_count()} cores, one worker ({summary['setup']['uvicorn']}):")
     print(f"  from cache: {median['requests_per_second']:.0f} requests/s (target >= 500), p50 {median['p50_ms']:.1f} ms, "
           f"p99 {median['p99_ms']:.1f} ms (target <= 50)")
     print(f"  cold forecast, {n_cells} cells at resolution 9: median {median['cold_seconds']:.2f} s (target <= 1), "
           f"max {summary['cold_max_seconds']:.2f} s over {len(cold_all)}")
+    for mode, m in (by_mode or {}).items():
+        print(f"  alias {mode}: {m['requests_per_second']:.0f} requests/s, p50 {m['p50_ms']:.1f} ms, "
+              f"p99 {m['p99_ms']:.1f} ms, {m['server_cpu_ms_per_request']:.2f} ms server CPU per request")
     print(f"written to {args.out}")
 
 
