@@ -17,7 +17,7 @@ Speed (issue 15): the training rows are chosen first (every positive cell-shift 
 chunk's own seed) and features are built for those rows only (``build_features(rows=)``, the same values as the
 full matrix's rows), so feature building no longer grows with the ~95% of cell-shifts that are dropped zeros. What
 is left of a fit is mostly boosting: rows x rounds x features. ``learning_rate`` 0.1 with
-``early_stopping_rounds`` 30 needs fewer rounds than 0.05 with 50, ``max_bin`` 63 cuts histogram work, and
+``early_stopping_rounds`` 30 (now 20, below) needs fewer rounds than 0.05 with 50, ``max_bin`` 63 cuts histogram work, and
 LightGBM's OpenMP threads sleep rather than spin while they wait (see below), which matters whenever the two
 cores are shared. Building LightGBM's binned Dataset is about 1.6 CPU-s (the validation set reuses the
 training set's bins), so it is rebuilt per fit: reusing one refit's bins in the next would chain the refits.
@@ -30,7 +30,7 @@ Second round (the figures are means over seeds 0-4, because one seed's hit rate 
 from 2019-09 to 2020-12, and runs 10 fewer rounds per fit. A patience of 15, 10 or 5 would stop earlier at three
 of those six cutoffs. ``quiet_zero_rate`` is importance sampling of the zeros: in cells with no incident before
 the chunk's first origin (``quiet_days=None``) or in the ``quiet_days`` before it, zeros are kept at their own
-rate with weight 1/rate. At 0.01 it drops 19% of the rows and 30% of the boosting CPU. Its validation figures
+rate with weight 1/rate. At 0.01 it drops 19% of the rows and about a fifth of a fit's CPU. Its validation figures
 (1% 0.1549, 5% 0.3834, deviance 0.03873) are within seed noise of the default's (0.1551, 0.3828, 0.03872), but
 its 1% figure is not higher, so it stays an option. Zeros quiet for 365 days kept at 0.005 (-29% rows) lost 0.0007
 at 1% over three seeds. Leaving out the eight features with the least gain (the five category counts, shift hours,
