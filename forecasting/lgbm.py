@@ -143,7 +143,7 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
             rate = np.tile(self._zero_rates(panel, lo), hi - lo)  # per row (origin-major), known before lo
             keep = np.flatnonzero((y > 0) | (rng.random(y.size) < rate))
             matrix = build_features(panel, origins, self.features, rows=keep)
-            rows = (matrix.X, y[keep], np.where(y > 0, 1.0, 1.0 / rate)[keep], matrix.origin)
+            rows = (matrix.X, y[keep], np.where(y[keep] > 0, 1.0, 1.0 / rate[keep]), matrix.origin)
         else:
             matrix = build_features(panel, origins, self.features)
             rows = (matrix.X, y, np.ones(y.size), matrix.origin)
