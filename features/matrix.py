@@ -113,8 +113,9 @@ class _Rows:
         self.origin = origins[self.position]
 
     def take(self, block: np.ndarray) -> np.ndarray:
-        """The rows of a block computed over every (origin, cell)."""
-        return block if self.flat is None else block.reshape(-1)[self.flat]
+        """The rows of a block computed over every (origin, cell). Indexed by (origin, cell) rather than through
+        ``reshape(-1)``, which copies a whole block that is not C-ordered (a ring mean is a transposed product)."""
+        return block if self.flat is None else block[self.position, self.cell]
 
     def per_origin(self, values: np.ndarray) -> np.ndarray:
         """A value per origin, the same in every cell (a broadcast view over every row)."""

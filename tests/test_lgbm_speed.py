@@ -62,3 +62,37 @@ def test_sampled_rows_are_the_full_matrix_rows_the_sampling_keeps(panel):
     np.testing.assert_array_equal(y, target[keep])
     np.testing.assert_array_equal(w, np.where(target > 0, 1.0, 10.0)[keep])
     np.testing.assert_array_equal(o, full.origin[keep])
+
+
+def test_quiet_cells_zeros_are_sampled_at_their_own_rate_with_weight_one_over_it(panel):
+    """Importance sampling of zeros: in cells without an incident in the ``quiet_days`` before a chunk's first
+    origin (only earlier shifts decide), zeros are kept at ``quiet_zero_rate`` with weight 1/quiet_zero_rate; every
+    other row is drawn exactly as with one global zero rate, and features are the full matrix's rows."""
+    stop = panel.first_shift + 400 * 3
+    start = stop - 90 * 3
+    lo, hi = start, (start // 360 + 1) * 360
+    seen = panel.until(stop)
+    model = LightGBMForecaster(chunk_shifts=360, zero_rate=0.1, quiet_zero_rate=0.02, quiet_days=28, seed=7)
+    X, y, w, o = model._rows(seen, start, stop, sample=True)
+    origins = np.arange(start, stop)
+    full = build_features(seen, origins, model.features)
+    target = build_targets(seen, origins)
+    keep, rate = [], []
+    for a, b in zip([lo, hi], [hi, stop]):
+        quiet = seen.cell_totals(a - 28 * 3, a) == 0  # the 28 days before the chunk, nothing later
+        assert 0 < quiet.sum() < seen.n_cells
+        p = np.tile(np.where(quiet, 0.02, 0.1), b - a)
+        yy = target[(a - start) * seen.n_cells:(b - start) * seen.n_cells]
+        keep.append((yy > 0) | (np.random.default_rng([7, a, b]).random(yy.size) < p))
+        rate.append(p)
+    keep, rate = np.concatenate(keep), np.concatenate(rate)
+    np.testing.assert_array_equal(X, full.X[keep])
+    np.testing.assert_array_equal(y, target[keep])
+    np.testing.assert_array_equal(o, full.origin[keep])
+    np.testing.assert_array_equal(w, np.where(target > 0, 1.0, 1.0 / rate)[keep])
+    assert {50.0, 10.0, 1.0} == set(np.unique(w).tolist())  # quiet zeros, other zeros, positives
+    # what happens at or after a chunk's first origin cannot change which cells are quiet for it
+    quiet_now = model._zero_rates(seen, hi)
+    assert np.array_equal(quiet_now, model._zero_rates(panel.until(hi), hi))
+    # the default (no quiet rate) is one global rate
+    assert np.array_equal(LightGBMForecaster(zero_rate=0.1)._zero_rates(seen, hi), np.full(seen.n_cells, 0.1))
