@@ -82,16 +82,16 @@ def test_areas_endpoint_gives_named_outlines_around_the_study_area(svc):
 
 
 def test_briefing_png_lists_area_names(svc, monkeypatch):
-    import serving.routers.hotspots as routes
+    import serving.briefing as briefing  # the PNG route imports render_briefing from here on each call
 
     seen = {}
-    original = routes.render_briefing
+    original = briefing.render_briefing
 
     def spy(cells, body):
         seen["body"] = body
         return original(cells, body)
 
-    monkeypatch.setattr(routes, "render_briefing", spy)
+    monkeypatch.setattr(briefing, "render_briefing", spy)
     response = get(svc, "/v1/hotspots.png", city=CITY, k=12, shift="2020-02-29T14:00")
     assert response.status_code == 200 and response.content[:4] == b"\x89PNG"
     assert [h.area_name for h in seen["body"].hotspots][:3] and seen["body"].hotspots[0].location.text
