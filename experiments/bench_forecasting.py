@@ -3,9 +3,11 @@ and the machine's load average beside it.
 
 1. LightGBM single fit on Toronto (all data up to the end of 2020, the default 2-year training window) and on
    Chicago 2012-2017 (training window covering the six years).
-2. The full Toronto 2021 backtest: every registered forecaster, monthly refits, 1,095 shifts, with each
-   forecaster's fit and predict seconds (which forecaster costs what), and the strongest-baseline choice run in
-   the same process pool, as ``hotspots backtest`` runs them.
+2. The full Toronto 2021 backtest as a user runs it: ``hotspots backtest toronto-mci --test-start 2021-01-01
+   --test-end 2022-01-01`` in a child process on a data folder ingested and binned once beforehand (every
+   registered forecaster, monthly refits, 1,095 shifts, the strongest-baseline choice, metrics and intervals,
+   the saved forecasts, the report, diagnostics and bias audit, the winner's final fit and its registration),
+   with each forecaster's fit and predict seconds read from the run's report.
 3. ``hotspots run toronto-mci --no-serve`` end to end in a fresh data folder (a child process: wall time and
    its peak RSS).
 
@@ -41,7 +43,6 @@ from features.pipeline import build_city_panel, ingest_file
 from features.profile import load_profile
 from features.sources.toronto import materialise
 from features.store import IncidentStore
-from forecasting.backtest import default_forecasters, run_backtest
 from forecasting.lgbm import LightGBMForecaster
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,6 +74,37 @@ def figure(runs: list[tuple[float, float]], loads: list[float], **extra) -> dict
             "peak_rss_gb": max(r[1] for r in runs), "load_1min": loads, **extra}
 
 
+def hotspots(args: list[str], folder: Path) -> None:
+    subprocess.run([str(Path(sys.executable).with_name("hotspots")), *args, "--data-dir", str(folder)], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def hotspots_backtest(folder: Path, resolution: int, start: date, end: date) -> tuple[float, float, Path]:
+    """``hotspots backtest`` end to end in a child process: (seconds, peak RSS of the largest child so far, the
+    report it wrote)."""
+    started = time.perf_counter()
+    hotspots(["backtest", "toronto-mci", "--test-start", str(start), "--test-end", str(end)], folder)
+    took = time.perf_counter() - started
+    report = folder / "backtests" / f"toronto-mci-r{resolution}-{start:%Y%m%d}-{end:%Y%m%d}" / "report.md"
+    return took, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6, report
+
+
+def fit_and_predict_seconds(report: Path) -> dict[str, dict[str, float]]:
+    """Each forecaster's fit and predict seconds, from the report's table that has "fit s" and "predict s" columns."""
+    found: dict[str, dict[str, float]] = {}
+    columns: list[str] | None = None
+    for line in report.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells is None:
+            columns = None  # the table ended
+        elif "fit s" in cells and "predict s" in cells:
+            columns = cells
+        elif columns is not None and not set(cells[0]) <= set("-: "):
+            row = dict(zip(columns, cells))
+            found[row[columns[0]]] = {"fit_seconds": float(row["fit s"]), "predict_seconds": float(row["predict s"])}
+    return found
+
+
 def hotspots_run() -> tuple[float, float]:
     """``hotspots run toronto-mci --no-serve`` in a fresh data folder; peak RSS of the largest child so far."""
     folder = Path(tempfile.mkdtemp(prefix="bench-run-"))
@@ -95,6 +127,9 @@ def main() -> None:
     parser.add_argument("--backtest-runs", type=int, default=None, help="runs of the backtest (default: --runs)")
     parser.add_argument("--run-runs", type=int, default=None, help="runs of `hotspots run` (default: --runs)")
     parser.add_argument("--skip-chicago", action="store_true")
+    parser.add_argument("--test-start", type=date.fromisoformat, default=date(2021, 1, 1),
+                        help="the backtest's test period (a shorter one is a quick check of the script)")
+    parser.add_argument("--test-end", type=date.fromisoformat, default=date(2022, 1, 1))
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_forecasting.json")
     args = parser.parse_args()
     backtest_runs = args.runs if args.backtest_runs is None else args.backtest_runs
@@ -117,24 +152,22 @@ def main() -> None:
               f"peak {figures['toronto_train']['peak_rss_gb']:.2f} GB, load {loads}", flush=True)
 
         if backtest_runs:
-            forecasters = default_forecasters()
-            baselines = {name: make for name, make in forecasters.items() if not make().learned}
+            folder = Path(tmp) / "backtest-data"
+            for step in (["ingest", "toronto-mci"], ["panel", "toronto-mci", "--resolution", str(args.resolution)]):
+                hotspots(step, folder)
             loads, runs, per_forecaster = [], [], []
             for _ in range(backtest_runs):
                 loads.append(load())
-                memory.reset()
-                started = time.perf_counter()
-                result = run_backtest(toronto, date(2021, 1, 1), date(2022, 1, 1), forecasters,
-                                      strongest_from=baselines)  # as `hotspots backtest`: the choice in the pool
-                runs.append((time.perf_counter() - started, memory.peak / 1e9))
-                per_forecaster.append({name: {"fit_seconds": round(result.fit_seconds[name], 2),
-                                              "predict_seconds": round(result.predict_seconds[name], 2)}
-                                       for name in result.predictions})
-            figures["toronto_backtest_2021"] = figure(runs, loads, shifts=int(result.origins.size),
-                                                      forecasters=len(result.predictions), per_forecaster=per_forecaster,
-                                                      strongest=result.strongest.name if result.strongest else None)
-            print(f"Toronto 2021 backtest: median {figures['toronto_backtest_2021']['median_seconds']:.1f} s, "
-                  f"peak {figures['toronto_backtest_2021']['peak_rss_gb']:.2f} GB, load {loads}", flush=True)
+                took, peak, report = hotspots_backtest(folder, args.resolution, args.test_start, args.test_end)
+                runs.append((took, peak))
+                per_forecaster.append(fit_and_predict_seconds(report))
+            figures["toronto_backtest_2021"] = figure(runs, loads, per_forecaster=per_forecaster,
+                                                      command=f"hotspots backtest toronto-mci --test-start "
+                                                              f"{args.test_start} --test-end {args.test_end}",
+                                                      peak_rss_note="largest child process so far")
+            print(f"Toronto backtest {args.test_start}..{args.test_end}: median "
+                  f"{figures['toronto_backtest_2021']['median_seconds']:.1f} s, peak "
+                  f"{figures['toronto_backtest_2021']['peak_rss_gb']:.2f} GB, load {loads}", flush=True)
             for name, took in per_forecaster[-1].items():
                 print(f"  {name}: fit {took['fit_seconds']:.1f} s, predict {took['predict_seconds']:.1f} s")
         del toronto
