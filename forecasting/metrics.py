@@ -13,7 +13,10 @@ worst a tie order could do. Count maps with many ties (naive, KDE) can lose much
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,7 +110,7 @@ def shift_hits(
         if all(ref() is obj for ref, obj in zip(refs, (expected, observed))):
             return found
     if order is None:
-        order = _ranking(expected, observed if ties == "pessimistic" else None, shift_ids, seed)
+        order = ranking(expected, shift_ids, seed, worst_first=observed if ties == "pessimistic" else None)
     rows = np.arange(expected.shape[0])[:, None]
     cum_area = np.cumsum(areas[order], axis=1)
     total_area = areas.sum()
@@ -133,13 +136,15 @@ def shift_hits(
     if key is not None:
         for a in (out.hits, out.best, out.predicted_in, out.area_share, out.crimes, out.predicted, out.n_flagged):
             a.setflags(write=False)  # shared by every caller from now on
-        while len(_HITS) >= _HITS_KEEP:
-            _HITS.pop(next(iter(_HITS)))
-        _HITS[key] = ((weakref.ref(expected), weakref.ref(observed)), out)
+        with _HITS_LOCK:  # summaries are scored in threads (``summarise_all``)
+            while len(_HITS) >= _HITS_KEEP:
+                _HITS.pop(next(iter(_HITS)))
+            _HITS[key] = ((weakref.ref(expected), weakref.ref(observed)), out)
     return out
 
 
 _HITS: dict = {}  # memo of shift_hits for frozen arrays, oldest first
+_HITS_LOCK = threading.Lock()
 _HITS_KEEP = 256  # a few KB each (per-shift figures at a few coverages)
 
 
@@ -161,9 +166,10 @@ _BEST: dict = {}
 _ORDERS: dict = {}  # rankings of frozen forecasts, dropped when the forecast array is freed
 
 
-def _ranking(expected: np.ndarray, worst_first: np.ndarray | None, shift_ids, seed: int) -> np.ndarray:
-    """``rank_cells``, remembered for frozen arrays (a backtest's forecasts): the claim tests, the report's
-    curves and the per-category rates ask for other coverages of the same ranking."""
+def ranking(expected: np.ndarray, shift_ids, seed: int = TIE_SEED, worst_first: np.ndarray | None = None) -> np.ndarray:
+    """``rank_cells``, remembered for frozen arrays (a backtest's forecasts): the summaries, claim tests, the
+    report's curves, the per-category rates and the diagnostics ask for other coverages of the same ranking.
+    Remembered orders are int32 (half the memory); the same cells in the same order."""
     arrays = (expected,) if worst_first is None else (expected, worst_first)
     if not all(_frozen(a) for a in arrays):
         return rank_cells(expected, shift_ids, seed, worst_first=worst_first)
@@ -287,3 +293,25 @@ def summarise(expected: np.ndarray, observed: np.ndarray, areas: np.ndarray, shi
     return MetricSummary(np.asarray(coverages), point, low, high, poisson_deviance(expected, observed),
                          int(np.atleast_2d(expected).shape[0]), float(np.sum(observed)),
                          {k: worst[k] for k in ("hit_rate", "pai")})
+
+
+SCORING_THREADS = 2  # numpy's sorts, gathers and cumulative sums release the GIL: two forecasters at a time
+
+
+def summarise_all(predictions: Mapping[str, np.ndarray], observed: np.ndarray, areas: np.ndarray,
+                  shift_ids: np.ndarray, per_day: int, coverages=DEFAULT_COVERAGES, n_boot: int = 1000,
+                  seed: int = 0, threads: int = SCORING_THREADS) -> dict[str, MetricSummary]:
+    """``summarise`` of every forecaster, in the order given, ``threads`` forecasters at a time: the same
+    figures as one after the other (each bootstrap draws from its own seeded generator)."""
+    observed = np.asarray(observed)
+    tiebreak_order(np.asarray(shift_ids), observed.shape[-1])  # drawn once here, not once per thread
+    if _frozen(observed):
+        _best_cumulative(observed)
+
+    def one(name: str) -> MetricSummary:
+        return summarise(predictions[name], observed, areas, shift_ids, per_day, coverages, n_boot, seed=seed)
+
+    if threads <= 1 or len(predictions) <= 1:
+        return {name: one(name) for name in predictions}
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="summarise") as pool:
+        return dict(zip(predictions, pool.map(one, predictions)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -109,6 +110,14 @@ def _log_references(references: dict[str, MetricSummary], shares: list[Headroom]
             metrics[key] = share.share
     mlflow.log_metrics(metrics)
     mlflow.set_tags(tags)
+
+
+def _save(result: BacktestResult, panel: CountPanel, out_dir: Path, protocol: dict[str, Any]) -> None:
+    """The backtest's files an outside scorer and the later commands read: results.parquet, forecasts.parquet,
+    predictions.npz and backtest.json."""
+    result.tidy().write_parquet(out_dir / "results.parquet")
+    write_forecasts(out_dir, panel, result.origins, result.observed, result.predictions)
+    save_backtest(out_dir, result.origins, result.observed, result.areas, result.predictions, protocol)
 
 
 def assessed_pair(winner: str | None, candidate: str | None, strongest: str | None) -> tuple[str, str | None] | None:
@@ -224,19 +233,20 @@ def run_tracked_backtest(
             mlflow.log_metrics({f"{candidate}_minus_{p.baseline}.hit_rate_low.{p.coverage * 100:g}pct": p.difference_low
                                 for p in pairwise})
             (out_dir / "pairwise.json").write_text(json.dumps([p.as_dict() for p in pairwise], indent=2))
-        say("save the forecasts (per-cell Parquet, predictions.npz)")
-        result.tidy().write_parquet(out_dir / "results.parquet")
-        write_forecasts(out_dir, panel, result.origins, result.observed, result.predictions)
         importance = result.last_models[candidate].feature_importance() if candidate is not None else None
-        save_backtest(out_dir, result.origins, result.observed, result.areas, result.predictions,
-                      {**meta, "winner": winner, "candidate": candidate,
-                       "importance_of": candidate if importance is not None else None})
-        say("report")
-        write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
-                     summaries=summaries, claims=claims + others + pairwise,
-                     per_category=per_category_hit_rates(result, panel), meta=meta,
-                     map_forecaster=pair[0] if pair else None, strongest=strongest, references=references,
-                     headroom=shares)
+        say("save the forecasts (per-cell Parquet, predictions.npz) beside the report")
+        # compression and file writes release the GIL: the saving thread runs on the other core while the report
+        # ranks and draws; they write different files, and everything is written before it is logged
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="save-backtest") as saver:
+            saving = saver.submit(_save, result, panel, out_dir, {**meta, "winner": winner, "candidate": candidate,
+                                                                   "importance_of": candidate if importance is not None else None})
+            say("report")
+            write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
+                         summaries=summaries, claims=claims + others + pairwise,
+                         per_category=per_category_hit_rates(result, panel), meta=meta,
+                         map_forecaster=pair[0] if pair else None, strongest=strongest, references=references,
+                         headroom=shares)
+            saving.result()
         if importance is not None:
             (out_dir / "feature_importance.json").write_text(json.dumps(importance, indent=2))
         (out_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "city": source}, indent=2))
