@@ -112,12 +112,20 @@ def shift_hits(
     if order is None:
         order = ranking(expected, shift_ids, seed, worst_first=observed if ties == "pessimistic" else None)
     rows = np.arange(expected.shape[0])[:, None]
-    cum_area = np.cumsum(areas[order], axis=1)
     total_area = areas.sum()
+    targets = coverages * total_area - 1e-12
+    # cumulative areas only over the ranks any coverage can reach: no k exceeds the count of the smallest cells
+    # that reach the largest target (a few more for rounding). A cumsum's prefix is the same numbers.
+    reach = min(int(np.searchsorted(np.cumsum(np.sort(areas)), targets.max(), side="left")) + 1 + _REACH_SLACK,
+                areas.size)
+    cum_area = np.cumsum(areas[order[:, :reach]], axis=1)
     # k per shift and coverage: first rank whose cumulative area reaches the target
     # (the count of cumulative areas below the target: a binary search per shift, cum_area strictly increases)
-    targets = coverages * total_area - 1e-12
-    k = np.minimum(np.stack([np.searchsorted(row, targets, side="left") for row in cum_area]) + 1, areas.size)
+    found = np.stack([np.searchsorted(row, targets, side="left") for row in cum_area])
+    if reach < areas.size and (found >= reach).any():  # not reached within the bound (cannot happen): all ranks
+        cum_area = np.cumsum(areas[order], axis=1)
+        found = np.stack([np.searchsorted(row, targets, side="left") for row in cum_area])
+    k = np.minimum(found + 1, areas.size)
     idx = k - 1
     head = order[:, : int(k.max())]  # only the ranks any coverage reaches (a cumsum's prefix is the same numbers)
     cum_obs = np.cumsum(observed[rows, head], axis=1)
@@ -143,6 +151,7 @@ def shift_hits(
     return out
 
 
+_REACH_SLACK = 8  # ranks beyond the bound on k in ``shift_hits``, against rounding in the cumulative areas
 _HITS: dict = {}  # memo of shift_hits for frozen arrays, oldest first
 _HITS_LOCK = threading.Lock()
 _HITS_KEEP = 256  # a few KB each (per-shift figures at a few coverages)

@@ -238,8 +238,9 @@ def run_tracked_backtest(
         # compression and file writes release the GIL: the saving thread runs on the other core while the report
         # ranks and draws; they write different files, and everything is written before it is logged
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="save-backtest") as saver:
-            saving = saver.submit(_save, result, panel, out_dir, {**meta, "winner": winner, "candidate": candidate,
-                                                                   "importance_of": candidate if importance is not None else None})
+            protocol = {**meta, "winner": winner, "candidate": candidate,
+                        "importance_of": candidate if importance is not None else None}
+            saving = saver.submit(_save, result, panel, out_dir, protocol)
             say("report")
             write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
                          summaries=summaries, claims=claims + others + pairwise,
