@@ -183,7 +183,11 @@ def run_tracked_backtest(
     out_dir.mkdir(parents=True, exist_ok=True)
     configure(settings)
     say = progress or (lambda message: None)
-    with mlflow.start_run(run_name=f"backtest-{source}-{test_start:%Y%m%d}-{test_end:%Y%m%d}") as run:
+    # side tasks on the other core, beside the parent's scoring and report: saving the forecasts and the
+    # winner's final fit (both release the GIL in their compression, file writes and numerical work; MLflow
+    # logging stays in this thread)
+    with mlflow.start_run(run_name=f"backtest-{source}-{test_start:%Y%m%d}-{test_end:%Y%m%d}") as run, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="backtest-side") as side:
         mlflow.set_tags({"kind": "backtest", "city": source})
         if baselines:
             say(f"backtest, and choose the strongest baseline on the {strongest_days} days before the test period")
@@ -221,6 +225,14 @@ def run_tracked_backtest(
         leads = gate_leads(result, summaries, strongest.name, n_boot, claims) if strongest is not None else {}
         winner = backtest_winner(summaries, strongest.name, GATE_COVERAGES, leads)[0] if strongest is not None else candidate
         pair = assessed_pair(winner, candidate, strongest.name if strongest else None)
+        decision, fitting = None, None
+        if register and strongest is not None:
+            decision = promotion_decision(summaries, strongest.name, GATE_COVERAGES, leads=leads)
+            if decision.winner is None:  # promotion_decision always names one (None only in older records)
+                raise RuntimeError("the promotion decision names no winner")
+            say(f"fit the winner, {decision.winner}, on all data (a side task)")
+            make = final_model if (final_model is not None and decision.winner == candidate) else forecasters[decision.winner]
+            fitting = side.submit(lambda: make().fit(panel, panel.end_shift))
         mlflow.log_metrics({**{f"claim.ratio.{c.coverage * 100:g}pct": c.ratio for c in claims},
                             **{f"claim.{c.baseline}.ratio.{c.coverage * 100:g}pct": c.ratio for c in others}})
         mlflow.set_tags({**{f"claim.verdict.{c.coverage * 100:g}pct": c.verdict for c in claims},
@@ -234,20 +246,18 @@ def run_tracked_backtest(
                                 for p in pairwise})
             (out_dir / "pairwise.json").write_text(json.dumps([p.as_dict() for p in pairwise], indent=2))
         importance = result.last_models[candidate].feature_importance() if candidate is not None else None
-        say("save the forecasts (per-cell Parquet, predictions.npz) beside the report")
-        # compression and file writes release the GIL: the saving thread runs on the other core while the report
-        # ranks and draws; they write different files, and everything is written before it is logged
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="save-backtest") as saver:
-            protocol = {**meta, "winner": winner, "candidate": candidate,
-                        "importance_of": candidate if importance is not None else None}
-            saving = saver.submit(_save, result, panel, out_dir, protocol)
-            say("report")
-            write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
-                         summaries=summaries, claims=claims + others + pairwise,
-                         per_category=per_category_hit_rates(result, panel), meta=meta,
-                         map_forecaster=pair[0] if pair else None, strongest=strongest, references=references,
-                         headroom=shares)
-            saving.result()
+        say("save the forecasts (per-cell Parquet, predictions.npz) as a side task")
+        # the saving thread writes other files than the report, and everything is written before it is logged
+        protocol = {**meta, "winner": winner, "candidate": candidate,
+                    "importance_of": candidate if importance is not None else None}
+        saving = side.submit(_save, result, panel, out_dir, protocol)
+        say("report")
+        write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
+                     summaries=summaries, claims=claims + others + pairwise,
+                     per_category=per_category_hit_rates(result, panel), meta=meta,
+                     map_forecaster=pair[0] if pair else None, strongest=strongest, references=references,
+                     headroom=shares)
+        saving.result()
         if importance is not None:
             (out_dir / "feature_importance.json").write_text(json.dumps(importance, indent=2))
         (out_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "city": source}, indent=2))
@@ -257,15 +267,11 @@ def run_tracked_backtest(
                 + (" and bias audit" if audit_layer is not None else ""))
             assess(result, panel, out_dir, model=pair[0], baseline=pair[1], audit_layer=audit_layer, n_boot=n_boot)
 
-        decision, version = None, None
-        if register and strongest is not None:
-            decision = promotion_decision(summaries, strongest.name, GATE_COVERAGES, leads=leads)
+        version = None
+        if decision is not None and fitting is not None:
             winner = decision.winner
-            if winner is None:  # promotion_decision always names one (None only in older records)
-                raise RuntimeError("the promotion decision names no winner")
-            say(f"fit the winner, {winner}, on all data and register it")
-            make = final_model if (final_model is not None and winner == candidate) else forecasters[winner]
-            info = _register(make().fit(panel, panel.end_shift), panel, source)
+            say(f"register the winner, {winner}")
+            info = _register(fitting.result(), panel, source)
             version = str(info.registered_model_version)
             apply_promotion(source, version, decision, run.info.run_id)
             mlflow.log_dict(decision.as_dict(), "promotion.json")
