@@ -11,6 +11,7 @@ from forecasting.metrics import (
     poisson_deviance,
     pooled,
     rank_cells,
+    ranking,
     shift_hits,
     summarise,
     summarise_all,
@@ -186,3 +187,20 @@ def test_summaries_in_threads_equal_one_after_another():
         for part in ("point", "low", "high", "pessimistic"):
             for metric, values in getattr(alone, part).items():
                 assert np.array_equal(getattr(got, part)[metric], values, equal_nan=True), (name, part, metric)
+
+
+def test_remembered_ranking_is_rank_cells_and_is_reused():
+    """The per-category rates, the diagnostics and the bias audit take the backtest's remembered ranking
+    (``ranking``): the same cells in the same order as ``rank_cells``, ranked once per frozen forecast."""
+    rng = np.random.default_rng(9)
+    expected = rng.integers(0, 4, size=(20, 120)).astype(float)  # many ties
+    observed = rng.poisson(0.5, size=expected.shape).astype(float)
+    ids = np.arange(500, 520)
+    frozen_e, frozen_o = expected.copy(), observed.copy()
+    frozen_e.setflags(write=False)
+    frozen_o.setflags(write=False)
+    first = ranking(frozen_e, ids)
+    assert np.array_equal(first, rank_cells(expected, ids)) and ranking(frozen_e, ids) is first
+    worst = ranking(frozen_e, ids, worst_first=frozen_o)
+    assert np.array_equal(worst, rank_cells(expected, ids, worst_first=observed)) and worst is not first
+    assert ranking(expected, ids) is not ranking(expected, ids)  # a writable array is ranked anew each time
