@@ -5,7 +5,7 @@ on a saved backtest's forecasts instead of re-running the refits.
 
 SAVED_DIR is a backtest folder (its ``predictions.npz``, ``strongest.json`` and ``feature_importance.json`` are
 read); DATA_DIR a writable data folder holding the panel and an MLflow store; the tail writes into OUT_DIR.
-Prints wall and CPU seconds of the tail (children included) and the load average.
+Prints wall and CPU seconds (every thread, children included) at each stage and in all, and the load average.
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ def saved_result(saved_dir: Path) -> BacktestResult:
                           {candidate: _Importance(saved.importance)}, strongest)  # type: ignore[dict-item]
 
 
+def _cpu(since: os.times_result) -> float:
+    """CPU seconds of this process (every thread) and its children since ``since``."""
+    now = os.times()
+    return (now.user - since.user) + (now.system - since.system) + (now.children_user - since.children_user) + (
+        now.children_system - since.children_system)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("saved_dir", type=Path)
@@ -71,14 +78,12 @@ def main() -> None:
             profiler.enable()
         runs.run_tracked_backtest(panel, args.source, settings, start, end, forecasters=default_forecasters(),
                                   out_dir=args.out_dir, register=not args.no_register,
-                                  progress=lambda m: print(f"{time.perf_counter() - wall:7.1f} s  {m}", flush=True))
+                                  progress=lambda m: print(f"{time.perf_counter() - wall:7.1f} s {_cpu(cpu):7.1f} CPU-s  {m}",
+                                                           flush=True))
         if profiler:
             profiler.disable()
             profiler.dump_stats(args.profile)
-    after = os.times()
-    used = (after.user - cpu.user) + (after.system - cpu.system) + (after.children_user - cpu.children_user) + (
-        after.children_system - cpu.children_system)
-    print(json.dumps({"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(used, 1),
+    print(json.dumps({"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(_cpu(cpu), 1),
                       "load": os.getloadavg(), "n_cells": int(np.asarray(result.areas).size)}))
 
 
