@@ -186,12 +186,37 @@ def ranking(expected: np.ndarray, shift_ids, seed: int = TIE_SEED, worst_first: 
     found = _ORDERS.get(key)
     if found is not None and all(ref() is a for ref, a in zip(found[0], arrays)):
         return found[1]
-    order = rank_cells(expected, shift_ids, seed, worst_first=worst_first)
-    order = order.astype(np.int32) if expected.shape[1] < 2**31 else order  # half the memory while remembered
+    order = None
+    if worst_first is not None:  # the pessimistic order re-sorts only the ties of the random one
+        order = _worst_first_within_ties(ranking(expected, shift_ids, seed), np.atleast_2d(expected),
+                                         np.atleast_2d(worst_first))
+    if order is None:
+        order = rank_cells(expected, shift_ids, seed, worst_first=worst_first)
+    order = order.astype(np.int32) if np.atleast_2d(expected).shape[1] < 2**31 else order  # half the memory
     _ORDERS[key] = (tuple(weakref.ref(a) for a in arrays), order)
     for a in arrays:
         weakref.finalize(a, _ORDERS.pop, key, None)
     return order
+
+
+def _worst_first_within_ties(order: np.ndarray, expected: np.ndarray, observed: np.ndarray) -> np.ndarray | None:
+    """``rank_cells(expected, worst_first=observed)`` from the random order ``order`` of the same forecasts: a
+    stable sort of it by (run of equal forecasts, observed count) orders by (-expected, observed, tie-break), the
+    same cells in the same order, with a cheaper sort (the keys are nearly sorted already). None where that does
+    not hold exactly: NaN forecasts, counts that are not small non-negative integers."""
+    if np.isnan(expected).any():
+        return None
+    counts = np.take_along_axis(observed, order, axis=1)
+    if counts.size == 0 or not (counts.min() >= 0 and np.array_equal(counts, np.floor(counts))):
+        return None
+    span = int(counts.max()) + 1
+    if span * expected.shape[1] >= 2**62:
+        return None
+    ranked = np.take_along_axis(expected, order, axis=1)
+    new_run = np.zeros(ranked.shape, dtype=bool)
+    np.not_equal(ranked[:, 1:], ranked[:, :-1], out=new_run[:, 1:])
+    key = np.cumsum(new_run, axis=1, dtype=np.int64) * span + counts.astype(np.int64)
+    return np.take_along_axis(order, np.argsort(key, axis=1, kind="stable"), axis=1)
 
 
 def _frozen(a: np.ndarray) -> bool:

@@ -204,3 +204,23 @@ def test_remembered_ranking_is_rank_cells_and_is_reused():
     worst = ranking(frozen_e, ids, worst_first=frozen_o)
     assert np.array_equal(worst, rank_cells(expected, ids, worst_first=observed)) and worst is not first
     assert ranking(expected, ids) is not ranking(expected, ids)  # a writable array is ranked anew each time
+
+
+@pytest.mark.parametrize("case", ["counts", "fractional", "nan"])
+def test_remembered_pessimistic_ranking_equals_rank_cells(case):
+    """The remembered pessimistic ranking re-sorts the ties of the random one (counts), or ranks anew where that
+    shortcut does not hold (fractional counts, NaN forecasts): always rank_cells' order."""
+    rng = np.random.default_rng(10)
+    expected = rng.integers(0, 3, size=(15, 90)).astype(float) * 0.5
+    observed = rng.poisson(0.8, size=expected.shape).astype(float)
+    if case == "fractional":
+        observed = observed * 0.5 + 0.25
+    if case == "nan":
+        expected[2, :5] = np.nan
+    expected[0, :10] = -0.0  # equal to 0.0 in both orders
+    ids = np.arange(40, 55)
+    want = rank_cells(expected, ids, worst_first=observed)
+    frozen_e, frozen_o = expected.copy(), observed.copy()
+    frozen_e.setflags(write=False)
+    frozen_o.setflags(write=False)
+    assert np.array_equal(ranking(frozen_e, ids, worst_first=frozen_o), want)
