@@ -28,9 +28,9 @@ from forecasting.metrics import (
     DEFAULT_COVERAGES,
     HEADLINE_COVERAGES,
     MetricSummary,
-    rank_cells,
+    ranking,
     shift_hits,
-    summarise,
+    summarise_all,
 )
 from forecasting.refits import plan_groups, refit_step, run_in_processes
 from forecasting.strongest import (
@@ -76,10 +76,8 @@ class BacktestResult:
         self.predictions = {name: _frozen(pred) for name, pred in self.predictions.items()}
 
     def summaries(self, coverages=DEFAULT_COVERAGES, n_boot: int = 1000, seed: int = 0) -> dict[str, MetricSummary]:
-        return {
-            name: summarise(pred, self.observed, self.areas, self.origins, self.per_day, coverages, n_boot, seed=seed)
-            for name, pred in self.predictions.items()
-        }
+        return summarise_all(self.predictions, self.observed, self.areas, self.origins, self.per_day, coverages,
+                             n_boot, seed=seed)
 
     def tidy(self, coverages=DEFAULT_COVERAGES) -> pl.DataFrame:
         """One row per (forecaster, shift, coverage): the per-shift ingredients every pooled metric uses."""
@@ -231,12 +229,14 @@ LOCAL_PARALLEL_CELL_SHIFTS = 1_000_000  # Toronto res 9 over a year: 6.8 M
 
 def per_category_hit_rates(result: BacktestResult, panel: CountPanel, coverages=HEADLINE_COVERAGES) -> pl.DataFrame:
     """Hit rate of each forecaster's (all-crime) map against each category's incidents."""
-    observed = {category: build_targets(panel, result.origins, category).reshape(result.origins.size, panel.n_cells)
+    # frozen, so each category's best-possible cumulative counts are sorted once, not once per forecaster
+    observed = {category: _frozen(build_targets(panel, result.origins, category).reshape(result.origins.size,
+                                                                                          panel.n_cells))
                 for category in panel.categories}
     observed = {category: counts for category, counts in observed.items() if counts.sum() > 0}
     found: dict[tuple[str, str], list[dict]] = {}
     for name, pred in result.predictions.items():
-        order = rank_cells(pred, result.origins)  # the random tie order does not depend on the counts: rank once
+        order = ranking(pred, result.origins)  # the random tie order does not depend on the counts: the summaries' ranking
         for category, counts in observed.items():
             h = shift_hits(pred, counts, result.areas, result.origins, coverages, order=order)
             rates = h.hits.sum(axis=0) / h.crimes.sum()

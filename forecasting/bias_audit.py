@@ -50,7 +50,7 @@ import polars as pl
 
 from forecasting.area_join import TOTAL, AreaJoin
 from forecasting.jsonable import jsonable
-from forecasting.metrics import HEADLINE_COVERAGES, TIE_SEED, bootstrap_weights, day_blocks, rank_cells, shift_hits
+from forecasting.metrics import HEADLINE_COVERAGES, TIE_SEED, bootstrap_weights, day_blocks, ranking, shift_hits
 
 ALL = "all"
 MEASURES = ("flagged_share", "exposure_ratio", "exposure_to_crime_ratio", "hit_rate", "pai", "calibration")
@@ -134,7 +134,7 @@ def flag_masks(expected: np.ndarray, observed: np.ndarray, areas: np.ndarray, sh
                coverages: Sequence[float], seed: int = TIE_SEED) -> np.ndarray:
     """(n_cov, n_shifts, n_cells) flagged cells, by the backtest's rule (same k per shift, same tie order)."""
     h = shift_hits(expected, observed, areas, shift_ids, coverages, seed)
-    order = rank_cells(expected, shift_ids, seed)
+    order = ranking(expected, shift_ids, seed)  # the backtest's own, for its frozen forecasts
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
     masks = rank[None, :, :] < h.n_flagged.T[:, :, None]

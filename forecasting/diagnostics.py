@@ -42,7 +42,7 @@ from features.matrix import FeatureConfig, build_features
 from features.panel import COUNTS_SCHEMA, CountPanel
 from forecasting.jsonable import jsonable
 from forecasting.measures import gini, jaccard, lorenz, top_share
-from forecasting.metrics import HEADLINE_COVERAGES, TIE_SEED, rank_cells
+from forecasting.metrics import HEADLINE_COVERAGES, TIE_SEED, rank_cells, ranking
 from forecasting.patrol_dose import PatrolDiagnostics, patrol_diagnostics
 
 GROUPS = ("own_lagged", "neighbour_lagged", "calendar", "static")
@@ -407,7 +407,7 @@ def diagnose(
     flags: dict[tuple[str, str], FlagDiagnostics] = {}
     for name in names:
         pred = np.asarray(predictions[name], dtype=np.float64)
-        order = rank_cells(pred, origins, seed)  # one ranking per model, shared by every rule
+        order = ranking(pred, origins, seed)  # one ranking per model, shared by every rule (the backtest's)
         for rule in rules:
             flags[(name, rule.tag)] = flag_diagnostics(pred, areas, origins, per_day, rule, model=name, seed=seed, order=order)
     gain = None

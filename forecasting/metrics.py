@@ -13,7 +13,10 @@ worst a tie order could do. Count maps with many ties (naive, KDE) can lose much
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,14 +110,22 @@ def shift_hits(
         if all(ref() is obj for ref, obj in zip(refs, (expected, observed))):
             return found
     if order is None:
-        order = _ranking(expected, observed if ties == "pessimistic" else None, shift_ids, seed)
+        order = ranking(expected, shift_ids, seed, worst_first=observed if ties == "pessimistic" else None)
     rows = np.arange(expected.shape[0])[:, None]
-    cum_area = np.cumsum(areas[order], axis=1)
     total_area = areas.sum()
+    targets = coverages * total_area - 1e-12
+    # cumulative areas only over the ranks any coverage can reach: no k exceeds the count of the smallest cells
+    # that reach the largest target (a few more for rounding). A cumsum's prefix is the same numbers.
+    reach = min(int(np.searchsorted(np.cumsum(np.sort(areas)), targets.max(), side="left")) + 1 + _REACH_SLACK,
+                areas.size)
+    cum_area = np.cumsum(areas[order[:, :reach]], axis=1)
     # k per shift and coverage: first rank whose cumulative area reaches the target
     # (the count of cumulative areas below the target: a binary search per shift, cum_area strictly increases)
-    targets = coverages * total_area - 1e-12
-    k = np.minimum(np.stack([np.searchsorted(row, targets, side="left") for row in cum_area]) + 1, areas.size)
+    found = np.stack([np.searchsorted(row, targets, side="left") for row in cum_area])
+    if reach < areas.size and (found >= reach).any():  # not reached within the bound (cannot happen): all ranks
+        cum_area = np.cumsum(areas[order], axis=1)
+        found = np.stack([np.searchsorted(row, targets, side="left") for row in cum_area])
+    k = np.minimum(found + 1, areas.size)
     idx = k - 1
     head = order[:, : int(k.max())]  # only the ranks any coverage reaches (a cumsum's prefix is the same numbers)
     cum_obs = np.cumsum(observed[rows, head], axis=1)
@@ -133,13 +144,16 @@ def shift_hits(
     if key is not None:
         for a in (out.hits, out.best, out.predicted_in, out.area_share, out.crimes, out.predicted, out.n_flagged):
             a.setflags(write=False)  # shared by every caller from now on
-        while len(_HITS) >= _HITS_KEEP:
-            _HITS.pop(next(iter(_HITS)))
-        _HITS[key] = ((weakref.ref(expected), weakref.ref(observed)), out)
+        with _HITS_LOCK:  # summaries are scored in threads (``summarise_all``)
+            while len(_HITS) >= _HITS_KEEP:
+                _HITS.pop(next(iter(_HITS)))
+            _HITS[key] = ((weakref.ref(expected), weakref.ref(observed)), out)
     return out
 
 
+_REACH_SLACK = 8  # ranks beyond the bound on k in ``shift_hits``, against rounding in the cumulative areas
 _HITS: dict = {}  # memo of shift_hits for frozen arrays, oldest first
+_HITS_LOCK = threading.Lock()
 _HITS_KEEP = 256  # a few KB each (per-shift figures at a few coverages)
 
 
@@ -161,9 +175,10 @@ _BEST: dict = {}
 _ORDERS: dict = {}  # rankings of frozen forecasts, dropped when the forecast array is freed
 
 
-def _ranking(expected: np.ndarray, worst_first: np.ndarray | None, shift_ids, seed: int) -> np.ndarray:
-    """``rank_cells``, remembered for frozen arrays (a backtest's forecasts): the claim tests, the report's
-    curves and the per-category rates ask for other coverages of the same ranking."""
+def ranking(expected: np.ndarray, shift_ids, seed: int = TIE_SEED, worst_first: np.ndarray | None = None) -> np.ndarray:
+    """``rank_cells``, remembered for frozen arrays (a backtest's forecasts): the summaries, claim tests, the
+    report's curves, the per-category rates and the diagnostics ask for other coverages of the same ranking.
+    Remembered orders are int32 (half the memory); the same cells in the same order."""
     arrays = (expected,) if worst_first is None else (expected, worst_first)
     if not all(_frozen(a) for a in arrays):
         return rank_cells(expected, shift_ids, seed, worst_first=worst_first)
@@ -171,12 +186,37 @@ def _ranking(expected: np.ndarray, worst_first: np.ndarray | None, shift_ids, se
     found = _ORDERS.get(key)
     if found is not None and all(ref() is a for ref, a in zip(found[0], arrays)):
         return found[1]
-    order = rank_cells(expected, shift_ids, seed, worst_first=worst_first)
-    order = order.astype(np.int32) if expected.shape[1] < 2**31 else order  # half the memory while remembered
+    order = None
+    if worst_first is not None:  # the pessimistic order re-sorts only the ties of the random one
+        order = _worst_first_within_ties(ranking(expected, shift_ids, seed), np.atleast_2d(expected),
+                                         np.atleast_2d(worst_first))
+    if order is None:
+        order = rank_cells(expected, shift_ids, seed, worst_first=worst_first)
+    order = order.astype(np.int32) if np.atleast_2d(expected).shape[1] < 2**31 else order  # half the memory
     _ORDERS[key] = (tuple(weakref.ref(a) for a in arrays), order)
     for a in arrays:
         weakref.finalize(a, _ORDERS.pop, key, None)
     return order
+
+
+def _worst_first_within_ties(order: np.ndarray, expected: np.ndarray, observed: np.ndarray) -> np.ndarray | None:
+    """``rank_cells(expected, worst_first=observed)`` from the random order ``order`` of the same forecasts: a
+    stable sort of it by (run of equal forecasts, observed count) orders by (-expected, observed, tie-break), the
+    same cells in the same order, with a cheaper sort (the keys are nearly sorted already). None where that does
+    not hold exactly: NaN forecasts, counts that are not small non-negative integers."""
+    if np.isnan(expected).any():
+        return None
+    counts = np.take_along_axis(observed, order, axis=1)
+    if counts.size == 0 or not (counts.min() >= 0 and np.array_equal(counts, np.floor(counts))):
+        return None
+    span = int(counts.max()) + 1
+    if span * expected.shape[1] >= 2**62:
+        return None
+    ranked = np.take_along_axis(expected, order, axis=1)
+    new_run = np.zeros(ranked.shape, dtype=bool)
+    np.not_equal(ranked[:, 1:], ranked[:, :-1], out=new_run[:, 1:])
+    key = np.cumsum(new_run, axis=1, dtype=np.int64) * span + counts.astype(np.int64)
+    return np.take_along_axis(order, np.argsort(key, axis=1, kind="stable"), axis=1)
 
 
 def _frozen(a: np.ndarray) -> bool:
@@ -287,3 +327,25 @@ def summarise(expected: np.ndarray, observed: np.ndarray, areas: np.ndarray, shi
     return MetricSummary(np.asarray(coverages), point, low, high, poisson_deviance(expected, observed),
                          int(np.atleast_2d(expected).shape[0]), float(np.sum(observed)),
                          {k: worst[k] for k in ("hit_rate", "pai")})
+
+
+SCORING_THREADS = 2  # numpy's sorts, gathers and cumulative sums release the GIL: two forecasters at a time
+
+
+def summarise_all(predictions: Mapping[str, np.ndarray], observed: np.ndarray, areas: np.ndarray,
+                  shift_ids: np.ndarray, per_day: int, coverages=DEFAULT_COVERAGES, n_boot: int = 1000,
+                  seed: int = 0, threads: int = SCORING_THREADS) -> dict[str, MetricSummary]:
+    """``summarise`` of every forecaster, in the order given, ``threads`` forecasters at a time: the same
+    figures as one after the other (each bootstrap draws from its own seeded generator)."""
+    observed = np.asarray(observed)
+    tiebreak_order(np.asarray(shift_ids), observed.shape[-1])  # drawn once here, not once per thread
+    if _frozen(observed):
+        _best_cumulative(observed)
+
+    def one(name: str) -> MetricSummary:
+        return summarise(predictions[name], observed, areas, shift_ids, per_day, coverages, n_boot, seed=seed)
+
+    if threads <= 1 or len(predictions) <= 1:
+        return {name: one(name) for name in predictions}
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="summarise") as pool:
+        return dict(zip(predictions, pool.map(one, predictions)))

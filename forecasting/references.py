@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from forecasting.metrics import DEFAULT_COVERAGES, HEADLINE_COVERAGES, MetricSummary, pooled, shift_hits, summarise
+from forecasting.metrics import DEFAULT_COVERAGES, HEADLINE_COVERAGES, MetricSummary, pooled, shift_hits, summarise_all
 
 STATIC = "static_clairvoyant"
 CEILING = "shift_of_day_clairvoyant"
@@ -49,8 +49,8 @@ def score_references(observed: np.ndarray, areas: np.ndarray, origins: np.ndarra
                      coverages=DEFAULT_COVERAGES, n_boot: int = 1000, seed: int = 0) -> dict[str, MetricSummary]:
     """Each reference map's metrics, pooled and bootstrapped exactly as a forecaster's (random and pessimistic
     ties)."""
-    return {name: summarise(pred, observed, areas, origins, per_day, coverages, n_boot, seed=seed)
-            for name, pred in clairvoyant_maps(observed, origins, per_day).items()}
+    return summarise_all(clairvoyant_maps(observed, origins, per_day), observed, areas, origins, per_day, coverages,
+                         n_boot, seed=seed)
 
 
 def headroom_share(model: float, strongest: float, ceiling: float) -> float | None:

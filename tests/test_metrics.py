@@ -11,8 +11,10 @@ from forecasting.metrics import (
     poisson_deviance,
     pooled,
     rank_cells,
+    ranking,
     shift_hits,
     summarise,
+    summarise_all,
 )
 
 EXPECTED = np.array([[3.0, 2.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
@@ -138,3 +140,87 @@ def test_bootstrap_replicates_at_once_equal_one_at_a_time():
         one = pooled(h, w)
         for name, values in one.items():
             np.testing.assert_allclose(together[name][k], values, rtol=1e-12, equal_nan=True)
+
+
+def _full_cumsum_hits(expected, observed, areas, ids, coverages):
+    """shift_hits' hits, flagged counts and area shares the long way: cumulative areas over every rank."""
+    order = rank_cells(expected, ids)
+    cum_area = np.cumsum(areas[order], axis=1)
+    targets = np.asarray(coverages) * areas.sum() - 1e-12
+    k = np.minimum(np.stack([np.searchsorted(row, targets) for row in cum_area]) + 1, areas.size)
+    cum_obs = np.cumsum(np.take_along_axis(observed, order, axis=1), axis=1)
+    return (np.take_along_axis(cum_obs, k - 1, axis=1), k,
+            np.take_along_axis(cum_area, k - 1, axis=1) / areas.sum())
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.5, 0.95])
+def test_cumulative_areas_over_the_reachable_ranks_equal_all_ranks(spread):
+    """shift_hits sums cell areas only over the ranks any coverage can reach: the same k, hits and area shares
+    as over every rank, with equal, varied and very unequal cell areas, up to full coverage."""
+    rng = np.random.default_rng(7)
+    expected = rng.integers(0, 3, size=(25, 400)).astype(float)  # many ties
+    observed = rng.poisson(0.6, size=expected.shape).astype(float)
+    areas, ids = rng.uniform(1 - spread, 1 + spread, 400), np.arange(25)
+    coverages = [0.0025, 0.01, 0.05, 0.2, 0.5, 0.999, 1.0]
+    h = shift_hits(expected, observed, areas, ids, coverages=coverages)
+    hits, k, share = _full_cumsum_hits(expected, observed, areas, ids, coverages)
+    assert np.array_equal(h.n_flagged, k) and np.array_equal(h.hits, hits) and np.array_equal(h.area_share, share)
+    small = shift_hits(expected, observed, areas, ids, coverages=[0.01, 0.05])  # a short reach: few ranks summed
+    assert np.array_equal(small.n_flagged, k[:, 1:3]) and np.array_equal(small.hits, hits[:, 1:3])
+
+
+def test_summaries_in_threads_equal_one_after_another():
+    """summarise_all scores forecasters two at a time: every figure equals summarise's, in the order given."""
+    rng = np.random.default_rng(8)
+    observed = rng.poisson(0.4, size=(45, 150)).astype(float)
+    observed.setflags(write=False)
+    predictions = {name: rng.gamma(0.3, size=observed.shape).round(1) for name in ("c", "a", "b")}
+    for pred in predictions.values():
+        pred.setflags(write=False)
+    areas, ids = rng.uniform(0.5, 1.5, 150), np.arange(300, 345)
+    together = summarise_all(predictions, observed, areas, ids, 3, n_boot=200, threads=2)
+    assert list(together) == ["c", "a", "b"]
+    for name, pred in predictions.items():
+        alone = summarise(pred.copy(), observed.copy(), areas, ids, 3, n_boot=200)  # fresh arrays: not remembered
+        got = together[name]
+        assert got.deviance == alone.deviance and got.crimes == alone.crimes
+        for part in ("point", "low", "high", "pessimistic"):
+            for metric, values in getattr(alone, part).items():
+                assert np.array_equal(getattr(got, part)[metric], values, equal_nan=True), (name, part, metric)
+
+
+def test_remembered_ranking_is_rank_cells_and_is_reused():
+    """The per-category rates, the diagnostics and the bias audit take the backtest's remembered ranking
+    (``ranking``): the same cells in the same order as ``rank_cells``, ranked once per frozen forecast."""
+    rng = np.random.default_rng(9)
+    expected = rng.integers(0, 4, size=(20, 120)).astype(float)  # many ties
+    observed = rng.poisson(0.5, size=expected.shape).astype(float)
+    ids = np.arange(500, 520)
+    frozen_e, frozen_o = expected.copy(), observed.copy()
+    frozen_e.setflags(write=False)
+    frozen_o.setflags(write=False)
+    first = ranking(frozen_e, ids)
+    assert np.array_equal(first, rank_cells(expected, ids)) and ranking(frozen_e, ids) is first
+    worst = ranking(frozen_e, ids, worst_first=frozen_o)
+    assert np.array_equal(worst, rank_cells(expected, ids, worst_first=observed)) and worst is not first
+    assert ranking(expected, ids) is not ranking(expected, ids)  # a writable array is ranked anew each time
+
+
+@pytest.mark.parametrize("case", ["counts", "fractional", "nan"])
+def test_remembered_pessimistic_ranking_equals_rank_cells(case):
+    """The remembered pessimistic ranking re-sorts the ties of the random one (counts), or ranks anew where that
+    shortcut does not hold (fractional counts, NaN forecasts): always rank_cells' order."""
+    rng = np.random.default_rng(10)
+    expected = rng.integers(0, 3, size=(15, 90)).astype(float) * 0.5
+    observed = rng.poisson(0.8, size=expected.shape).astype(float)
+    if case == "fractional":
+        observed = observed * 0.5 + 0.25
+    if case == "nan":
+        expected[2, :5] = np.nan
+    expected[0, :10] = -0.0  # equal to 0.0 in both orders
+    ids = np.arange(40, 55)
+    want = rank_cells(expected, ids, worst_first=observed)
+    frozen_e, frozen_o = expected.copy(), observed.copy()
+    frozen_e.setflags(write=False)
+    frozen_o.setflags(write=False)
+    assert np.array_equal(ranking(frozen_e, ids, worst_first=frozen_o), want)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -111,6 +112,14 @@ def _log_references(references: dict[str, MetricSummary], shares: list[Headroom]
     mlflow.set_tags(tags)
 
 
+def _save(result: BacktestResult, panel: CountPanel, out_dir: Path, protocol: dict[str, Any]) -> None:
+    """The backtest's files an outside scorer and the later commands read: results.parquet, forecasts.parquet,
+    predictions.npz and backtest.json."""
+    result.tidy().write_parquet(out_dir / "results.parquet")
+    write_forecasts(out_dir, panel, result.origins, result.observed, result.predictions)
+    save_backtest(out_dir, result.origins, result.observed, result.areas, result.predictions, protocol)
+
+
 def assessed_pair(winner: str | None, candidate: str | None, strongest: str | None) -> tuple[str, str | None] | None:
     """(model, baseline) the diagnostics and the bias audit compare: the winner against the strongest baseline;
     when the strongest baseline itself wins, the learned candidate against it; alone when there is nothing to
@@ -174,7 +183,11 @@ def run_tracked_backtest(
     out_dir.mkdir(parents=True, exist_ok=True)
     configure(settings)
     say = progress or (lambda message: None)
-    with mlflow.start_run(run_name=f"backtest-{source}-{test_start:%Y%m%d}-{test_end:%Y%m%d}") as run:
+    # side tasks on the other core, beside the parent's scoring and report: saving the forecasts and the
+    # winner's final fit (both release the GIL in their compression, file writes and numerical work; MLflow
+    # logging stays in this thread)
+    with mlflow.start_run(run_name=f"backtest-{source}-{test_start:%Y%m%d}-{test_end:%Y%m%d}") as run, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="backtest-side") as side:
         mlflow.set_tags({"kind": "backtest", "city": source})
         if baselines:
             say(f"backtest, and choose the strongest baseline on the {strongest_days} days before the test period")
@@ -212,6 +225,14 @@ def run_tracked_backtest(
         leads = gate_leads(result, summaries, strongest.name, n_boot, claims) if strongest is not None else {}
         winner = backtest_winner(summaries, strongest.name, GATE_COVERAGES, leads)[0] if strongest is not None else candidate
         pair = assessed_pair(winner, candidate, strongest.name if strongest else None)
+        decision, fitting = None, None
+        if register and strongest is not None:
+            decision = promotion_decision(summaries, strongest.name, GATE_COVERAGES, leads=leads)
+            if decision.winner is None:  # promotion_decision always names one (None only in older records)
+                raise RuntimeError("the promotion decision names no winner")
+            say(f"fit the winner, {decision.winner}, on all data (a side task)")
+            make = final_model if (final_model is not None and decision.winner == candidate) else forecasters[decision.winner]
+            fitting = side.submit(lambda: make().fit(panel, panel.end_shift))
         mlflow.log_metrics({**{f"claim.ratio.{c.coverage * 100:g}pct": c.ratio for c in claims},
                             **{f"claim.{c.baseline}.ratio.{c.coverage * 100:g}pct": c.ratio for c in others}})
         mlflow.set_tags({**{f"claim.verdict.{c.coverage * 100:g}pct": c.verdict for c in claims},
@@ -224,19 +245,19 @@ def run_tracked_backtest(
             mlflow.log_metrics({f"{candidate}_minus_{p.baseline}.hit_rate_low.{p.coverage * 100:g}pct": p.difference_low
                                 for p in pairwise})
             (out_dir / "pairwise.json").write_text(json.dumps([p.as_dict() for p in pairwise], indent=2))
-        say("save the forecasts (per-cell Parquet, predictions.npz)")
-        result.tidy().write_parquet(out_dir / "results.parquet")
-        write_forecasts(out_dir, panel, result.origins, result.observed, result.predictions)
         importance = result.last_models[candidate].feature_importance() if candidate is not None else None
-        save_backtest(out_dir, result.origins, result.observed, result.areas, result.predictions,
-                      {**meta, "winner": winner, "candidate": candidate,
-                       "importance_of": candidate if importance is not None else None})
+        say("save the forecasts (per-cell Parquet, predictions.npz) as a side task")
+        # the saving thread writes other files than the report, and everything is written before it is logged
+        protocol = {**meta, "winner": winner, "candidate": candidate,
+                    "importance_of": candidate if importance is not None else None}
+        saving = side.submit(_save, result, panel, out_dir, protocol)
         say("report")
         write_report(result, panel, out_dir, title=f"Backtest: {source}, {test_start} to {test_end}",
                      summaries=summaries, claims=claims + others + pairwise,
                      per_category=per_category_hit_rates(result, panel), meta=meta,
                      map_forecaster=pair[0] if pair else None, strongest=strongest, references=references,
                      headroom=shares)
+        saving.result()
         if importance is not None:
             (out_dir / "feature_importance.json").write_text(json.dumps(importance, indent=2))
         (out_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "city": source}, indent=2))
@@ -246,15 +267,11 @@ def run_tracked_backtest(
                 + (" and bias audit" if audit_layer is not None else ""))
             assess(result, panel, out_dir, model=pair[0], baseline=pair[1], audit_layer=audit_layer, n_boot=n_boot)
 
-        decision, version = None, None
-        if register and strongest is not None:
-            decision = promotion_decision(summaries, strongest.name, GATE_COVERAGES, leads=leads)
+        version = None
+        if decision is not None and fitting is not None:
             winner = decision.winner
-            if winner is None:  # promotion_decision always names one (None only in older records)
-                raise RuntimeError("the promotion decision names no winner")
-            say(f"fit the winner, {winner}, on all data and register it")
-            make = final_model if (final_model is not None and winner == candidate) else forecasters[winner]
-            info = _register(make().fit(panel, panel.end_shift), panel, source)
+            say(f"register the winner, {winner}")
+            info = _register(fitting.result(), panel, source)
             version = str(info.registered_model_version)
             apply_promotion(source, version, decision, run.info.run_id)
             mlflow.log_dict(decision.as_dict(), "promotion.json")
