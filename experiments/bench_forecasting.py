@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--test-start", type=date.fromisoformat, default=date(2021, 1, 1),
                         help="the backtest's test period (a shorter one is a quick check of the script)")
     parser.add_argument("--test-end", type=date.fromisoformat, default=date(2022, 1, 1))
+    parser.add_argument("--keep-backtest", type=Path, default=None,
+                        help="copy the last backtest's folder (report, forecasts, summaries) here")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_forecasting.json")
     args = parser.parse_args()
     backtest_runs = args.runs if args.backtest_runs is None else args.backtest_runs
@@ -161,6 +163,9 @@ def main() -> None:
                 took, peak, report = hotspots_backtest(folder, args.resolution, args.test_start, args.test_end)
                 runs.append((took, peak))
                 per_forecaster.append(fit_and_predict_seconds(report))
+            if args.keep_backtest is not None:
+                shutil.rmtree(args.keep_backtest, ignore_errors=True)
+                shutil.copytree(report.parent, args.keep_backtest)
             figures["toronto_backtest_2021"] = figure(runs, loads, per_forecaster=per_forecaster,
                                                       command=f"hotspots backtest toronto-mci --test-start "
                                                               f"{args.test_start} --test-end {args.test_end}",
