@@ -75,6 +75,7 @@ def figure(runs: list[tuple[float, float]], loads: list[float], **extra) -> dict
 
 
 def hotspots(args: list[str], folder: Path) -> None:
+    """A ``hotspots`` command on ``folder``, as a user runs it (the installed console script, a child process)."""
     subprocess.run([str(Path(sys.executable).with_name("hotspots")), *args, "--data-dir", str(folder)], check=True,
                    stdout=subprocess.DEVNULL)
 
@@ -110,8 +111,7 @@ def hotspots_run() -> tuple[float, float]:
     folder = Path(tempfile.mkdtemp(prefix="bench-run-"))
     try:
         started = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).with_name("hotspots")), "run", "toronto-mci", "--no-serve",
-                        "--data-dir", str(folder)], check=True, stdout=subprocess.DEVNULL)
+        hotspots(["run", "toronto-mci", "--no-serve"], folder)
         took = time.perf_counter() - started
     finally:
         shutil.rmtree(folder, ignore_errors=True)
