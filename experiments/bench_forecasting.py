@@ -39,8 +39,10 @@ import polars as pl
 import psutil
 
 from experiments.bench_foundation import PeakMemory
+from features.paths import DataPaths
 from features.pipeline import build_city_panel, ingest_file
 from features.profile import load_profile
+from features.settings import Settings
 from features.sources.toronto import materialise
 from features.store import IncidentStore
 from forecasting.lgbm import LightGBMForecaster
@@ -86,7 +88,7 @@ def hotspots_backtest(folder: Path, resolution: int, start: date, end: date) -> 
     started = time.perf_counter()
     hotspots(["backtest", "toronto-mci", "--test-start", str(start), "--test-end", str(end)], folder)
     took = time.perf_counter() - started
-    report = folder / "backtests" / f"toronto-mci-r{resolution}-{start:%Y%m%d}-{end:%Y%m%d}" / "report.md"
+    report = DataPaths(Settings(data_dir=folder)).backtest("toronto-mci", start, end, resolution) / "report.md"
     return took, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6, report
 
 
