@@ -58,6 +58,7 @@ import numpy as np
 import pandas as pd
 
 from features.matrix import FeatureConfig, build_features, build_targets
+from features.origin_features import features_at
 from features.panel import CountPanel
 from forecasting.base import Explanation, Forecaster, NotFittedError
 
@@ -256,7 +257,7 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
         cell now, the contributions run later on the cells a response shows."""
         if self.booster_ is None:
             raise NotFittedError(f"{type(self).__name__} must be fitted before predict")
-        X = build_features(panel.until(int(origin)), int(origin), self.features).X
+        X = features_at(panel, origin, self.features).X  # shared by model versions (read-only)
         booster, iteration = self.booster_, self.best_iteration_
         expected = self._output(np.asarray(booster.predict(X, num_iteration=iteration), dtype=np.float64).reshape(-1))
 
@@ -271,7 +272,7 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
         return list(self.columns_)
 
     def model_inputs(self, panel: CountPanel, origin: int) -> pd.DataFrame:
-        return build_features(panel.until(int(origin)), int(origin), self.features).frame().drop("origin", "cell").to_pandas()
+        return features_at(panel, origin, self.features).frame().drop("origin", "cell").to_pandas()
 
     def predict_inputs(self, frame: pd.DataFrame) -> np.ndarray:
         missing = [c for c in self.columns_ if c not in frame.columns]
@@ -290,7 +291,7 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
 
     def contributions(self, panel: CountPanel, origin: int) -> tuple[np.ndarray, list[str]]:
         """Per-cell feature contributions (LightGBM pred_contrib, log scale) for explaining a forecast."""
-        matrix = build_features(panel.until(origin), origin, self.features)
+        matrix = features_at(panel, origin, self.features)
         contrib = np.asarray(self._fitted_booster().predict(matrix.X, num_iteration=self.best_iteration_, pred_contrib=True))
         return contrib, self.columns_ + ["bias"]
 
