@@ -95,3 +95,24 @@ def test_dev_sh_rejects_an_unknown_command_with_usage(args):
     assert "./dev.sh run" in done.stderr and "./dev.sh test" in done.stderr
     if args:
         assert done.stderr.splitlines()[0] == "dev.sh: unknown command deploy: use run or test"
+
+
+def test_the_fast_loop_leaves_uncollected_only_modules_it_could_not_select():
+    """conftest's pytest_ignore_collect: a slow module is not imported when -m cannot select any of its tests,
+    and is collected as before for every expression that might (its tests may carry marks of their own)."""
+    from conftest import _module_marks, _never_selected
+
+    tests = Path(__file__).parent
+    assert _module_marks(tests / "test_schemathesis.py") == {"slow", "service"}
+    assert _module_marks(tests / "test_browser.py") == {"slow", "service", "browser"}
+    assert _module_marks(tests.parent / "notebooks" / "01_analyst_quickstart.ipynb") == {"slow"}
+    assert _module_marks(tests / "test_api.py") is None  # only some of its tests are slow
+    assert _module_marks(tests / "service_support.py") is None
+    dask = {"slow"}
+    for expression in ("not slow", "not slow and not browser", "not (slow or browser)", "not slow and shared_data"):
+        assert _never_selected(expression, dask), expression
+    for expression in ("slow", "not browser", "shared_data", "not shared_data", "not slow or shared_data",
+                       "slow and not shared_data", "not service", "device(serial='1')"):
+        assert not _never_selected(expression, dask), expression
+    assert _never_selected("not service", {"slow", "service"})
+    assert _never_selected("not browser", {"slow", "service", "browser"})

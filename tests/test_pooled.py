@@ -61,10 +61,25 @@ def cutoff_of(folder: str) -> int:
     return panel.end_shift - 3 * 30  # 30 days before the panel's end
 
 
-def test_pooled_training_runs_on_the_cluster_and_is_deterministic(cities, client):
+_BASE: dict[str, list[PooledLightGBM]] = {}
+
+
+@pytest.fixture
+def base(cities, client) -> list[PooledLightGBM]:
+    """The three cities' pooled models at their cutoffs, trained once for the module (``client`` is a per-test
+    fixture over the session's cluster, so this cannot be module-scoped): the determinism and the leakage tests
+    both compare a second training against this one, which each used to train for itself."""
+    if client.scheduler.address not in _BASE:
+        folders = list(cities.values())
+        _BASE[client.scheduler.address] = train_pooled(client, folders, [cutoff_of(f) for f in folders],
+                                                       PooledLightGBM(**SMALL))
+    return _BASE[client.scheduler.address]
+
+
+def test_pooled_training_runs_on_the_cluster_and_is_deterministic(cities, client, base):
     folders = list(cities.values())
     cutoffs = [cutoff_of(f) for f in folders]
-    first = train_pooled(client, folders, cutoffs, PooledLightGBM(**SMALL))
+    first = base
     again = train_pooled(client, folders, cutoffs, PooledLightGBM(**SMALL))
     assert len(first) == 3 and all(m.fit_summary()["cities"] == 3 for m in first)
     assert trees(first[0]) == trees(again[0])
@@ -83,10 +98,9 @@ def test_pooled_training_runs_on_the_cluster_and_is_deterministic(cities, client
     assert np.argmax(means) == np.argmax(rates) and np.argmin(means) == np.argmin(rates)
 
 
-def test_changing_incidents_at_or_after_the_cutoff_changes_nothing(cities, client, tmp_path):
+def test_changing_incidents_at_or_after_the_cutoff_changes_nothing(cities, client, base, tmp_path):
     folders = list(cities.values())
     cutoffs = [cutoff_of(f) for f in folders]
-    base = train_pooled(client, folders, cutoffs, PooledLightGBM(**SMALL))
     # the first city's future rewritten: every count at or after its cutoff tripled, plus a new incident per shift
     panel = load_panel(folders[0])
     counts = panel.counts
