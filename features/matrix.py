@@ -127,55 +127,84 @@ class _Rows:
 
 
 class _History:
-    """Dense counts for shifts [h0, last origin) and their cumulative sums, in origin-relative indexing."""
+    """Counts of shifts [h0, h1) as sparse events (row = shift - h0, column, count), and their cumulative sums,
+    in origin-relative indexing. Built from the panel's sparse rows, never as a dense (shifts, cells) array:
+    about 30 of a city's thousands of cells have an incident in a shift, so every running sum below is the
+    previous row plus that shift's few events."""
 
-    def __init__(self, counts: np.ndarray, h0: int):
-        self.h0 = h0
-        self.counts = counts
+    def __init__(self, row: np.ndarray, col: np.ndarray, count: np.ndarray, h0: int, n_shifts: int, n_cols: int):
+        self.h0, self.n_shifts, self.n_cols = h0, n_shifts, n_cols
+        self.row, self.col, self.count = row, col, count.astype(np.float32)  # rows sorted, (row, col) unique
+        self.bounds = np.searchsorted(row, np.arange(n_shifts + 1))  # row r's events: [bounds[r], bounds[r + 1])
         # float32 sums of whole counts are exact below 2**24 per cell, and half the memory traffic of float64
-        self.cum = cumulative(counts, np.float32)
+        self.cum = self._running(self.row, n_shifts, 1)
         self._strided: dict[int, tuple[int, np.ndarray]] = {}  # stride -> (pad, cumulative sums), shared by windows
 
-    def window(self, origins: np.ndarray, shifts: int) -> np.ndarray:
-        """Sum of counts over [o - shifts, o) for each origin (history before h0 is empty by construction)."""
-        return window_sums(self.cum, origins - self.h0, shifts).astype(np.float32)
+    @classmethod
+    def of(cls, panel: CountPanel, h0: int, h1: int, by_category: bool = False) -> _History:
+        """Counts per cell summed over categories, or (``by_category``) per (category, cell) in column
+        category * n_cells + cell."""
+        rows = panel.slice(h0, h1)
+        shift, cell, count = (rows[c].to_numpy() for c in ("shift", "cell", "count"))
+        n = panel.n_cells
+        if by_category:  # (shift, cell, category) rows are unique already
+            return cls(shift - h0, rows["category"].to_numpy().astype(np.int64) * n + cell, count, h0, h1 - h0,
+                       n * len(panel.categories))
+        flat = (shift - h0) * n + cell  # sorted, so one (shift, cell)'s categories are adjacent
+        first = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]]) if flat.size else flat
+        total = np.add.reduceat(count, first) if flat.size else count
+        return cls(shift[first] - h0, cell[first].astype(np.int64), total, h0, h1 - h0, n)
 
-    def window_at(self, at: _Rows, shifts: int) -> np.ndarray:
-        """:meth:`window` for the rows of ``at`` (the same subtraction, per row)."""
+    def _running(self, row: np.ndarray, n_rows: int, lag: int) -> np.ndarray:
+        """(n_rows + lag, n_cols) sums of the events in rows r - lag, r - 2 lag, ... for each r (``row``: the
+        events' rows, sorted; lag 1: every earlier row, cumulative sums with a leading zero row)."""
+        out = np.empty((n_rows + lag, self.n_cols), np.float32)
+        out[:lag] = 0
+        bounds = np.searchsorted(row, np.arange(n_rows + 1))
+        col, count = self.col, self.count
+        for r in range(n_rows):
+            nxt = out[r + lag]
+            nxt[:] = out[r]
+            a, b = bounds[r], bounds[r + 1]
+            if b > a:
+                nxt[col[a:b]] += count[a:b]
+        return out
+
+    def window(self, origins: np.ndarray, shifts: int, cols: slice = slice(None)) -> np.ndarray:
+        """Sum of counts over [o - shifts, o) for each origin (history before h0 is empty by construction)."""
+        return window_sums(self.cum[:, cols], origins - self.h0, shifts).astype(np.float32)
+
+    def window_at(self, at: _Rows, shifts: int, offset: int = 0) -> np.ndarray:
+        """:meth:`window` for the rows of ``at`` (the same subtraction, per row), in columns ``offset`` + cell."""
         if at.flat is None:
-            return self.window(at.origins, shifts)
-        ends = at.origin - self.h0
-        return (self.cum[ends, at.cell] - self.cum[np.maximum(ends - shifts, 0), at.cell]).astype(np.float32)
+            return self.window(at.origins, shifts, slice(offset, offset + at.n_cells))
+        flat, ends, cell = self.cum.reshape(-1), at.origin - self.h0, at.cell + offset
+        return flat.take(ends * self.n_cols + cell) - flat.take(np.maximum(ends - shifts, 0) * self.n_cols + cell)
 
     def since_start(self, at: _Rows) -> np.ndarray:
         """Cumulative counts from h0 to each row's origin."""
-        return self.cum[at.origins - self.h0] if at.flat is None else self.cum[at.origin - self.h0, at.cell]
+        if at.flat is None:
+            return self.cum[at.origins - self.h0]
+        return self.cum.reshape(-1).take((at.origin - self.h0) * self.n_cols + at.cell)
 
     def lagged(self, origins: np.ndarray, stride: int, n: int, cells: np.ndarray | None = None) -> np.ndarray:
         """sum_{k=1..n} counts[o - k*stride]: the same shift of day (stride = shifts/day) or week. With ``cells``,
         one value per (origin, cell) pair instead of every cell of each origin."""
-        if cells is not None:
-            pad, cum = self._strided_cumulative(stride)
-            d, q = np.divmod(origins - (self.h0 - pad), stride)
-            return (cum[d, q, cells] - cum[np.maximum(d - n, 0), q, cells]).astype(np.float32)
-        if origins.size * n <= self.counts.shape[0]:  # a few origins (a served shift): gather the rows directly
-            rows = origins[:, None] - self.h0 - stride * np.arange(1, n + 1)[None, :]
-            inside = rows >= 0
-            gathered = self.counts[np.where(inside, rows, 0)] * inside[..., None]
-            return gathered.sum(axis=1, dtype=np.float64).astype(np.float32)
         pad, cum = self._strided_cumulative(stride)
-        r = origins - (self.h0 - pad)
-        d, q = np.divmod(r, stride)
-        return (cum[d, q] - cum[np.maximum(d - n, 0), q]).astype(np.float32)
+        d, q = np.divmod(origins - (self.h0 - pad), stride)
+        if cells is not None:
+            flat, width = cum.reshape(-1), stride * self.n_cols
+            return flat.take(d * width + q * self.n_cols + cells) - flat.take(np.maximum(d - n, 0) * width + q * self.n_cols + cells)
+        return cum[d, q] - cum[np.maximum(d - n, 0), q]
 
     def _strided_cumulative(self, stride: int) -> tuple[int, np.ndarray]:
-        """Cumulative sums of every ``stride``-th shift (per phase), computed once per stride."""
+        """Cumulative sums of every ``stride``-th shift (per phase; the history padded at both ends to whole
+        strides), as (strides + 1, stride, cells), computed once per stride."""
         if stride not in self._strided:
             pad = self.h0 % stride
-            extra = (-(pad + self.counts.shape[0])) % stride
-            padded = np.zeros((pad + self.counts.shape[0] + extra, self.counts.shape[1]), self.counts.dtype)
-            padded[pad:pad + self.counts.shape[0]] = self.counts
-            self._strided[stride] = pad, cumulative(padded.reshape(-1, stride, padded.shape[1]), np.float32)
+            extra = (-(pad + self.n_shifts)) % stride
+            running = self._running(self.row + pad, pad + self.n_shifts + extra, stride)
+            self._strided[stride] = pad, running.reshape(-1, stride, self.n_cols)
         return self._strided[stride]
 
     def decayed(self, origins: np.ndarray, tau_shifts: float, horizon: int) -> np.ndarray:
@@ -184,16 +213,31 @@ class _History:
         Computed by one recursive filter, then truncated exactly at the horizon so the value does not depend
         on where the loaded history starts."""
         g = np.exp(-1.0 / tau_shifts)
-        # e[i] = sum_{s < i} counts[s] g^(i-1-s)  for i = 0..T  (e[0] = 0): the recursion e[i+1] = g e[i] + counts[i]
-        # one row at a time, the same arithmetic as scipy's lfilter([1], [1, -g]) in a fifth of its time
-        e = np.zeros((self.counts.shape[0] + 1, self.counts.shape[1]), dtype=np.float64)
-        for i in range(self.counts.shape[0]):
-            np.multiply(e[i], g, out=e[i + 1])
-            e[i + 1] += self.counts[i]
+        g_horizon = g**horizon
+        # e[i] = sum_{s < i} counts[s] g^(i-1-s) for i = 0..T (e[0] = 0): the recursion e[i+1] = g e[i] + counts[i]
+        # one row at a time (the same arithmetic as scipy's lfilter([1], [1, -g])), adding only the shift's events
+        # (adding a zero changes nothing). Only the rows the origins need are kept: e[o] and the tail e[o - horizon].
         hi = origins - self.h0
         lo = hi - horizon
-        tail = np.where(lo[:, None] >= 0, e[np.maximum(lo, 0)] * g**horizon, 0.0)
-        return (e[hi] - tail).astype(np.float32)
+        tails = np.zeros((origins.size, self.n_cols))
+        out = np.empty((origins.size, self.n_cols), np.float32)
+        at_lo = {int(i): k for k, i in enumerate(lo) if i >= 0}
+        at_hi = {int(i): k for k, i in enumerate(hi)}
+        e = np.zeros(self.n_cols)
+        col, count, bounds = self.col, self.count, self.bounds
+        for i in range(int(hi.max()) + 1 if hi.size else 0):
+            if i in at_lo:
+                np.multiply(e, g_horizon, out=tails[at_lo[i]])
+            if i in at_hi:
+                k = at_hi[i]
+                np.subtract(e, tails[k], out=tails[k])
+                out[k] = tails[k]
+            if i < self.n_shifts:
+                e *= g
+                a, b = bounds[i], bounds[i + 1]
+                if b > a:
+                    e[col[a:b]] += count[a:b]
+        return out
 
 
 def _neighbour_mean(values: np.ndarray, adjacency) -> np.ndarray:
@@ -297,7 +341,7 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     horizon = config.lookback(per_day)
     h0 = max(panel.first_shift, int(origins[0]) - horizon)
     h1 = int(origins[-1])
-    history = _History(panel.dense(h0, h1, dtype=np.float32), h0)
+    history = _History.of(panel, h0, h1)
     blocks: dict[str, np.ndarray] = {}
     full: dict[int, np.ndarray] = {}  # window days -> (origins, cells) sums, for features that need every cell
 
@@ -354,9 +398,11 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     full.clear()
 
     c0 = max(panel.first_shift, int(origins[0]) - config.category_window_days * per_day)  # all they reach
-    for name in panel.categories:
-        cat_history = _History(panel.dense(c0, h1, category=name), c0)
-        blocks[f"cat_{name}_{config.category_window_days}d"] = cat_history.window_at(at, config.category_window_days * per_day)
+    if panel.categories:  # one history, a column per (category, cell)
+        by_category = _History.of(panel, c0, h1, by_category=True)
+        cat_shifts = config.category_window_days * per_day
+        for k, name in enumerate(panel.categories):
+            blocks[f"cat_{name}_{config.category_window_days}d"] = by_category.window_at(at, cat_shifts, offset=k * n_cells)
 
     for name, values in panel.calendar.features(origins).items():
         blocks[name] = at.per_origin(values)

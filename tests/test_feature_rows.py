@@ -75,7 +75,8 @@ def test_row_loops_are_numpys_and_scipys_arithmetic():
     expected64 = np.zeros((201, 100))
     np.cumsum(noisy, axis=0, out=expected64[1:])
     np.testing.assert_array_equal(cumulative(noisy), expected64)
-    history = _History(counts, h0=0)
+    rows, cols = np.nonzero(counts)
+    history = _History(rows, cols, counts[rows, cols], h0=0, n_shifts=500, n_cols=300)
     origins = np.arange(50, 500)
     for tau in (3.0, 21.0):
         g = np.exp(-1.0 / tau)
