@@ -111,11 +111,30 @@ class _Rows:
         self.origins, self.n_cells, self.flat = origins, n_cells, flat  # origins sorted and unique
         self.position, self.cell = np.divmod(flat, n_cells) if flat is not None else (origins[:0], origins[:0])
         self.origin = origins[self.position]
+        self._rings: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(adjacency) -> ring_terms
+
+    def ring_terms(self, adjacency) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: the flat indices of its cell's neighbours in an (origins, cells) block and their weights, as
+        (max degree, rows) in the adjacency's stored order (zero-weight padding after them)."""
+        key = id(adjacency)
+        if key not in self._rings:
+            n, indptr = self.n_cells, adjacency.indptr
+            degree = np.diff(indptr)
+            slot = np.arange(adjacency.indices.size) - np.repeat(indptr[:-1], degree)
+            owner = np.repeat(np.arange(n), degree)
+            width = int(degree.max()) if degree.size else 0
+            neighbour, weight = np.zeros((n, width), np.int64), np.zeros((n, width), adjacency.dtype)
+            neighbour[owner, slot], weight[owner, slot] = adjacency.indices, adjacency.data
+            index = neighbour.T[:, self.cell] + self.position * n
+            self._rings[key] = index, np.ascontiguousarray(weight.T[:, self.cell])
+        return self._rings[key]
 
     def take(self, block: np.ndarray) -> np.ndarray:
         """The rows of a block computed over every (origin, cell). Indexed by (origin, cell) rather than through
         ``reshape(-1)``, which copies a whole block that is not C-ordered (a ring mean is a transposed product)."""
-        return block if self.flat is None else block[self.position, self.cell]
+        if self.flat is None:
+            return block
+        return block.reshape(-1).take(self.flat) if block.flags.c_contiguous else block[self.position, self.cell]
 
     def per_origin(self, values: np.ndarray) -> np.ndarray:
         """A value per origin, the same in every cell (a broadcast view over every row)."""
@@ -134,7 +153,7 @@ class _History:
 
     def __init__(self, row: np.ndarray, col: np.ndarray, count: np.ndarray, h0: int, n_shifts: int, n_cols: int):
         self.h0, self.n_shifts, self.n_cols = h0, n_shifts, n_cols
-        self.row, self.col, self.count = row, col, count.astype(np.float32)  # rows sorted, (row, col) unique
+        self.row, self.col, self.count = row, col, count.astype(np.float32)  # rows sorted
         self.bounds = np.searchsorted(row, np.arange(n_shifts + 1))  # row r's events: [bounds[r], bounds[r + 1])
         # float32 sums of whole counts are exact below 2**24 per cell, and half the memory traffic of float64
         self.cum = self._running(self.row, n_shifts, 1)
@@ -155,6 +174,17 @@ class _History:
         total = np.add.reduceat(count, first) if flat.size else count
         return cls(shift[first] - h0, cell[first].astype(np.int64), total, h0, h1 - h0, n)
 
+    def spread(self, adjacency) -> _History:
+        """The history of each cell's neighbours' counts (adjacency[c, j] * counts of cell j, summed over j): its
+        window sums are the sums of the neighbours' window sums, exact for whole counts, without a product over
+        every (origin, cell)."""
+        csc = adjacency.tocsc()  # column j lists the cells that have j as a neighbour
+        per = np.diff(csc.indptr)[self.col]
+        event = np.repeat(np.arange(self.col.size), per)
+        at = np.arange(event.size) - np.repeat(np.cumsum(per) - per - csc.indptr[self.col], per)
+        return _History(self.row[event], csc.indices[at].astype(np.int64), self.count[event] * csc.data[at], self.h0,
+                        self.n_shifts, self.n_cols)
+
     def _running(self, row: np.ndarray, n_rows: int, lag: int) -> np.ndarray:
         """(n_rows + lag, n_cols) sums of the events in rows r - lag, r - 2 lag, ... for each r (``row``: the
         events' rows, sorted; lag 1: every earlier row, cumulative sums with a leading zero row)."""
@@ -167,7 +197,7 @@ class _History:
             nxt[:] = out[r]
             a, b = bounds[r], bounds[r + 1]
             if b > a:
-                nxt[col[a:b]] += count[a:b]
+                np.add.at(nxt, col[a:b], count[a:b])  # a spread history repeats columns within a row
         return out
 
     def window(self, origins: np.ndarray, shifts: int, cols: slice = slice(None)) -> np.ndarray:
@@ -235,7 +265,7 @@ class _History:
             if i < self.n_shifts:
                 e *= g
                 a, b = bounds[i], bounds[i + 1]
-                if b > a:
+                if b > a:  # one event per (row, cell): histories from :meth:`of`
                     e[col[a:b]] += count[a:b]
         return out
 
@@ -244,6 +274,27 @@ def _neighbour_mean(values: np.ndarray, adjacency) -> np.ndarray:
     degree = np.asarray(adjacency.sum(axis=1)).ravel()
     summed = (adjacency @ values.T).T
     return (summed / np.maximum(degree, 1)).astype(np.float32)
+
+
+def _ring_degree(adjacency) -> np.ndarray:
+    """Each cell's divisor in :func:`_neighbour_mean` (its number of neighbours, at least 1), in its dtype."""
+    return np.maximum(np.asarray(adjacency.sum(axis=1)).ravel(), 1)
+
+
+def _ring_mean(values: np.ndarray, adjacency, at: _Rows) -> np.ndarray:
+    """:func:`_neighbour_mean` of an (origins, cells) block at the rows of ``at``. For some rows, each row's
+    neighbours are gathered and added one by one in the adjacency's stored order, as the sparse product adds
+    them (y += a * x from y = 0), then divided the same way: the full block's value to the bit, without the
+    product over every cell."""
+    if at.flat is None:
+        return _neighbour_mean(values, adjacency)
+    index, weight = at.ring_terms(adjacency)
+    dtype = np.result_type(adjacency.dtype, values.dtype)
+    terms = np.ascontiguousarray(values).reshape(-1).take(index).astype(dtype, copy=False) * weight
+    total = terms[0].copy() if terms.shape[0] else np.zeros(at.flat.size, dtype)
+    for k in range(1, terms.shape[0]):
+        total += terms[k]
+    return (total / _ring_degree(adjacency)[at.cell]).astype(np.float32)
 
 
 def _parent_index(panel: CountPanel, resolution: int) -> tuple[np.ndarray, int]:
@@ -355,20 +406,30 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
 
     blocks["count_prev_shift"] = history.window_at(at, 1)
     parent_days = config.parent_window_days if config.parent_resolutions else ()
+    spread: dict[int, _History] = {}  # id(adjacency) -> the neighbours' history, for rows
+
+    def ring_window(adjacency, days: int) -> np.ndarray:
+        """Mean of the neighbours' counts over a window: of the full block, or for rows, from their history."""
+        if rows is None:
+            return _neighbour_mean(window(days), adjacency)
+        if id(adjacency) not in spread:
+            spread[id(adjacency)] = history.spread(adjacency)
+        return (spread[id(adjacency)].window_at(at, days * per_day) / _ring_degree(adjacency)[at.cell]).astype(np.float32)
+
     for days in config.window_days:
-        needs_cells = days in config.spatial_window_days or days in parent_days
+        needs_cells = (rows is None and days in config.spatial_window_days) or days in parent_days
         blocks[f"count_{days}d"] = at.take(window(days)) if needs_cells else history.window_at(at, days * per_day)
     for days in config.same_shift_days:
         blocks[f"same_shift_{days}d"] = lagged(per_day, days)
     blocks[f"same_weekday_shift_{config.same_weekday_weeks}w"] = lagged(7 * per_day, config.same_weekday_weeks)
     for days in config.spatial_window_days:
-        blocks[f"ring1_mean_{days}d"] = at.take(_neighbour_mean(window(days), panel.study_area.ring1))
-        blocks[f"ring2_mean_{days}d"] = at.take(_neighbour_mean(window(days), panel.study_area.ring2))
+        blocks[f"ring1_mean_{days}d"] = ring_window(panel.study_area.ring1, days)
+        blocks[f"ring2_mean_{days}d"] = ring_window(panel.study_area.ring2, days)
     for tau_days in config.decay_days:  # floats, unlike the day counts above
         decayed = history.decayed(origins, tau_days * per_day, horizon)
         label = f"{tau_days:g}d"
         blocks[f"near_repeat_{label}"] = at.take(decayed)
-        blocks[f"near_repeat_ring1_{label}"] = at.take(_neighbour_mean(decayed, panel.study_area.ring1))
+        blocks[f"near_repeat_ring1_{label}"] = _ring_mean(decayed, panel.study_area.ring1, at)
 
     # long-run rate per shift since the panel starts: older history enters as one per-cell total
     before = panel.cell_totals(panel.first_shift, h0) if h0 > panel.first_shift else np.zeros(n_cells)
@@ -380,8 +441,8 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     long_run = long_run_rate(_Rows(origins, n_cells)) if (config.spatial_all_history or config.parent_resolutions) else None
     blocks["long_run_rate"] = long_run_rate(at) if long_run is None else at.take(long_run)
     if long_run is not None and config.spatial_all_history:
-        blocks["ring1_mean_all"] = at.take(_neighbour_mean(long_run, panel.study_area.ring1))
-        blocks["ring2_mean_all"] = at.take(_neighbour_mean(long_run, panel.study_area.ring2))
+        blocks["ring1_mean_all"] = _ring_mean(long_run, panel.study_area.ring1, at)
+        blocks["ring2_mean_all"] = _ring_mean(long_run, panel.study_area.ring2, at)
     seasonal = _seasonal_rates(panel, history, origins) if config.seasonal else {}
     blocks.update({name: at.take(values) for name, values in seasonal.items()})
     for res in config.parent_resolutions:
