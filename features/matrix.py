@@ -146,21 +146,28 @@ class _Rows:
 
 
 class _History:
-    """Counts of shifts [h0, h1) as sparse events (row = shift - h0, column, count), and their cumulative sums,
+    """Counts of shifts [h0, h1) as sparse events (row = shift - h0, column, count), and their running sums,
     in origin-relative indexing. Built from the panel's sparse rows, never as a dense (shifts, cells) array:
     about 30 of a city's thousands of cells have an incident in a shift, so every running sum below is the
-    previous row plus that shift's few events."""
+    previous row plus that shift's few events.
 
-    def __init__(self, row: np.ndarray, col: np.ndarray, count: np.ndarray, h0: int, n_shifts: int, n_cols: int):
+    ``ends`` and ``reads`` (stride -> lookbacks in strides; stride 1: the plain cumulative sums, lookback 0 for
+    :meth:`since_start`) name every window the caller will read: only those rows are kept (about half of a
+    year-long history's), and reading any other row raises. Without them every row is kept."""
+
+    def __init__(self, row: np.ndarray, col: np.ndarray, count: np.ndarray, h0: int, n_shifts: int, n_cols: int,
+                 ends: np.ndarray | None = None, reads: dict[int, set[int]] | None = None):
         self.h0, self.n_shifts, self.n_cols = h0, n_shifts, n_cols
         self.row, self.col, self.count = row, col, count.astype(np.float32)  # rows sorted
         self.bounds = np.searchsorted(row, np.arange(n_shifts + 1))  # row r's events: [bounds[r], bounds[r + 1])
+        self.ends, self.reads = ends, reads
         # float32 sums of whole counts are exact below 2**24 per cell, and half the memory traffic of float64
-        self.cum = self._running(self.row, n_shifts, 1)
-        self._strided: dict[int, tuple[int, np.ndarray]] = {}  # stride -> (pad, cumulative sums), shared by windows
+        self.cum, self._slot = self._running(self.row, n_shifts, 1)
+        self._strided: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # stride -> (pad, sums, slots)
 
     @classmethod
-    def of(cls, panel: CountPanel, h0: int, h1: int, by_category: bool = False) -> _History:
+    def of(cls, panel: CountPanel, h0: int, h1: int, by_category: bool = False, ends: np.ndarray | None = None,
+           reads: dict[int, set[int]] | None = None) -> _History:
         """Counts per cell summed over categories, or (``by_category``) per (category, cell) in column
         category * n_cells + cell."""
         rows = panel.slice(h0, h1)
@@ -168,13 +175,13 @@ class _History:
         n = panel.n_cells
         if by_category:  # (shift, cell, category) rows are unique already
             return cls(shift - h0, rows["category"].to_numpy().astype(np.int64) * n + cell, count, h0, h1 - h0,
-                       n * len(panel.categories))
+                       n * len(panel.categories), ends, reads)
         flat = (shift - h0) * n + cell  # sorted, so one (shift, cell)'s categories are adjacent
         first = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]]) if flat.size else flat
         total = np.add.reduceat(count, first) if flat.size else count
-        return cls(shift[first] - h0, cell[first].astype(np.int64), total, h0, h1 - h0, n)
+        return cls(shift[first] - h0, cell[first].astype(np.int64), total, h0, h1 - h0, n, ends, reads)
 
-    def spread(self, adjacency) -> _History:
+    def spread(self, adjacency, reads: dict[int, set[int]] | None = None) -> _History:
         """The history of each cell's neighbours' counts (adjacency[c, j] * counts of cell j, summed over j): its
         window sums are the sums of the neighbours' window sums, exact for whole counts, without a product over
         every (origin, cell)."""
@@ -183,58 +190,86 @@ class _History:
         event = np.repeat(np.arange(self.col.size), per)
         at = np.arange(event.size) - np.repeat(np.cumsum(per) - per - csc.indptr[self.col], per)
         return _History(self.row[event], csc.indices[at].astype(np.int64), self.count[event] * csc.data[at], self.h0,
-                        self.n_shifts, self.n_cols)
+                        self.n_shifts, self.n_cols, self.ends, reads)
 
-    def _running(self, row: np.ndarray, n_rows: int, lag: int) -> np.ndarray:
-        """(n_rows + lag, n_cols) sums of the events in rows r - lag, r - 2 lag, ... for each r (``row``: the
-        events' rows, sorted; lag 1: every earlier row, cumulative sums with a leading zero row)."""
-        out = np.empty((n_rows + lag, self.n_cols), np.float32)
-        out[:lag] = 0
-        bounds = np.searchsorted(row, np.arange(n_rows + 1))
+    def _running(self, row: np.ndarray, n_rows: int, lag: int, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Sums of the events in rows r - lag, r - 2 lag, ... for each r < n_rows + lag (``row``: the events' rows,
+        sorted; lag 1: every earlier row, cumulative sums with a leading zero row), for the rows the reads need
+        (``pad``: rows before the history's first), and each row's position in them (-1: not kept)."""
+        n_out = n_rows + lag
+        if self.ends is None or self.reads is None:
+            keep = np.arange(n_out)
+        else:
+            end = self.ends + pad
+            starts = [np.where(end >= k * lag, end - k * lag, end % lag) for k in self.reads.get(lag, ())]
+            keep = np.unique(np.concatenate([end, *starts]))
+        slot = np.full(n_out, -1)
+        slot[keep] = np.arange(keep.size)
+        out = np.empty((keep.size, self.n_cols), np.float32)
+        state = np.zeros((lag, self.n_cols), np.float32)  # the running sum of each phase
+        bounds, slots = np.searchsorted(row, np.arange(n_rows + 1)).tolist(), slot.tolist()
         col, count = self.col, self.count
+        for r in range(min(lag, n_out)):
+            if slots[r] >= 0:
+                out[slots[r]] = 0
         for r in range(n_rows):
-            nxt = out[r + lag]
-            nxt[:] = out[r]
             a, b = bounds[r], bounds[r + 1]
             if b > a:
-                np.add.at(nxt, col[a:b], count[a:b])  # a spread history repeats columns within a row
-        return out
+                np.add.at(state[r % lag], col[a:b], count[a:b])  # a spread history repeats columns within a row
+            if slots[r + lag] >= 0:
+                out[slots[r + lag]] = state[r % lag]
+        return out, slot
+
+    @staticmethod
+    def _kept(slot: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        found = slot[rows]
+        if found.size and found.min() < 0:
+            raise RuntimeError("a feature read a history row outside the reads it was built for; add its window "
+                               "to the reads given to _History")
+        return found
 
     def window(self, origins: np.ndarray, shifts: int, cols: slice = slice(None)) -> np.ndarray:
         """Sum of counts over [o - shifts, o) for each origin (history before h0 is empty by construction)."""
-        return window_sums(self.cum[:, cols], origins - self.h0, shifts).astype(np.float32)
+        ends = origins - self.h0
+        hi, lo = self._kept(self._slot, ends), self._kept(self._slot, np.maximum(ends - shifts, 0))
+        return self.cum[hi][:, cols] - self.cum[lo][:, cols]
 
     def window_at(self, at: _Rows, shifts: int, offset: int = 0) -> np.ndarray:
         """:meth:`window` for the rows of ``at`` (the same subtraction, per row), in columns ``offset`` + cell."""
         if at.flat is None:
             return self.window(at.origins, shifts, slice(offset, offset + at.n_cells))
         flat, ends, cell = self.cum.reshape(-1), at.origin - self.h0, at.cell + offset
-        return flat.take(ends * self.n_cols + cell) - flat.take(np.maximum(ends - shifts, 0) * self.n_cols + cell)
+        hi, lo = self._kept(self._slot, ends), self._kept(self._slot, np.maximum(ends - shifts, 0))
+        return flat.take(hi * self.n_cols + cell) - flat.take(lo * self.n_cols + cell)
+
+    def cumulative_at(self, shifts: np.ndarray) -> np.ndarray:
+        """Cumulative counts from h0 to each of these shifts, every cell."""
+        return self.cum[self._kept(self._slot, shifts - self.h0)]
 
     def since_start(self, at: _Rows) -> np.ndarray:
         """Cumulative counts from h0 to each row's origin."""
         if at.flat is None:
-            return self.cum[at.origins - self.h0]
-        return self.cum.reshape(-1).take((at.origin - self.h0) * self.n_cols + at.cell)
+            return self.cumulative_at(at.origins)
+        return self.cum.reshape(-1).take(self._kept(self._slot, at.origin - self.h0) * self.n_cols + at.cell)
 
     def lagged(self, origins: np.ndarray, stride: int, n: int, cells: np.ndarray | None = None) -> np.ndarray:
         """sum_{k=1..n} counts[o - k*stride]: the same shift of day (stride = shifts/day) or week. With ``cells``,
         one value per (origin, cell) pair instead of every cell of each origin."""
-        pad, cum = self._strided_cumulative(stride)
+        pad, cum, slot = self._strided_cumulative(stride)
         d, q = np.divmod(origins - (self.h0 - pad), stride)
+        hi, lo = self._kept(slot, d * stride + q), self._kept(slot, np.maximum(d - n, 0) * stride + q)
         if cells is not None:
-            flat, width = cum.reshape(-1), stride * self.n_cols
-            return flat.take(d * width + q * self.n_cols + cells) - flat.take(np.maximum(d - n, 0) * width + q * self.n_cols + cells)
-        return cum[d, q] - cum[np.maximum(d - n, 0), q]
+            flat = cum.reshape(-1)
+            return flat.take(hi * self.n_cols + cells) - flat.take(lo * self.n_cols + cells)
+        return cum[hi] - cum[lo]
 
-    def _strided_cumulative(self, stride: int) -> tuple[int, np.ndarray]:
-        """Cumulative sums of every ``stride``-th shift (per phase; the history padded at both ends to whole
-        strides), as (strides + 1, stride, cells), computed once per stride."""
+    def _strided_cumulative(self, stride: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Cumulative sums of every ``stride``-th shift per phase (the history padded at both ends to whole
+        strides; row d * stride + q: phase q's first d strides), computed once per stride."""
         if stride not in self._strided:
             pad = self.h0 % stride
             extra = (-(pad + self.n_shifts)) % stride
-            running = self._running(self.row + pad, pad + self.n_shifts + extra, stride)
-            self._strided[stride] = pad, running.reshape(-1, stride, self.n_cols)
+            self._strided[stride] = pad, *self._running(self.row + pad, pad + self.n_shifts + extra, stride, pad)
         return self._strided[stride]
 
     def decayed(self, origins: np.ndarray, tau_shifts: float, horizon: int) -> np.ndarray:
@@ -365,7 +400,7 @@ def _seasonal_rates(panel: CountPanel, history: _History, origins: np.ndarray) -
     excl, excl_n = np.vstack([excl, running[m_last]]), np.append(excl_n, running_n[m_last])
     k_origin = ym_origin - ym0
     month_start = np.maximum(ym_origin.astype("datetime64[M]").astype("datetime64[D]").astype(np.int64) * per_day, first)
-    so_far = history.cum[origins - h0] - history.cum[month_start - h0]
+    so_far = history.cumulative_at(origins) - history.cumulative_at(month_start)
     base, base_n = excl[k_origin], excl_n[k_origin]
     shifts = np.maximum(base_n + (origins - month_start), 1)
     out["rate_month_all"] = ((base + so_far) / shifts[:, None]).astype(np.float32)
@@ -392,7 +427,15 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     horizon = config.lookback(per_day)
     h0 = max(panel.first_shift, int(origins[0]) - horizon)
     h1 = int(origins[-1])
-    history = _History.of(panel, h0, h1)
+    parent_days = config.parent_window_days if config.parent_resolutions else ()
+    reads: dict[int, set[int]] | None = None  # every window read below (seasonal rates read any row: keep all)
+    if not config.seasonal:
+        days = {*config.window_days, *config.spatial_window_days, *(d for d in parent_days if d is not None)}
+        reads = {}
+        for stride, lookbacks in ((1, {0, 1, *(d * per_day for d in days)}), (per_day, set(config.same_shift_days)),
+                                  (7 * per_day, {config.same_weekday_weeks})):
+            reads.setdefault(stride, set()).update(lookbacks)
+    history = _History.of(panel, h0, h1, ends=origins - h0, reads=reads)
     blocks: dict[str, np.ndarray] = {}
     full: dict[int, np.ndarray] = {}  # window days -> (origins, cells) sums, for features that need every cell
 
@@ -405,7 +448,6 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
         return history.lagged(origins, stride, n) if rows is None else history.lagged(at.origin, stride, n, at.cell)
 
     blocks["count_prev_shift"] = history.window_at(at, 1)
-    parent_days = config.parent_window_days if config.parent_resolutions else ()
     spread: dict[int, _History] = {}  # id(adjacency) -> the neighbours' history, for rows
 
     def ring_window(adjacency, days: int) -> np.ndarray:
@@ -413,7 +455,7 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
         if rows is None:
             return _neighbour_mean(window(days), adjacency)
         if id(adjacency) not in spread:
-            spread[id(adjacency)] = history.spread(adjacency)
+            spread[id(adjacency)] = history.spread(adjacency, {1: {d * per_day for d in config.spatial_window_days}})
         return (spread[id(adjacency)].window_at(at, days * per_day) / _ring_degree(adjacency)[at.cell]).astype(np.float32)
 
     for days in config.window_days:
@@ -460,7 +502,8 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
 
     c0 = max(panel.first_shift, int(origins[0]) - config.category_window_days * per_day)  # all they reach
     if panel.categories:  # one history, a column per (category, cell)
-        by_category = _History.of(panel, c0, h1, by_category=True)
+        by_category = _History.of(panel, c0, h1, by_category=True, ends=origins - c0,
+                                  reads={1: {config.category_window_days * per_day}})
         cat_shifts = config.category_window_days * per_day
         for k, name in enumerate(panel.categories):
             blocks[f"cat_{name}_{config.category_window_days}d"] = by_category.window_at(at, cat_shifts, offset=k * n_cells)
