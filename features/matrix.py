@@ -1,14 +1,16 @@
 """Feature matrices for forecast origins: one row per (origin shift, study-area cell).
 
 Leakage rule: the row for origin t sees only counts of shifts < t, i.e. incidents that occurred before t's
-start. The dense history loaded here stops at the last origin (exclusive), and every window is a difference of
-cumulative sums indexed at the origin, so later shifts cannot reach a row. A row's values do not depend on
-which other origins are built with it (train/serve consistency).
+start. The history loaded here (the panel's sparse rows, summed as running sums one shift at a time) stops at
+the last origin (exclusive), and every window is a difference of running sums indexed at the origin, so later
+shifts cannot reach a row. A row's values do not depend on which other origins are built with it (train/serve
+consistency).
 
 ``rows`` builds only some (origin, cell) rows, e.g. a model's training rows after zeros are sampled: the same
-arithmetic on the same history, gathered per row instead of over every cell (a feature that needs the
-neighbours, such as a ring mean, is computed over every cell of the row's origin and then gathered), so a row's
-values are identical to the full matrix's row.
+arithmetic on the same history, gathered per row instead of over every cell, so a row's values are identical to
+the full matrix's row, to the bit. A ring mean of counts reads the running sums of the neighbours' counts (whole
+numbers, exact in float32); a ring mean of the near-repeat intensity adds the neighbours' values of the row's
+origin in the order the full matrix's sparse product adds them.
 
 Long-history features (parent cells' all-history rates, ring means of the long-run rate, the seasonal rates)
 add the totals of shifts before the loaded history, taken from the sparse rows of shifts < that start, to the
@@ -164,6 +166,7 @@ class _History:
         # float32 sums of whole counts are exact below 2**24 per cell, and half the memory traffic of float64
         self.cum, self._slot = self._running(self.row, n_shifts, 1)
         self._strided: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # stride -> (pad, sums, slots)
+        self._origin_sums: dict[tuple[int, int], np.ndarray] = {}  # (id(rows), offset) -> _at_origin
 
     @classmethod
     def of(cls, panel: CountPanel, h0: int, h1: int, by_category: bool = False, ends: np.ndarray | None = None,
@@ -238,9 +241,18 @@ class _History:
         """:meth:`window` for the rows of ``at`` (the same subtraction, per row), in columns ``offset`` + cell."""
         if at.flat is None:
             return self.window(at.origins, shifts, slice(offset, offset + at.n_cells))
-        flat, ends, cell = self.cum.reshape(-1), at.origin - self.h0, at.cell + offset
-        hi, lo = self._kept(self._slot, ends), self._kept(self._slot, np.maximum(ends - shifts, 0))
-        return flat.take(hi * self.n_cols + cell) - flat.take(lo * self.n_cols + cell)
+        ends, cell = at.origin - self.h0, at.cell + offset
+        lo = self._kept(self._slot, np.maximum(ends - shifts, 0))
+        return self._at_origin(at, offset) - self.cum.reshape(-1).take(lo * self.n_cols + cell)
+
+    def _at_origin(self, at: _Rows, offset: int = 0) -> np.ndarray:
+        """Cumulative counts at each row's origin, in columns ``offset`` + cell: read once, shared by every
+        window of those rows."""
+        key = (id(at), offset)
+        if key not in self._origin_sums:
+            hi = self._kept(self._slot, at.origin - self.h0)
+            self._origin_sums[key] = self.cum.reshape(-1).take(hi * self.n_cols + at.cell + offset)
+        return self._origin_sums[key]
 
     def cumulative_at(self, shifts: np.ndarray) -> np.ndarray:
         """Cumulative counts from h0 to each of these shifts, every cell."""
@@ -250,7 +262,7 @@ class _History:
         """Cumulative counts from h0 to each row's origin."""
         if at.flat is None:
             return self.cumulative_at(at.origins)
-        return self.cum.reshape(-1).take(self._kept(self._slot, at.origin - self.h0) * self.n_cols + at.cell)
+        return self._at_origin(at)
 
     def lagged(self, origins: np.ndarray, stride: int, n: int, cells: np.ndarray | None = None) -> np.ndarray:
         """sum_{k=1..n} counts[o - k*stride]: the same shift of day (stride = shifts/day) or week. With ``cells``,
