@@ -150,8 +150,8 @@ class _Rows:
 class _History:
     """Counts of shifts [h0, h1) as sparse events (row = shift - h0, column, count), and their running sums,
     in origin-relative indexing. Built from the panel's sparse rows, never as a dense (shifts, cells) array:
-    about 30 of a city's thousands of cells have an incident in a shift, so every running sum below is the
-    previous row plus that shift's few events.
+    about 30 of a city's thousands of cells have an incident in a shift, so each running sum kept is the
+    previous one plus the few events between them.
 
     ``ends`` and ``reads`` (stride -> lookbacks in strides; stride 1: the plain cumulative sums, lookback 0 for
     :meth:`since_start`) name every window the caller will read: only those rows are kept (about half of a
@@ -206,21 +206,27 @@ class _History:
             end = self.ends + pad
             starts = [np.where(end >= k * lag, end - k * lag, end % lag) for k in self.reads.get(lag, ())]
             keep = np.unique(np.concatenate([end, *starts]))
+        # an event counts in the kept rows of its phase after its own row: it is added at the first of them, then
+        # carried by one running sum down the phase's kept rows (whole counts: float32 sums are exact)
+        if lag == 1:  # one phase; rows and kept rows both sorted
+            before = np.searchsorted(row, keep)  # events before each kept row
+            first_after = np.repeat(np.arange(keep.size), np.diff(before, prepend=0))
+            inside = slice(0, int(before[-1]))
+            phases = [0] * keep.size
+        else:  # each phase's kept rows in order
+            keep = keep[np.lexsort((keep, keep % lag))]
+            phase = keep % lag
+            first_after = np.searchsorted(phase * n_out + keep, (row % lag) * n_out + row, side="right")
+            found = first_after < keep.size
+            found[found] = phase[first_after[found]] == row[found] % lag
+            first_after, inside, phases = first_after[found], found, phase.tolist()
+        out = np.zeros((keep.size, self.n_cols), np.float32)
+        np.add.at(out.reshape(-1), first_after * self.n_cols + self.col[inside], self.count[inside])
+        for j in range(1, keep.size):
+            if phases[j] == phases[j - 1]:
+                np.add(out[j], out[j - 1], out=out[j])
         slot = np.full(n_out, -1)
         slot[keep] = np.arange(keep.size)
-        out = np.empty((keep.size, self.n_cols), np.float32)
-        state = np.zeros((lag, self.n_cols), np.float32)  # the running sum of each phase
-        bounds, slots = np.searchsorted(row, np.arange(n_rows + 1)).tolist(), slot.tolist()
-        col, count = self.col, self.count
-        for r in range(min(lag, n_out)):
-            if slots[r] >= 0:
-                out[slots[r]] = 0
-        for r in range(n_rows):
-            a, b = bounds[r], bounds[r + 1]
-            if b > a:
-                np.add.at(state[r % lag], col[a:b], count[a:b])  # a spread history repeats columns within a row
-            if slots[r + lag] >= 0:
-                out[slots[r + lag]] = state[r % lag]
         return out, slot
 
     @staticmethod
