@@ -19,6 +19,7 @@ history's cumulative sums at the origin: still only shifts < t, and the same val
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -290,36 +291,39 @@ class _History:
             self._strided[stride] = pad, *self._running(self.row + pad, pad + self.n_shifts + extra, stride, pad)
         return self._strided[stride]
 
-    def decayed(self, origins: np.ndarray, tau_shifts: float, horizon: int) -> np.ndarray:
-        """sum over the last ``horizon`` shifts of counts[o-k] * exp(-(k-1)/tau): the near-repeat intensity.
+    def decayed(self, origins: np.ndarray, taus_shifts: Sequence[float], horizon: int) -> np.ndarray:
+        """sum over the last ``horizon`` shifts of counts[o-k] * exp(-(k-1)/tau): the near-repeat intensity, for
+        each tau (taus, origins, cells).
 
         Computed by one recursive filter, then truncated exactly at the horizon so the value does not depend
         on where the loaded history starts."""
-        g = np.exp(-1.0 / tau_shifts)
-        g_horizon = g**horizon
+        decays = [np.exp(-1.0 / tau) for tau in taus_shifts]
+        g = np.array(decays).reshape(-1, 1)
+        g_horizon = np.array([d**horizon for d in decays]).reshape(-1, 1)
         # e[i] = sum_{s < i} counts[s] g^(i-1-s) for i = 0..T (e[0] = 0): the recursion e[i+1] = g e[i] + counts[i]
-        # one row at a time (the same arithmetic as scipy's lfilter([1], [1, -g])), adding only the shift's events
-        # (adding a zero changes nothing). Only the rows the origins need are kept: e[o] and the tail e[o - horizon].
+        # one row at a time (the same arithmetic as scipy's lfilter([1], [1, -g])), every tau in one pass, adding
+        # only the shift's events (adding a zero changes nothing). Only the rows the origins need are kept: e[o]
+        # and the tail e[o - horizon].
         hi = origins - self.h0
         lo = hi - horizon
-        tails = np.zeros((origins.size, self.n_cols))
-        out = np.empty((origins.size, self.n_cols), np.float32)
+        tails = np.zeros((origins.size, g.size, self.n_cols))
+        out = np.empty((g.size, origins.size, self.n_cols), np.float32)
         at_lo = {int(i): k for k, i in enumerate(lo) if i >= 0}
         at_hi = {int(i): k for k, i in enumerate(hi)}
-        e = np.zeros(self.n_cols)
-        col, count, bounds = self.col, self.count, self.bounds
-        for i in range(int(hi.max()) + 1 if hi.size else 0):
+        e = np.zeros((g.size, self.n_cols))
+        col, count, bounds = self.col, self.count, self.bounds.tolist()
+        for i in range(int(hi.max()) + 1 if hi.size and g.size else 0):
             if i in at_lo:
                 np.multiply(e, g_horizon, out=tails[at_lo[i]])
             if i in at_hi:
                 k = at_hi[i]
                 np.subtract(e, tails[k], out=tails[k])
-                out[k] = tails[k]
+                out[:, k] = tails[k]
             if i < self.n_shifts:
                 e *= g
                 a, b = bounds[i], bounds[i + 1]
                 if b > a:  # one event per (row, cell): histories from :meth:`of`
-                    e[col[a:b]] += count[a:b]
+                    e[:, col[a:b]] += count[a:b]
         return out
 
 
@@ -485,8 +489,8 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     for days in config.spatial_window_days:
         blocks[f"ring1_mean_{days}d"] = ring_window(panel.study_area.ring1, days)
         blocks[f"ring2_mean_{days}d"] = ring_window(panel.study_area.ring2, days)
-    for tau_days in config.decay_days:  # floats, unlike the day counts above
-        decayed = history.decayed(origins, tau_days * per_day, horizon)
+    decays = history.decayed(origins, [tau_days * per_day for tau_days in config.decay_days], horizon)
+    for tau_days, decayed in zip(config.decay_days, decays):  # floats, unlike the day counts above
         label = f"{tau_days:g}d"
         blocks[f"near_repeat_{label}"] = at.take(decayed)
         blocks[f"near_repeat_ring1_{label}"] = _ring_mean(decayed, panel.study_area.ring1, at)

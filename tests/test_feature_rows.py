@@ -78,12 +78,13 @@ def test_row_loops_are_numpys_and_scipys_arithmetic():
     rows, cols = np.nonzero(counts)
     history = _History(rows, cols, counts[rows, cols], h0=0, n_shifts=500, n_cols=300)
     origins = np.arange(50, 500)
-    for tau in (3.0, 21.0):
+    both = history.decayed(origins, (3.0, 21.0), 40)
+    for tau, got in zip((3.0, 21.0), both, strict=True):
         g = np.exp(-1.0 / tau)
         e = np.vstack([np.zeros((1, 300)), lfilter([1.0], [1.0, -g], counts.astype(np.float64), axis=0)])
         lo = origins - 40
         want = (e[origins] - np.where(lo[:, None] >= 0, e[np.maximum(lo, 0)] * g**40, 0.0)).astype(np.float32)
-        np.testing.assert_array_equal(history.decayed(origins, tau, 40), want)
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bad_rows_are_refused_with_the_fix(panel):
