@@ -452,9 +452,9 @@ def build_features(panel: CountPanel, origins: int | np.ndarray, config: Feature
     parent_days = config.parent_window_days if config.parent_resolutions else ()
     reads: dict[int, set[int]] | None = None  # every window read below (seasonal rates read any row: keep all)
     if not config.seasonal:
-        days = {*config.window_days, *config.spatial_window_days, *(d for d in parent_days if d is not None)}
+        windows = {*config.window_days, *config.spatial_window_days, *(d for d in parent_days if d is not None)}
         reads = {}
-        for stride, lookbacks in ((1, {0, 1, *(d * per_day for d in days)}), (per_day, set(config.same_shift_days)),
+        for stride, lookbacks in ((1, {0, 1, *(d * per_day for d in windows)}), (per_day, set(config.same_shift_days)),
                                   (7 * per_day, {config.same_weekday_weeks})):
             reads.setdefault(stride, set()).update(lookbacks)
     history = _History.of(panel, h0, h1, ends=origins - h0, reads=reads)
