@@ -9,6 +9,7 @@ import pytest
 from conftest import toronto_box_panel
 from scipy.signal import lfilter
 
+from features.calendar import ShiftCalendar
 from features.matrix import FeatureConfig, _History, build_features, cumulative
 from features.panel import CountPanel
 
@@ -36,6 +37,31 @@ def test_rows_equal_the_full_matrix_rows(panel, config):
     np.testing.assert_array_equal(part.origin, whole.origin[rows])
     np.testing.assert_array_equal(part.cell, whole.cell[rows])
     assert build_features(panel, origins, config, rows=rows[:0]).X.shape == (0, len(whole.columns))
+
+
+def test_rows_equal_the_full_matrix_rows_on_a_daily_calendar(panel):
+    """One shift a day: the same shift of day is a stride of one shift, read from the running sums the windows
+    read (a read outside the rows kept for them would raise)."""
+    counts = (panel.counts.with_columns(pl.col("shift") // panel.calendar.per_day).group_by("shift", "cell", "category")
+              .agg(pl.col("count").sum()).sort("shift", "cell", "category").cast(panel.counts.schema))
+    daily = CountPanel(panel.study_area, ShiftCalendar(panel.calendar.timezone, (0,)), panel.categories,
+                       panel.first_shift // panel.calendar.per_day, panel.end_shift // panel.calendar.per_day, counts)
+    origins = np.arange(daily.end_shift - 60, daily.end_shift - 20)
+    whole = build_features(daily, origins)
+    rows = sample(whole.X.shape[0], 0.2, seed=8)
+    np.testing.assert_array_equal(build_features(daily, origins, rows=rows).X, whole.X[rows])
+    same_day = whole.column("same_shift_28d").reshape(origins.size, -1)
+    dense = daily.dense(origins[0] - 28, origins[-1])
+    np.testing.assert_array_equal(same_day, [dense[k:k + 28].sum(axis=0) for k in range(origins.size)])
+
+
+def test_a_history_refuses_reads_outside_the_windows_it_kept():
+    rows = np.array([0, 3, 3, 7, 9])
+    history = _History(rows, np.array([0, 1, 1, 0, 1]), np.ones(5), h0=0, n_shifts=10, n_cols=2, ends=np.array([10]),
+                       reads={1: {4}})
+    np.testing.assert_array_equal(history.window(np.array([10]), 4), [[1, 1]])  # rows 7 and 9
+    with pytest.raises(RuntimeError, match="outside the reads"):
+        history.window(np.array([10]), 5)
 
 
 def with_future_incidents(panel: CountPanel, start: int, seed: int) -> CountPanel:
@@ -75,14 +101,16 @@ def test_row_loops_are_numpys_and_scipys_arithmetic():
     expected64 = np.zeros((201, 100))
     np.cumsum(noisy, axis=0, out=expected64[1:])
     np.testing.assert_array_equal(cumulative(noisy), expected64)
-    history = _History(counts, h0=0)
+    rows, cols = np.nonzero(counts)
+    history = _History(rows, cols, counts[rows, cols], h0=0, n_shifts=500, n_cols=300)
     origins = np.arange(50, 500)
-    for tau in (3.0, 21.0):
+    both = history.decayed(origins, (3.0, 21.0), 40)
+    for tau, got in zip((3.0, 21.0), both, strict=True):
         g = np.exp(-1.0 / tau)
         e = np.vstack([np.zeros((1, 300)), lfilter([1.0], [1.0, -g], counts.astype(np.float64), axis=0)])
         lo = origins - 40
         want = (e[origins] - np.where(lo[:, None] >= 0, e[np.maximum(lo, 0)] * g**40, 0.0)).astype(np.float32)
-        np.testing.assert_array_equal(history.decayed(origins, tau, 40), want)
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bad_rows_are_refused_with_the_fix(panel):
