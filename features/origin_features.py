@@ -1,7 +1,7 @@
 """One origin's feature matrix (every cell), memoised per panel lineage, so model versions share it.
 
-A served forecast needs the features of one shift for every cell (~0.1 s of CPU for a city of 6,000 cells),
-then a cheap booster call. The features depend on the panel's history and the feature configuration, not on the
+A served forecast needs the features of one shift for every cell (about 0.05 s of CPU for a city of 6,000 cells),
+then a cheaper booster call. The features depend on the panel's history and the feature configuration, not on the
 model: when a new champion version is warmed up on the shifts planners recently asked for, or an alias moves
 back and forth, every version with the same configuration reads the same matrices instead of rebuilding them.
 
