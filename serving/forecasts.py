@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hotspots.serving")
 WARM_FORECASTS = 8  # per city: the recently asked forecasts a new champion computes before it is swapped in
-WARM_EXPLAINED = 20  # and the cells it explains in each (the default k)
+WARM_EXPLAINED = 20  # and the cells it explains in each: the default k, or as many as were recently shown
 RANKED_ENTRIES = 12  # whole rankings kept serialised (JSON ~3 MB, GeoJSON ~5 MB, ranked ids 0.1 MB for 6,000 cells)
 
 
@@ -65,7 +65,8 @@ class ForecastService:
         self.metrics = metrics  # cache hits/misses and cold compute seconds, when the app measures them
         self._model_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._recent: dict[str, dict[tuple[int, str], None]] = {}  # city -> recently asked (shift, category), in order
+        # city -> recently asked (shift, category), in order -> the most cells shown with explanations
+        self._recent: dict[str, dict[tuple[int, str], int]] = {}
 
     def _model_lock(self, model: LoadedModel) -> threading.Lock:
         with self._locks_guard:
@@ -98,24 +99,34 @@ class ForecastService:
     def _remember(self, city: str, shift_id: int, category: str) -> None:
         with self._locks_guard:
             recent = self._recent.setdefault(city, {})
-            recent.pop((shift_id, category), None)
-            recent[(shift_id, category)] = None
+            recent[(shift_id, category)] = recent.pop((shift_id, category), 0)
             while len(recent) > WARM_FORECASTS:
                 del recent[next(iter(recent))]
 
+    def explaining(self, forecast: Forecast, cells: int) -> None:
+        """A response shows ``cells`` explained cells of ``forecast``: a new champion explains as many when it
+        warms this shift up, so the first such request after a swap finds them computed (pred_contrib costs about
+        1 ms a cell: 50 cells would otherwise be 50 ms on that request)."""
+        with self._locks_guard:
+            recent = self._recent.get(forecast.city, {})
+            key = (forecast.shift_id, forecast.category)
+            if key in recent:
+                recent[key] = max(recent[key], cells)
+
     def warm(self, state: CityState) -> None:
         """Compute, with ``state``'s model and panel, the forecasts recently asked of its city and the
-        explanations of their first cells: called by the model store before it swaps ``state`` in."""
+        explanations of their first cells (as many as were shown, at least WARM_EXPLAINED): called by the model
+        store before it swaps ``state`` in."""
         with self._locks_guard:
-            recent = list(self._recent.get(state.city, {}))
+            recent = list(self._recent.get(state.city, {}).items())
         panel, model = _ready(state)
-        for shift_id, category in reversed(recent):  # the most recent first
+        for (shift_id, category), shown in reversed(recent):  # the most recent first
             if category != model.target or not panel.first_shift <= shift_id <= panel.end_shift:
                 continue  # the new model forecasts another category, or the panel changed
             key = self._key(state, shift_id, category)
             try:
                 forecast, _ = self.cache.get_or_compute(key, partial(self._compute, state, shift_id, category, key))
-                forecast.top_features(forecast.order[:WARM_EXPLAINED])
+                forecast.top_features(forecast.order[:max(WARM_EXPLAINED, shown)])
             except Exception:  # noqa: BLE001 - the request will compute it (and report the failure) itself
                 log.exception("warming %s shift %s with version %s failed", state.city, shift_id, model.version)
 

@@ -136,6 +136,7 @@ class HotspotsRequest:
         """The body ``kind`` of this selection, rendered once per forecast and selection, audited, sent."""
         q, p = self.query, self.p
         variant = (kind, p.shift.requested, p.shift.after_data, self.n, q.coverage)
+        self.forecasts.explaining(p.forecast, min(self.n, EXPLAINED_CELLS))
         return await respond(self.request, self.forecasts, self.audit, self.principal, p, variant,
                              lambda: render(self), audit_params(p, q, k=self.k, coverage=q.coverage, **params),
                              media_type=media_type, flagged=self.flagged)
