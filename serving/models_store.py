@@ -395,15 +395,22 @@ def _redact(text: str) -> str:
     return re.sub(r"://[^/@\s]+@", "://***@", text)
 
 
+# a run's parameters never change: read once per run (get_run loads every param, metric and tag, ~70 ms of CPU)
+_TRAINED: dict[str, dict[str, str]] = {}
+
+
 def _trained(client, run_id: str | None) -> dict[str, str]:
     """The training run's resolution and shift starts (best effort: older runs may lack them)."""
     if not run_id:
         return {}
+    if run_id in _TRAINED:
+        return dict(_TRAINED[run_id])
     try:
         params = client.get_run(run_id).data.params
     except Exception:  # noqa: BLE001
-        return {}
-    return {k: params[k] for k in ("resolution", "shift_starts") if k in params}
+        return {}  # not kept: the next load asks again
+    _TRAINED[run_id] = {k: params[k] for k in ("resolution", "shift_starts") if k in params}
+    return dict(_TRAINED[run_id])
 
 
 def _mismatch(model: LoadedModel, panel: CountPanel) -> str | None:
@@ -436,10 +443,31 @@ def _storage_uri(client, name: str, version: str) -> str:
     return uri
 
 
+# the model environments (requirements.txt + python_env.yaml) already checked against this process's packages
+_CHECKED_ENVIRONMENTS: set[str] = set()
+
+
+def _environment(path: Path) -> str | None:
+    """A digest of the model's declared environment, None when it declares none."""
+    import hashlib
+
+    parts = [path / "requirements.txt", path / "python_env.yaml"]
+    if not any(p.is_file() for p in parts):
+        return None
+    return hashlib.blake2b(b"\0".join(p.read_bytes() if p.is_file() else b"" for p in parts), digest_size=16).hexdigest()
+
+
 def _load_forecaster(path: Path):
+    """The forecaster of a pyfunc model folder. MLflow warns when the model's declared packages or Python differ
+    from this process's; that check (~50 ms of CPU, reading package metadata) runs once per distinct environment:
+    a retrained champion declares the same one, and each load's CPU is taken from the requests served beside it."""
     import mlflow
 
-    pyfunc = mlflow.pyfunc.load_model(str(path))
+    environment = _environment(path)
+    checked = environment is not None and environment in _CHECKED_ENVIRONMENTS
+    pyfunc = mlflow.pyfunc.load_model(str(path), suppress_warnings=checked)
+    if environment is not None:
+        _CHECKED_ENVIRONMENTS.add(environment)
     forecaster = pyfunc.unwrap_python_model().forecaster
     for needed in ("predict", "predict_explained"):
         if not callable(getattr(forecaster, needed, None)):
