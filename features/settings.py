@@ -30,6 +30,10 @@ TABLE = "hotspots"
 # machines (and work offline), so the product turns it off before any MLflow call; a user who wants it sets
 # MLFLOW_DISABLE_TELEMETRY=false (or DO_NOT_TRACK) explicitly.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow also draws a tqdm bar on stderr for every artifact download, terminal or not: each model a service loaded
+# wrote a line of carriage-return frames into its log. The product logs its own stages instead; a user who wants
+# the bar sets MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _config_source(settings_cls: type[BaseSettings]) -> TomlConfigSettingsSource:

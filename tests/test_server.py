@@ -62,6 +62,10 @@ def test_serve_prints_the_map_and_docs_urls(live):
     log = live.server.log()
     assert f"map:  http://127.0.0.1:{live.port}/map" in log and f"docs: http://127.0.0.1:{live.port}/docs" in log
     assert "1 worker(s)" in log and str(live.data_dir.resolve()) in log.replace("\n", "")
+    # a log for a file, not a terminal: a forecast loads the champion, and MLflow's download draws no progress bar
+    assert get(live, "/v1/hotspots", live.planner, city=CITY, k=5).status_code == 200
+    log = live.server.log()
+    assert "Downloading artifacts" not in log and "\r" not in log, log
 
 
 def test_probes_and_forecasts_over_http(live):
