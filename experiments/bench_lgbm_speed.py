@@ -40,11 +40,13 @@ if TYPE_CHECKING:  # imported by the fit's own process only: this one must not l
     from forecasting.lgbm import LightGBMForecaster
 
 # the settings before issue 15's speed work: the same forecaster with its former defaults
-OLD = {"learning_rate": 0.05, "max_bin": 255, "zero_rate": 0.05, "early_stopping_rounds": 50, "chunk_shifts": 90}
+UNIFORM = {"zero_sampling": "uniform", "zero_rate": 0.05}  # every zero row kept at 5%: the default until 2026-11-30
+OLD = {"learning_rate": 0.05, "max_bin": 255, **UNIFORM, "early_stopping_rounds": 50, "chunk_shifts": 90}
 # es30: the defaults before the early-stopping patience went from 30 to 20 rounds; quiet: zeros of cells without
-# an incident before their chunk's first origin kept at 1% instead of 5%, weight 100 (an option, not the default)
-SETTINGS: dict[str, dict] = {"old": OLD, "new": {}, "es30": {"early_stopping_rounds": 30},
-                             "quiet": {"quiet_zero_rate": 0.01}}
+# an incident before their chunk's first origin kept at 1% instead of 5%, weight 100 (an option, not the default);
+# uniform: the zero sampling before the by_rate default
+SETTINGS: dict[str, dict] = {"old": OLD, "new": {}, "es30": {**UNIFORM, "early_stopping_rounds": 30},
+                             "quiet": {**UNIFORM, "quiet_zero_rate": 0.01}, "uniform": UNIFORM}
 
 
 def validation_scores(panel: CountPanel, model: LightGBMForecaster, origins: np.ndarray) -> dict[str, float]:

@@ -43,10 +43,10 @@ def test_max_bin_reaches_lightgbm_and_fits_are_deterministic(panel):
 
 def test_sampled_rows_are_the_full_matrix_rows_the_sampling_keeps(panel):
     """Positives and zeros drawn with the chunk's own seed, weights 1 and 1/zero_rate, features to the bit: what
-    the forecaster trained on before it built features only for the rows it keeps."""
+    the forecaster trained on before it built features only for the rows it keeps (uniform zero sampling)."""
     stop = panel.first_shift + 400 * 3
     start = stop - 90 * 3
-    model = LightGBMForecaster(chunk_shifts=360, zero_rate=0.1, seed=7)
+    model = LightGBMForecaster(chunk_shifts=360, zero_sampling="uniform", zero_rate=0.1, seed=7)
     X, y, w, o = model._rows(panel.until(stop), start, stop, sample=True)
     origins = np.arange(start, stop)
     full = build_features(panel.until(stop), origins, model.features)
@@ -72,7 +72,8 @@ def test_quiet_cells_zeros_are_sampled_at_their_own_rate_with_weight_one_over_it
     start = stop - 90 * 3
     lo, hi = start, (start // 360 + 1) * 360
     seen = panel.until(stop)
-    model = LightGBMForecaster(chunk_shifts=360, zero_rate=0.1, quiet_zero_rate=0.02, quiet_days=28, seed=7)
+    model = LightGBMForecaster(chunk_shifts=360, zero_sampling="uniform", zero_rate=0.1, quiet_zero_rate=0.02,
+                               quiet_days=28, seed=7)
     X, y, w, o = model._rows(seen, start, stop, sample=True)
     origins = np.arange(start, stop)
     full = build_features(seen, origins, model.features)
@@ -94,5 +95,51 @@ def test_quiet_cells_zeros_are_sampled_at_their_own_rate_with_weight_one_over_it
     # what happens at or after a chunk's first origin cannot change which cells are quiet for it
     quiet_now = model._zero_rates(seen, hi)
     assert np.array_equal(quiet_now, model._zero_rates(panel.until(hi), hi))
-    # the default (no quiet rate) is one global rate
-    assert np.array_equal(LightGBMForecaster(zero_rate=0.1)._zero_rates(seen, hi), np.full(seen.n_cells, 0.1))
+    # uniform sampling without a quiet rate is one global rate
+    assert np.array_equal(LightGBMForecaster(zero_sampling="uniform", zero_rate=0.1)._zero_rates(seen, hi),
+                          np.full(seen.n_cells, 0.1))
+
+
+def test_zeros_are_kept_in_proportion_to_the_cells_past_count(panel):
+    """The default zero sampling: a cell's zeros are kept with probability proportional to its count before the
+    chunk's first origin (cells without one count as the quietest cell with one), mean zero_rate, clipped to
+    [floor, ceiling], each with weight 1/p; positives always, weight 1. Nothing at or after the chunk's first
+    origin changes the probabilities."""
+    stop = panel.first_shift + 400 * 3
+    start = stop - 90 * 3
+    lo, hi = start, (start // 360 + 1) * 360
+    seen = panel.until(stop)
+    model = LightGBMForecaster(chunk_shifts=360, zero_rate=0.1, zero_rate_floor=0.02, zero_rate_ceiling=0.5, seed=7)
+    assert LightGBMForecaster().zero_sampling == "by_rate"
+    X, y, w, o = model._rows(seen, start, stop, sample=True)
+    origins = np.arange(start, stop)
+    full = build_features(seen, origins, model.features)
+    target = build_targets(seen, origins)
+    keep, rate = [], []
+    for a, b in zip([lo, hi], [hi, stop]):
+        before = seen.counts.filter(seen.counts["shift"] < a)  # every incident before the chunk, by hand
+        past = np.bincount(before["cell"].to_numpy(), weights=before["count"].to_numpy(), minlength=seen.n_cells)
+        assert (past == 0).any() and (past > 0).any()
+        past = np.where(past > 0, past, past[past > 0].min())
+        p = np.clip(past / past.mean() * 0.1, 0.02, 0.5)
+        assert p.min() == 0.02 and p.max() > 0.1  # quiet cells at the floor, busy ones above the mean
+        assert np.array_equal(model._zero_rates(seen, a), p)
+        yy = target[(a - start) * seen.n_cells:(b - start) * seen.n_cells]
+        tiled = np.tile(p, b - a)
+        keep.append((yy > 0) | (np.random.default_rng([7, a, b]).random(yy.size) < tiled))
+        rate.append(tiled)
+    keep, rate = np.concatenate(keep), np.concatenate(rate)
+    np.testing.assert_array_equal(X, full.X[keep])
+    np.testing.assert_array_equal(y, target[keep])
+    np.testing.assert_array_equal(o, full.origin[keep])
+    np.testing.assert_array_equal(w, np.where(target > 0, 1.0, 1.0 / rate)[keep])
+    # busy cells' zeros are kept more often than quiet cells' (the point), and the mean rate is about zero_rate
+    zeros = target == 0
+    kept_share = np.bincount(np.tile(np.arange(seen.n_cells), stop - start)[zeros & keep], minlength=seen.n_cells) / \
+        np.bincount(np.tile(np.arange(seen.n_cells), stop - start)[zeros], minlength=seen.n_cells).clip(1)
+    first = model._zero_rates(seen, lo)
+    assert kept_share[first == first.max()].mean() > 3 * kept_share[first == 0.02].mean()
+    # only shifts before the chunk's first origin decide: the panel as known at hi gives the same probabilities
+    assert np.array_equal(model._zero_rates(seen, hi), model._zero_rates(panel.until(hi), hi))
+    with pytest.raises(ValueError, match="zero_sampling must be 'by_rate' or 'uniform'"):
+        LightGBMForecaster(zero_sampling="stratified")._zero_rates(seen, hi)
