@@ -38,7 +38,10 @@ PANEL_END = datetime(2020, 3, 1, tzinfo=UTC)
 
 
 def quick_lgbm(seed: int = 0) -> LightGBMForecaster:
-    return LightGBMForecaster(train_days=240, valid_days=28, n_estimators=40, zero_rate=0.2, num_threads=1, seed=seed)
+    # uniform zeros: the served test champion the service tests' expectations (realised accuracy against its
+    # interval, the briefing's top cell) were written for; the sampling itself is tested in test_lgbm_speed.py
+    return LightGBMForecaster(train_days=240, valid_days=28, n_estimators=40, zero_sampling="uniform", zero_rate=0.2,
+                              num_threads=1, seed=seed)
 
 
 def closed_port() -> int:
