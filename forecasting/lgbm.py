@@ -14,24 +14,26 @@ mean hit rates 0.1550 at 1% of the area (uniform 5%: 0.1551) and 0.3835 at 5% (0
 0.03864 (0.03872; lower at every seed). A floor of 1% gave 0.1552, 0.3836 and 0.03864 for 12.1 CPU-s
 (``python -m experiments.bench_lgbm_speed``, ``experiments/results/bench_lgbm_speed_zero_sampling.json``).
 
-Options (defaults unchanged): ``objective="lambdarank"`` or ``"rank_xendcg"`` learns to order the cells of one
+Options: ``objective="lambdarank"`` or ``"rank_xendcg"`` learns to order the cells of one
 origin shift (one query per origin, integer relevance = the count, capped). Zero sampling and ranking interact:
-a ranker's loss is over pairs within a query, so sampled zeros thin every query alike (the pairwise loss stays
-unbiased up to scale) and the 1/zero_rate weights are not used; queries without any incident carry no pair and
+a ranker's loss is over pairs within a query and takes no row weights, so a ranker always samples its zeros
+uniformly at ``zero_rate``: sampled zeros then thin every query alike (the pairwise loss stays unbiased up to
+scale), which sampling by past count would not; queries without any incident carry no pair and
 are dropped. A ranker's score is a log-scale relevance, served as ``exp(score)``: the order is what it learned, not
 a count. ``train_days=None`` trains on the whole history, and ``recency_half_life_days`` weights each origin's rows
 by 0.5 ** (age / half-life) so older years count less instead of not at all.
 
 Speed (issue 15): the training rows are chosen first (every positive cell-shift and the zeros sampled with the
 chunk's own seed) and features are built for those rows only (``build_features(rows=)``, the same values as the
-full matrix's rows), so feature building no longer grows with the ~95% of cell-shifts that are dropped zeros. What
+full matrix's rows), so feature building no longer grows with the ~95-98% of cell-shifts that are dropped zeros. What
 is left of a fit is mostly boosting: rows x rounds x features. ``learning_rate`` 0.1 with
 ``early_stopping_rounds`` 30 (now 20, below) needs fewer rounds than 0.05 with 50, ``max_bin`` 63 cuts histogram work, and
 LightGBM's OpenMP threads sleep rather than spin while they wait (see below), which matters whenever the two
 cores are shared. Building LightGBM's binned Dataset is about 1.6 CPU-s (the validation set reuses the
 training set's bins), so it is rebuilt per fit: reusing one refit's bins in the next would chain the refits.
 Tried on the validation window (Sep-Dec 2020) and not taken, each losing hit rate or deviance for little time:
-a zero rate of 0.02, learning rate 0.15, ``max_bin`` 31, ``num_leaves`` 15, ``feature_fraction`` 0.5,
+a uniform zero rate of 0.02 (sampling by past count at a mean of 0.02, above, did not lose), learning rate 0.15,
+``max_bin`` 31, ``num_leaves`` 15, ``feature_fraction`` 0.5,
 ``bagging_fraction`` 0.5, GOSS (``experiments/bench_lgbm_speed.py`` prints the figures).
 
 Second round (the figures are means over seeds 0-4, because one seed's hit rate at 1% moves by about 0.001):
@@ -40,7 +42,7 @@ from 2019-09 to 2020-12, and runs 10 fewer rounds per fit. A patience of 15, 10 
 of those six cutoffs. ``quiet_zero_rate`` is importance sampling of the zeros: in cells with no incident before
 the chunk's first origin (``quiet_days=None``) or in the ``quiet_days`` before it, zeros are kept at their own
 rate with weight 1/rate. At 0.01 it drops 19% of the rows and about a fifth of a fit's CPU. Its validation figures
-(1% 0.1549, 5% 0.3834, deviance 0.03873) are within seed noise of the default's (0.1551, 0.3828, 0.03872), but
+(1% 0.1549, 5% 0.3834, deviance 0.03873) are within seed noise of the then default's (uniform 5%: 0.1551, 0.3828, 0.03872), but
 its 1% figure is not higher, so it stays an option. Zeros quiet for 365 days kept at 0.005 (-29% rows) lost 0.0007
 at 1% over three seeds. Leaving out the eight features with the least gain (the five category counts, shift hours,
 weekend, month) lost 0.0014 at 1% over three seeds. Building the row chunks on two threads took more CPU and
@@ -180,8 +182,11 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
         ``quiet_zero_rate`` in cells without an incident in the ``quiet_days`` before ``lo``. Only shifts before
         every origin of the chunk count, so the choice leaks nothing and the 1/p weights keep the likelihood
         unbiased."""
-        if self.zero_sampling == "uniform":
-            rates = np.full(panel.n_cells, self.zero_rate)
+        if not 0 < self.zero_rate_floor <= self.zero_rate_ceiling <= 1 or not 0 < self.zero_rate <= 1:
+            raise ValueError(f"zero rates must satisfy 0 < zero_rate <= 1 and 0 < zero_rate_floor <= zero_rate_ceiling "
+                             f"<= 1, not {self.zero_rate}, {self.zero_rate_floor}, {self.zero_rate_ceiling}")
+        if self.zero_sampling == "uniform" or (self.zero_sampling == "by_rate" and self.ranking):
+            rates = np.full(panel.n_cells, self.zero_rate)  # a ranker takes no weights (module docstring)
         elif self.zero_sampling == "by_rate":
             rates = self._rates_by_history(panel, lo)
         else:
@@ -194,7 +199,7 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
 
     def _rates_by_history(self, panel: CountPanel, lo: int) -> np.ndarray:
         """Keep probabilities proportional to each cell's mean count per shift before ``lo`` (cells without any
-        incident count as the quietest one with), scaled to mean ``zero_rate`` and clipped to
+        incident count as the quietest one with), scaled to mean ``zero_rate`` before clipping to
         [``zero_rate_floor``, ``zero_rate_ceiling``]: a zero row's Poisson gradient is the predicted rate, so the
         zeros of busy cells carry the information and those of quiet cells little (importance sampling)."""
         past = panel.cell_totals(panel.first_shift, lo, self.category)

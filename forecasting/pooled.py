@@ -172,7 +172,7 @@ class PooledLightGBM(BoosterAsText, Forecaster):  # the booster pickled as text,
     others: tuple[str, ...] = ()  # panel folders of the other cities of the pool
     train_days: int | None = 730
     valid_days: int = 56
-    zero_rate: float = 0.05
+    zero_rate: float = 0.05  # uniform: the per-city LightGBM samples zeros by past count (lgbm.py), this does not yet
     n_estimators: int = 300  # no early stopping in lightgbm.dask: the best count <= this is chosen on validation
     checkpoint: int = 10
     learning_rate: float = 0.1

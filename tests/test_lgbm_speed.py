@@ -143,3 +143,10 @@ def test_zeros_are_kept_in_proportion_to_the_cells_past_count(panel):
     assert np.array_equal(model._zero_rates(seen, hi), model._zero_rates(panel.until(hi), hi))
     with pytest.raises(ValueError, match="zero_sampling must be 'by_rate' or 'uniform'"):
         LightGBMForecaster(zero_sampling="stratified")._zero_rates(seen, hi)
+    with pytest.raises(ValueError, match="zero_rate_floor <= zero_rate_ceiling"):
+        LightGBMForecaster(zero_rate_floor=0.4, zero_rate_ceiling=0.3)._zero_rates(seen, hi)
+    # the ceiling binds the busiest cells; a ranker (no row weights) samples uniformly
+    capped = LightGBMForecaster(zero_rate=0.1, zero_rate_floor=0.02, zero_rate_ceiling=0.15)._zero_rates(seen, hi)
+    assert capped.max() == 0.15 and capped.min() == 0.02 and (capped == 0.15).sum() < seen.n_cells // 2
+    assert np.array_equal(LightGBMForecaster(objective="rank_xendcg", zero_rate=0.1)._zero_rates(seen, hi),
+                          np.full(seen.n_cells, 0.1))
