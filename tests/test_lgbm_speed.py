@@ -17,6 +17,29 @@ def panel(toronto_incidents):
     return toronto_box_panel(toronto_incidents, (43.64, 43.67), (-79.41, -79.37), datetime(2018, 1, 1, tzinfo=UTC))[1]
 
 
+def assert_rows_drawn(model, seen, start: int, stop: int, rates_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sampled rows of [start, stop) on the 360-shift chunk grid are the full matrix's rows that the chunk's own
+    seed keeps with the per-cell probabilities ``rates_of(chunk_start)`` (positives always), weighted 1/p; returns
+    (weights, targets, kept)."""
+    X, y, w, o = model._rows(seen, start, stop, sample=True)
+    origins = np.arange(start, stop)
+    full = build_features(seen, origins, model.features)
+    target = build_targets(seen, origins)
+    lo, hi = start, (start // 360 + 1) * 360
+    keep, rate = [], []
+    for a, b in zip([lo, hi], [hi, stop]):
+        p = np.tile(rates_of(a), b - a)
+        yy = target[(a - start) * seen.n_cells:(b - start) * seen.n_cells]
+        keep.append((yy > 0) | (np.random.default_rng([model.seed, a, b]).random(yy.size) < p))
+        rate.append(p)
+    kept, rate = np.concatenate(keep), np.concatenate(rate)
+    np.testing.assert_array_equal(X, full.X[kept])
+    np.testing.assert_array_equal(y, target[kept])
+    np.testing.assert_array_equal(o, full.origin[kept])
+    np.testing.assert_array_equal(w, np.where(target > 0, 1.0, 1.0 / rate)[kept])
+    return w, target, kept
+
+
 def test_chunk_grid_does_not_change_the_rows(panel):
     """Unsampled rows over a span cut on two different chunk grids are identical, cached chunks included."""
     stop = panel.first_shift + 400 * 3
@@ -70,27 +93,17 @@ def test_quiet_cells_zeros_are_sampled_at_their_own_rate_with_weight_one_over_it
     other row is drawn exactly as with one global zero rate, and features are the full matrix's rows."""
     stop = panel.first_shift + 400 * 3
     start = stop - 90 * 3
-    lo, hi = start, (start // 360 + 1) * 360
+    hi = (start // 360 + 1) * 360  # the second chunk of the 360-shift grid
     seen = panel.until(stop)
     model = LightGBMForecaster(chunk_shifts=360, zero_sampling="uniform", zero_rate=0.1, quiet_zero_rate=0.02,
                                quiet_days=28, seed=7)
-    X, y, w, o = model._rows(seen, start, stop, sample=True)
-    origins = np.arange(start, stop)
-    full = build_features(seen, origins, model.features)
-    target = build_targets(seen, origins)
-    keep, rate = [], []
-    for a, b in zip([lo, hi], [hi, stop]):
+
+    def rates(a: int) -> np.ndarray:
         quiet = seen.cell_totals(a - 28 * 3, a) == 0  # the 28 days before the chunk, nothing later
         assert 0 < quiet.sum() < seen.n_cells
-        p = np.tile(np.where(quiet, 0.02, 0.1), b - a)
-        yy = target[(a - start) * seen.n_cells:(b - start) * seen.n_cells]
-        keep.append((yy > 0) | (np.random.default_rng([7, a, b]).random(yy.size) < p))
-        rate.append(p)
-    keep, rate = np.concatenate(keep), np.concatenate(rate)
-    np.testing.assert_array_equal(X, full.X[keep])
-    np.testing.assert_array_equal(y, target[keep])
-    np.testing.assert_array_equal(o, full.origin[keep])
-    np.testing.assert_array_equal(w, np.where(target > 0, 1.0, 1.0 / rate)[keep])
+        return np.where(quiet, 0.02, 0.1)
+
+    w, _, _ = assert_rows_drawn(model, seen, start, stop, rates)
     assert {50.0, 10.0, 1.0} == set(np.unique(w).tolist())  # quiet zeros, other zeros, positives
     # what happens at or after a chunk's first origin cannot change which cells are quiet for it
     quiet_now = model._zero_rates(seen, hi)
@@ -111,12 +124,8 @@ def test_zeros_are_kept_in_proportion_to_the_cells_past_count(panel):
     seen = panel.until(stop)
     model = LightGBMForecaster(chunk_shifts=360, zero_rate=0.1, zero_rate_floor=0.02, zero_rate_ceiling=0.5, seed=7)
     assert LightGBMForecaster().zero_sampling == "by_rate"
-    X, y, w, o = model._rows(seen, start, stop, sample=True)
-    origins = np.arange(start, stop)
-    full = build_features(seen, origins, model.features)
-    target = build_targets(seen, origins)
-    keep, rate = [], []
-    for a, b in zip([lo, hi], [hi, stop]):
+
+    def rates(a: int) -> np.ndarray:
         before = seen.counts.filter(seen.counts["shift"] < a)  # every incident before the chunk, by hand
         past = np.bincount(before["cell"].to_numpy(), weights=before["count"].to_numpy(), minlength=seen.n_cells)
         assert (past == 0).any() and (past > 0).any()
@@ -124,16 +133,10 @@ def test_zeros_are_kept_in_proportion_to_the_cells_past_count(panel):
         p = np.clip(past / past.mean() * 0.1, 0.02, 0.5)
         assert p.min() == 0.02 and p.max() > 0.1  # quiet cells at the floor, busy ones above the mean
         assert np.array_equal(model._zero_rates(seen, a), p)
-        yy = target[(a - start) * seen.n_cells:(b - start) * seen.n_cells]
-        tiled = np.tile(p, b - a)
-        keep.append((yy > 0) | (np.random.default_rng([7, a, b]).random(yy.size) < tiled))
-        rate.append(tiled)
-    keep, rate = np.concatenate(keep), np.concatenate(rate)
-    np.testing.assert_array_equal(X, full.X[keep])
-    np.testing.assert_array_equal(y, target[keep])
-    np.testing.assert_array_equal(o, full.origin[keep])
-    np.testing.assert_array_equal(w, np.where(target > 0, 1.0, 1.0 / rate)[keep])
-    # busy cells' zeros are kept more often than quiet cells' (the point), and the mean rate is about zero_rate
+        return p
+
+    _, target, keep = assert_rows_drawn(model, seen, start, stop, rates)
+    # busy cells' zeros are kept more often than quiet cells' (the point)
     zeros = target == 0
     kept_share = np.bincount(np.tile(np.arange(seen.n_cells), stop - start)[zeros & keep], minlength=seen.n_cells) / \
         np.bincount(np.tile(np.arange(seen.n_cells), stop - start)[zeros], minlength=seen.n_cells).clip(1)
