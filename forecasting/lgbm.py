@@ -185,12 +185,12 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
         if not 0 < self.zero_rate_floor <= self.zero_rate_ceiling <= 1 or not 0 < self.zero_rate <= 1:
             raise ValueError(f"zero rates must satisfy 0 < zero_rate <= 1 and 0 < zero_rate_floor <= zero_rate_ceiling "
                              f"<= 1, not {self.zero_rate}, {self.zero_rate_floor}, {self.zero_rate_ceiling}")
-        if self.zero_sampling == "uniform" or (self.zero_sampling == "by_rate" and self.ranking):
-            rates = np.full(panel.n_cells, self.zero_rate)  # a ranker takes no weights (module docstring)
-        elif self.zero_sampling == "by_rate":
+        if self.zero_sampling not in ("by_rate", "uniform"):
+            raise ValueError(f"zero_sampling must be 'by_rate' or 'uniform', not {self.zero_sampling!r}")
+        if self.zero_sampling == "by_rate" and not self.ranking:  # a ranker takes no weights (module docstring)
             rates = self._rates_by_history(panel, lo)
         else:
-            raise ValueError(f"zero_sampling must be 'by_rate' or 'uniform', not {self.zero_sampling!r}")
+            rates = np.full(panel.n_cells, self.zero_rate)
         if self.quiet_zero_rate is not None:
             days = self.quiet_days
             start = panel.first_shift if days is None else max(panel.first_shift, lo - days * panel.calendar.per_day)
