@@ -58,6 +58,14 @@ like a larger learning rate, and it loses at 1% as 0.15 did, so the default stay
 histogram work, stop the seed-0 fit with ``Check failed: (best_split_info.left_count) > (0)`` (LightGBM issue
 #5994), row-wise or column-wise; without stochastic rounding the fit runs 386 rounds (27 CPU-s instead of 18) to
 0.1502 at 1% and 0.3704 at 5% (2026-11-30, LightGBM 4.7.0). Not taken.
+
+Fourth round (2026-11-30, by-count sampling, cutoff 2020-09-01): a quiet fit at the 2021 cutoff is rows 1.7 s
+(single-threaded numpy), Dataset 0.55 s and boosting 4.8 s (163 rounds of 315 k rows x 33 features). Over seeds
+0-4, a mean ``zero_rate`` of 1% (floor 0.25%, 190 k rows) took a median 7.6 instead of 10.9 CPU-s but lost 0.0008
+at 1% of the area (0.1543 against 0.1550); no bagging (``bagging_fraction`` 1.0) took no less time (11.4 CPU-s,
+0.1546; ``experiments/results/bench_lgbm_speed_round4.json``). Over seeds
+0-2, a learning rate of 0.2 for the first 20 or 40 rounds, then 0.1 (``lgb.reset_parameter``), ran 10-30% fewer
+rounds but lost 0.0010-0.0020 at 1% at every seed. Not taken.
 """
 
 from __future__ import annotations
@@ -158,8 +166,9 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
 
     def _chunk(self, panel: CountPanel, lo: int, hi: int, sample: bool):
         """Rows for origins [lo, hi). Chunks only depend on data before ``hi``, so they are cached per panel
-        lineage (a panel and its ``until`` views) and reused by the next monthly refit."""
-        key = (panel.lineage, lo, hi, sample)
+        lineage (a panel and its ``until`` views) and reused by the next monthly refit, under the parameters the
+        rows depend on: after ``set_params`` they are built again."""
+        key = (panel.lineage, lo, hi, sample, self._rows_depend_on())
         if key in self._cache:
             return self._cache[key]
         origins = np.arange(lo, hi)
@@ -176,6 +185,11 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
         self.columns_ = matrix.columns
         self._cache[key] = rows
         return rows
+
+    def _rows_depend_on(self) -> str:
+        """The parameters that decide a chunk's rows and weights, as one hashable value."""
+        return repr((self.features, self.category, self.seed, self.ranking, self.zero_sampling, self.zero_rate,
+                     self.zero_rate_floor, self.zero_rate_ceiling, self.quiet_zero_rate, self.quiet_days))
 
     def _zero_rates(self, panel: CountPanel, lo: int) -> np.ndarray:
         """Each cell's keep probability for a zero row of origins from ``lo`` on (module docstring), and
@@ -210,7 +224,8 @@ class LightGBMForecaster(BoosterAsText, Forecaster):
 
     def _rows(self, panel: CountPanel, start: int, stop: int, sample: bool):
         """Features and targets for origins [start, stop), from chunks on a fixed grid of ``chunk_shifts``."""
-        self._cache = {k: v for k, v in self._cache.items() if k[0] == panel.lineage and k[2] > start - self.chunk_shifts}
+        current = (panel.lineage, self._rows_depend_on())
+        self._cache = {k: v for k, v in self._cache.items() if (k[0], k[4]) == current and k[2] > start - self.chunk_shifts}
         edges = sorted({start, stop, *range((start // self.chunk_shifts + 1) * self.chunk_shifts, stop, self.chunk_shifts)})
         parts = [self._chunk(panel, lo, hi, sample) for lo, hi in zip(edges[:-1], edges[1:])]
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))

@@ -53,6 +53,21 @@ def test_chunk_grid_does_not_change_the_rows(panel):
     assert a[0].dtype == np.float32 and a[0].shape[0] == 120 * 3 * panel.n_cells
 
 
+def test_rows_built_under_other_parameters_are_not_reused(panel):
+    """``set_params`` between fits builds the cached chunks again: after each change the rows equal a fresh
+    model's under the same parameters."""
+    stop = panel.first_shift + 400 * 3
+    start, seen = stop - 120 * 3, panel.until(stop)
+    model, changed = LightGBMForecaster(zero_rate=0.2), {"zero_rate": 0.2}
+    model._rows(seen, start, stop, sample=True)
+    for change in ({"zero_rate": 0.1}, {"seed": 3}, {"zero_sampling": "uniform"}, {"features__window_days": (1, 7)}):
+        model.set_params(**change)
+        changed |= change
+        rows, fresh = model._rows(seen, start, stop, sample=True), LightGBMForecaster().set_params(**changed)
+        for got, want in zip(rows, fresh._rows(seen, start, stop, sample=True)):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_max_bin_reaches_lightgbm_and_fits_are_deterministic(panel):
     cutoff = panel.first_shift + 400 * 3
     make = lambda: LightGBMForecaster(train_days=200, valid_days=28, n_estimators=30, zero_rate=0.2,  # noqa: E731
