@@ -77,7 +77,9 @@ def fit_once(panel_folder: str, cutoff: str, end: str, params: dict) -> dict:
     seconds, done = time.perf_counter() - started, os.times()
     return {"fit_seconds": seconds, "cpu_seconds": done.user - cpu.user + done.system - cpu.system, "load_1min": load,
             **validation_scores(panel, model, origins), "best_iteration": model.best_iteration_,
-            "train_rows": model.train_rows_}
+            "train_rows": model.train_rows_,  # every parameter the fit ran with (a setting lists only its changes)
+            "resolved_params": {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+                                for k, v in model.get_params(deep=True).items() if k != "features"}}
 
 
 CHILD = ("import importlib.util as u, json, sys; s = u.spec_from_file_location('bench', sys.argv[5]); "
