@@ -59,7 +59,7 @@ histogram work, stop the seed-0 fit with ``Check failed: (best_split_info.left_c
 #5994), row-wise or column-wise; without stochastic rounding the fit runs 386 rounds (27 CPU-s instead of 18) to
 0.1502 at 1% and 0.3704 at 5% (2026-11-30, LightGBM 4.7.0). Not taken.
 
-Fourth round (2026-11-30, by-count sampling, cutoff 2020-09-01): a quiet fit at the 2021 cutoff is rows 1.7 s
+After the by-count sampling (2026-11-30, cutoff 2020-09-01): a quiet fit at the 2021 cutoff is rows 1.7 s
 (single-threaded numpy), Dataset 0.55 s and boosting 4.8 s (163 rounds of 315 k rows x 33 features). Over seeds
 0-4, a mean ``zero_rate`` of 1% (floor 0.25%, 190 k rows) took a median 7.6 instead of 10.9 CPU-s but lost 0.0008
 at 1% of the area (0.1543 against 0.1550); no bagging (``bagging_fraction`` 1.0) took no less time (11.4 CPU-s,
