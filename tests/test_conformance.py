@@ -15,7 +15,7 @@ from features.matrix import FeatureConfig
 from features.panel import CountPanel
 from forecasting import registry
 from forecasting.base import Explanation
-from forecasting.reporting.tracking import HotspotModel
+from forecasting.reporting.pyfunc_model import pyfunc_arguments
 
 # settings that keep each check in seconds (the registry's defaults are the production ones)
 FAST = {"lightgbm": dict(train_days=240, valid_days=28, n_estimators=40, zero_rate=0.2, num_threads=1),
@@ -88,7 +88,7 @@ def test_predict_explained_is_the_contract(panel, fitted, name):
 
 
 @pytest.mark.parametrize("name", registry.names())
-def test_pickle_and_pyfunc_round_trip(panel, fitted, name, tmp_path):
+def test_pickle_and_pyfunc_round_trip(panel, fitted, name, tmp_path, monkeypatch):
     models, cutoff = fitted
     model = models[name]
     origins = np.arange(cutoff, cutoff + 3)
@@ -98,7 +98,9 @@ def test_pickle_and_pyfunc_round_trip(panel, fitted, name, tmp_path):
         assert isinstance(state["booster_"], str) and state["booster_"].startswith("tree")  # LightGBM's text model
     back = pickle.loads(pickle.dumps(model))
     np.testing.assert_array_equal(back.predict(panel, origins), model.predict(panel, origins))
-    mlflow.pyfunc.save_model(str(tmp_path / "m"), python_model=HotspotModel(model), pip_requirements=["lightgbm"])
+    mlflow.pyfunc.save_model(str(tmp_path / "m"), **pyfunc_arguments(model, tmp_path), pip_requirements=["lightgbm"])
+    assert not (tmp_path / "m" / "python_model.pkl").exists()  # logged as code: MLflow pickles nothing
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # loads where MLflow refuses cloudpickle
     loaded = mlflow.pyfunc.load_model(str(tmp_path / "m"))
     inputs = model.model_inputs(panel, cutoff)
     assert list(inputs.columns) == model.input_columns() and len(inputs) == panel.n_cells

@@ -1,8 +1,10 @@
 """Loading a champion costs the requests served beside it CPU: what never changes is read once per process
 (MLflow's environment check per declared environment, a training run's parameters per run)."""
 
+import logging
 import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
@@ -11,8 +13,10 @@ import pytest
 from conftest import toronto_box_panel
 
 import serving.models_store as models_store
+from features.settings import Settings
 from forecasting.baselines import Naive
-from forecasting.reporting.tracking import HotspotModel
+from forecasting.reporting.pyfunc_model import pyfunc_arguments
+from forecasting.reporting.tracking import HotspotModel, configure, log_model
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +25,43 @@ def saved(toronto_incidents, tmp_path_factory):
                               datetime(2019, 12, 1, tzinfo=UTC))[1]
     folder = tmp_path_factory.mktemp("pyfunc") / "v1"
     model = Naive(window_days=28).fit(panel, panel.end_shift - 1)
-    mlflow.pyfunc.save_model(str(folder), python_model=HotspotModel(model), pip_requirements=["numpy"])
+    mlflow.pyfunc.save_model(str(folder), **pyfunc_arguments(model, folder.parent), pip_requirements=["numpy"])
     return folder, panel, model
+
+
+def test_logging_a_model_pickles_no_wrapper_and_warns_of_none(saved, tmp_path, monkeypatch):
+    """MLflow warns on every model whose wrapper it cloudpickles (every registration said so in the log until
+    2026-12-01): a model logged as code is quiet, and its folder holds the code and the forecaster, no pickle of
+    MLflow's."""
+    _, panel, model = saved
+    monkeypatch.delenv("HOTSPOTS_MLFLOW_TRACKING_URI", raising=False)
+    configure(Settings(data_dir=tmp_path))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        with mlflow.start_run():
+            info = log_model(model, model.model_inputs(panel, panel.end_shift - 1).head(20), "toronto-test")
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    assert not records, [r.getMessage() for r in records]
+    folder = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "copy")))
+    assert {p.name for p in folder.rglob("*")} >= {"model_code.py", "forecaster.pkl"}
+    assert not (folder / "python_model.pkl").exists()
+    forecaster = models_store._load_forecaster(folder)
+    np.testing.assert_array_equal(forecaster.predict(panel, panel.end_shift - 1), model.predict(panel, panel.end_shift - 1))
+
+
+def test_a_version_registered_before_models_as_code_still_loads(saved, tmp_path):
+    """Versions registered before 2026-12-01 are a cloudpickled ``forecasting.reporting.tracking.HotspotModel``
+    carrying its forecaster: a registry keeps them, so the service must still load them."""
+    _, panel, model = saved
+    mlflow.pyfunc.save_model(str(tmp_path / "old"), python_model=HotspotModel(model), pip_requirements=["numpy"])
+    assert (tmp_path / "old" / "python_model.pkl").is_file()
+    forecaster = models_store._load_forecaster(tmp_path / "old")
+    np.testing.assert_array_equal(forecaster.predict(panel, panel.end_shift - 1),
+                                  model.predict(panel, panel.end_shift - 1))
 
 
 def test_the_environment_check_runs_once_per_declared_environment(saved, tmp_path, monkeypatch):

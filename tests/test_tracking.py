@@ -141,7 +141,10 @@ def test_tracked_backtest_logs_run_registers_and_gates(small_panel, tmp_path, mo
     # the winner is registered and promoted; it is a pyfunc with a signature that predicts from its input rows
     assert tracked.decision.promote and tracked.decision.baseline == strongest.name
     assert version.tags["promotion_decision"] == "promoted" and run.data.tags["champion_forecaster"] == tracked.decision.winner
+    # logged as code with the forecaster beside it: it loads where MLflow refuses cloudpickled models
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     loaded = mlflow.pyfunc.load_model(f"models:/{registered_name('toronto-test')}/{tracked.model_version}")
+    assert "model_code_path" in loaded.metadata.flavors["python_function"]
     forecaster = loaded.unwrap_python_model().forecaster
     assert forecaster.name == tracked.decision.winner
     columns = [c.name for c in loaded.metadata.get_input_schema().inputs]

@@ -15,11 +15,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import infer_signature
-from mlflow.pyfunc.model import PythonModel  # mypy does not see mlflow.pyfunc's re-export
 from mlflow.tracking import MlflowClient
 
 from features.settings import Settings
 from forecasting.promotion import PromotionDecision
+from forecasting.reporting.pyfunc_model import HotspotModel, pyfunc_arguments
+
+__all__ = ["HotspotModel"]  # also where models registered before 2026-12-01 (cloudpickled) find their class
 
 EXPERIMENT = "hotspots"
 CHAMPION = "champion"
@@ -57,31 +59,19 @@ def registered_name(city: str) -> str:
     return f"hotspots-{city}"
 
 
-class HotspotModel(PythonModel):
-    """The one pyfunc flavour of every forecaster: its ``model_inputs`` rows in (feature rows for LightGBM, the
-    count map for a baseline), expected counts out, through the forecaster's own ``predict_inputs``. The
-    wrapped forecaster (``.forecaster``) also forecasts from a panel for the API (``predict_explained``)."""
-
-    def __init__(self, forecaster):
-        self.forecaster = forecaster
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        return np.asarray(self.forecaster.predict_inputs(model_input), dtype=np.float64)
-
-
 def log_model(forecaster, sample: pd.DataFrame, city: str):
-    """Log a fitted forecaster (any registered one) as a pyfunc with a signature and register it for the
-    city. Training caches are not pickled (``Forecaster.__getstate__``)."""
-    model = HotspotModel(forecaster)
-    signature = infer_signature(sample, model.predict(None, sample))
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=model,
-        signature=signature,
-        input_example=sample.head(5),
-        registered_model_name=registered_name(city),
-        pip_requirements=["lightgbm", "numpy", "pandas", "polars", "h3", "h3ronpy", "scipy", "pyarrow"],
-    )
+    """Log a fitted forecaster (any registered one) as a pyfunc logged as code, with a signature, and register it
+    for the city. Training caches are not saved (``Forecaster.__getstate__``)."""
+    signature = infer_signature(sample, HotspotModel(forecaster).predict(None, sample))
+    with tempfile.TemporaryDirectory() as folder:
+        return mlflow.pyfunc.log_model(
+            name="model",
+            **pyfunc_arguments(forecaster, Path(folder)),
+            signature=signature,
+            input_example=sample.head(5),
+            registered_model_name=registered_name(city),
+            pip_requirements=["lightgbm", "numpy", "pandas", "polars", "h3", "h3ronpy", "scipy", "pyarrow"],
+        )
 
 
 def apply_promotion(city: str, version: str, decision: PromotionDecision, run_id: str | None = None) -> None:
