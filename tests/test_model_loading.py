@@ -85,7 +85,8 @@ def test_the_environment_check_runs_once_per_declared_environment(saved, tmp_pat
 
 
 def test_a_runs_parameters_are_read_once_and_a_failure_is_not_kept(monkeypatch):
-    monkeypatch.setattr(models_store, "_TRAINED", {})
+    assert 0 < models_store._TRAINED.maxsize < 10_000  # bounded: a long-lived service sees a run per retrain
+    monkeypatch.setattr(models_store, "_TRAINED", type(models_store._TRAINED)(maxsize=2))
     calls = []
 
     class Client:
@@ -107,3 +108,6 @@ def test_a_runs_parameters_are_read_once_and_a_failure_is_not_kept(monkeypatch):
     assert calls == ["run-1", "run-1"]
     models_store._trained(client, "run-1")["resolution"] = "10"  # a caller's copy
     assert models_store._trained(client, "run-1") == expected
+    for run in ("run-2", "run-3", "run-2", "run-3", "run-1"):  # the least recently used run is dropped, and asked again
+        assert models_store._trained(client, run) == expected
+    assert calls == ["run-1", "run-1", "run-2", "run-3", "run-1"]
