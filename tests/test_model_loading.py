@@ -15,8 +15,8 @@ from conftest import toronto_box_panel
 import serving.models_store as models_store
 from features.settings import Settings
 from forecasting.baselines import Naive
-from forecasting.reporting.pyfunc_model import pyfunc_arguments
-from forecasting.reporting.tracking import HotspotModel, configure, log_model
+from forecasting.reporting.pyfunc_model import HotspotModel, pyfunc_arguments
+from forecasting.reporting.tracking import configure, log_model
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,16 @@ def test_logging_a_model_pickles_no_wrapper_and_warns_of_none(saved, tmp_path, m
     np.testing.assert_array_equal(forecaster.predict(panel, panel.end_shift - 1), model.predict(panel, panel.end_shift - 1))
 
 
-def test_a_version_registered_before_models_as_code_still_loads(saved, tmp_path):
+def test_a_version_registered_before_models_as_code_still_loads(saved, tmp_path, monkeypatch):
     """Versions registered before 2026-12-01 are a cloudpickled ``forecasting.reporting.tracking.HotspotModel``
     carrying its forecaster: a registry keeps them, so the service must still load them."""
     _, panel, model = saved
-    mlflow.pyfunc.save_model(str(tmp_path / "old"), python_model=HotspotModel(model), pip_requirements=["numpy"])
-    assert (tmp_path / "old" / "python_model.pkl").is_file()
+    with monkeypatch.context() as then:  # the class as it was then: defined in tracking, so pickled by that name
+        then.setattr(HotspotModel, "__module__", "forecasting.reporting.tracking")
+        mlflow.pyfunc.save_model(str(tmp_path / "old"), python_model=HotspotModel(model), pip_requirements=["numpy"])
+    assert b"forecasting.reporting.tracking" in (tmp_path / "old" / "python_model.pkl").read_bytes()
+    # pickled by reference, as those versions were: loading finds the class under its old name
+    assert type(mlflow.pyfunc.load_model(str(tmp_path / "old")).unwrap_python_model()) is HotspotModel
     forecaster = models_store._load_forecaster(tmp_path / "old")
     np.testing.assert_array_equal(forecaster.predict(panel, panel.end_shift - 1),
                                   model.predict(panel, panel.end_shift - 1))

@@ -1,7 +1,7 @@
 """The one MLflow pyfunc flavour of every forecaster, logged as code (MLflow's "models from code").
 
 The model's code is this package's ``model_code.py``; the fitted forecaster travels beside it as an artifact
-that :func:`read_forecaster` loads, so MLflow never cloudpickles the wrapper. MLflow warns on every cloudpickled
+that :meth:`HotspotModel.load_context` loads, so MLflow never cloudpickles the wrapper. MLflow warns on every cloudpickled
 model and its option ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` (on today) would, once off, refuse to load one. The
 forecaster file is a pickle of the forecaster's own state (``Forecaster.__getstate__``: no training caches, the
 LightGBM booster as text): load models only from a registry you trust, as with any MLflow model.
@@ -30,24 +30,16 @@ class HotspotModel(PythonModel):
 
     def load_context(self, context) -> None:
         if self.forecaster is None:  # a model logged as code; a cloudpickled one (older versions) carries it
-            self.forecaster = read_forecaster(Path(context.artifacts[FORECASTER_ARTIFACT]))
+            # the registry's own model file (see the module's docstring)
+            self.forecaster = pickle.loads(Path(context.artifacts[FORECASTER_ARTIFACT]).read_bytes())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         return np.asarray(self.forecaster.predict_inputs(model_input), dtype=np.float64)
 
 
-def write_forecaster(forecaster, path: Path) -> Path:
-    path.write_bytes(pickle.dumps(forecaster, protocol=5))
-    return path
-
-
-def read_forecaster(path: Path):
-    with path.open("rb") as file:
-        return pickle.load(file)  # noqa: S301 - the registry's own model files (see the module's docstring)
-
-
 def pyfunc_arguments(forecaster, folder: Path) -> dict:
     """What ``mlflow.pyfunc.save_model`` / ``log_model`` take for ``forecaster``: the code file and the
     forecaster written into ``folder`` (which must outlive the call)."""
-    path = write_forecaster(forecaster, folder / "forecaster.pkl")
+    path = folder / "forecaster.pkl"
+    path.write_bytes(pickle.dumps(forecaster, protocol=5))
     return {"python_model": str(MODEL_CODE), "artifacts": {FORECASTER_ARTIFACT: str(path)}}

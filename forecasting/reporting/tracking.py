@@ -19,9 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from features.settings import Settings
 from forecasting.promotion import PromotionDecision
-from forecasting.reporting.pyfunc_model import HotspotModel, pyfunc_arguments
-
-__all__ = ["HotspotModel"]  # also where models registered before 2026-12-01 (cloudpickled) find their class
+from forecasting.reporting.pyfunc_model import HotspotModel, pyfunc_arguments  # versions before 2026-12-01 name it here
 
 EXPERIMENT = "hotspots"
 CHAMPION = "champion"
