@@ -26,19 +26,18 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-
-from cachetools import LRUCache
 
 import forecasting.registry  # noqa: F401  (every forecaster's module imported before a model is unpickled: never the model's code copy)
 from features.panel import CountPanel
 from features.paths import DataPaths, split_run_name
 from features.settings import Settings
 from forecasting.reporting.tracking import CHAMPION, registered_name
+from serving.caches import ComputeOnceCache
 
 log = logging.getLogger("hotspots.serving")
 
@@ -399,25 +398,22 @@ def _redact(text: str) -> str:
 
 # a run's parameters never change: read once per run (get_run loads every param, metric and tag, ~70 ms of CPU);
 # bounded, since a long-lived service sees a new training run with every retrain
-_TRAINED: MutableMapping[str, dict[str, str]] = LRUCache(maxsize=256)
-_TRAINED_LOCK = threading.Lock()  # LRUCache is not thread-safe: the refresh thread and requests both load
+_TRAINED: ComputeOnceCache[dict[str, str]] = ComputeOnceCache(256)
 
 
 def _trained(client, run_id: str | None) -> dict[str, str]:
     """The training run's resolution and shift starts (best effort: older runs may lack them)."""
     if not run_id:
         return {}
-    with _TRAINED_LOCK:
-        kept = _TRAINED.get(run_id)
-    if kept is not None:
-        return dict(kept)
-    try:
+
+    def read() -> dict[str, str]:
         params = client.get_run(run_id).data.params
+        return {k: params[k] for k in ("resolution", "shift_starts") if k in params}
+
+    try:
+        trained, _ = _TRAINED.get_or_compute(run_id, read)
     except Exception:  # noqa: BLE001
         return {}  # not kept: the next load asks again
-    trained = {k: params[k] for k in ("resolution", "shift_starts") if k in params}
-    with _TRAINED_LOCK:
-        _TRAINED[run_id] = trained
     return dict(trained)
 
 

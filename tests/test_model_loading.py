@@ -89,8 +89,8 @@ def test_the_environment_check_runs_once_per_declared_environment(saved, tmp_pat
 
 
 def test_a_runs_parameters_are_read_once_and_a_failure_is_not_kept(monkeypatch):
-    assert 0 < models_store._TRAINED.maxsize < 10_000  # bounded: a long-lived service sees a run per retrain
-    monkeypatch.setattr(models_store, "_TRAINED", type(models_store._TRAINED)(maxsize=2))
+    assert 0 < models_store._TRAINED.size < 10_000  # bounded: a long-lived service sees a run per retrain
+    monkeypatch.setattr(models_store, "_TRAINED", type(models_store._TRAINED)(2))
     calls = []
 
     class Client:
