@@ -27,6 +27,7 @@ from serving.caches import BodyCache, ComputeOnceCache
 from serving.explanations import Explanations
 from serving.models_store import CityState, LoadedModel
 from serving.predictor import predict_shift
+from serving.priority import ColdForecasts
 
 if TYPE_CHECKING:
     from serving.metrics import ServiceMetrics
@@ -63,6 +64,7 @@ class ForecastService:
         # a forecast's whole ranking as JSON items per format (a few MB each): city-wide selections are slices
         self.ranked: ComputeOnceCache[tuple[bytes, np.ndarray]] = ComputeOnceCache(RANKED_ENTRIES)
         self.metrics = metrics  # cache hits/misses and cold compute seconds, when the app measures them
+        self.cold = ColdForecasts()  # cold forecasts under way: bulk bodies wait for them (serving.priority)
         self._model_locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # city -> recently asked (shift, category), in order -> the most cells shown with explanations
@@ -129,6 +131,12 @@ class ForecastService:
                 forecast.top_features(forecast.order[:max(WARM_EXPLAINED, shown)])
             except Exception:  # noqa: BLE001 - the request will compute it (and report the failure) itself
                 log.exception("warming %s shift %s with version %s failed", state.city, shift_id, model.version)
+
+    async def bulk_turn(self) -> None:
+        """A bulk body's turn: after the cold forecasts under way (at most ``cold.max_wait``), the wait measured."""
+        waited = await self.cold.bulk_turn()
+        if self.metrics is not None:
+            self.metrics.bulk_waited(waited)
 
     def body(self, forecast: Forecast, variant: Hashable, make: Callable[[], bytes]) -> bytes:
         """The response body ``variant`` (endpoint, parameters as asked) of a forecast, made once and kept."""

@@ -2,41 +2,57 @@
 
 JSON and GeoJSON return up to every study-area cell but explain (top features) only the first EXPLAINED_CELLS;
 the PNG numbers at most PNG_MAX_K cells. Explanations run on the model's own explanation booster and lock, so a
-city-wide request does not hold up a cold forecast of another shift on the same model.
+city-wide request does not hold up a cold forecast of another shift on the same model, and a bulk body waits
+while cold forecasts are under way (serving.priority).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import sqlite3
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import urllib.parse
 from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import toronto_box_panel
-from service_support import CITY, PANEL_END, asgi_service, get, problem
+from live_server import hotspots_serve
+from service_support import CITY, PANEL_END, asgi_service, free_port, get, isolated_mlflow_env, problem, served_city
 
 from features.paths import DataPaths
 from forecasting.lgbm import _explainer
 from serving.checks import EXPLAINED_CELLS, PNG_MAX_K
+from serving.keys import Role, create_key
+
+_WHOLE_CITY = {}
+
+
+def _use_whole_city(incidents, city) -> None:
+    """Serve the whole of Toronto (about 6,000 cells, six months) from ``city``'s data folder: city-sized requests.
+    The panel is built once per process."""
+    if "panel" not in _WHOLE_CITY:
+        _WHOLE_CITY["panel"] = toronto_box_panel(incidents, (43.57, 43.86), (-79.65, -79.10),
+                                                 datetime(2019, 9, 1, tzinfo=UTC), PANEL_END)[1]
+    panel = _WHOLE_CITY["panel"]
+    shutil.rmtree(DataPaths(city.settings).panel(CITY))
+    panel.save(DataPaths(city.settings).panel(CITY))
+    city.panel = panel
 
 
 @pytest.fixture(scope="module")
 def svc(toronto_incidents, tmp_path_factory):
-    """The test champion served on the whole of Toronto (about 6,000 cells, six months): city-sized requests."""
-
-    def whole_city(city):
-        _, panel = toronto_box_panel(toronto_incidents, (43.57, 43.86), (-79.65, -79.10),
-                                     datetime(2019, 9, 1, tzinfo=UTC), PANEL_END)
-        shutil.rmtree(DataPaths(city.settings).panel(CITY))
-        panel.save(DataPaths(city.settings).panel(CITY))
-        city.panel = panel
-
-    with asgi_service(toronto_incidents, tmp_path_factory.mktemp("huge_k"), before_start=whole_city) as service:
+    """The test champion served in process on the whole of Toronto."""
+    with asgi_service(toronto_incidents, tmp_path_factory.mktemp("huge_k"),
+                      before_start=lambda city: _use_whole_city(toronto_incidents, city)) as service:
         assert service.app.state.models.get(CITY).panel.n_cells == service.panel.n_cells > 5000
         yield service
 
@@ -86,79 +102,156 @@ def test_explanations_come_from_a_copy_of_the_booster_with_the_same_contribution
                        model.booster_.predict(X, num_iteration=model.best_iteration_, pred_contrib=True))
 
 
-PAIRS = 7  # interleaved (alone, together) measurements of a cold forecast
+WARM_SHIFT = "2020-02-26T14:00:00-05:00"  # the forecast city-wide requests select from
+PAIRS = 9  # interleaved (alone, together) measurements of a cold forecast
 
 
-def _slowdowns(svc, requests_per_cold: int | None) -> tuple[float, list, list]:
-    """Median ratio of cold forecasts of fresh shifts timed with city-wide requests (every cell but a few, a body
-    made anew each time, on an already computed forecast of the same model) running beside them to the same
-    forecasts timed alone; ``requests_per_cold`` city-wide requests started with each cold forecast (one planner
-    asking for the whole city), or None: back to back until it is done (a flood)."""
-    n = svc.panel.n_cells
-    warm_shift = "2020-02-26T14:00:00-05:00"
+def test_a_bulk_body_waits_for_the_cold_forecasts_under_way_and_at_most_max_wait(svc, monkeypatch):
+    """While a cold forecast is being computed, city-wide JSON/GeoJSON and PNG bodies wait (at most the cold
+    forecasts' max_wait) and are then served in full; a request for the first cells does not wait at all."""
+    forecasts, n, shift = svc.app.state.forecasts, svc.panel.n_cells, "2020-02-27T06:00:00-05:00"
+    monkeypatch.setattr(forecasts.cold, "max_wait", 0.3)
+    for path, k in (("/v1/hotspots", n), ("/v1/hotspots.geojson", n), ("/v1/hotspots.png", 5)):
+        assert get(svc, path, city=CITY, k=k, shift=shift).status_code == 200  # computed and made once
+    metric = 'hotspots_bulk_wait_seconds_count'
+    waits_before = _metric(svc, metric)
+
+    def timed(path: str, k: int) -> tuple[float, int, int]:
+        started = time.perf_counter()
+        response = get(svc, path, city=CITY, k=k, shift=shift)
+        return time.perf_counter() - started, response.status_code, len(response.content)
+
+    with forecasts.cold.computing():  # another user's cold forecast, under way for longer than max_wait
+        waited = [timed(path, k) for path, k in (("/v1/hotspots", n - 1), ("/v1/hotspots.geojson", n - 1),
+                                                 ("/v1/hotspots.png", 5))]
+        small = timed("/v1/hotspots", EXPLAINED_CELLS)
+    assert all(status == 200 and size > 10_000 and 0.3 <= seconds < 1.0 for seconds, status, size in waited), waited
+    assert small[1] == 200 and small[0] < 0.3, small
+    assert _metric(svc, metric) == waits_before + 3
+
+    # woken as soon as the cold forecast (here in another thread) is done
+    started = threading.Event()
+
+    def cold_forecast_of_a_tenth_of_a_second() -> None:
+        with forecasts.cold.computing():
+            started.set()
+            time.sleep(0.1)
+
+    worker = threading.Thread(target=cold_forecast_of_a_tenth_of_a_second)
+    worker.start()
+    started.wait()
+    seconds, status, _ = timed("/v1/hotspots", n - 2)
+    worker.join()
+    assert status == 200 and 0.09 <= seconds < 0.25 and forecasts.cold.under_way == 0
+
+
+def test_a_bulk_request_never_waits_for_its_own_cold_forecast_and_errors_release_their_share(svc, monkeypatch):
+    forecasts, n = svc.app.state.forecasts, svc.panel.n_cells
+    monkeypatch.setattr(forecasts.cold, "max_wait", 5.0)
+    for i, (path, k) in enumerate((("/v1/hotspots", n), ("/v1/hotspots.geojson", n), ("/v1/hotspots.png", 5))):
+        started = time.perf_counter()
+        response = get(svc, path, city=CITY, k=k, shift=f"2020-02-2{i}T06:00:00-05:00")  # a cold forecast each
+        assert response.status_code == 200 and response.headers["x-cache"] == "miss"
+        assert time.perf_counter() - started < 2.5 and forecasts.cold.under_way == 0
+    started = time.perf_counter()
+    assert svc.client.get("/v1/forecast", params=dict(city=CITY, shift="2020-02-23T06:00:00-05:00"),
+                          headers={"X-API-Key": svc.keys[Role.planner]}).status_code == 200
+    assert time.perf_counter() - started < 2.5 and forecasts.cold.under_way == 0
+    # refused after the forecast was computed (a coverage selecting more cells than a PNG shows): released too
+    problem(get(svc, "/v1/hotspots.png", city=CITY, coverage=0.9, shift="2020-02-24T06:00:00-05:00"), "coverage")
+    assert forecasts.cold.under_way == 0
+
+
+def _metric(svc, name: str) -> float:
+    found = [line.split()[-1] for line in svc.client.get("/metrics").text.splitlines() if line.startswith(name)]
+    assert len(found) == 1, found
+    return float(found[0])
+
+
+@pytest.fixture(scope="module")
+def live(toronto_incidents, tmp_path_factory):
+    """The same whole-city service as a real `hotspots serve` process, with a planner's city-wide client in a process
+    of its own (tests/bulk_client.py): what a huge request costs another user's forecast on a deployed server,
+    where the megabytes also go through a socket, and the clients are not in the server's process."""
+    with isolated_mlflow_env():
+        city = served_city(toronto_incidents, tmp_path_factory.mktemp("huge_k_live"))
+        _use_whole_city(toronto_incidents, city)
+        key = create_key(Role.planner, "city-wide desk", city.settings)
+        port = free_port()
+        with hotspots_serve(city.settings.data_dir, port, "--no-access-log") as server:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            bulk = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bulk_client.py")), server.base_url,
+                                     key, CITY, WARM_SHIFT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert bulk.stdout.readline().strip() == "ready"
+                yield SimpleNamespace(server=server, connection=connection, key=key, bulk=bulk, n=city.panel.n_cells)
+            finally:
+                bulk.kill()
+                bulk.wait()
+
+
+def _live_get(live, path: str, **params) -> http.client.HTTPResponse:
+    live.connection.request("GET", f"{path}?{urllib.parse.urlencode(dict(city=CITY, **params))}",
+                            headers={"X-API-Key": live.key})
+    response = live.connection.getresponse()
+    response.read()
+    return response
+
+
+def _slowdowns(live, flood: bool, month: int) -> float:
+    """Median ratio of cold forecasts of fresh shifts timed while the bulk client asks for the whole city (every
+    cell but a few, a body made anew each time, on an already computed forecast of the same model) to the same
+    forecasts timed alone: a JSON and a GeoJSON request started with each cold forecast (one planner asking for
+    the whole city), or with ``flood`` requests back to back until it is done."""
+    n = live.n
     # the forecast the city-wide requests select from is computed and its ranking serialised once per format
     # (the first city-wide request of a forecast does it); later city-wide requests are slices of it
     for path in ("/v1/hotspots", "/v1/hotspots.geojson"):
-        assert get(svc, path, city=CITY, k=n, shift=warm_shift).status_code == 200
-    # same shift of day, a fresh day each time (1 + PAIRS x 2 of them, each test its own): every forecast is cold
-    days = iter(range(1, 16) if requests_per_cold is None else range(16, 31))
+        assert _live_get(live, path, k=n, shift=WARM_SHIFT).status == 200
+    shifts = iter(f"2020-{month:02d}-{day:02d}T14:00:00-05:00" for day in range(1, 2 + PAIRS * 2))  # all cold
 
     def cold() -> float:
-        shift = f"2020-01-{next(days):02d}T14:00:00-05:00"
         started = time.perf_counter()
-        response = get(svc, "/v1/hotspots", city=CITY, k=10, shift=shift)
-        assert response.status_code == 200 and response.headers["x-cache"] == "miss"
+        response = _live_get(live, "/v1/hotspots", k=10, shift=next(shifts))
+        assert response.status == 200 and response.getheader("x-cache") == "miss"
         return time.perf_counter() - started
 
     cold()  # the first cold forecast of the process pays one-off costs
-    stop, huge = threading.Event(), []
-
-    def city_wide() -> None:
-        i = 0
-        while not stop.is_set() and (requests_per_cold is None or i < requests_per_cold):
-            path = ("/v1/hotspots", "/v1/hotspots.geojson")[i % 2]
-            started = time.perf_counter()
-            response = get(svc, path, city=CITY, k=n - 1 - len(huge) // 2, shift=warm_shift)  # a new body each time
-            huge.append((response.status_code, time.perf_counter() - started))
-            i += 1
-
-    alone, together = [], []
-    for _ in range(PAIRS):  # interleaved, so a change in the shared machine's load hits both alike
+    alone, together, huge = [], [], []
+    for i in range(PAIRS):  # interleaved, so a change in the shared machine's load hits both alike
         alone.append(cold())
-        stop.clear()
-        thread = threading.Thread(target=city_wide, daemon=True)
-        thread.start()
+        live.bulk.stdin.write(f"{'flood' if flood else 'pair'} {n - 1 - i * 100}\n")
+        live.bulk.stdin.flush()
         together.append(cold())
-        stop.set()
-        thread.join(60)
-    assert huge and all(status == 200 for status, _ in huge), huge
+        if flood:
+            live.bulk.stdin.write("stop\n")
+            live.bulk.stdin.flush()
+        huge += [request.split(":") for request in live.bulk.stdout.readline().split()]
+    assert huge and all(status == "200" and int(size) > 1_000_000 for status, size, _ in huge), huge
     # each pair is seconds apart, so its ratio sees one load; the median of the pairs ignores the odd pair that a
     # burst of another process's work lands on
     ratio = statistics.median(t / a for t, a in zip(together, alone))
-    print(f"{requests_per_cold or 'flood of'} city-wide requests: cold forecast alone {alone}, with them {together}; "
-          f"ratio {ratio:.2f}; city-wide requests {len(huge)}, median {statistics.median(s for _, s in huge):.3f} s")
-    return ratio, alone, together
+    print(f"{'flood of' if flood else 'a pair of'} city-wide requests: cold forecast alone "
+          f"{[round(a * 1000, 1) for a in alone]} ms, with them {[round(t * 1000, 1) for t in together]} ms; "
+          f"ratio {ratio:.2f}; {len(huge)} city-wide requests, median {statistics.median(float(s) for *_, s in huge):.3f} s")
+    return ratio
 
 
-def test_a_huge_k_request_does_not_slow_a_concurrent_cold_forecast(svc):
-    """The issue's case: a planner asks for every cell (as JSON and as GeoJSON) while another user's forecast is
-    cold. A city-wide request is a slice of its forecast's ranking (body and audited ids, no per-cell work) made in
-    one trip to the thread pool, so it costs that forecast at most the issue's 1.5x, or at most 50 ms.
+def test_a_huge_k_request_does_not_slow_a_concurrent_cold_forecast(live):
+    """The issue's case on a real server: a planner asks for every cell (as JSON and as GeoJSON) while another
+    user's forecast is cold. A city-wide request is a slice of its forecast's ranking (no per-cell work), and its
+    body waits while cold forecasts are under way (serving.priority), so the cold forecast is slowed only by the
+    two requests' parsing, key check and lookups: at most the issue's 1.5x.
 
-    Why the 50 ms: the pair of city-wide requests adds 25-40 ms to the cold forecast (their share of the GIL), and
-    that stayed the same when a cold forecast here became 1.7x faster (0.09 -> 0.055 s, with the feature rows
-    built from the panel's sparse events, 2026-11-30); the ratio then rose to 1.45-1.7 although nothing got slower.
-    The issue's case was 0.7 s -> 4 s. 50 ms is the service's own p99 target for a cached request."""
-    ratio, alone, together = _slowdowns(svc, requests_per_cold=2)
-    added = statistics.median(t - a for t, a in zip(together, alone))
-    assert ratio <= 1.5 or added <= 0.050, \
-        f"alone {alone}, with one city-wide JSON and GeoJSON request beside {together}: {added * 1000:.0f} ms added"
+    Without the wait the ratio was 1.6-1.8 here (2026-12-01): the pair's ~9 ms of server CPU (slicing and writing
+    8 MB, hashing the audit rows) shared the GIL with a 25 ms cold forecast. The issue measured 0.7 s -> 4 s."""
+    ratio = _slowdowns(live, flood=False, month=1)
+    assert ratio <= 1.5, f"a pair of city-wide requests slowed a cold forecast {ratio:.2f}x"
 
 
-def test_a_flood_of_huge_k_requests_slows_a_cold_forecast_by_a_bounded_factor(svc):
-    """City-wide requests back to back (about 60 a second, each ~11 ms of CPU) for as long as each cold forecast
-    runs: they share the one GIL with it, so it slows (about 2.1x on the quiet machine, up to 3x inside the suite
-    with the other worker busy, since a cold forecast takes only 0.1 s now). Per-cell work per request made this
-    5x and more (the issue measured 0.7 s -> 4 s), which the bound catches."""
-    ratio, alone, together = _slowdowns(svc, requests_per_cold=None)
-    assert ratio <= 4.5, f"alone {alone}, with city-wide requests back to back {together}"
+def test_a_flood_of_huge_k_requests_does_not_slow_a_cold_forecast_either(live):
+    """City-wide requests back to back for as long as each cold forecast runs: their bodies wait for it, so only
+    their parsing, key checks and lookups share the GIL with it. Without the wait this was 2.2-2.7x in process
+    (4.5x was allowed), and per-cell work per request made it 5x and more."""
+    ratio = _slowdowns(live, flood=True, month=2)  # a month of its own: its forecasts are cold too
+    assert ratio <= 1.5, f"a flood of city-wide requests slowed a cold forecast {ratio:.2f}x"

@@ -4,7 +4,8 @@ of a response, and the audited response.
 The CPU-heavy parts (feature building and predicting on a cache miss, serialising or drawing a body) run in the
 thread pool, never on the event loop, so one slow forecast does not hold up the other requests (``/healthz``
 included). A request whose forecast and body are cached does only lookups, so it stays on the event loop and
-awaits its audit entry's commit there: no thread-pool trip (each costs thread hand-overs under the GIL)."""
+awaits its audit entry's commit there: no thread-pool trip (each costs thread hand-overs under the GIL). Bulk
+bodies wait for the cold forecasts under way (serving.priority)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from serving.errors import ApiError
 from serving.forecasts import Forecast, ForecastService
 from serving.keys import Principal
 from serving.models_store import CityState, ModelStore
+from serving.priority import ColdRequest
 from serving.schemas import ForecastContext, ModelRef, ShiftWindow, _Query
 from serving.shifts import ResolvedShift, resolve_shift, shift_start_local, shift_times
 
@@ -71,22 +73,32 @@ def _forecast(forecasts: ForecastService, state: CityState, shift: ResolvedShift
 
 
 async def prepare_off_loop(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
-                           k: int | None = None, coverage: float | None = None, max_k: int | None = None) -> Prepared:
+                           cold: ColdRequest, k: int | None = None, coverage: float | None = None,
+                           max_k: int | None = None) -> Prepared:
     """:func:`checked`, then the forecast: from the cache on the event loop, or computed in the thread pool
-    on a miss (features of the shift and the model over every cell: seconds of CPU)."""
+    on a miss (features of the shift and the model over every cell: seconds of CPU). A miss marks the request
+    ``cold``: from then on, bulk bodies wait for it (serving.priority)."""
     state, shift, category = checked(models, query, now, k, coverage, max_k)
     forecast = forecasts.cached(state, shift.shift_id, category)
     if forecast is not None:
         return Prepared(state, shift, category, forecast, True)
+    cold.cold()
     return await run_in_threadpool(_forecast, forecasts, state, shift, category)
 
 
 async def respond(request: Request, forecasts: ForecastService, audit: AuditLog, principal: Principal, p: Prepared,
                   variant: Hashable, make: Callable[[], bytes], params: dict[str, Any],
-                  media_type: str = "application/json", flagged: list[str] | str | None = None) -> Response:
+                  media_type: str = "application/json", flagged: list[str] | str | None = None,
+                  bulk: ColdRequest | None = None) -> Response:
     """The body ``variant`` of the forecast (from the body cache, else made in the thread pool), audited (the
     request awaits its entry's commit on the event loop, holding no thread), then sent; ``flagged`` (the H3 ids a
-    hotspots response hands out, or their JSON array) goes into the audit row for the accuracy record."""
+    hotspots response hands out, or their JSON array) goes into the audit row for the accuracy record.
+
+    A bulk body (megabytes, or a drawing: ``bulk`` is then the request's share of the cold forecasts) waits for
+    the other cold forecasts under way first (serving.priority)."""
+    if bulk is not None:
+        bulk.done()  # its own forecast is computed: it must not wait for itself
+        await forecasts.bulk_turn()
     content = forecasts.cached_body(p.forecast, variant)
     if content is None:
         content = await run_in_threadpool(forecasts.body, p.forecast, variant, make)

@@ -5,8 +5,9 @@ selected) and differ only in their renderer."""
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -16,7 +17,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from serving.areas import AreaNames, CellAreas
+from serving.areas import CellAreas
 from serving.audit import AuditLog
 from serving.checks import EXPLAINED_CELLS, PNG_MAX_K, check_selected
 from serving.dependencies import Now, Planner, Services
@@ -24,6 +25,7 @@ from serving.errors import ApiError
 from serving.forecasts import ForecastService, select_cells
 from serving.geometry import hexagon_ring
 from serving.keys import Principal
+from serving.priority import ColdRequest
 from serving.routers.common import Prepared, audit_params, context, prepare_off_loop, respond
 from serving.schemas import (
     Contribution,
@@ -119,6 +121,7 @@ class HotspotsRequest:
     n: int  # cells returned
     areas: CellAreas  # the city's area names (per cell)
     flagged: str  # the H3 ids handed out, in rank order, as a JSON array (recorded in the audit row)
+    cold: ColdRequest  # the request's share of the cold forecasts under way (serving.priority)
 
     @property
     def k(self) -> int | None:
@@ -139,41 +142,40 @@ class HotspotsRequest:
         self.forecasts.explaining(p.forecast, min(self.n, EXPLAINED_CELLS))
         return await respond(self.request, self.forecasts, self.audit, self.principal, p, variant,
                              lambda: render(self), audit_params(p, q, k=self.k, coverage=q.coverage, **params),
-                             media_type=media_type, flagged=self.flagged)
+                             media_type=media_type, flagged=self.flagged,
+                             bulk=self.cold if kind == "png" or self.n > EXPLAINED_CELLS else None)
 
 
 
 async def prepared_hotspots(request: Request, principal: Planner, query: Annotated[HotspotsQuery, Query()],
-                            services: Services, now: Now) -> HotspotsRequest:
+                            services: Services, now: Now) -> AsyncIterator[HotspotsRequest]:
     max_k = PNG_MAX_K if request.url.path.endswith(".png") else None
     forecasts, default_k = services.forecasts, services.settings.default_k
-    p = await prepare_off_loop(services.models, forecasts, query, now, query.k, query.coverage, max_k)
-    n = select_cells(p.panel, p.forecast, query.k, query.coverage, default_k)
-    check_selected(n, query.coverage, max_k)
-    areas_and_flagged = _cached_areas_and_flagged(services.areas, forecasts, p, n)
-    if areas_and_flagged is None:
-        areas_and_flagged = await run_in_threadpool(_areas_and_flagged, services.areas, forecasts, p, n)
-    return HotspotsRequest(request, principal, query, forecasts, services.audit, default_k, p, n, *areas_and_flagged)
+    with forecasts.cold.request() as cold:  # a cold forecast is under way until the response is made
+        p = await prepare_off_loop(services.models, forecasts, query, now, cold, query.k, query.coverage, max_k)
+        n = select_cells(p.panel, p.forecast, query.k, query.coverage, default_k)
+        check_selected(n, query.coverage, max_k)
+        areas = services.areas.peek(p.state.city, p.state.panel_token)
+        if areas is None:  # the city's area names, made once per city and panel
+            areas = await run_in_threadpool(services.areas.get, p.state.city, p.state.panel_token, p.panel.study_area)
+        yield HotspotsRequest(request, principal, query, forecasts, services.audit, default_k, p, n, areas,
+                              await _flagged(forecasts, p, n), cold)
 
 
-def _areas_and_flagged(names: AreaNames, forecasts: ForecastService, p: Prepared, n: int) -> tuple[CellAreas, str]:
-    """The city's area names, and the first ``n`` ranked H3 ids as the JSON array json.dumps would write: a slice
-    of the forecast's ranked ids, encoded once per forecast (no per-cell work per request)."""
-    areas = names.get(p.state.city, p.state.panel_token, p.panel.study_area)
+async def _flagged(forecasts: ForecastService, p: Prepared, n: int) -> str:
+    """The first ``n`` ranked H3 ids as the JSON array json.dumps writes: a few are encoded here; more are a slice
+    of the forecast's ranked ids, encoded once per forecast (in the thread pool), so a city-wide request does no
+    per-cell work."""
     h3_ids, top = p.panel.study_area.h3_ids, p.forecast.order
-
-    def make() -> tuple[bytes, np.ndarray]:
-        return _joined([f'"{h3_ids[i]}"'.encode() for i in top.tolist()], b", ")
-
-    return areas, _first(forecasts.ranked.get_or_compute((p.forecast.key, "flagged"), make)[0], n)
-
-
-def _cached_areas_and_flagged(names: AreaNames, forecasts: ForecastService, p: Prepared,
-                              n: int) -> tuple[CellAreas, str] | None:
-    """:func:`_areas_and_flagged` when both are cached (lookups and one slice: on the event loop), else None."""
-    areas = names.peek(p.state.city, p.state.panel_token)
+    if n <= EXPLAINED_CELLS:
+        return json.dumps([h3_ids[i] for i in top[:n].tolist()])
     ranked = forecasts.ranked.peek((p.forecast.key, "flagged"))
-    return None if areas is None or ranked is None else (areas, _first(ranked, n))
+    if ranked is None:
+        def make() -> tuple[bytes, np.ndarray]:
+            return _joined([f'"{h3_ids[i]}"'.encode() for i in top.tolist()], b", ")
+
+        ranked = (await run_in_threadpool(forecasts.ranked.get_or_compute, (p.forecast.key, "flagged"), make))[0]
+    return _first(ranked, n)
 
 
 def _first(ranked: tuple[bytes, np.ndarray], n: int) -> str:
