@@ -39,7 +39,7 @@ UNMATCHED = "<unmatched>"  # requests no route matched (404 from the router): on
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 COMPUTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
-BULK_WAIT_BUCKETS = (0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BULK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 def multiprocess_dir() -> str | None:
@@ -144,7 +144,8 @@ class ServiceMetrics:
         self.compute = Histogram("hotspots_forecast_compute_seconds", "Seconds to compute a forecast not in the cache.",
                                  ["city"], buckets=COMPUTE_BUCKETS, registry=r)
         self.bulk_wait = Histogram("hotspots_bulk_wait_seconds", "Seconds a bulk response (more cells than are "
-                                   "explained, or a PNG) waited for cold forecasts under way.",
+                                   "explained, every cell of /v1/forecast, or a PNG) waited for other requests' cold "
+                                   "forecasts.",
                                    buckets=BULK_WAIT_BUCKETS, registry=r)
         self.patrol_rows = Counter("hotspots_patrol_rows_recorded", "Patrol log rows recorded (cell x shift reports).",
                                    ["city"], registry=r)

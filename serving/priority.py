@@ -1,11 +1,16 @@
-"""Cold forecasts first: bulk bodies wait while forecasts of this process are being computed.
+"""Cold forecasts first: bulk bodies wait while requests of this process are computing cold forecasts.
 
 Everything a worker process does in Python shares one GIL. A cold forecast (features of every cell, then the
 booster) is mostly GIL-bound numpy work, and so is a bulk body: slicing a city-wide ranking into megabytes of
-JSON, hashing its audit row, writing it to the socket. Run side by side, each slows the other by its own CPU
-time. A planner waiting for the next shift's map should not wait for someone else's city-wide export, so a bulk
-response (more cells than are explained, or a PNG) first waits until no cold forecast is under way, for at most
-``BULK_MAX_WAIT`` seconds: under a steady stream of cold forecasts it still goes ahead.
+JSON, building every cell of ``/v1/forecast``, drawing a PNG, hashing the audit row, writing to the socket. Run
+side by side, each slows the other by its own CPU time. A planner waiting for the next shift's map should not wait
+for someone else's city-wide export, so a bulk response first waits until no request of its process is computing a
+cold forecast (from the miss until that request's response is made), for at most ``BULK_MAX_WAIT`` seconds: under
+a steady stream of cold forecasts it still goes ahead.
+
+What this does not do: a bulk body already past its turn still shares the GIL with a cold forecast that starts
+after it; the bodies that waited all go ahead together; a new champion's background warm-up is not waited for;
+worker processes do not coordinate (each has its own GIL, but they share the machine's cores).
 
 The wait is asynchronous (it holds no thread) and is measured: ``hotspots_bulk_wait_seconds``.
 """
@@ -19,11 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 BULK_MAX_WAIT = 1.0  # seconds a bulk body waits at most for cold forecasts to finish
+SMALL_BODY_BYTES = 2**20  # a bulk body already made and smaller is sent at once: its write costs well under 1 ms
 
 
 class ColdForecasts:
-    """The number of cold forecasts under way in this process, and the bulk bodies waiting for it to reach zero
-    (woken when it does, not polling: a polling loop would keep taking the GIL from the forecasts)."""
+    """The requests of this process computing a cold forecast, and the bulk bodies waiting for there to be none
+    (woken when that happens, not polling: a polling loop would keep taking the GIL from the forecasts)."""
 
     def __init__(self, max_wait: float = BULK_MAX_WAIT):
         self.max_wait = max_wait
@@ -35,30 +41,24 @@ class ColdForecasts:
     def under_way(self) -> int:
         return self._under_way
 
+    @contextmanager
+    def request(self) -> Iterator[ColdShare]:
+        """A request's share, released when the block ends however it ends (answer, error, disconnect)."""
+        share = ColdShare(self._add)
+        try:
+            yield share
+        finally:
+            share.release()
+
     def _add(self, delta: int) -> None:
         with self._lock:
             self._under_way += delta
             woken, self._waiters = (self._waiters, []) if self._under_way == 0 else ([], self._waiters)
-        for waiter in woken:  # each on its own loop's thread
-            waiter.get_loop().call_soon_threadsafe(_wake, waiter)
-
-    @contextmanager
-    def computing(self) -> Iterator[None]:
-        """One cold forecast under way for as long as the block runs."""
-        self._add(1)
-        try:
-            yield
-        finally:
-            self._add(-1)
-
-    @contextmanager
-    def request(self) -> Iterator[ColdRequest]:
-        """A request's share, released when the block ends however it ends (answer, error, disconnect)."""
-        share = ColdRequest(self)
-        try:
-            yield share
-        finally:
-            share.done()
+        for waiter in woken:
+            try:  # each on its own loop's thread
+                waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:  # that loop is closed: nobody waits on it any more
+                pass
 
     async def bulk_turn(self) -> float:
         """Wait (on the event loop, holding no thread) until no cold forecast is under way or ``max_wait`` has
@@ -73,29 +73,31 @@ class ColdForecasts:
             try:
                 await asyncio.wait_for(waiter, left)
             except TimeoutError:
+                pass
+            finally:  # timed out or cancelled: not left for a later wake-up
                 with self._lock:
                     if waiter in self._waiters:
                         self._waiters.remove(waiter)
         return time.perf_counter() - started
 
 
-class ColdRequest:
-    """One request's cold forecast: under way from the moment the forecast is found missing (``cold``) until the
-    request is answered, so that bulk bodies also wait for its explanations, body and audit entry; or until the
-    request turns out to be bulk work itself (``done``), which must not wait for its own forecast."""
+class ColdShare:
+    """One request's part in the count: from the moment its forecast is found missing (``missed``) until the
+    request's response is made, so that bulk bodies also wait for its explanations, body and audit entry; or until
+    the request turns out to be bulk work itself (``release``), which must not wait for its own forecast."""
 
-    def __init__(self, forecasts: ColdForecasts):
-        self._forecasts, self._counted = forecasts, False
+    def __init__(self, add):
+        self._add, self._counted = add, False
 
-    def cold(self) -> None:
+    def missed(self) -> None:
         if not self._counted:
             self._counted = True
-            self._forecasts._add(1)
+            self._add(1)
 
-    def done(self) -> None:
+    def release(self) -> None:
         if self._counted:
             self._counted = False
-            self._forecasts._add(-1)
+            self._add(-1)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

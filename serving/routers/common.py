@@ -26,7 +26,7 @@ from serving.errors import ApiError
 from serving.forecasts import Forecast, ForecastService
 from serving.keys import Principal
 from serving.models_store import CityState, ModelStore
-from serving.priority import ColdRequest
+from serving.priority import SMALL_BODY_BYTES, ColdShare
 from serving.schemas import ForecastContext, ModelRef, ShiftWindow, _Query
 from serving.shifts import ResolvedShift, resolve_shift, shift_start_local, shift_times
 
@@ -73,33 +73,33 @@ def _forecast(forecasts: ForecastService, state: CityState, shift: ResolvedShift
 
 
 async def prepare_off_loop(models: ModelStore, forecasts: ForecastService, query: _Query, now: datetime,
-                           cold: ColdRequest, k: int | None = None, coverage: float | None = None,
+                           cold: ColdShare, k: int | None = None, coverage: float | None = None,
                            max_k: int | None = None) -> Prepared:
     """:func:`checked`, then the forecast: from the cache on the event loop, or computed in the thread pool
-    on a miss (features of the shift and the model over every cell: seconds of CPU). A miss marks the request
-    ``cold``: from then on, bulk bodies wait for it (serving.priority)."""
+    on a miss (features of the shift and the model over every cell: seconds of CPU). A miss counts in the
+    request's ``cold`` share: from then on, bulk bodies wait for it (serving.priority)."""
     state, shift, category = checked(models, query, now, k, coverage, max_k)
     forecast = forecasts.cached(state, shift.shift_id, category)
     if forecast is not None:
         return Prepared(state, shift, category, forecast, True)
-    cold.cold()
+    cold.missed()
     return await run_in_threadpool(_forecast, forecasts, state, shift, category)
 
 
 async def respond(request: Request, forecasts: ForecastService, audit: AuditLog, principal: Principal, p: Prepared,
                   variant: Hashable, make: Callable[[], bytes], params: dict[str, Any],
                   media_type: str = "application/json", flagged: list[str] | str | None = None,
-                  bulk: ColdRequest | None = None) -> Response:
+                  bulk_share: ColdShare | None = None) -> Response:
     """The body ``variant`` of the forecast (from the body cache, else made in the thread pool), audited (the
     request awaits its entry's commit on the event loop, holding no thread), then sent; ``flagged`` (the H3 ids a
     hotspots response hands out, or their JSON array) goes into the audit row for the accuracy record.
 
-    A bulk body (megabytes, or a drawing: ``bulk`` is then the request's share of the cold forecasts) waits for
-    the other cold forecasts under way first (serving.priority)."""
-    if bulk is not None:
-        bulk.done()  # its own forecast is computed: it must not wait for itself
-        await forecasts.bulk_turn()
+    A bulk body (megabytes, or a drawing: ``bulk_share`` is then the request's share of the cold forecasts) waits
+    for the other requests' cold forecasts first, unless it is already made and small (serving.priority)."""
     content = forecasts.cached_body(p.forecast, variant)
+    if bulk_share is not None and (content is None or len(content) > SMALL_BODY_BYTES):
+        bulk_share.release()  # its own forecast is computed: it must not wait for itself
+        await forecasts.bulk_turn()
     if content is None:
         content = await run_in_threadpool(forecasts.body, p.forecast, variant, make)
     try:

@@ -32,4 +32,4 @@ async def forecast(request: Request, principal: Planner, query: Annotated[Foreca
 
         variant = ("forecast", p.shift.requested, p.shift.after_data)
         return await respond(request, services.forecasts, services.audit, principal, p, variant,
-                             make, audit_params(p, query), bulk=cold)  # every cell: waits for cold forecasts
+                             make, audit_params(p, query), bulk_share=cold)  # every cell: waits for cold forecasts

@@ -25,7 +25,7 @@ from serving.errors import ApiError
 from serving.forecasts import ForecastService, select_cells
 from serving.geometry import hexagon_ring
 from serving.keys import Principal
-from serving.priority import ColdRequest
+from serving.priority import ColdShare
 from serving.routers.common import Prepared, audit_params, context, prepare_off_loop, respond
 from serving.schemas import (
     Contribution,
@@ -121,7 +121,7 @@ class HotspotsRequest:
     n: int  # cells returned
     areas: CellAreas  # the city's area names (per cell)
     flagged: str  # the H3 ids handed out, in rank order, as a JSON array (recorded in the audit row)
-    cold: ColdRequest  # the request's share of the cold forecasts under way (serving.priority)
+    cold: ColdShare  # the request's share of the cold forecasts under way (serving.priority)
 
     @property
     def k(self) -> int | None:
@@ -143,7 +143,7 @@ class HotspotsRequest:
         return await respond(self.request, self.forecasts, self.audit, self.principal, p, variant,
                              lambda: render(self), audit_params(p, q, k=self.k, coverage=q.coverage, **params),
                              media_type=media_type, flagged=self.flagged,
-                             bulk=self.cold if kind == "png" or self.n > EXPLAINED_CELLS else None)
+                             bulk_share=self.cold if kind == "png" or self.n > EXPLAINED_CELLS else None)
 
 
 
@@ -188,7 +188,7 @@ def _joined(parts: list[bytes], sep: bytes) -> tuple[bytes, np.ndarray]:
     return sep.join(parts), np.cumsum([len(part) + len(sep) for part in parts]) - len(sep)
 
 
-PreparedHotspots = Annotated[HotspotsRequest, Depends(prepared_hotspots)]
+PreparedHotspots = Annotated[HotspotsRequest, Depends(prepared_hotspots, scope="function")]  # ends before the send
 
 
 def _features(cells: list[Hotspot], ctx: dict[str, Any]) -> list[HotspotFeature]:
