@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 BULK_MAX_WAIT = 1.0  # seconds a bulk body waits at most for cold forecasts to finish
@@ -86,7 +86,7 @@ class ColdShare:
     request's response is made, so that bulk bodies also wait for its explanations, body and audit entry; or until
     the request turns out to be bulk work itself (``release``), which must not wait for its own forecast."""
 
-    def __init__(self, add):
+    def __init__(self, add: Callable[[int], None]):
         self._add, self._counted = add, False
 
     def missed(self) -> None:
