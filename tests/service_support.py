@@ -164,6 +164,18 @@ def colour_stats(pixels: np.ndarray) -> tuple[int, float]:
     return len(colours), 1 - counts.max() / flat.shape[0]
 
 
+def metric_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """A Prometheus exposition parsed by prometheus_client: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric_value(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
 def get(svc, path, role: Role | None = Role.planner, **params):
     """GET with the key of ``role`` (None: no key)."""
     headers = {"X-API-Key": svc.keys[role]} if role is not None else {}

@@ -28,7 +28,18 @@ import pytest
 from bulk_client import receive, send
 from conftest import toronto_box_panel
 from live_server import hotspots_serve
-from service_support import CITY, PANEL_END, asgi_service, free_port, get, isolated_mlflow_env, problem, served_city
+from service_support import (
+    CITY,
+    PANEL_END,
+    asgi_service,
+    free_port,
+    get,
+    isolated_mlflow_env,
+    metric_samples,
+    metric_value,
+    problem,
+    served_city,
+)
 
 from features.paths import DataPaths
 from forecasting.lgbm import _explainer
@@ -169,9 +180,7 @@ def test_a_bulk_request_never_waits_for_its_own_cold_forecast_and_errors_release
 
 
 def _metric(svc, name: str) -> float:
-    found = [line.split()[-1] for line in svc.client.get("/metrics").text.splitlines() if line.startswith(name)]
-    assert len(found) == 1, found
-    return float(found[0])
+    return metric_value(metric_samples(svc.client.get("/metrics").text), name)
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +213,9 @@ def _live_get(live, path: str, **params) -> http.client.HTTPResponse:
 
 def _bulk_waits(live) -> tuple[float, float]:
     """The server's bulk bodies so far: (all, those that waited more than a millisecond for a cold forecast)."""
-    text = urllib.request.urlopen(f"{live.server.base_url}/metrics", timeout=10).read().decode()
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("hotspots_bulk_wait_seconds_"))
-    count = float(values["hotspots_bulk_wait_seconds_count"])
-    return count, count - float(values['hotspots_bulk_wait_seconds_bucket{le="0.001"}'])
+    samples = metric_samples(urllib.request.urlopen(f"{live.server.base_url}/metrics", timeout=10).read().decode())
+    count = metric_value(samples, "hotspots_bulk_wait_seconds_count")
+    return count, count - metric_value(samples, "hotspots_bulk_wait_seconds_bucket", le="0.001")
 
 
 def _slowdowns(live, flood: bool, month: int) -> float:

@@ -13,8 +13,8 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
-from service_support import BARE, CITY, asgi_service, get
+from service_support import BARE, CITY, asgi_service, get, metric_samples
+from service_support import metric_value as value
 
 from features.settings import Settings
 from serving.app import create_app
@@ -34,12 +34,7 @@ def scrape(client) -> dict[tuple[str, frozenset], float]:
     response = client.get("/metrics")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
-
-
-def value(samples, name: str, **labels) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return metric_samples(response.text)
 
 
 
@@ -166,8 +161,7 @@ def test_route_templates_of_nested_routers_converters_and_mounts(tmp_path):
     assert client.get("/files/a.txt").status_code == 200 and client.get("/files/b.txt").status_code == 404
     assert client.get("/v9/items/notanint/parts/x").status_code == 404
     body, _ = metrics.render()
-    samples = {(s.name, frozenset(s.labels.items())): s.value
-               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    samples = metric_samples(body.decode())
     template = "/v9/items/{item_id}/parts/{name}"
     assert value(samples, "hotspots_http_requests_total", route=template, method="GET", status="200") == 2
     assert value(samples, "hotspots_http_requests_total", route=template, method="POST", status="405") == 1
@@ -216,8 +210,7 @@ def test_worker_processes_are_summed_with_a_multiprocess_dir(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len({f.name.rsplit("_", 1)[-1] for f in folder.glob("*.db")}) == 3  # files of three pids
-    samples = {(s.name, frozenset(s.labels.items())): s.value
-               for family in text_string_to_metric_families(done.stdout) for s in family.samples}
+    samples = metric_samples(done.stdout)
     assert value(samples, "hotspots_http_requests_total", route="/healthz", method="GET", status="200") == 8
     assert value(samples, "hotspots_http_requests_total", route="<unmatched>", method="GET", status="404") == 3
     assert value(samples, "hotspots_http_request_duration_seconds_count", route="/healthz", method="GET", status="200") == 8
